@@ -1,0 +1,5 @@
+"""``python -m qimg``."""
+
+from qimg.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""The ``qimg`` command line: qemu-img's syntax, one module per command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from qimg import __version__
+from qimg.commands import create, measure
+from qimg.errors import QimgError
+
+__all__ = ["main"]
+
+COMMANDS = (create, measure)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with errors on one ``qimg:`` line and exit status 1."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(1, f"qimg: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="qimg",
+        description="Create, inspect and measure qcow2 and raw disk images "
+        "with qemu-img's command lines.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("-V", "--version", action="version", version=f"qimg {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 1
+    try:
+        status: int = args.run(args)
+    except QimgError as err:
+        print(f"qimg: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # Output went to a closed pipe (`qimg ... | head`): nothing left to say.
+        sys.stderr.close()
+        return 1
+    except Exception as err:
+        if os.environ.get("QIMG_DEBUG"):
+            raise
+        print(
+            f"qimg: internal error: {type(err).__name__}: {err} "
+            "(please report it; QIMG_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+    return status
+
+
+def entry() -> NoReturn:
+    sys.exit(main())

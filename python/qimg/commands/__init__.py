@@ -1,0 +1,1 @@
+"""One module per qimg command, each with ``add_parser`` and ``run``."""

@@ -1,0 +1,195 @@
+"""Creating images: every check first, then one call into the Rust core."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from qimg import _core
+from qimg.errors import InvalidOptionError, UsageError
+from qimg.formats import FormatInfo, ParsedOptions, ParsedValue, format_info
+from qimg.options import OptionItem, parse_option_lists
+from qimg.prealloc import PreallocMode
+
+__all__ = ["CreatePlan", "create", "plan_create"]
+
+OptionValue = str | int | bool
+
+
+@dataclass(frozen=True)
+class CreatePlan:
+    """A validated creation request; ``run`` writes the image."""
+
+    filename: str
+    info: FormatInfo
+    options: ParsedOptions
+    size: int
+    qcow2: _core.Qcow2Spec | None
+    prealloc: PreallocMode
+
+    def formatting_line(self) -> str:
+        return f"Formatting '{self.filename}', fmt={self.info.name} {self.info.echo(self.options)}"
+
+    def run(self) -> None:
+        nocow = bool(self._value("nocow", False))
+        hint = self.options.get("extent_size_hint")
+        hint_value = int(hint.value) if hint is not None else None
+        if self.qcow2 is not None:
+            self.qcow2.create(self.filename, nocow=nocow, extent_size_hint=hint_value)
+        else:
+            _core.create_raw(
+                self.filename,
+                self.size,
+                self.prealloc.value,
+                nocow=nocow,
+                extent_size_hint=hint_value,
+            )
+
+    def _value(self, name: str, default: OptionValue) -> OptionValue:
+        parsed = self.options.get(name)
+        return default if parsed is None else parsed.value
+
+
+def _backing_path(filename: str, backing: str) -> str:
+    """Where a backing name points: relative names are relative to the
+    directory of the new image, as qemu resolves them."""
+    if os.path.isabs(backing):
+        return backing
+    return os.path.join(os.path.dirname(filename), backing)
+
+
+def plan_create(
+    filename: str,
+    fmt: str,
+    options: list[OptionItem],
+    *,
+    size: int | None = None,
+    backing_file: str | None = None,
+    backing_fmt: str | None = None,
+    unsafe: bool = False,
+) -> CreatePlan:
+    """Validates a creation request completely, touching no file but reading
+    the backing image (unless ``unsafe``)."""
+    info = format_info(fmt)
+    parsed = dict(info.parse(options))
+    if backing_file is not None:
+        parsed["backing_file"] = ParsedValue(backing_file, backing_file)
+    if backing_fmt is not None:
+        parsed["backing_fmt"] = ParsedValue(backing_fmt, backing_fmt)
+    if size is not None:
+        parsed["size"] = ParsedValue(str(size), size)
+
+    if info.name == "raw":
+        prealloc = _prealloc(parsed, (PreallocMode.OFF, PreallocMode.FALLOC, PreallocMode.FULL))
+        if "size" not in parsed:
+            raise InvalidOptionError("Image creation needs a size parameter")
+        return CreatePlan(filename, info, parsed, int(parsed["size"].value), None, prealloc)
+
+    prealloc = _prealloc(parsed, tuple(PreallocMode))
+    backing = _text(parsed, "backing_file")
+    bfmt = _text(parsed, "backing_fmt")
+    if bfmt is not None and backing is None:
+        raise InvalidOptionError("Backing format cannot be used without backing file")
+    if backing is not None and not unsafe:
+        detected, backing_size = _open_backing(filename, backing, bfmt)
+        if bfmt is None:
+            raise InvalidOptionError(
+                f"Backing file specified without backing format "
+                f"(detected format: {detected}; add -F {detected})"
+            )
+        if "size" not in parsed:
+            parsed["size"] = ParsedValue(str(backing_size), backing_size)
+    elif backing is not None and bfmt is None:
+        raise InvalidOptionError(
+            "Backing file specified without backing format (with -u, -F is required)"
+        )
+    if "size" not in parsed:
+        raise InvalidOptionError("Image creation needs a size parameter")
+
+    image_size = int(parsed["size"].value)
+    spec = _core.Qcow2Spec(
+        size=image_size,
+        cluster_size=int(_value(parsed, "cluster_size", 65536)),
+        compat=str(_value(parsed, "compat", "v3")),
+        refcount_bits=int(_value(parsed, "refcount_bits", 16)),
+        lazy_refcounts=bool(_value(parsed, "lazy_refcounts", False)),
+        extended_l2=bool(_value(parsed, "extended_l2", False)),
+        compression_type=str(_value(parsed, "compression_type", "zlib")),
+        preallocation=prealloc.value,
+        backing_file=backing,
+        backing_fmt=bfmt,
+    )
+    return CreatePlan(filename, info, parsed, image_size, spec, prealloc)
+
+
+def _value(parsed: ParsedOptions, name: str, default: OptionValue) -> OptionValue:
+    item = parsed.get(name)
+    return default if item is None else item.value
+
+
+def _text(parsed: ParsedOptions, name: str) -> str | None:
+    item = parsed.get(name)
+    return None if item is None else item.text
+
+
+def _prealloc(parsed: ParsedOptions, allowed: tuple[PreallocMode, ...]) -> PreallocMode:
+    item = parsed.get("preallocation")
+    if item is None:
+        return PreallocMode.OFF
+    if item.text == PreallocMode.METADATA.value and PreallocMode.METADATA not in allowed:
+        raise InvalidOptionError("Unsupported preallocation mode: metadata")
+    return PreallocMode.parse(item.text, allowed=allowed)
+
+
+def _open_backing(filename: str, backing: str, fmt: str | None) -> tuple[str, int]:
+    path = _backing_path(filename, backing)
+    try:
+        detected, size = _core.summarize(path, fmt)
+    except Exception as err:
+        raise InvalidOptionError(f"{err} (the backing file must exist unless -u is given)") from err
+    return detected, size
+
+
+def create(
+    filename: str | os.PathLike[str],
+    size: int | None = None,
+    *,
+    fmt: str = "qcow2",
+    options: Mapping[str, OptionValue] | str | None = None,
+    backing_file: str | None = None,
+    backing_fmt: str | None = None,
+    unsafe: bool = False,
+) -> None:
+    """Creates an image, like ``qemu-img create``.
+
+    ``options`` is either an ``-o`` string (``"cluster_size=4k,preallocation=metadata"``)
+    or a mapping of option names to values (``{"preallocation": "metadata"}``).
+    """
+    name = os.fspath(filename)
+    if isinstance(options, str):
+        items = parse_option_lists([options])
+    elif options is None:
+        items = []
+    else:
+        items = [OptionItem(k, _option_text(v)) for k, v in options.items()]
+    if any(item.is_help for item in items):
+        raise UsageError("'help' is only meaningful on the command line")
+    plan_create(
+        name,
+        fmt,
+        items,
+        size=size,
+        backing_file=backing_file,
+        backing_fmt=backing_fmt,
+        unsafe=unsafe,
+    ).run()
+
+
+def _option_text(value: OptionValue | PreallocMode | Path) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, PreallocMode):
+        return value.value
+    return str(value)

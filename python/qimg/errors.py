@@ -1,0 +1,51 @@
+"""Exceptions raised by qimg, from Python and from the Rust core alike.
+
+Every message is complete on its own: the CLI prints it after ``qimg: `` (and
+the image name where one is involved) and nothing else.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ImageIOError",
+    "ImageTooLargeError",
+    "InvalidImageError",
+    "InvalidOptionError",
+    "QimgError",
+    "UsageError",
+]
+
+
+class QimgError(Exception):
+    """Base class of every error qimg reports."""
+
+
+class UsageError(QimgError):
+    """The command line itself is malformed (missing or extra arguments)."""
+
+
+class InvalidOptionError(QimgError, ValueError):
+    """An option or value is not acceptable; nothing was written."""
+
+
+class ImageTooLargeError(InvalidOptionError):
+    """The requested size does not fit the format with these options."""
+
+
+class InvalidImageError(QimgError):
+    """An existing image is damaged or not in the format it was opened as."""
+
+
+class ImageIOError(QimgError, OSError):
+    """The operating system refused an I/O operation.
+
+    Raised by the core as ``ImageIOError(message, errno)``.
+    """
+
+    def __init__(self, message: str, errno: int = 0) -> None:
+        super().__init__(message)
+        self.message = message
+        self.errno = errno
+
+    def __str__(self) -> str:
+        return self.message

@@ -1,0 +1,260 @@
+//! The `file` protocol: creating image files, preallocating, finding data.
+
+use crate::error::{Error, Result};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+
+/// Size of the buffers used for large sequential writes.
+pub const WRITE_CHUNK: usize = 8 << 20;
+
+/// Protocol-level creation options (those qemu-img lists for the `file` driver).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FileOptions {
+    /// Ask btrfs to disable copy-on-write for the new file.
+    pub nocow: bool,
+    /// XFS extent size hint; `None` means the default of 1 MiB, `Some(0)` none.
+    pub extent_size_hint: Option<u64>,
+}
+
+impl FileOptions {
+    pub const DEFAULT_EXTENT_SIZE_HINT: u64 = 1 << 20;
+}
+
+/// A file being created. If creation fails before [`NewFile::finish`], a file
+/// that did not exist beforehand is removed again, so failures leave nothing.
+pub struct NewFile<'p> {
+    pub file: File,
+    path: &'p Path,
+    existed: bool,
+    finished: bool,
+}
+
+impl<'p> NewFile<'p> {
+    /// Creates (or truncates) `path` with mode 0644, applying the file options
+    /// while it is still empty, which is when filesystems accept them.
+    pub fn create(path: &'p Path, opts: FileOptions) -> Result<Self> {
+        let existed = path.exists();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(path)
+            .map_err(|e| Error::open(path, e))?;
+        let new = NewFile {
+            file,
+            path,
+            existed,
+            finished: false,
+        };
+        // Both hints are advisory, exactly as in qemu-img: filesystems that
+        // do not know them (anything but btrfs / XFS) simply keep defaults.
+        if opts.nocow {
+            let _ = set_nocow(&new.file);
+        }
+        let hint = opts
+            .extent_size_hint
+            .unwrap_or(FileOptions::DEFAULT_EXTENT_SIZE_HINT);
+        if hint > 0 {
+            let _ = set_extent_size_hint(&new.file, hint);
+        }
+        Ok(new)
+    }
+
+    pub fn io_error(&self, what: &str, err: io::Error) -> Error {
+        Error::io(format!("{what} '{}'", self.path.display()), err)
+    }
+
+    /// Flushes data to stable storage and keeps the file.
+    pub fn finish(mut self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io(format!("Could not sync '{}'", self.path.display()), e))?;
+        self.finished = true;
+        Ok(())
+    }
+}
+
+impl Drop for NewFile<'_> {
+    fn drop(&mut self) {
+        if !self.finished && !self.existed {
+            let _ = std::fs::remove_file(self.path);
+        }
+    }
+}
+
+/// Reserves `[offset, offset+len)` on disk without writing it.
+pub fn fallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let n = libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: plain syscall wrapper on a valid, open file descriptor.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), off, n) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
+
+/// Writes zeroes over `[offset, offset+len)` with large sequential writes.
+pub fn write_zeroes(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let chunk = usize::try_from(len.min(WRITE_CHUNK as u64)).unwrap_or(WRITE_CHUNK);
+    let zeros = vec![0u8; chunk];
+    let mut pos = offset;
+    let end = offset + len;
+    while pos < end {
+        let n = usize::try_from((end - pos).min(chunk as u64)).unwrap_or(chunk);
+        file.write_all_at(&zeros[..n], pos)?;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+/// The ranges of `file` that hold data, as reported by SEEK_DATA/SEEK_HOLE
+/// (the filesystem's own allocation map), clipped to `len`.
+pub fn data_extents(file: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
+    let fd = file.as_raw_fd();
+    let mut extents = Vec::new();
+    let mut pos: u64 = 0;
+    while pos < len {
+        let start = match seek(fd, pos, libc::SEEK_DATA) {
+            Ok(s) => s,
+            // ENXIO: no data at or after pos.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
+            // Filesystems without SEEK_DATA: everything is data.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                extents.push((pos, len - pos));
+                break;
+            }
+            Err(e) => return Err(e),
+        };
+        if start >= len {
+            break;
+        }
+        let end = match seek(fd, start, libc::SEEK_HOLE) {
+            Ok(e) => e.min(len),
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => len,
+            Err(e) => return Err(e),
+        };
+        if end <= start {
+            break;
+        }
+        extents.push((start, end - start));
+        pos = end;
+    }
+    Ok(extents)
+}
+
+fn seek(fd: libc::c_int, pos: u64, whence: libc::c_int) -> io::Result<u64> {
+    let off =
+        libc::off_t::try_from(pos).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: lseek on a valid descriptor has no memory effects.
+    let r = unsafe { libc::lseek(fd, off, whence) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as u64)
+    }
+}
+
+const FS_IOC_GETFLAGS: libc::c_ulong = 0x8008_6601;
+const FS_IOC_SETFLAGS: libc::c_ulong = 0x4008_6602;
+const FS_NOCOW_FL: libc::c_long = 0x0080_0000;
+const FS_IOC_FSGETXATTR: libc::c_ulong = 0x801c_581f;
+const FS_IOC_FSSETXATTR: libc::c_ulong = 0x401c_5820;
+const FS_XFLAG_EXTSIZE: u32 = 0x0000_0800;
+
+#[repr(C)]
+#[derive(Default)]
+struct FsXattr {
+    xflags: u32,
+    extsize: u32,
+    nextents: u32,
+    projid: u32,
+    cowextsize: u32,
+    pad: [u8; 8],
+}
+
+fn set_nocow(file: &File) -> io::Result<()> {
+    let mut flags: libc::c_long = 0;
+    // SAFETY: the ioctl writes one c_long into `flags`, which outlives the call.
+    if unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_GETFLAGS, &mut flags) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    flags |= FS_NOCOW_FL;
+    // SAFETY: the ioctl reads one c_long from `flags`.
+    if unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_SETFLAGS, &flags) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn set_extent_size_hint(file: &File, hint: u64) -> io::Result<()> {
+    let extsize = u32::try_from(hint).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut attr = FsXattr::default();
+    // SAFETY: the ioctl fills a struct fsxattr, which `attr` mirrors.
+    if unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_FSGETXATTR, &mut attr) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    attr.xflags |= FS_XFLAG_EXTSIZE;
+    attr.extsize = extsize;
+    // SAFETY: as above, reading the struct.
+    if unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_FSSETXATTR, &attr) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Opens an existing file read-only.
+pub fn open_read(path: &Path) -> Result<File> {
+    File::open(path).map_err(|e| Error::open(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_extents_find_written_ranges_in_a_sparse_file() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("sparse");
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        f.set_len(64 << 20)?;
+        f.write_all_at(&[1u8; 4096], 8 << 20)?;
+        f.write_all_at(&[1u8; 4096], 32 << 20)?;
+        let ext = data_extents(&f, 64 << 20)?;
+        let total: u64 = ext.iter().map(|(_, l)| l).sum();
+        assert!(ext
+            .iter()
+            .any(|&(s, l)| s <= 8 << 20 && s + l >= (8 << 20) + 4096));
+        assert!(
+            total < 4 << 20,
+            "sparse file reported {total} bytes of data"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn failed_creation_removes_the_new_file() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let path = dir.path().join("x");
+        {
+            let _f = NewFile::create(&path, FileOptions::default())?;
+        }
+        assert!(!path.exists());
+        Ok(())
+    }
+}

@@ -1,0 +1,15 @@
+//! qimg-core: the qcow2 and raw disk image engine behind qimg.
+//!
+//! Pure Rust with no Python in sight, so every piece can be exercised with
+//! plain `cargo test`. The Python binding (`qimg-py`) is a thin layer on top.
+
+pub mod error;
+pub mod file;
+pub mod measure;
+pub mod prealloc;
+pub mod probe;
+pub mod qcow2;
+pub mod raw;
+
+pub use error::{Error, Result};
+pub use prealloc::Prealloc;

@@ -1,0 +1,17 @@
+//! The qcow2 format: on-disk types, layout math, header encoding and creation.
+
+pub mod create;
+pub mod header;
+pub mod layout;
+pub mod refcount;
+pub mod types;
+
+pub use create::{create, BackingSpec, CreateSpec};
+pub use types::{ClusterSize, Compat, CompressionType, RefcountOrder};
+
+/// Largest L1 table QEMU will open (bytes); images needing more are "too large".
+pub const MAX_L1_BYTES: u64 = 32 * 1024 * 1024;
+/// Largest refcount table QEMU will open (bytes).
+pub const MAX_REFTABLE_BYTES: u64 = 8 * 1024 * 1024;
+/// Set in L1 and L2 entries whose target has refcount exactly one.
+pub const OFLAG_COPIED: u64 = 1 << 63;

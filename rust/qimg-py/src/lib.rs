@@ -1,0 +1,219 @@
+//! qimg._core: the Python face of qimg-core. Arguments come in as owned
+//! values, real work runs with the GIL released, and every core error is
+//! mapped to a `qimg.errors` exception in one place (`to_py`).
+
+use pyo3::prelude::*;
+use qimg_core::file::FileOptions;
+use qimg_core::measure::{self, Qcow2Target};
+use qimg_core::probe::{self, Format};
+use qimg_core::qcow2::{self, BackingSpec, ClusterSize, Compat, CompressionType, RefcountOrder};
+use qimg_core::{Error, Prealloc};
+use std::path::PathBuf;
+
+mod errors {
+    pyo3::import_exception!(qimg.errors, InvalidOptionError);
+    pyo3::import_exception!(qimg.errors, ImageTooLargeError);
+    pyo3::import_exception!(qimg.errors, InvalidImageError);
+    pyo3::import_exception!(qimg.errors, ImageIOError);
+}
+
+/// The single mapping from core errors to Python exceptions.
+fn to_py(err: Error) -> PyErr {
+    let msg = err.to_string();
+    match err {
+        Error::InvalidArgument(_) => errors::InvalidOptionError::new_err(msg),
+        Error::TooLarge(_) => errors::ImageTooLargeError::new_err(msg),
+        Error::InvalidImage(_) => errors::InvalidImageError::new_err(msg),
+        Error::Io { source, .. } => {
+            errors::ImageIOError::new_err((msg, source.raw_os_error().unwrap_or(0)))
+        }
+    }
+}
+
+fn prealloc(name: &str) -> PyResult<Prealloc> {
+    Prealloc::from_name(name).ok_or_else(|| {
+        to_py(Error::invalid(format!(
+            "Parameter 'preallocation' does not accept value '{name}'"
+        )))
+    })
+}
+
+fn file_options(nocow: bool, extent_size_hint: Option<u64>) -> FileOptions {
+    FileOptions {
+        nocow,
+        extent_size_hint,
+    }
+}
+
+/// A validated qcow2 creation request.
+#[pyclass(frozen, module = "qimg._core")]
+struct Qcow2Spec {
+    spec: qcow2::CreateSpec,
+}
+
+#[pymethods]
+impl Qcow2Spec {
+    #[new]
+    #[pyo3(signature = (*, size, cluster_size, compat, refcount_bits, lazy_refcounts,
+                        extended_l2, compression_type, preallocation,
+                        backing_file=None, backing_fmt=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        size: u64,
+        cluster_size: u64,
+        compat: &str,
+        refcount_bits: u64,
+        lazy_refcounts: bool,
+        extended_l2: bool,
+        compression_type: &str,
+        preallocation: &str,
+        backing_file: Option<String>,
+        backing_fmt: Option<String>,
+    ) -> PyResult<Self> {
+        let compat = Compat::parse(compat).ok_or_else(|| {
+            to_py(Error::invalid(format!(
+                "Parameter 'version' does not accept value '{compat}'"
+            )))
+        })?;
+        let compression = CompressionType::parse(compression_type).ok_or_else(|| {
+            to_py(Error::invalid(format!(
+                "Parameter 'compression-type' does not accept value '{compression_type}'"
+            )))
+        })?;
+        let spec = qcow2::CreateSpec {
+            size,
+            cluster_size: ClusterSize::new(cluster_size).map_err(to_py)?,
+            compat,
+            refcount_order: RefcountOrder::from_bits(refcount_bits).map_err(to_py)?,
+            lazy_refcounts,
+            extended_l2,
+            compression,
+            prealloc: prealloc(preallocation)?,
+            backing: backing_file.map(|file| BackingSpec {
+                file,
+                format: backing_fmt,
+            }),
+        };
+        spec.plan().map_err(to_py)?;
+        Ok(Qcow2Spec { spec })
+    }
+
+    /// The image's virtual size (the requested size in whole sectors).
+    #[getter]
+    fn virtual_size(&self) -> u64 {
+        self.spec.virtual_size()
+    }
+
+    /// Length of the file `create` will write, in bytes.
+    #[getter]
+    fn file_length(&self) -> PyResult<u64> {
+        Ok(self.spec.plan().map_err(to_py)?.file_len)
+    }
+
+    /// Bytes of metadata in front of the data region.
+    #[getter]
+    fn metadata_length(&self) -> PyResult<u64> {
+        Ok(self.spec.plan().map_err(to_py)?.metadata_bytes())
+    }
+
+    #[pyo3(signature = (path, *, nocow=false, extent_size_hint=None))]
+    fn create(
+        &self,
+        py: Python<'_>,
+        path: PathBuf,
+        nocow: bool,
+        extent_size_hint: Option<u64>,
+    ) -> PyResult<()> {
+        let opts = file_options(nocow, extent_size_hint);
+        py.detach(|| qcow2::create(&path, &self.spec, opts))
+            .map(|_| ())
+            .map_err(to_py)
+    }
+}
+
+#[pyfunction]
+#[pyo3(signature = (path, size, preallocation, *, nocow=false, extent_size_hint=None))]
+fn create_raw(
+    py: Python<'_>,
+    path: PathBuf,
+    size: u64,
+    preallocation: &str,
+    nocow: bool,
+    extent_size_hint: Option<u64>,
+) -> PyResult<()> {
+    let mode = prealloc(preallocation)?;
+    let opts = file_options(nocow, extent_size_hint);
+    py.detach(|| qimg_core::raw::create(&path, size, mode, opts))
+        .map_err(to_py)
+}
+
+/// (format, virtual size) of an existing image; `format` forces the driver.
+#[pyfunction]
+#[pyo3(signature = (path, format=None))]
+fn summarize(py: Python<'_>, path: PathBuf, format: Option<String>) -> PyResult<(String, u64)> {
+    let forced = match format.as_deref() {
+        None => None,
+        Some(name) => Some(Format::from_name(name).ok_or_else(|| {
+            to_py(Error::invalid(format!(
+                "qimg cannot read '{name}' images yet (supported: qcow2, raw)"
+            )))
+        })?),
+    };
+    let s = py
+        .detach(|| probe::summarize(&path, forced))
+        .map_err(to_py)?;
+    Ok((s.format.name().to_string(), s.virtual_size))
+}
+
+/// (file length, bytes of data counted in whole clusters) of a raw file.
+#[pyfunction]
+fn raw_data_bytes(py: Python<'_>, path: PathBuf, cluster_size: u64) -> PyResult<(u64, u64)> {
+    let cs = ClusterSize::new(cluster_size).map_err(to_py)?;
+    py.detach(|| measure::raw_data_bytes(&path, cs))
+        .map_err(to_py)
+}
+
+/// (required, fully allocated, bitmaps or None) for a qcow2 target.
+#[pyfunction]
+#[pyo3(signature = (*, virtual_size, data, has_source, cluster_size, refcount_bits,
+                    extended_l2, preallocation, has_backing))]
+#[allow(clippy::too_many_arguments)]
+fn measure_qcow2(
+    virtual_size: u64,
+    data: u64,
+    has_source: bool,
+    cluster_size: u64,
+    refcount_bits: u64,
+    extended_l2: bool,
+    preallocation: &str,
+    has_backing: bool,
+) -> PyResult<(u64, u64, Option<u64>)> {
+    let target = Qcow2Target {
+        cluster_size: ClusterSize::new(cluster_size).map_err(to_py)?,
+        refcount_order: RefcountOrder::from_bits(refcount_bits).map_err(to_py)?,
+        extended_l2,
+        prealloc: prealloc(preallocation)?,
+        has_backing,
+    };
+    let m = measure::qcow2(virtual_size, data, has_source, target).map_err(to_py)?;
+    Ok((m.required, m.fully_allocated, m.bitmaps))
+}
+
+/// (required, fully allocated, None) for a raw target.
+#[pyfunction]
+fn measure_raw(virtual_size: u64) -> (u64, u64, Option<u64>) {
+    let m = measure::raw(virtual_size);
+    (m.required, m.fully_allocated, m.bitmaps)
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Qcow2Spec>()?;
+    m.add_function(wrap_pyfunction!(create_raw, m)?)?;
+    m.add_function(wrap_pyfunction!(summarize, m)?)?;
+    m.add_function(wrap_pyfunction!(raw_data_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(measure_qcow2, m)?)?;
+    m.add_function(wrap_pyfunction!(measure_raw, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
