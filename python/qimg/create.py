@@ -79,6 +79,10 @@ def plan_create(
     if backing_fmt is not None:
         parsed["backing_fmt"] = ParsedValue(backing_fmt, backing_fmt)
     if size is not None:
+        if "size" in parsed:
+            raise InvalidOptionError(
+                "The image size must be specified only once (as -o size= or as the size argument)"
+            )
         parsed["size"] = ParsedValue(str(size), size)
 
     if info.name == "raw":

@@ -57,6 +57,8 @@ def measure_items(
             if size is not None
             else "Either --size N or one filename must be specified"
         )
+    if fmt is not None and filename is None:
+        raise UsageError("-f names the format of a source image; it needs a filename, not --size")
     info = format_info(out_fmt)
     parsed = info.parse(options)
 
@@ -64,8 +66,8 @@ def measure_items(
         src_fmt, virtual_size = _core.summarize(filename, fmt)
         if src_fmt != "raw":
             raise UsageError(
-                f"qimg cannot measure {src_fmt} source images yet; "
-                "measure --size or a raw source instead"
+                f"Measuring {src_fmt} source images is not supported yet; "
+                "use --size or a raw source image"
             )
     else:
         assert size is not None

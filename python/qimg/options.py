@@ -32,7 +32,7 @@ _SIZE_RE = re.compile(
     r"\s*(?P<sign>[+-]?)(?:(?P<hex>0[xX][0-9a-fA-F]+)|(?P<int>[0-9]+)(?P<frac>\.[0-9]*)?)"
     r"(?P<suffix>[bBkKmMgGtTpPeE]?)"
 )
-SIZE_HINT = "optionally with a k, M, G, T, P or E suffix (powers of 1024)"
+SIZE_HINT = "with an optional k, M, G, T, P or E suffix"
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def _parse_size_text(text: str) -> int | None:
         number = Fraction(int(m["hex"], 16))
     else:
         number = Fraction(m["int"] + (m["frac"] or ""))
-        if m["frac"] is not None and suffix in ("", "b"):
+        if suffix in ("", "b") and number.denominator != 1:
             return None  # a fraction of a byte means nothing
     value = int(number * (1 << _SUFFIX_SHIFT[suffix]))
     return -value if m["sign"] == "-" else value
@@ -130,7 +130,7 @@ def parse_image_size(text: str) -> int:
     """The size argument of ``create`` (and ``measure --size``)."""
     value = _parse_size_text(text)
     if value is None:
-        raise UsageError(f"Invalid image size specified: '{text}' (use a number {SIZE_HINT})")
+        raise UsageError(f"Invalid image size specified: '{text}' (expected a number {SIZE_HINT})")
     if not 0 <= value < 1 << 63:
         raise UsageError(
             f"Invalid image size specified: '{text}' (must be between 0 and {(1 << 63) - 1})"
