@@ -1,0 +1,1 @@
+"""qemu-iotests style golden-transcript tests for qimg (see README.md)."""
