@@ -7,7 +7,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
-/// Size of the buffers used for large sequential writes.
+/// Size of the buffer used for large sequential metadata writes.
 pub const WRITE_CHUNK: usize = 8 << 20;
 
 /// Protocol-level creation options (those qemu-img lists for the `file` driver).
@@ -104,18 +104,43 @@ pub fn fallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
     }
 }
 
-/// Writes zeroes over `[offset, offset+len)` with large sequential writes.
+/// Chunk for writing zeroes: small enough to stay in the CPU cache while the
+/// kernel copies it, which measured faster than large chunks for page-cache writes.
+const ZERO_CHUNK: u64 = 64 << 10;
+/// Writeback is started every this many bytes, so the final sync has little left.
+const WRITEBACK_WINDOW: u64 = 32 << 20;
+
+/// Writes zeroes over `[offset, offset+len)`. The file should already be
+/// extended to cover the range (ftruncate first): writing inside i_size avoids
+/// growing the file on every write, which measured twice as slow on ext4.
 pub fn write_zeroes(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    let chunk = usize::try_from(len.min(WRITE_CHUNK as u64)).unwrap_or(WRITE_CHUNK);
-    let zeros = vec![0u8; chunk];
-    let mut pos = offset;
+    let zeros = [0u8; ZERO_CHUNK as usize];
     let end = offset + len;
+    let mut pos = offset;
+    let mut flushed = offset;
     while pos < end {
-        let n = usize::try_from((end - pos).min(chunk as u64)).unwrap_or(chunk);
-        file.write_all_at(&zeros[..n], pos)?;
-        pos += n as u64;
+        let n = (end - pos).min(ZERO_CHUNK);
+        file.write_all_at(&zeros[..n as usize], pos)?;
+        pos += n;
+        if pos - flushed >= WRITEBACK_WINDOW {
+            start_writeback(file, flushed, pos - flushed);
+            flushed = pos;
+        }
     }
     Ok(())
+}
+
+/// Asks the kernel to start writing a range back now (no waiting). Purely a
+/// scheduling hint: failure changes nothing about correctness.
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    if let (Ok(off), Ok(n)) = (
+        libc::off64_t::try_from(offset),
+        libc::off64_t::try_from(len),
+    ) {
+        // SAFETY: plain syscall on a valid descriptor, no memory involved.
+        let _ =
+            unsafe { libc::sync_file_range(file.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WRITE) };
+    }
 }
 
 /// The ranges of `file` that hold data, as reported by SEEK_DATA/SEEK_HOLE

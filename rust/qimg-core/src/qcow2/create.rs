@@ -159,8 +159,13 @@ pub fn create(path: &Path, spec: &CreateSpec, file_opts: FileOptions) -> Result<
             .map_err(|e| new.io_error("Could not resize", e))?,
         Prealloc::Falloc => fallocate(&new.file, layout.data.offset, data_len)
             .map_err(|e| new.io_error("Could not preallocate data for", e))?,
-        Prealloc::Full => write_zeroes(&new.file, layout.data.offset, data_len)
-            .map_err(|e| new.io_error("Could not write zeros for preallocation to", e))?,
+        Prealloc::Full => {
+            new.file
+                .set_len(layout.file_len)
+                .map_err(|e| new.io_error("Could not resize", e))?;
+            write_zeroes(&new.file, layout.data.offset, data_len)
+                .map_err(|e| new.io_error("Could not write zeros for preallocation to", e))?;
+        }
     }
     new.finish()?;
     Ok(layout)
