@@ -27,7 +27,7 @@ class ArgumentParser(argparse.ArgumentParser):
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="qimg",
-        description="Create, inspect and measure qcow2 and raw disk images "
+        description="Create and measure qcow2 and raw disk images "
         "with qemu-img's command lines.",
         allow_abbrev=False,
     )
