@@ -27,8 +27,7 @@ class ArgumentParser(argparse.ArgumentParser):
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="qimg",
-        description="Create and measure qcow2 and raw disk images "
-        "with qemu-img's command lines.",
+        description="Create and measure qcow2 and raw disk images with qemu-img's command lines.",
         allow_abbrev=False,
     )
     parser.add_argument("-V", "--version", action="version", version=f"qimg {__version__}")
