@@ -65,6 +65,10 @@ impl<'p> NewFile<'p> {
         Ok(new)
     }
 
+    pub fn path(&self) -> &Path {
+        self.path
+    }
+
     pub fn io_error(&self, what: &str, err: io::Error) -> Error {
         Error::io(format!("{what} '{}'", self.path.display()), err)
     }
@@ -104,43 +108,66 @@ pub fn fallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
     }
 }
 
-/// Chunk for writing zeroes: small enough to stay in the CPU cache while the
-/// kernel copies it, which measured faster than large chunks for page-cache writes.
+/// Chunk for buffered zero writes: small enough to stay in the CPU cache.
 const ZERO_CHUNK: u64 = 64 << 10;
-/// Writeback is started every this many bytes, so the final sync has little left.
-const WRITEBACK_WINDOW: u64 = 32 << 20;
+/// Chunk for O_DIRECT zero writes: large requests keep the device busy.
+const DIRECT_CHUNK: usize = 16 << 20;
+/// Alignment O_DIRECT needs for buffer, offset and length on every Linux filesystem.
+const DIRECT_ALIGN: u64 = 4096;
 
-/// Writes zeroes over `[offset, offset+len)`. The file should already be
-/// extended to cover the range (ftruncate first): writing inside i_size avoids
-/// growing the file on every write, which measured twice as slow on ext4.
-pub fn write_zeroes(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    let zeros = [0u8; ZERO_CHUNK as usize];
+/// Writes zeroes over `[offset, offset+len)` of the file at `path`, which
+/// must already be long enough (extend it first: growing the file on every
+/// write measured twice as slow on ext4).
+///
+/// The aligned bulk goes through a second, O_DIRECT descriptor: zeroes then
+/// stream to the device without passing through (and evicting) the page
+/// cache, which measured both faster and far steadier than buffered writes
+/// plus a final sync. Filesystems that refuse O_DIRECT get buffered writes.
+/// The caller still syncs `file` afterwards for the buffered edges.
+pub fn write_zeroes(file: &File, path: &Path, offset: u64, len: u64) -> io::Result<()> {
     let end = offset + len;
-    let mut pos = offset;
-    let mut flushed = offset;
+    let direct_start = offset.next_multiple_of(DIRECT_ALIGN).min(end);
+    let direct_end = (end / DIRECT_ALIGN * DIRECT_ALIGN).max(direct_start);
+    if direct_end > direct_start {
+        match write_zeroes_direct(path, direct_start, direct_end) {
+            Ok(()) => {
+                write_zeroes_buffered(file, offset, direct_start)?;
+                return write_zeroes_buffered(file, direct_end, end);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    write_zeroes_buffered(file, offset, end)
+}
+
+fn write_zeroes_direct(path: &Path, start: u64, end: u64) -> io::Result<()> {
+    let direct = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)?;
+    // An aligned window into an ordinary zeroed Vec: no unsafe allocation needed.
+    let mut storage = vec![0u8; DIRECT_CHUNK + DIRECT_ALIGN as usize];
+    let skew = storage.as_ptr().align_offset(DIRECT_ALIGN as usize);
+    let zeros = &mut storage[skew..skew + DIRECT_CHUNK];
+    let mut pos = start;
+    while pos < end {
+        let n = (end - pos).min(DIRECT_CHUNK as u64) as usize;
+        direct.write_all_at(&zeros[..n], pos)?;
+        pos += n as u64;
+    }
+    direct.sync_data()
+}
+
+fn write_zeroes_buffered(file: &File, start: u64, end: u64) -> io::Result<()> {
+    let zeros = [0u8; ZERO_CHUNK as usize];
+    let mut pos = start;
     while pos < end {
         let n = (end - pos).min(ZERO_CHUNK);
         file.write_all_at(&zeros[..n as usize], pos)?;
         pos += n;
-        if pos - flushed >= WRITEBACK_WINDOW {
-            start_writeback(file, flushed, pos - flushed);
-            flushed = pos;
-        }
     }
     Ok(())
-}
-
-/// Asks the kernel to start writing a range back now (no waiting). Purely a
-/// scheduling hint: failure changes nothing about correctness.
-fn start_writeback(file: &File, offset: u64, len: u64) {
-    if let (Ok(off), Ok(n)) = (
-        libc::off64_t::try_from(offset),
-        libc::off64_t::try_from(len),
-    ) {
-        // SAFETY: plain syscall on a valid descriptor, no memory involved.
-        let _ =
-            unsafe { libc::sync_file_range(file.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WRITE) };
-    }
 }
 
 /// The ranges of `file` that hold data, as reported by SEEK_DATA/SEEK_HOLE
@@ -280,6 +307,32 @@ mod tests {
             let _f = NewFile::create(&path, FileOptions::default())?;
         }
         assert!(!path.exists());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod zero_tests {
+    use super::*;
+
+    #[test]
+    fn write_zeroes_covers_unaligned_ranges_exactly() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("z");
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        let len = 3 * DIRECT_CHUNK as u64 + 12345;
+        f.write_all_at(&vec![0xffu8; (len + 1024) as usize], 0)?;
+        write_zeroes(&f, &path, 512, len)?;
+        let mut got = vec![0u8; (len + 1024) as usize];
+        f.read_exact_at(&mut got, 0)?;
+        assert!(got[..512].iter().all(|b| *b == 0xff));
+        assert!(got[512..512 + len as usize].iter().all(|b| *b == 0));
+        assert!(got[512 + len as usize..].iter().all(|b| *b == 0xff));
         Ok(())
     }
 }

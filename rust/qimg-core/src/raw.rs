@@ -31,7 +31,7 @@ pub fn create(path: &Path, size: u64, prealloc: Prealloc, file_opts: FileOptions
             new.file
                 .set_len(size)
                 .map_err(|e| new.io_error("Could not resize", e))?;
-            write_zeroes(&new.file, 0, size)
+            write_zeroes(&new.file, new.path(), 0, size)
                 .map_err(|e| new.io_error("Could not write zeros for preallocation to", e))?;
         }
     }

@@ -163,7 +163,7 @@ pub fn create(path: &Path, spec: &CreateSpec, file_opts: FileOptions) -> Result<
             new.file
                 .set_len(layout.file_len)
                 .map_err(|e| new.io_error("Could not resize", e))?;
-            write_zeroes(&new.file, layout.data.offset, data_len)
+            write_zeroes(&new.file, new.path(), layout.data.offset, data_len)
                 .map_err(|e| new.io_error("Could not write zeros for preallocation to", e))?;
         }
     }
