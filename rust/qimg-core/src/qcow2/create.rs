@@ -87,9 +87,11 @@ impl CreateSpec {
             }
         }
         if self.extended_l2 && self.cluster_size.bytes() < 16384 {
-            return Err(Error::invalid(
-                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
-            ));
+            return Err(Error::invalid(format!(
+                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes \
+                 (cluster_size is {})",
+                self.cluster_size.bytes()
+            )));
         }
         if self.backing.is_some() && self.prealloc != Prealloc::Off && !self.extended_l2 {
             return Err(Error::invalid(

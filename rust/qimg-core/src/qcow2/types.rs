@@ -21,9 +21,9 @@ impl ClusterSize {
                 return Ok(ClusterSize { bits });
             }
         }
-        Err(Error::invalid(
-            "Cluster size must be a power of two between 512 and 2048k",
-        ))
+        Err(Error::invalid(format!(
+            "Cluster size must be a power of two between 512 and 2048k, not {bytes}"
+        )))
     }
 
     pub fn from_bits(bits: u32) -> Result<Self> {
@@ -73,9 +73,9 @@ impl RefcountOrder {
         if width.is_power_of_two() && width <= 64 {
             Ok(RefcountOrder(width.trailing_zeros()))
         } else {
-            Err(Error::invalid(
-                "Refcount width must be a power of two and may not exceed 64 bits",
-            ))
+            Err(Error::invalid(format!(
+                "Refcount width must be a power of two and may not exceed 64 bits, not {width}"
+            )))
         }
     }
 
