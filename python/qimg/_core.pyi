@@ -22,6 +22,8 @@ class Qcow2Spec:
     @property
     def virtual_size(self) -> int: ...
     @property
+    def cluster_size(self) -> int: ...
+    @property
     def file_length(self) -> int: ...
     @property
     def metadata_length(self) -> int: ...
@@ -44,13 +46,11 @@ def create_raw(
 def summarize(path: str | PathLike[str], format: str | None = None) -> tuple[str, int]: ...
 def raw_data_bytes(path: str | PathLike[str], cluster_size: int) -> tuple[int, int]: ...
 def measure_qcow2(
+    spec: Qcow2Spec,
     *,
     virtual_size: int,
     data: int,
     has_source: bool,
-    cluster_size: int,
-    refcount_bits: int,
-    extended_l2: bool,
     preallocation: str,
     has_backing: bool,
 ) -> tuple[int, int, int | None]: ...

@@ -46,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         status: int = args.run(args)
     except QimgError as err:
-        print(f"qimg: {err}", file=sys.stderr)
+        where = f"{err.subject}: " if err.subject else ""
+        print(f"qimg: {where}{err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

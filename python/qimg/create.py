@@ -8,12 +8,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qimg import _core
-from qimg.errors import InvalidOptionError, UsageError
-from qimg.formats import FormatInfo, ParsedOptions, ParsedValue, format_info
+from qimg.errors import InvalidOptionError, QimgError, UsageError
+from qimg.formats import (
+    FormatInfo,
+    ParsedOptions,
+    ParsedValue,
+    format_info,
+    option_text,
+    option_value,
+)
 from qimg.options import OptionItem, parse_option_lists
 from qimg.prealloc import PreallocMode
 
-__all__ = ["CreatePlan", "create", "plan_create"]
+__all__ = ["CreatePlan", "create", "plan_create", "qcow2_spec"]
 
 OptionValue = str | int | bool
 
@@ -33,7 +40,7 @@ class CreatePlan:
         return f"Formatting '{self.filename}', fmt={self.info.name} {self.info.echo(self.options)}"
 
     def run(self) -> None:
-        nocow = bool(self._value("nocow", False))
+        nocow = bool(option_value(self.options, "nocow", False))
         hint = self.options.get("extent_size_hint")
         hint_value = int(hint.value) if hint is not None else None
         if self.qcow2 is not None:
@@ -46,10 +53,6 @@ class CreatePlan:
                 nocow=nocow,
                 extent_size_hint=hint_value,
             )
-
-    def _value(self, name: str, default: OptionValue) -> OptionValue:
-        parsed = self.options.get(name)
-        return default if parsed is None else parsed.value
 
 
 def _backing_path(filename: str, backing: str) -> str:
@@ -85,15 +88,14 @@ def plan_create(
             )
         parsed["size"] = ParsedValue(str(size), size)
 
+    prealloc = info.preallocation(parsed)
     if info.name == "raw":
-        prealloc = _prealloc(parsed, (PreallocMode.OFF, PreallocMode.FALLOC, PreallocMode.FULL))
         if "size" not in parsed:
             raise InvalidOptionError("Image creation needs a size parameter")
         return CreatePlan(filename, info, parsed, int(parsed["size"].value), None, prealloc)
 
-    prealloc = _prealloc(parsed, tuple(PreallocMode))
-    backing = _text(parsed, "backing_file")
-    bfmt = _text(parsed, "backing_fmt")
+    backing = option_text(parsed, "backing_file")
+    bfmt = option_text(parsed, "backing_fmt")
     if bfmt is not None and backing is None:
         raise InvalidOptionError("Backing format cannot be used without backing file")
     if backing is not None and not unsafe:
@@ -113,45 +115,39 @@ def plan_create(
         raise InvalidOptionError("Image creation needs a size parameter")
 
     image_size = int(parsed["size"].value)
-    spec = _core.Qcow2Spec(
-        size=image_size,
-        cluster_size=int(_value(parsed, "cluster_size", 65536)),
-        compat=str(_value(parsed, "compat", "v3")),
-        refcount_bits=int(_value(parsed, "refcount_bits", 16)),
-        lazy_refcounts=bool(_value(parsed, "lazy_refcounts", False)),
-        extended_l2=bool(_value(parsed, "extended_l2", False)),
-        compression_type=str(_value(parsed, "compression_type", "zlib")),
-        preallocation=prealloc.value,
-        backing_file=backing,
-        backing_fmt=bfmt,
-    )
+    spec = qcow2_spec(parsed, image_size, prealloc, backing_file=backing, backing_fmt=bfmt)
     return CreatePlan(filename, info, parsed, image_size, spec, prealloc)
 
 
-def _value(parsed: ParsedOptions, name: str, default: OptionValue) -> OptionValue:
-    item = parsed.get(name)
-    return default if item is None else item.value
-
-
-def _text(parsed: ParsedOptions, name: str) -> str | None:
-    item = parsed.get(name)
-    return None if item is None else item.text
-
-
-def _prealloc(parsed: ParsedOptions, allowed: tuple[PreallocMode, ...]) -> PreallocMode:
-    item = parsed.get("preallocation")
-    if item is None:
-        return PreallocMode.OFF
-    if item.text == PreallocMode.METADATA.value and PreallocMode.METADATA not in allowed:
-        raise InvalidOptionError("Unsupported preallocation mode: metadata")
-    return PreallocMode.parse(item.text, allowed=allowed)
+def qcow2_spec(
+    parsed: ParsedOptions,
+    size: int,
+    prealloc: PreallocMode,
+    *,
+    backing_file: str | None = None,
+    backing_fmt: str | None = None,
+) -> _core.Qcow2Spec:
+    """The core's validated qcow2 parameters from parsed ``-o`` options,
+    with qemu-img's defaults for those not given."""
+    return _core.Qcow2Spec(
+        size=size,
+        cluster_size=int(option_value(parsed, "cluster_size", 65536)),
+        compat=str(option_value(parsed, "compat", "v3")),
+        refcount_bits=int(option_value(parsed, "refcount_bits", 16)),
+        lazy_refcounts=bool(option_value(parsed, "lazy_refcounts", False)),
+        extended_l2=bool(option_value(parsed, "extended_l2", False)),
+        compression_type=str(option_value(parsed, "compression_type", "zlib")),
+        preallocation=prealloc.value,
+        backing_file=backing_file,
+        backing_fmt=backing_fmt,
+    )
 
 
 def _open_backing(filename: str, backing: str, fmt: str | None) -> tuple[str, int]:
     path = _backing_path(filename, backing)
     try:
         detected, size = _core.summarize(path, fmt)
-    except Exception as err:
+    except QimgError as err:
         raise InvalidOptionError(f"{err} (the backing file must exist unless -u is given)") from err
     return detected, size
 

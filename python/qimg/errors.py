@@ -17,7 +17,18 @@ __all__ = [
 
 
 class QimgError(Exception):
-    """Base class of every error qimg reports."""
+    """Base class of every error qimg reports.
+
+    ``subject`` names what the error is about (an image file) when the message
+    itself does not; the CLI prints it as ``qimg: SUBJECT: MESSAGE``.
+    """
+
+    subject: str | None = None
+
+    def about(self, subject: str) -> QimgError:
+        """Records what the error is about; returns the same exception."""
+        self.subject = subject
+        return self
 
 
 class UsageError(QimgError):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from qimg.errors import InvalidOptionError, UsageError
 from qimg.options import OptionItem, escape_value, parse_bool, parse_number, parse_size
+from qimg.prealloc import PreallocMode
 
 __all__ = [
     "FORMATS",
@@ -18,6 +19,8 @@ __all__ = [
     "ParsedOptions",
     "ParsedValue",
     "format_info",
+    "option_text",
+    "option_value",
 ]
 
 
@@ -66,9 +69,10 @@ _EXTENT_HINT = OptionDesc(
 )
 
 
-def _prealloc(modes: str) -> OptionDesc:
+def _prealloc(modes: tuple[PreallocMode, ...]) -> OptionDesc:
+    names = ", ".join(m.value for m in modes)
     return OptionDesc(
-        "preallocation", OptType.STRING, f"What to allocate up front, one of: {modes}"
+        "preallocation", OptType.STRING, f"What to allocate up front, one of: {names}"
     )
 
 
@@ -80,6 +84,8 @@ class FormatInfo:
     protocol_options: tuple[OptionDesc, ...]
     """Options of the ``file`` protocol that apply when a filename is known."""
     echo_order: tuple[str, ...]
+    prealloc_modes: tuple[PreallocMode, ...]
+    """The preallocation modes this format can create."""
     not_yet: frozenset[str] = frozenset()
     """Options qemu-img knows for this format that qimg refuses for now."""
 
@@ -119,6 +125,18 @@ class FormatInfo:
             parsed[desc.name] = ParsedValue(text, _convert(desc, text))
         return parsed
 
+    def preallocation(self, parsed: ParsedOptions) -> PreallocMode:
+        """The ``preallocation`` option's mode, refused if this format lacks it."""
+        item = parsed.get("preallocation")
+        if item is None:
+            return PreallocMode.OFF
+        if (
+            item.text == PreallocMode.METADATA.value
+            and PreallocMode.METADATA not in self.prealloc_modes
+        ):
+            raise InvalidOptionError("Unsupported preallocation mode: metadata")
+        return PreallocMode.parse(item.text, allowed=self.prealloc_modes)
+
     def echo(self, parsed: ParsedOptions) -> str:
         """The option part of the ``Formatting`` line."""
         table = {o.name: o for o in self.all_options()}
@@ -130,6 +148,18 @@ class FormatInfo:
             elif desc.default is not None:
                 parts.append(f"{name}={desc.default}")
         return " ".join(parts)
+
+
+def option_value(parsed: ParsedOptions, name: str, default: int | bool | str) -> int | bool | str:
+    """The typed value of option ``name``, or ``default`` when it was not given."""
+    item = parsed.get(name)
+    return default if item is None else item.value
+
+
+def option_text(parsed: ParsedOptions, name: str) -> str | None:
+    """The text of option ``name`` as given, or None."""
+    item = parsed.get(name)
+    return None if item is None else item.text
 
 
 def _convert(desc: OptionDesc, text: str) -> int | bool | str:
@@ -152,7 +182,7 @@ QCOW2 = FormatInfo(
             "Split clusters into 32 subclusters (needs clusters of 16k or more)",
             "off",
         ),
-        _prealloc("off, metadata, falloc, full"),
+        _prealloc(tuple(PreallocMode)),
         OptionDesc(
             "compression_type",
             OptType.STRING,
@@ -191,6 +221,7 @@ QCOW2 = FormatInfo(
         "nocow",
         "extent_size_hint",
     ),
+    prealloc_modes=tuple(PreallocMode),
     not_yet=frozenset(
         {
             "data_file",
@@ -209,11 +240,14 @@ QCOW2 = FormatInfo(
     ),
 )
 
+_RAW_PREALLOC = (PreallocMode.OFF, PreallocMode.FALLOC, PreallocMode.FULL)
+
 RAW = FormatInfo(
     name="raw",
     format_options=(_SIZE,),
-    protocol_options=(_SIZE, _NOCOW, _prealloc("off, falloc, full"), _EXTENT_HINT),
+    protocol_options=(_SIZE, _NOCOW, _prealloc(_RAW_PREALLOC), _EXTENT_HINT),
     echo_order=("size", "nocow", "preallocation", "extent_size_hint"),
+    prealloc_modes=_RAW_PREALLOC,
 )
 
 FORMATS: Mapping[str, FormatInfo] = {f.name: f for f in (QCOW2, RAW)}

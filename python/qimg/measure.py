@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 
 from qimg import _core
+from qimg.create import qcow2_spec
 from qimg.errors import UsageError
 from qimg.formats import format_info
 from qimg.options import OptionItem
@@ -73,44 +74,23 @@ def measure_items(
         assert size is not None
         virtual_size = size
 
+    prealloc = info.preallocation(parsed)
     if info.name == "raw":
-        prealloc_item = parsed.get("preallocation")
-        if prealloc_item is not None:
-            PreallocMode.parse(
-                prealloc_item.text,
-                allowed=(PreallocMode.OFF, PreallocMode.FALLOC, PreallocMode.FULL),
-            )
         required, fully, bitmaps = _core.measure_raw(virtual_size)
         return Measurement(required, fully, bitmaps)
 
-    def value(name: str, default: int | bool | str) -> int | bool | str:
-        item = parsed.get(name)
-        return default if item is None else item.value
-
-    prealloc_item = parsed.get("preallocation")
-    prealloc = PreallocMode.parse(prealloc_item.text) if prealloc_item else PreallocMode.OFF
-    cluster_size = int(value("cluster_size", 65536))
-    # The same validation as create, so measure refuses what create would.
-    _core.Qcow2Spec(
-        size=0,
-        cluster_size=cluster_size,
-        compat=str(value("compat", "v3")),
-        refcount_bits=int(value("refcount_bits", 16)),
-        lazy_refcounts=bool(value("lazy_refcounts", False)),
-        extended_l2=bool(value("extended_l2", False)),
-        compression_type=str(value("compression_type", "zlib")),
-        preallocation=PreallocMode.OFF.value,
-    )
+    # Built with create's validation, so measure refuses what create would. Backing
+    # and preallocation are passed to the measurement itself: measure does not
+    # check their combination (qemu-img does not either).
+    spec = qcow2_spec(parsed, 0, PreallocMode.OFF)
     data = 0
     if filename is not None:
-        _length, data = _core.raw_data_bytes(filename, cluster_size)
+        _length, data = _core.raw_data_bytes(filename, spec.cluster_size)
     required, fully, bitmaps = _core.measure_qcow2(
+        spec,
         virtual_size=virtual_size,
         data=data,
         has_source=filename is not None,
-        cluster_size=cluster_size,
-        refcount_bits=int(value("refcount_bits", 16)),
-        extended_l2=bool(value("extended_l2", False)),
         preallocation=prealloc.value,
         has_backing="backing_file" in parsed,
     )

@@ -66,5 +66,6 @@ def run(args: argparse.Namespace) -> int:
     except UsageError:
         raise
     except QimgError as err:
-        raise type(err)(f"{filename}: {err}") from err
+        err.about(filename)
+        raise
     return 0

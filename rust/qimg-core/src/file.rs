@@ -7,9 +7,6 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
-/// Size of the buffer used for large sequential metadata writes.
-pub const WRITE_CHUNK: usize = 8 << 20;
-
 /// Protocol-level creation options (those qemu-img lists for the `file` driver).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct FileOptions {
@@ -274,16 +271,22 @@ pub fn open_read(path: &Path) -> Result<File> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn data_extents_find_written_ranges_in_a_sparse_file() -> io::Result<()> {
+    /// A read-write scratch file in a fresh temporary directory (kept alive by the caller).
+    fn scratch(name: &str) -> io::Result<(tempfile::TempDir, std::path::PathBuf, File)> {
         let dir = tempfile::tempdir()?;
-        let path = dir.path().join("sparse");
-        let f = OpenOptions::new()
+        let path = dir.path().join(name);
+        let file = OpenOptions::new()
             .create(true)
             .truncate(true)
             .read(true)
             .write(true)
             .open(&path)?;
+        Ok((dir, path, file))
+    }
+
+    #[test]
+    fn data_extents_find_written_ranges_in_a_sparse_file() -> io::Result<()> {
+        let (_dir, _path, f) = scratch("sparse")?;
         f.set_len(64 << 20)?;
         f.write_all_at(&[1u8; 4096], 8 << 20)?;
         f.write_all_at(&[1u8; 4096], 32 << 20)?;
@@ -309,22 +312,10 @@ mod tests {
         assert!(!path.exists());
         Ok(())
     }
-}
-
-#[cfg(test)]
-mod zero_tests {
-    use super::*;
 
     #[test]
     fn write_zeroes_covers_unaligned_ranges_exactly() -> io::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let path = dir.path().join("z");
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(&path)?;
+        let (_dir, path, f) = scratch("z")?;
         let len = 3 * DIRECT_CHUNK as u64 + 12345;
         f.write_all_at(&vec![0xffu8; (len + 1024) as usize], 0)?;
         write_zeroes(&f, &path, 512, len)?;

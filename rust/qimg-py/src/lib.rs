@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 use qimg_core::file::FileOptions;
 use qimg_core::measure::{self, Qcow2Target};
 use qimg_core::probe::{self, Format};
+use qimg_core::qcow2::layout::CreateLayout;
 use qimg_core::qcow2::{self, BackingSpec, ClusterSize, Compat, CompressionType, RefcountOrder};
 use qimg_core::{Error, Prealloc};
 use std::path::PathBuf;
@@ -49,6 +50,8 @@ fn file_options(nocow: bool, extent_size_hint: Option<u64>) -> FileOptions {
 #[pyclass(frozen, module = "qimg._core")]
 struct Qcow2Spec {
     spec: qcow2::CreateSpec,
+    /// Planned once at construction, which is also what validates the spec.
+    layout: CreateLayout,
 }
 
 #[pymethods]
@@ -94,8 +97,8 @@ impl Qcow2Spec {
                 format: backing_fmt,
             }),
         };
-        spec.plan().map_err(to_py)?;
-        Ok(Qcow2Spec { spec })
+        let layout = spec.plan().map_err(to_py)?;
+        Ok(Qcow2Spec { spec, layout })
     }
 
     /// The image's virtual size (the requested size in whole sectors).
@@ -104,16 +107,21 @@ impl Qcow2Spec {
         self.spec.virtual_size()
     }
 
+    #[getter]
+    fn cluster_size(&self) -> u64 {
+        self.spec.cluster_size.bytes()
+    }
+
     /// Length of the file `create` will write, in bytes.
     #[getter]
-    fn file_length(&self) -> PyResult<u64> {
-        Ok(self.spec.plan().map_err(to_py)?.file_len)
+    fn file_length(&self) -> u64 {
+        self.layout.file_len
     }
 
     /// Bytes of metadata in front of the data region.
     #[getter]
-    fn metadata_length(&self) -> PyResult<u64> {
-        Ok(self.spec.plan().map_err(to_py)?.metadata_bytes())
+    fn metadata_length(&self) -> u64 {
+        self.layout.metadata_bytes()
     }
 
     #[pyo3(signature = (path, *, nocow=false, extent_size_hint=None))]
@@ -173,25 +181,22 @@ fn raw_data_bytes(py: Python<'_>, path: PathBuf, cluster_size: u64) -> PyResult<
         .map_err(to_py)
 }
 
-/// (required, fully allocated, bitmaps or None) for a qcow2 target.
+/// (required, fully allocated, bitmaps or None) for a qcow2 target with the
+/// format parameters of `spec`.
 #[pyfunction]
-#[pyo3(signature = (*, virtual_size, data, has_source, cluster_size, refcount_bits,
-                    extended_l2, preallocation, has_backing))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (spec, *, virtual_size, data, has_source, preallocation, has_backing))]
 fn measure_qcow2(
+    spec: PyRef<'_, Qcow2Spec>,
     virtual_size: u64,
     data: u64,
     has_source: bool,
-    cluster_size: u64,
-    refcount_bits: u64,
-    extended_l2: bool,
     preallocation: &str,
     has_backing: bool,
 ) -> PyResult<(u64, u64, Option<u64>)> {
     let target = Qcow2Target {
-        cluster_size: ClusterSize::new(cluster_size).map_err(to_py)?,
-        refcount_order: RefcountOrder::from_bits(refcount_bits).map_err(to_py)?,
-        extended_l2,
+        cluster_size: spec.spec.cluster_size,
+        refcount_order: spec.spec.refcount_order,
+        extended_l2: spec.spec.extended_l2,
         prealloc: prealloc(preallocation)?,
         has_backing,
     };

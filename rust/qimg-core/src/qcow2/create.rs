@@ -7,7 +7,7 @@ use super::refcount::fill_leading_ones;
 use super::types::{ClusterSize, Compat, CompressionType, RefcountOrder};
 use super::OFLAG_COPIED;
 use crate::error::{Error, Result};
-use crate::file::{fallocate, write_zeroes, FileOptions, NewFile, WRITE_CHUNK};
+use crate::file::{fallocate, write_zeroes, FileOptions, NewFile};
 use crate::prealloc::Prealloc;
 use std::fs::File;
 use std::io;
@@ -249,6 +249,9 @@ fn write_metadata(
     }
     out.finish()
 }
+
+/// Size of the metadata write buffer: large sequential writes, bounded memory.
+const WRITE_CHUNK: usize = 8 << 20;
 
 /// Accumulates sequential output and writes it in large chunks.
 struct SeqWriter<'f> {
