@@ -39,6 +39,19 @@ impl Error {
         }
     }
 
+    /// The same error with `prefix: ` in front of its message (same kind, same errno).
+    pub fn context(self, prefix: &str) -> Self {
+        match self {
+            Error::InvalidArgument(m) => Error::InvalidArgument(format!("{prefix}: {m}")),
+            Error::TooLarge(m) => Error::TooLarge(format!("{prefix}: {m}")),
+            Error::InvalidImage(m) => Error::InvalidImage(format!("{prefix}: {m}")),
+            Error::Io { context, source } => Error::Io {
+                context: format!("{prefix}: {context}"),
+                source,
+            },
+        }
+    }
+
     pub fn open(path: &Path, source: io::Error) -> Self {
         Error::io(format!("Could not open '{}'", path.display()), source)
     }

@@ -3,6 +3,7 @@
 //! Pure Rust with no Python in sight, so every piece can be exercised with
 //! plain `cargo test`. The Python binding (`qimg-py`) is a thin layer on top.
 
+pub mod block;
 pub mod error;
 pub mod file;
 pub mod measure;

@@ -1,9 +1,14 @@
 //! The qcow2 format: on-disk types, layout math, header encoding and creation.
 
+pub mod compress;
 pub mod create;
 pub mod header;
+pub mod image_header;
+pub mod l2cache;
 pub mod layout;
+pub mod reader;
 pub mod refcount;
+pub mod refcount_reader;
 pub mod types;
 
 pub use create::{create, BackingSpec, CreateSpec};

@@ -1,0 +1,159 @@
+//! The `file` protocol node: a local file read with positioned reads, its
+//! holes found with SEEK_DATA/SEEK_HOLE.
+
+use super::{BlockDev, Status};
+use crate::error::{Error, Result};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub struct FileNode {
+    file: File,
+    path: PathBuf,
+    name: String,
+    /// The real length of the file in bytes.
+    len: u64,
+}
+
+impl FileNode {
+    /// Opens `path` read-only. Directories and other non-files are refused.
+    pub fn open(path: &Path) -> Result<FileNode> {
+        let file = File::open(path).map_err(|e| Error::open(path, e))?;
+        let meta = file.metadata().map_err(|e| Error::open(path, e))?;
+        if meta.is_dir() {
+            return Err(Error::open(
+                path,
+                io::Error::from_raw_os_error(libc::EISDIR),
+            ));
+        }
+        let len = if meta.file_type().is_file() {
+            meta.len()
+        } else {
+            // Block devices report their size through seeking to the end.
+            use std::io::Seek;
+            let mut f = &file;
+            f.seek(io::SeekFrom::End(0))
+                .map_err(|e| Error::open(path, e))?
+        };
+        Ok(FileNode {
+            file,
+            path: path.to_path_buf(),
+            name: path.display().to_string(),
+            len,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The real length of the file (the node's size is this rounded up to 512).
+    pub fn file_len(&self) -> u64 {
+        self.len
+    }
+
+    /// Bytes the file occupies on disk (st_blocks * 512), as `disk size` shows.
+    pub fn allocated_bytes(&self) -> Result<u64> {
+        let meta = self.file.metadata().map_err(|e| self.error("stat", e))?;
+        Ok(meta.blocks() * 512)
+    }
+
+    pub fn error(&self, what: &str, err: io::Error) -> Error {
+        Error::io(format!("Could not {what} '{}'", self.name), err)
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`; bytes past the end of the
+    /// file read as zeroes, as a sparse tail would.
+    pub fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            if pos >= self.len {
+                break;
+            }
+            match self.file.read_at(&mut buf[done..], pos) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.error("read", e)),
+            }
+        }
+        buf[done..].fill(0);
+        Ok(())
+    }
+
+    pub fn raw_file(&self) -> &File {
+        &self.file
+    }
+}
+
+impl BlockDev for FileNode {
+    fn size(&self) -> u64 {
+        self.len.div_ceil(512) * 512
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.pread(buf, offset)
+    }
+
+    fn status(&self, offset: u64, len: u64) -> Result<Status> {
+        let (data, n) = self.extent_at(offset, len)?;
+        Ok(Status {
+            len: n,
+            data,
+            zero: !data,
+            offset: Some(offset),
+            ..Status::default()
+        })
+    }
+
+    fn format_name(&self) -> &'static str {
+        "file"
+    }
+
+    fn filename(&self) -> &str {
+        &self.name
+    }
+
+    fn file(&self) -> Option<&Arc<FileNode>> {
+        None
+    }
+}
+
+impl FileNode {
+    /// Whether `offset` starts data or a hole, and how far that lasts (<= len).
+    fn extent_at(&self, offset: u64, len: u64) -> Result<(bool, u64)> {
+        use std::os::fd::AsRawFd;
+        if offset >= self.len {
+            return Ok((false, len));
+        }
+        let fd = self.file.as_raw_fd();
+        let seek = |pos: u64, whence| -> io::Result<u64> {
+            let off = libc::off_t::try_from(pos)
+                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            // SAFETY: lseek on a descriptor we own has no memory effects.
+            let r = unsafe { libc::lseek(fd, off, whence) };
+            if r < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(r as u64)
+            }
+        };
+        match seek(offset, libc::SEEK_DATA) {
+            Ok(data) if data > offset => Ok((false, (data - offset).min(len))),
+            Ok(_) => {
+                let hole = match seek(offset, libc::SEEK_HOLE) {
+                    Ok(h) => h,
+                    Err(_) => self.len,
+                };
+                Ok((true, hole.saturating_sub(offset).clamp(1, len)))
+            }
+            // No data after offset: the rest of the file is a hole.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok((false, len)),
+            // No SEEK_DATA support: everything is data.
+            Err(_) => Ok((true, len)),
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! The block driver graph: a protocol node (`file`) under a format node
+//! (`raw`, `qcow2`), format nodes optionally over a backing node, all behind
+//! one trait so that commands work on any of them.
+
+pub mod file;
+pub mod open;
+pub mod raw;
+pub mod status;
+
+use crate::error::Result;
+use crate::qcow2::reader::Qcow2Node;
+use std::sync::Arc;
+
+pub use file::FileNode;
+pub use open::{open_image, OpenOptions};
+pub use status::{block_status, map_extents, MapExtent};
+
+/// What a driver says about a range starting at the queried offset, before
+/// the generic rules of `status::block_status` are applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Status {
+    /// Bytes from the queried offset that share this status (> 0 inside the node).
+    pub len: u64,
+    /// The range holds data at this layer.
+    pub data: bool,
+    /// The range reads as zeroes.
+    pub zero: bool,
+    /// This layer decides the content (set by the generic rules for data or zero).
+    pub allocated: bool,
+    /// Where the range lives in the protocol node below, when it lives there plainly.
+    pub offset: Option<u64>,
+    pub compressed: bool,
+    /// The format node is a plain window onto its file: take the file's status.
+    pub raw: bool,
+    /// Ask the file whether the host range is a hole (metadata-preallocated images).
+    pub recurse: bool,
+    /// The range ends at the end of the node.
+    pub eof: bool,
+}
+
+/// One node of the graph. Every node is shared between threads: reads may be
+/// served in parallel.
+pub trait BlockDev: Send + Sync {
+    /// The node's size in bytes (what a reader can address).
+    fn size(&self) -> u64;
+
+    /// Fills `buf` with the bytes at `offset`; `offset + buf.len()` must not
+    /// exceed `size()` (callers clip).
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// The driver's own status of `[offset, offset + len)`, `len > 0`, inside the node.
+    fn status(&self, offset: u64, len: u64) -> Result<Status>;
+
+    /// The driver name as qemu-img shows it (`file`, `raw`, `qcow2`).
+    fn format_name(&self) -> &'static str;
+
+    /// The name the node was opened with.
+    fn filename(&self) -> &str;
+
+    /// The protocol node holding this node's bytes, if any.
+    fn file(&self) -> Option<&Arc<FileNode>>;
+
+    /// The backing node, for formats that have one.
+    fn backing(&self) -> Option<&Arc<dyn BlockDev>> {
+        None
+    }
+
+    /// Whether the format can have a backing file at all (unallocated ranges
+    /// of such formats read as zeroes when there is none).
+    fn supports_backing(&self) -> bool {
+        false
+    }
+
+    /// The qcow2 node itself, for callers that need its header or tables.
+    fn as_qcow2(&self) -> Option<&Qcow2Node> {
+        None
+    }
+}
+
+/// Reads `buf.len()` bytes at `offset` from `node`, where the range may
+/// extend past the node's end: that part reads as zeroes (how an overlay sees
+/// a shorter backing file).
+pub fn read_clipped(node: &dyn BlockDev, buf: &mut [u8], offset: u64) -> Result<()> {
+    let size = node.size();
+    let inside = size.saturating_sub(offset).min(buf.len() as u64) as usize;
+    if inside > 0 {
+        node.read_at(&mut buf[..inside], offset)?;
+    }
+    buf[inside..].fill(0);
+    Ok(())
+}

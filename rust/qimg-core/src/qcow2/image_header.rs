@@ -1,0 +1,530 @@
+//! Reading the header of an existing qcow2 image.
+//!
+//! The header comes from a file the user may have downloaded from anywhere,
+//! so every field is checked against the format's limits and against the
+//! file length before anything is sized or sought by it. The result is a
+//! plain value (`ImageHeader`) whose fields can be trusted by the reader.
+
+use super::header::{
+    COMPAT_LAZY_REFCOUNTS, EXT_BACKING_FORMAT, EXT_END, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION,
+    INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, MAGIC, MAX_BACKING_NAME,
+    V2_HEADER_LEN,
+};
+use super::types::{ClusterSize, Compat, CompressionType, RefcountOrder};
+use super::{MAX_L1_BYTES, MAX_REFTABLE_BYTES};
+use crate::error::{Error, Result};
+
+pub const EXT_BITMAPS: u32 = 0x2385_2875;
+pub const EXT_CRYPTO: u32 = 0x0537_be77;
+pub const EXT_DATA_FILE: u32 = 0x4441_5441;
+
+/// Incompatible feature bits qimg knows how to read.
+const KNOWN_INCOMPAT: u64 =
+    INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
+/// The bitmaps autoclear bit: persistent dirty bitmaps are present.
+pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
+/// Most snapshots QEMU accepts in one image.
+pub const MAX_SNAPSHOTS: u32 = 65536;
+/// Header extension payloads larger than this are not plausible.
+const MAX_EXTENSION_LEN: u64 = 1 << 20;
+
+/// How a feature name table entry classifies its bit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeatureKind {
+    Incompatible,
+    Compatible,
+    Autoclear,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeatureName {
+    pub kind: FeatureKind,
+    pub bit: u8,
+    pub name: String,
+}
+
+/// The bitmaps header extension (persistent dirty bitmaps directory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BitmapsExtension {
+    pub count: u32,
+    pub directory_size: u64,
+    pub directory_offset: u64,
+}
+
+/// A validated qcow2 header.
+#[derive(Debug, Clone)]
+pub struct ImageHeader {
+    pub compat: Compat,
+    pub cluster_size: ClusterSize,
+    pub virtual_size: u64,
+    pub backing_file: Option<String>,
+    pub backing_format: Option<String>,
+    pub l1_entries: u64,
+    pub l1_table_offset: u64,
+    pub reftable_offset: u64,
+    pub reftable_clusters: u64,
+    pub snapshot_count: u32,
+    pub snapshots_offset: u64,
+    pub incompatible: u64,
+    pub compatible: u64,
+    pub autoclear: u64,
+    pub refcount_order: RefcountOrder,
+    pub header_length: u64,
+    pub compression: CompressionType,
+    pub feature_names: Vec<FeatureName>,
+    pub bitmaps: Option<BitmapsExtension>,
+    /// Types of header extensions qimg does not interpret (kept, never written).
+    pub unknown_extensions: Vec<u32>,
+}
+
+impl ImageHeader {
+    pub fn extended_l2(&self) -> bool {
+        self.incompatible & INCOMPAT_EXTL2 != 0
+    }
+
+    pub fn dirty(&self) -> bool {
+        self.incompatible & INCOMPAT_DIRTY != 0
+    }
+
+    pub fn corrupt(&self) -> bool {
+        self.incompatible & INCOMPAT_CORRUPT != 0
+    }
+
+    pub fn lazy_refcounts(&self) -> bool {
+        self.compatible & COMPAT_LAZY_REFCOUNTS != 0
+    }
+
+    /// Size of one L2 entry in bytes: 16 with extended L2 (entry + subcluster bitmap).
+    pub fn l2_entry_bytes(&self) -> u64 {
+        if self.extended_l2() {
+            16
+        } else {
+            8
+        }
+    }
+
+    /// Guest clusters mapped by one L2 table.
+    pub fn l2_entries(&self) -> u64 {
+        self.cluster_size.bytes() / self.l2_entry_bytes()
+    }
+
+    /// L1 entries needed to map the whole virtual disk.
+    pub fn l1_entries_needed(&self) -> u64 {
+        let clusters = self.virtual_size.div_ceil(self.cluster_size.bytes());
+        clusters.div_ceil(self.l2_entries())
+    }
+
+    /// Parses and validates the header in `head` (at least the first cluster,
+    /// or the whole file if shorter) of a file of `file_len` bytes.
+    pub fn parse(head: &[u8], file_len: u64) -> Result<ImageHeader> {
+        let bad = |msg: String| Err(Error::InvalidImage(msg));
+        if head.len() < V2_HEADER_LEN || head[..4] != MAGIC {
+            return bad("Image is not in qcow2 format".into());
+        }
+        let version = be32(head, 4);
+        let compat = match version {
+            2 => Compat::V2,
+            3 => Compat::V3,
+            v => return bad(format!("Unsupported qcow2 version {v}")),
+        };
+        let cluster_size = ClusterSize::from_bits(be32(head, 20))?;
+        let cs = cluster_size.bytes();
+        if head.len() < V2_HEADER_LEN {
+            return bad("qcow2 header is truncated".into());
+        }
+
+        let (incompatible, compatible, autoclear, refcount_order, header_length, compression_byte) =
+            if compat == Compat::V3 {
+                if head.len() < 104 {
+                    return bad("qcow2 header is truncated".into());
+                }
+                let header_length = u64::from(be32(head, 100));
+                if header_length < 104 {
+                    return bad(format!(
+                        "qcow2 header too short: header_length is {header_length}, v3 needs at least 104"
+                    ));
+                }
+                if header_length > cs || header_length % 8 != 0 {
+                    return bad(format!(
+                        "Invalid qcow2 header_length {header_length} (must be a multiple of 8 within the first cluster)"
+                    ));
+                }
+                if header_length as usize > head.len() {
+                    return bad("qcow2 header is truncated".into());
+                }
+                let order = be32(head, 96);
+                let order = RefcountOrder::from_order(order).map_err(|_| {
+                    Error::InvalidImage(format!(
+                        "Unsupported refcount order {order} (refcount_bits {}); qcow2 allows at most 64-bit refcounts",
+                        if order < 64 { (1u128 << order).to_string() } else { "2^".to_string() + &order.to_string() }
+                    ))
+                })?;
+                let compression_byte = if header_length > 104 { head[104] } else { 0 };
+                (
+                    be64(head, 72),
+                    be64(head, 80),
+                    be64(head, 88),
+                    order,
+                    header_length,
+                    compression_byte,
+                )
+            } else {
+                (0, 0, 0, RefcountOrder::DEFAULT, V2_HEADER_LEN as u64, 0)
+            };
+
+        let crypt_method = be32(head, 32);
+        if crypt_method != 0 {
+            return bad(format!(
+                "Encrypted qcow2 images (crypt_method {crypt_method}) are not supported by qimg yet"
+            ));
+        }
+
+        // Extensions first: the feature name table names unknown bits.
+        let ext_end = if compat == Compat::V3 {
+            header_length
+        } else {
+            V2_HEADER_LEN as u64
+        };
+        let backing_offset = be64(head, 8);
+        let backing_len = u64::from(be32(head, 16));
+        let mut ext = Extensions::default();
+        let ext_limit = if backing_offset != 0 {
+            backing_offset.min(cs)
+        } else {
+            cs
+        };
+        parse_extensions(head, ext_end, ext_limit.min(head.len() as u64), &mut ext)?;
+
+        let unknown = incompatible & !KNOWN_INCOMPAT;
+        if unknown != 0 {
+            let mut names = Vec::new();
+            for bit in 0..64u8 {
+                if unknown & (1u64 << bit) == 0 {
+                    continue;
+                }
+                match ext
+                    .feature_names
+                    .iter()
+                    .find(|f| f.kind == FeatureKind::Incompatible && f.bit == bit)
+                {
+                    Some(f) => names.push(f.name.clone()),
+                    None => names.push(format!("unknown incompatible feature bit {bit}")),
+                }
+            }
+            return bad(format!(
+                "Unsupported qcow2 feature(s): {}; this image needs a newer tool",
+                names.join(", ")
+            ));
+        }
+        if incompatible & INCOMPAT_DATA_FILE != 0 {
+            return bad(
+                "qcow2 images with an external data file are not supported by qimg yet".into(),
+            );
+        }
+        let compression = match compression_byte {
+            0 => CompressionType::Zlib,
+            1 => CompressionType::Zstd,
+            n => return bad(format!("Unknown compression type {n} in the qcow2 header")),
+        };
+        if (incompatible & INCOMPAT_COMPRESSION != 0) != (compression_byte != 0) {
+            return bad(format!(
+                "Invalid compression type setting: the compression type bit is {} but the type is {}",
+                if incompatible & INCOMPAT_COMPRESSION != 0 { "set" } else { "clear" },
+                compression.name()
+            ));
+        }
+        if incompatible & INCOMPAT_EXTL2 != 0 && cs < 16384 {
+            return bad(format!(
+                "Extended L2 entries need clusters of at least 16384 bytes; this image has {cs}"
+            ));
+        }
+
+        let backing_file = if backing_offset != 0 {
+            if backing_len as usize > MAX_BACKING_NAME
+                || backing_offset > cs
+                || backing_offset + backing_len > cs
+                || backing_offset + backing_len > head.len() as u64
+            {
+                return bad(format!(
+                    "Invalid backing file name: {backing_len} bytes at offset {backing_offset} do not fit the header cluster"
+                ));
+            }
+            let raw = &head[backing_offset as usize..(backing_offset + backing_len) as usize];
+            Some(String::from_utf8_lossy(raw).into_owned())
+        } else {
+            None
+        };
+
+        let virtual_size = be64(head, 24);
+        if virtual_size > i64::MAX as u64 {
+            return bad(format!("Image size {virtual_size} is too large"));
+        }
+
+        let l1_entries = u64::from(be32(head, 36));
+        let l1_table_offset = be64(head, 40);
+        check_table(
+            "L1 table",
+            l1_table_offset,
+            l1_entries,
+            8,
+            MAX_L1_BYTES,
+            cs,
+            file_len,
+        )?;
+
+        let reftable_offset = be64(head, 48);
+        let reftable_clusters = u64::from(be32(head, 56));
+        if reftable_clusters == 0 {
+            return bad("Image does not contain a reference count table".into());
+        }
+        check_table(
+            "Reference count table",
+            reftable_offset,
+            reftable_clusters * (cs / 8),
+            8,
+            MAX_REFTABLE_BYTES,
+            cs,
+            file_len,
+        )?;
+
+        let snapshot_count = be32(head, 60);
+        let snapshots_offset = be64(head, 64);
+        if snapshot_count > MAX_SNAPSHOTS {
+            return bad(format!(
+                "Snapshot table has {snapshot_count} entries; qcow2 allows at most {MAX_SNAPSHOTS}"
+            ));
+        }
+        if snapshot_count > 0 {
+            // Each entry is at least 40 bytes; the table must start inside the file.
+            check_table(
+                "Snapshot table",
+                snapshots_offset,
+                u64::from(snapshot_count),
+                40,
+                u64::from(MAX_SNAPSHOTS) * 1024,
+                cs,
+                file_len,
+            )?;
+        }
+
+        let header = ImageHeader {
+            compat,
+            cluster_size,
+            virtual_size,
+            backing_file,
+            backing_format: ext.backing_format,
+            l1_entries,
+            l1_table_offset,
+            reftable_offset,
+            reftable_clusters,
+            snapshot_count,
+            snapshots_offset,
+            incompatible,
+            compatible,
+            autoclear,
+            refcount_order,
+            header_length,
+            compression,
+            feature_names: ext.feature_names,
+            bitmaps: ext.bitmaps,
+            unknown_extensions: ext.unknown,
+        };
+        if header.l1_entries < header.l1_entries_needed() {
+            return bad(format!(
+                "L1 table is too small: {} entries map less than the virtual size of {virtual_size} bytes (needs {})",
+                header.l1_entries,
+                header.l1_entries_needed()
+            ));
+        }
+        Ok(header)
+    }
+}
+
+#[derive(Default)]
+struct Extensions {
+    backing_format: Option<String>,
+    feature_names: Vec<FeatureName>,
+    bitmaps: Option<BitmapsExtension>,
+    unknown: Vec<u32>,
+}
+
+fn parse_extensions(head: &[u8], start: u64, limit: u64, out: &mut Extensions) -> Result<()> {
+    let bad = |msg: &str| {
+        Err(Error::InvalidImage(format!(
+            "Invalid header extension: {msg}"
+        )))
+    };
+    let mut at = start;
+    loop {
+        if at + 8 > limit {
+            // No room for another extension header: treat as the end marker,
+            // as QEMU does when the extensions run into the backing name.
+            return Ok(());
+        }
+        let kind = be32(head, at as usize);
+        let len = u64::from(be32(head, at as usize + 4));
+        at += 8;
+        if kind == EXT_END {
+            return Ok(());
+        }
+        if len > MAX_EXTENSION_LEN || at + len > limit {
+            return bad(&format!(
+                "extension {kind:#010x} of {len} bytes runs past the end of the header cluster"
+            ));
+        }
+        let data = &head[at as usize..(at + len) as usize];
+        match kind {
+            EXT_BACKING_FORMAT => {
+                out.backing_format = Some(String::from_utf8_lossy(data).into_owned());
+            }
+            EXT_FEATURE_TABLE => {
+                for entry in data.chunks_exact(48) {
+                    let kind = match entry[0] {
+                        0 => FeatureKind::Incompatible,
+                        1 => FeatureKind::Compatible,
+                        2 => FeatureKind::Autoclear,
+                        _ => continue,
+                    };
+                    let name = &entry[2..];
+                    let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+                    out.feature_names.push(FeatureName {
+                        kind,
+                        bit: entry[1],
+                        name: String::from_utf8_lossy(&name[..end]).into_owned(),
+                    });
+                }
+            }
+            EXT_BITMAPS => {
+                if data.len() < 24 {
+                    return bad("bitmaps extension is shorter than 24 bytes");
+                }
+                out.bitmaps = Some(BitmapsExtension {
+                    count: be32(data, 0),
+                    directory_size: be64(data, 8),
+                    directory_offset: be64(data, 16),
+                });
+            }
+            other => out.unknown.push(other),
+        }
+        at += len.next_multiple_of(8);
+    }
+}
+
+/// Checks that a table of `entries` x `entry_len` bytes at `offset` is
+/// cluster aligned, within `max_bytes`, and inside the file.
+fn check_table(
+    name: &str,
+    offset: u64,
+    entries: u64,
+    entry_len: u64,
+    max_bytes: u64,
+    cs: u64,
+    file_len: u64,
+) -> Result<()> {
+    if entries > max_bytes / entry_len {
+        return Err(Error::InvalidImage(format!(
+            "{name} too large: {entries} entries (at most {} allowed)",
+            max_bytes / entry_len
+        )));
+    }
+    if entries == 0 {
+        return Ok(());
+    }
+    if offset % cs != 0 {
+        return Err(Error::InvalidImage(format!(
+            "{name} offset {offset:#x} is not aligned to a cluster"
+        )));
+    }
+    let bytes = entries * entry_len;
+    if offset.checked_add(bytes).is_none_or(|end| end > file_len) {
+        return Err(Error::InvalidImage(format!(
+            "{name} at offset {offset:#x} ({bytes} bytes) lies beyond the end of the file ({file_len} bytes)"
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn be32(b: &[u8], at: usize) -> u32 {
+    let mut v = [0u8; 4];
+    v.copy_from_slice(&b[at..at + 4]);
+    u32::from_be_bytes(v)
+}
+
+pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
+    let mut v = [0u8; 8];
+    v.copy_from_slice(&b[at..at + 8]);
+    u64::from_be_bytes(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::header::Header;
+    use super::*;
+
+    fn image() -> Vec<u8> {
+        let hdr = Header {
+            compat: Compat::V3,
+            cluster_size: ClusterSize::DEFAULT,
+            virtual_size: 64 << 20,
+            l1_entries: 1,
+            l1_table_offset: 0x30000,
+            reftable_offset: 0x10000,
+            reftable_clusters: 1,
+            refcount_order: RefcountOrder::DEFAULT,
+            lazy_refcounts: true,
+            extended_l2: false,
+            compression: CompressionType::Zlib,
+            backing_file: Some("base.img"),
+            backing_format: Some("raw"),
+        };
+        hdr.encode().expect("encode")
+    }
+
+    const LEN: u64 = 0x40000;
+
+    #[test]
+    fn reads_back_what_the_encoder_wrote() {
+        let h = ImageHeader::parse(&image(), LEN).expect("parse");
+        assert_eq!(h.compat, Compat::V3);
+        assert_eq!(h.virtual_size, 64 << 20);
+        assert_eq!(h.backing_file.as_deref(), Some("base.img"));
+        assert_eq!(h.backing_format.as_deref(), Some("raw"));
+        assert!(h.lazy_refcounts());
+        assert_eq!(h.feature_names.len(), 8);
+        assert_eq!(h.l1_entries_needed(), 1);
+    }
+
+    #[test]
+    fn unknown_incompatible_bits_are_refused_by_name() {
+        let mut img = image();
+        img[72..80].copy_from_slice(&((1u64 << 40) | (1 << 20)).to_be_bytes());
+        let err = ImageHeader::parse(&img, LEN).expect_err("refused");
+        assert!(err.to_string().contains("bit 20"), "{err}");
+        assert!(err.to_string().contains("bit 40"), "{err}");
+    }
+
+    #[test]
+    fn tables_beyond_the_file_are_refused() {
+        let img = image();
+        assert!(ImageHeader::parse(&img, 0x30004).is_err());
+        let mut huge = image();
+        huge[36..40].copy_from_slice(&u32::MAX.to_be_bytes());
+        let err = ImageHeader::parse(&huge, LEN).expect_err("refused");
+        assert!(err.to_string().contains("L1 table too large"), "{err}");
+    }
+
+    #[test]
+    fn refcount_order_above_six_is_refused() {
+        let mut img = image();
+        img[96..100].copy_from_slice(&7u32.to_be_bytes());
+        assert!(ImageHeader::parse(&img, LEN).is_err());
+    }
+
+    #[test]
+    fn every_truncation_of_a_header_is_an_error_not_a_panic() {
+        let img = image();
+        for cut in 0..1024 {
+            let _ = ImageHeader::parse(&img[..cut], LEN);
+        }
+    }
+}

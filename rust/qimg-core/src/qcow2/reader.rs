@@ -1,0 +1,406 @@
+//! The qcow2 format node for reading: L1/L2 lookups through a bounded cache,
+//! zero and unallocated clusters, extended L2 subclusters, compressed
+//! clusters, and fall-through to the backing node.
+
+use super::compress::decompress;
+use super::image_header::ImageHeader;
+use super::l2cache::L2Cache;
+use super::types::CompressionType;
+use crate::block::{read_clipped, BlockDev, FileNode, Status};
+use crate::error::{Error, Result};
+use rayon::prelude::*;
+use std::sync::{Arc, OnceLock};
+
+/// L1 entry: bits 9-55 hold the L2 table offset.
+pub const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Standard L2 entry: bits 9-55 hold the host cluster offset.
+pub const L2E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+pub const OFLAG_COMPRESSED: u64 = 1 << 62;
+pub const OFLAG_ZERO: u64 = 1;
+/// Reads at least this long are split across threads.
+const PARALLEL_READ_MIN: usize = 4 << 20;
+/// Piece of a parallel read handed to one thread.
+const PARALLEL_PIECE: usize = 1 << 20;
+
+/// Where a guest range lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapping {
+    /// Not allocated here: the backing file (or zeroes) shows through.
+    Unallocated,
+    /// Reads as zeroes; `host` is kept when a cluster stays allocated.
+    Zero { host: Option<u64> },
+    /// Plain data at `host` in the image file.
+    Data { host: u64 },
+    /// One compressed cluster: `len` bytes at byte offset `host`.
+    Compressed { host: u64, len: u64 },
+}
+
+/// The state of one guest cluster (or subcluster) as its L2 entry says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Unallocated,
+    ZeroPlain,
+    ZeroAlloc(u64),
+    Normal(u64),
+    Compressed { host: u64, len: u64 },
+}
+
+pub struct Qcow2Node {
+    file: Arc<FileNode>,
+    header: ImageHeader,
+    l1: Vec<u64>,
+    l2_cache: L2Cache,
+    backing: Option<Arc<dyn BlockDev>>,
+    /// The backing file name as stored in the header.
+    backing_name: Option<String>,
+    /// The backing file name resolved against the image's directory.
+    backing_path: Option<String>,
+    /// Decided once at open: refcounts claim many more clusters than the file
+    /// occupies on disk, so data clusters may be holes (metadata preallocation).
+    metadata_preallocated: OnceLock<bool>,
+    size: u64,
+}
+
+impl Qcow2Node {
+    pub fn open(
+        file: Arc<FileNode>,
+        header: ImageHeader,
+        backing: Option<Arc<dyn BlockDev>>,
+        backing_path: Option<String>,
+    ) -> Result<Qcow2Node> {
+        let mut raw = vec![0u8; (header.l1_entries * 8) as usize];
+        file.pread(&mut raw, header.l1_table_offset)?;
+        let l1 = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect();
+        let l2_cache = L2Cache::new(header.cluster_size.bytes());
+        Ok(Qcow2Node {
+            size: header.virtual_size & !511,
+            backing_name: header.backing_file.clone(),
+            file,
+            header,
+            l1,
+            l2_cache,
+            backing,
+            backing_path,
+            metadata_preallocated: OnceLock::new(),
+        })
+    }
+
+    pub fn header(&self) -> &ImageHeader {
+        &self.header
+    }
+
+    pub fn backing_name(&self) -> Option<&str> {
+        self.backing_name.as_deref()
+    }
+
+    pub fn backing_path(&self) -> Option<&str> {
+        self.backing_path.as_deref()
+    }
+
+    pub fn file_node(&self) -> &Arc<FileNode> {
+        &self.file
+    }
+
+    pub fn l1_table(&self) -> &[u64] {
+        &self.l1
+    }
+
+    fn corrupt(&self, msg: String) -> Error {
+        Error::InvalidImage(format!(
+            "Corrupt qcow2 image '{}': {msg}",
+            self.file.filename()
+        ))
+    }
+
+    /// The L2 table that maps L1 slot `l1_index`, or None if unallocated.
+    fn l2_table(&self, l1_index: u64) -> Result<Option<Arc<[u64]>>> {
+        let Some(&entry) = self.l1.get(l1_index as usize) else {
+            return Ok(None);
+        };
+        let offset = entry & L1E_OFFSET_MASK;
+        if offset == 0 {
+            return Ok(None);
+        }
+        let cs = self.header.cluster_size.bytes();
+        if offset % cs != 0 {
+            return Err(self.corrupt(format!(
+                "L2 table offset {offset:#x} is not cluster aligned (L1 index {l1_index})"
+            )));
+        }
+        if offset + cs > self.file.file_len() {
+            return Err(self.corrupt(format!(
+                "L2 table offset {offset:#x} lies beyond the end of the file (L1 index {l1_index})"
+            )));
+        }
+        self.l2_cache
+            .get_or_load(offset, |buf| self.file.pread(buf, offset))
+            .map(Some)
+    }
+
+    /// Classifies subcluster `sc` of the cluster described by L2 slot `index`.
+    fn kind(&self, table: &[u64], index: usize, sc: u64, l2_offset: u64) -> Result<Kind> {
+        let ext = self.header.extended_l2();
+        let (entry, bitmap) = if ext {
+            (table[index * 2], table[index * 2 + 1])
+        } else {
+            (table[index], 0)
+        };
+        let cs = self.header.cluster_size.bytes();
+        if entry & OFLAG_COMPRESSED != 0 {
+            let bits = self.header.cluster_size.bits();
+            let shift = 62 - (bits - 8);
+            let host = entry & ((1u64 << shift) - 1);
+            let sectors = ((entry >> shift) & ((1u64 << (bits - 8)) - 1)) + 1;
+            let len = sectors * 512 - (host & 511);
+            return Ok(Kind::Compressed { host, len });
+        }
+        let host = entry & L2E_OFFSET_MASK;
+        if host != 0 && host % cs != 0 {
+            return Err(self.corrupt(format!(
+                "Cluster offset {host:#x} is not cluster aligned (L2 table {l2_offset:#x}, index {index})"
+            )));
+        }
+        if !ext {
+            return Ok(match (entry & OFLAG_ZERO != 0, host) {
+                (true, 0) => Kind::ZeroPlain,
+                (true, h) => Kind::ZeroAlloc(h),
+                (false, 0) => Kind::Unallocated,
+                (false, h) => Kind::Normal(h),
+            });
+        }
+        let alloc = bitmap & (1 << sc) != 0;
+        let zero = bitmap & (1 << (32 + sc)) != 0;
+        let sc_host = host + sc * (cs / 32);
+        if host == 0 {
+            if bitmap & 0xffff_ffff != 0 {
+                return Err(self.corrupt(format!(
+                    "Unallocated cluster has allocated subclusters (L2 table {l2_offset:#x}, index {index})"
+                )));
+            }
+            return Ok(if zero {
+                Kind::ZeroPlain
+            } else {
+                Kind::Unallocated
+            });
+        }
+        match (alloc, zero) {
+            (true, true) => Err(self.corrupt(format!(
+                "Subcluster {sc} is both allocated and zero (L2 table {l2_offset:#x}, index {index})"
+            ))),
+            (false, true) => Ok(Kind::ZeroAlloc(sc_host)),
+            (true, false) => Ok(Kind::Normal(sc_host)),
+            (false, false) => Ok(Kind::Unallocated),
+        }
+    }
+
+    /// Where `offset` lives and for how many bytes (<= `max_len`) the same
+    /// mapping holds with contiguous host offsets.
+    pub fn lookup(&self, offset: u64, max_len: u64) -> Result<(Mapping, u64)> {
+        let cs = self.header.cluster_size.bytes();
+        let l2_entries = self.header.l2_entries();
+        let ext = self.header.extended_l2();
+        let unit = if ext { cs / 32 } else { cs };
+        let cluster = offset / cs;
+        let l1_index = cluster / l2_entries;
+        let mut index = (cluster % l2_entries) as usize;
+        // Bytes until the end of what this L2 table maps.
+        let table_end = (l1_index + 1) * l2_entries * cs;
+        let limit = max_len.min(table_end - offset);
+        let Some(table) = self.l2_table(l1_index)? else {
+            return Ok((Mapping::Unallocated, limit));
+        };
+        let l2_offset = self.l1[l1_index as usize] & L1E_OFFSET_MASK;
+        let mut sc = if ext { (offset % cs) / unit } else { 0 };
+        let first = self.kind(&table, index, sc, l2_offset)?;
+        let into_unit = offset % unit;
+        let mut run = unit - into_unit;
+        if let Kind::Compressed { host, len } = first {
+            return Ok((
+                Mapping::Compressed { host, len },
+                (cs - offset % cs).min(limit),
+            ));
+        }
+        let mut k = 0u64;
+        while run < limit {
+            sc += 1;
+            if !ext || sc == 32 {
+                sc = 0;
+                index += 1;
+            }
+            k += 1;
+            let next = self.kind(&table, index, sc, l2_offset)?;
+            let same = match (first, next) {
+                (Kind::Normal(a), Kind::Normal(b)) | (Kind::ZeroAlloc(a), Kind::ZeroAlloc(b)) => {
+                    b == a + k * unit
+                }
+                (Kind::Unallocated, Kind::Unallocated) | (Kind::ZeroPlain, Kind::ZeroPlain) => true,
+                _ => false,
+            };
+            if !same {
+                break;
+            }
+            run += unit;
+        }
+        let run = run.min(limit);
+        let mapping = match first {
+            Kind::Unallocated => Mapping::Unallocated,
+            Kind::ZeroPlain => Mapping::Zero { host: None },
+            Kind::ZeroAlloc(h) => Mapping::Zero {
+                host: Some(h + into_unit),
+            },
+            Kind::Normal(h) => Mapping::Data {
+                host: h + into_unit,
+            },
+            Kind::Compressed { host, len } => Mapping::Compressed { host, len },
+        };
+        Ok((mapping, run))
+    }
+
+    /// Reads one range serially.
+    fn read_serial(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut done = 0usize;
+        let mut cluster_buf: Vec<u8> = Vec::new();
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let (mapping, n) = self.lookup(pos, (buf.len() - done) as u64)?;
+            let n = n as usize;
+            let out = &mut buf[done..done + n];
+            match mapping {
+                Mapping::Data { host } => self.file.pread(out, host)?,
+                Mapping::Zero { .. } => out.fill(0),
+                Mapping::Unallocated => match &self.backing {
+                    Some(b) => read_clipped(b.as_ref(), out, pos)?,
+                    None => out.fill(0),
+                },
+                Mapping::Compressed { host, len } => {
+                    let cs = self.header.cluster_size.bytes() as usize;
+                    cluster_buf.resize(cs, 0);
+                    self.read_compressed(host, len, &mut cluster_buf)?;
+                    let at = (pos % cs as u64) as usize;
+                    out.copy_from_slice(&cluster_buf[at..at + n]);
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Decompresses the cluster stored at `host` (`len` bytes) into `out`.
+    pub fn read_compressed(&self, host: u64, len: u64, out: &mut [u8]) -> Result<()> {
+        if host >= self.file.file_len() {
+            return Err(self.corrupt(format!(
+                "Compressed cluster at {host:#x} lies beyond the end of the file"
+            )));
+        }
+        let mut input = vec![0u8; len as usize];
+        self.file.pread(&mut input, host)?;
+        decompress(self.header.compression, &input, out).map_err(|why| Error::Io {
+            context: format!(
+                "Could not decompress the {} cluster at host offset {host:#x} of '{}': {why}",
+                self.header.compression.name(),
+                self.file.filename()
+            ),
+            source: std::io::Error::from_raw_os_error(libc::EIO),
+        })
+    }
+
+    pub fn compression(&self) -> CompressionType {
+        self.header.compression
+    }
+
+    /// Like QEMU: when the refcounts claim clearly more clusters than the
+    /// file has blocks on disk, the image was preallocated with metadata only
+    /// and "allocated" data clusters may be holes that read as zeroes.
+    fn detect_metadata_preallocation(&self) -> Result<bool> {
+        let cs = self.header.cluster_size.bytes();
+        let real_clusters = self.file.allocated_bytes()? / cs;
+        let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+        let refcounts = super::refcount_reader::RefcountReader::new(&self.file, &self.header)?;
+        let end = self.file.file_len().div_ceil(cs);
+        let mut used = 0u64;
+        let mut cluster = 0u64;
+        while cluster < end && used <= threshold {
+            let (count, run) = refcounts.nonzero_run(cluster, end - cluster)?;
+            used += count;
+            cluster += run;
+        }
+        Ok(used > threshold)
+    }
+}
+
+impl BlockDev for Qcow2Node {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if buf.len() < PARALLEL_READ_MIN {
+            return self.read_serial(buf, offset);
+        }
+        let cs = self.header.cluster_size.bytes() as usize;
+        let piece = PARALLEL_PIECE.max(cs);
+        // The first piece ends on a piece boundary so that every piece starts
+        // on a cluster and no compressed cluster is inflated twice.
+        let head = (piece - (offset % piece as u64) as usize) % piece;
+        let (first, rest) = buf.split_at_mut(head.min(buf.len()));
+        self.read_serial(first, offset)?;
+        let base = offset + first.len() as u64;
+        rest.par_chunks_mut(piece)
+            .enumerate()
+            .try_for_each(|(i, chunk)| self.read_serial(chunk, base + (i * piece) as u64))
+    }
+
+    fn status(&self, offset: u64, len: u64) -> Result<Status> {
+        let (mapping, n) = self.lookup(offset, len)?;
+        let mut s = Status {
+            len: n,
+            ..Status::default()
+        };
+        match mapping {
+            Mapping::Unallocated => {}
+            Mapping::Zero { host } => {
+                s.zero = true;
+                s.offset = host;
+            }
+            Mapping::Data { host } => {
+                s.data = true;
+                s.offset = Some(host);
+                s.recurse = *self
+                    .metadata_preallocated
+                    .get_or_init(|| self.detect_metadata_preallocation().unwrap_or(false));
+            }
+            Mapping::Compressed { .. } => {
+                s.data = true;
+                s.compressed = true;
+            }
+        }
+        Ok(s)
+    }
+
+    fn format_name(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn filename(&self) -> &str {
+        self.file.filename()
+    }
+
+    fn file(&self) -> Option<&Arc<FileNode>> {
+        Some(&self.file)
+    }
+
+    fn backing(&self) -> Option<&Arc<dyn BlockDev>> {
+        self.backing.as_ref()
+    }
+
+    fn supports_backing(&self) -> bool {
+        true
+    }
+
+    fn as_qcow2(&self) -> Option<&Qcow2Node> {
+        Some(self)
+    }
+}
