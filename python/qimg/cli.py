@@ -9,12 +9,12 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from qimg import __version__
-from qimg.commands import create, measure
+from qimg.commands import compare, convert, create, info, map, measure
 from qimg.errors import QimgError
 
 __all__ = ["main"]
 
-COMMANDS = (create, measure)
+COMMANDS = (create, info, map, compare, convert, measure)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -27,7 +27,10 @@ class ArgumentParser(argparse.ArgumentParser):
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="qimg",
-        description="Create and measure qcow2 and raw disk images with qemu-img's command lines.",
+        description=(
+            "Create, inspect, compare and convert qcow2 and raw disk images "
+            "with qemu-img's command lines."
+        ),
         allow_abbrev=False,
     )
     parser.add_argument("-V", "--version", action="version", version=f"qimg {__version__}")

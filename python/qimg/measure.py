@@ -9,6 +9,7 @@ from qimg import _core
 from qimg.create import qcow2_spec
 from qimg.errors import UsageError
 from qimg.formats import format_info
+from qimg.image import Image, open_image
 from qimg.options import OptionItem
 from qimg.prealloc import PreallocMode
 
@@ -63,13 +64,10 @@ def measure_items(
     info = format_info(out_fmt)
     parsed = info.parse(options)
 
+    source: Image | None = None
     if filename is not None:
-        src_fmt, virtual_size = _core.summarize(filename, fmt)
-        if src_fmt != "raw":
-            raise UsageError(
-                f"Measuring {src_fmt} source images is not supported yet; "
-                "use --size or a raw source image"
-            )
+        source = open_image(filename, fmt)
+        virtual_size = source.size
     else:
         assert size is not None
         virtual_size = size
@@ -84,8 +82,20 @@ def measure_items(
     # check their combination (qemu-img does not either).
     spec = qcow2_spec(parsed, 0, PreallocMode.OFF)
     data = 0
-    if filename is not None:
-        _length, data = _core.raw_data_bytes(filename, spec.cluster_size)
+    source_bitmaps: int | None = None
+    if source is not None:
+        with source:
+            data = source._img.data_bytes(spec.cluster_size)
+            details = source._img.details()
+            source_v3 = details.get("qcow2", {}).get("compat") == "1.1"
+            if source_v3 and spec.version >= 3:
+                # Only v3 qcow2 can carry persistent bitmaps, into a v3 target.
+                if details.get("has_bitmaps"):
+                    raise UsageError(
+                        "Measuring a source image with persistent bitmaps is not "
+                        "supported by qimg yet"
+                    ).about(source.filename)
+                source_bitmaps = 0
     required, fully, bitmaps = _core.measure_qcow2(
         spec,
         virtual_size=virtual_size,
@@ -94,7 +104,7 @@ def measure_items(
         preallocation=prealloc.value,
         has_backing="backing_file" in parsed,
     )
-    return Measurement(required, fully, bitmaps)
+    return Measurement(required, fully, source_bitmaps if bitmaps is None else bitmaps)
 
 
 def measure(

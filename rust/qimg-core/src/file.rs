@@ -80,6 +80,14 @@ impl<'p> NewFile<'p> {
     }
 }
 
+impl NewFile<'_> {
+    /// Keeps the file without forcing it to disk (what qemu-img convert does
+    /// by default: the page cache writes it back).
+    pub fn keep(mut self) {
+        self.finished = true;
+    }
+}
+
 impl Drop for NewFile<'_> {
     fn drop(&mut self) {
         if !self.finished && !self.existed {
@@ -167,51 +175,32 @@ fn write_zeroes_buffered(file: &File, start: u64, end: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// The ranges of `file` that hold data, as reported by SEEK_DATA/SEEK_HOLE
-/// (the filesystem's own allocation map), clipped to `len`.
-pub fn data_extents(file: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
-    let fd = file.as_raw_fd();
-    let mut extents = Vec::new();
-    let mut pos: u64 = 0;
-    while pos < len {
-        let start = match seek(fd, pos, libc::SEEK_DATA) {
-            Ok(s) => s,
-            // ENXIO: no data at or after pos.
-            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
-            // Filesystems without SEEK_DATA: everything is data.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                extents.push((pos, len - pos));
-                break;
-            }
-            Err(e) => return Err(e),
-        };
-        if start >= len {
-            break;
-        }
-        let end = match seek(fd, start, libc::SEEK_HOLE) {
-            Ok(e) => e.min(len),
-            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => len,
-            Err(e) => return Err(e),
-        };
-        if end <= start {
-            break;
-        }
-        extents.push((start, end - start));
-        pos = end;
+/// Makes `[offset, offset+len)` of an existing file read as zeroes,
+/// punching a hole where the filesystem can, writing zeroes where it cannot.
+pub fn punch_zeroes(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    };
+    // SAFETY: fallocate on a descriptor we own has no memory effects.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            n,
+        )
+    };
+    if r == 0 {
+        return Ok(());
     }
-    Ok(extents)
-}
-
-fn seek(fd: libc::c_int, pos: u64, whence: libc::c_int) -> io::Result<u64> {
-    let off =
-        libc::off_t::try_from(pos).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: lseek on a valid descriptor has no memory effects.
-    let r = unsafe { libc::lseek(fd, off, whence) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as u64)
+    let zeros = [0u8; ZERO_CHUNK as usize];
+    let mut pos = offset;
+    while pos < offset + len {
+        let n = (offset + len - pos).min(ZERO_CHUNK);
+        file.write_all_at(&zeros[..n as usize], pos)?;
+        pos += n;
     }
+    Ok(())
 }
 
 const FS_IOC_GETFLAGS: libc::c_ulong = 0x8008_6601;
@@ -282,24 +271,6 @@ mod tests {
             .write(true)
             .open(&path)?;
         Ok((dir, path, file))
-    }
-
-    #[test]
-    fn data_extents_find_written_ranges_in_a_sparse_file() -> io::Result<()> {
-        let (_dir, _path, f) = scratch("sparse")?;
-        f.set_len(64 << 20)?;
-        f.write_all_at(&[1u8; 4096], 8 << 20)?;
-        f.write_all_at(&[1u8; 4096], 32 << 20)?;
-        let ext = data_extents(&f, 64 << 20)?;
-        let total: u64 = ext.iter().map(|(_, l)| l).sum();
-        assert!(ext
-            .iter()
-            .any(|&(s, l)| s <= 8 << 20 && s + l >= (8 << 20) + 4096));
-        assert!(
-            total < 4 << 20,
-            "sparse file reported {total} bytes of data"
-        );
-        Ok(())
     }
 
     #[test]

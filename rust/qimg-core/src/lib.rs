@@ -4,6 +4,8 @@
 //! plain `cargo test`. The Python binding (`qimg-py`) is a thin layer on top.
 
 pub mod block;
+pub mod compare;
+pub mod convert;
 pub mod error;
 pub mod file;
 pub mod measure;

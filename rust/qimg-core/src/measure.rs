@@ -1,11 +1,10 @@
 //! `measure`: how large a new image would be, in qemu-img's terms.
 
-use crate::error::{Error, Result};
-use crate::file::{data_extents, open_read};
+use crate::block::{status_above, BlockDev};
+use crate::error::Result;
 use crate::prealloc::Prealloc;
 use crate::qcow2::layout::{check_l1_fits, fully_allocated_size};
 use crate::qcow2::{ClusterSize, RefcountOrder};
-use std::path::Path;
 
 /// qemu-img measure's answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,41 +28,23 @@ pub struct Qcow2Target {
     pub has_backing: bool,
 }
 
-/// What is being measured: a size alone, or the data of an existing image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    /// `--size N`: an empty image of N bytes.
-    Size(u64),
-    /// An existing raw file: its length and which clusters hold data.
-    RawFile { len: u64 },
-}
-
-/// Bytes of a raw file's data, counted in whole target clusters: every
-/// cluster that any data extent touches counts once.
-pub fn raw_data_bytes(path: &Path, cs: ClusterSize) -> Result<(u64, u64)> {
-    let file = open_read(path)?;
-    let len = file.metadata().map_err(|e| Error::open(path, e))?.len();
-    let extents = data_extents(&file, len)
-        .map_err(|e| Error::io(format!("Could not read '{}'", path.display()), e))?;
-    Ok((len, clusters_touched(&extents, cs) * cs.bytes()))
-}
-
-/// Number of distinct clusters that sorted, non-overlapping extents touch.
-pub fn clusters_touched(extents: &[(u64, u64)], cs: ClusterSize) -> u64 {
-    let mut count = 0;
-    let mut next_free = 0; // first cluster index not yet counted
-    for &(start, len) in extents {
-        if len == 0 {
-            continue;
+/// Bytes of an image's data as `measure` counts them: every range that
+/// holds data (not zeroes) anywhere in the chain, extended to the end of its
+/// target cluster, plus the part of the cluster in front of it.
+pub fn image_data_bytes(node: &dyn BlockDev, cs: ClusterSize) -> Result<u64> {
+    let size = node.size();
+    let mut required = 0u64;
+    let mut offset = 0u64;
+    while offset < size {
+        let e = status_above(node, offset, size - offset)?;
+        let mut n = e.length.max(1);
+        if !e.zero && e.data && e.present {
+            n = cs.round_up(offset + n) - offset;
+            required += offset % cs.bytes() + n;
         }
-        let first = (start / cs.bytes()).max(next_free);
-        let end = (start + len).div_ceil(cs.bytes());
-        if end > first {
-            count += end - first;
-            next_free = end;
-        }
+        offset += n;
     }
-    count
+    Ok(required)
 }
 
 /// Measures a qcow2 target. `data` is the source's data in bytes, counted in
@@ -107,6 +88,7 @@ pub fn raw(virtual_size: u64) -> Measurement {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Error;
 
     fn target() -> Qcow2Target {
         Qcow2Target {
@@ -137,18 +119,5 @@ mod tests {
             Err(Error::TooLarge(_))
         ));
         Ok(())
-    }
-
-    #[test]
-    fn clusters_touched_counts_shared_clusters_once() {
-        let cs = ClusterSize::DEFAULT;
-        assert_eq!(clusters_touched(&[], cs), 0);
-        assert_eq!(clusters_touched(&[(0, 1)], cs), 1);
-        assert_eq!(clusters_touched(&[(100, 10), (200, 10)], cs), 1);
-        assert_eq!(clusters_touched(&[(65530, 10)], cs), 2);
-        assert_eq!(
-            clusters_touched(&[(65530, 10), (65600, 10), (1 << 20, 1)], cs),
-            3
-        );
     }
 }

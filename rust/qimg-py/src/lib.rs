@@ -11,6 +11,8 @@ use qimg_core::qcow2::{self, BackingSpec, ClusterSize, Compat, CompressionType, 
 use qimg_core::{Error, Prealloc};
 use std::path::PathBuf;
 
+mod image;
+
 mod errors {
     pyo3::import_exception!(qimg.errors, InvalidOptionError);
     pyo3::import_exception!(qimg.errors, ImageTooLargeError);
@@ -19,7 +21,7 @@ mod errors {
 }
 
 /// The single mapping from core errors to Python exceptions.
-fn to_py(err: Error) -> PyErr {
+pub(crate) fn to_py(err: Error) -> PyErr {
     let msg = err.to_string();
     match err {
         Error::InvalidArgument(_) => errors::InvalidOptionError::new_err(msg),
@@ -112,6 +114,12 @@ impl Qcow2Spec {
         self.spec.cluster_size.bytes()
     }
 
+    /// qcow2 version of the image: 2 or 3.
+    #[getter]
+    fn version(&self) -> u32 {
+        self.spec.compat.version()
+    }
+
     /// Length of the file `create` will write, in bytes.
     #[getter]
     fn file_length(&self) -> u64 {
@@ -173,14 +181,6 @@ fn summarize(py: Python<'_>, path: PathBuf, format: Option<String>) -> PyResult<
     Ok((s.format.name().to_string(), s.virtual_size))
 }
 
-/// (file length, bytes of data counted in whole clusters) of a raw file.
-#[pyfunction]
-fn raw_data_bytes(py: Python<'_>, path: PathBuf, cluster_size: u64) -> PyResult<(u64, u64)> {
-    let cs = ClusterSize::new(cluster_size).map_err(to_py)?;
-    py.detach(|| measure::raw_data_bytes(&path, cs))
-        .map_err(to_py)
-}
-
 /// (required, fully allocated, bitmaps or None) for a qcow2 target with the
 /// format parameters of `spec`.
 #[pyfunction]
@@ -214,9 +214,12 @@ fn measure_raw(virtual_size: u64) -> (u64, u64, Option<u64>) {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Qcow2Spec>()?;
+    m.add_class::<image::Image>()?;
+    m.add_function(wrap_pyfunction!(image::open_image, m)?)?;
+    m.add_function(wrap_pyfunction!(image::compare_images, m)?)?;
+    m.add_function(wrap_pyfunction!(image::convert_to_raw, m)?)?;
     m.add_function(wrap_pyfunction!(create_raw, m)?)?;
     m.add_function(wrap_pyfunction!(summarize, m)?)?;
-    m.add_function(wrap_pyfunction!(raw_data_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(measure_qcow2, m)?)?;
     m.add_function(wrap_pyfunction!(measure_raw, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 pub use file::FileNode;
 pub use open::{open_image, OpenOptions};
-pub use status::{block_status, map_extents, MapExtent};
+pub use status::{block_status, map_extents, status_above, MapExtent};
 
 /// What a driver says about a range starting at the queried offset, before
 /// the generic rules of `status::block_status` are applied.

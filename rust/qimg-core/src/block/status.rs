@@ -97,8 +97,9 @@ impl MapExtent {
     }
 }
 
-/// Status of one range, walking down the backing chain until a layer decides.
-fn chain_status(top: &dyn BlockDev, offset: u64, len: u64) -> Result<MapExtent> {
+/// Status of the range at `offset` (a prefix of `len` bytes), walking down the
+/// backing chain until a layer decides.
+pub fn status_above(top: &dyn BlockDev, offset: u64, len: u64) -> Result<MapExtent> {
     let mut node = top;
     let mut depth = 0u32;
     let mut len = len;
@@ -144,7 +145,7 @@ pub fn map_extents(top: &dyn BlockDev, start: u64, max_len: u64) -> Result<Vec<M
     let mut out: Vec<MapExtent> = Vec::new();
     let mut pos = start;
     while pos < end {
-        let next = chain_status(top, pos, end - pos)?;
+        let next = status_above(top, pos, end - pos)?;
         pos += next.length;
         match out.last_mut() {
             Some(cur) if cur.extends(&next) => cur.length += next.length,

@@ -9,6 +9,7 @@ pub mod layout;
 pub mod reader;
 pub mod refcount;
 pub mod refcount_reader;
+pub mod snapshot;
 pub mod types;
 
 pub use create::{create, BackingSpec, CreateSpec};

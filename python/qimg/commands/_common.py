@@ -1,0 +1,56 @@
+"""Pieces every image-reading command shares."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from qimg.errors import UsageError
+
+__all__ = ["Progress", "add_format_arg", "add_output_arg", "add_share_arg", "output_mode"]
+
+
+def add_format_arg(p: argparse.ArgumentParser, flag: str = "-f", dest: str = "fmt") -> None:
+    p.add_argument(flag, dest=dest, help="image format (qcow2 or raw; default: probe)")
+
+
+def add_output_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", default="human", help="human (default) or json")
+
+
+def add_share_arg(p: argparse.ArgumentParser) -> None:
+    # qimg opens images read-only and never takes qemu's image locks, so
+    # "force share" is what it always does; accepted for qemu-img command lines.
+    p.add_argument("-U", "--force-share", action="store_true", help="accepted; qimg never locks")
+
+
+def output_mode(args: argparse.Namespace) -> str:
+    if args.output not in ("human", "json"):
+        raise UsageError(f"--output expects 'human' or 'json', not '{args.output}'")
+    mode: str = args.output
+    return mode
+
+
+class Progress:
+    """qemu-img's ``-p`` display: ``    (12.34/100%)`` rewritten in place on stdout."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.shown = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        percent = 100.0 * done / total if total else 100.0
+        sys.stdout.write(f"    ({percent:3.2f}/100%)\r")
+        sys.stdout.flush()
+        self.shown = True
+
+    def start(self) -> None:
+        self(0, 1)
+
+    def end(self) -> None:
+        if self.enabled:
+            self(1, 1)
+            sys.stdout.write("\n")
+            sys.stdout.flush()

@@ -1,0 +1,41 @@
+"""``qimg info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename``"""
+
+from __future__ import annotations
+
+import argparse
+
+from qimg import qjson
+from qimg.commands._common import add_format_arg, add_output_arg, add_share_arg, output_mode
+from qimg.errors import UsageError
+from qimg.image import info_human, open_image
+
+NAME = "info"
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        NAME,
+        help="show an image's format, sizes and settings",
+        description="Show what qemu-img info shows for a qcow2 or raw image.",
+        allow_abbrev=False,
+    )
+    add_format_arg(p)
+    add_output_arg(p)
+    add_share_arg(p)
+    p.add_argument("--backing-chain", action="store_true", help="also show every image below it")
+    p.add_argument("filename", nargs="?")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    mode = output_mode(args)
+    if args.filename is None:
+        raise UsageError("Expecting one image file name")
+    with open_image(args.filename, args.fmt) as image:
+        chain = image.chain() if args.backing_chain else [image]
+        infos = [img.info() for img in chain]
+    if mode == "json":
+        print(qjson.dumps(infos if args.backing_chain else infos[0]))
+    else:
+        print("\n\n".join(info_human(i) for i in infos))
+    return 0

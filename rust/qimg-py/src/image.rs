@@ -1,0 +1,325 @@
+//! Open images as Python objects: reads, map, the facts `info` shows,
+//! compare and convert. Every call that touches the disk releases the GIL.
+
+use crate::to_py;
+use pyo3::prelude::*;
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList};
+use qimg_core::block::{self, BlockDev, OpenOptions};
+use qimg_core::compare::{self, Outcome};
+use qimg_core::convert::{self, Sparse, Target};
+use qimg_core::probe::Format;
+use qimg_core::qcow2::image_header::AUTOCLEAR_BITMAPS;
+use qimg_core::qcow2::{snapshot, ClusterSize, Compat};
+use qimg_core::Error;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// An open image (format node with its backing chain).
+#[pyclass(frozen, module = "qimg._core")]
+pub struct Image {
+    node: Arc<dyn BlockDev>,
+}
+
+fn parse_format(name: Option<&str>) -> PyResult<Option<Format>> {
+    match name {
+        None => Ok(None),
+        Some(n) => Format::from_name(n).map(Some).ok_or_else(|| {
+            to_py(Error::invalid(format!(
+                "Unknown format '{n}': qimg reads qcow2 and raw images"
+            )))
+        }),
+    }
+}
+
+#[pyfunction]
+#[pyo3(signature = (path, format=None, *, no_backing=false))]
+pub fn open_image(
+    py: Python<'_>,
+    path: String,
+    format: Option<String>,
+    no_backing: bool,
+) -> PyResult<Image> {
+    let opts = OpenOptions {
+        format: parse_format(format.as_deref())?,
+        no_backing,
+    };
+    let node = py
+        .detach(|| block::open_image(&path, &opts))
+        .map_err(to_py)?;
+    Ok(Image { node })
+}
+
+impl Image {
+    fn check_range(&self, offset: u64, length: u64) -> PyResult<()> {
+        let size = self.node.size();
+        if offset.checked_add(length).is_none_or(|end| end > size) {
+            return Err(to_py(Error::invalid(format!(
+                "Read of {length} bytes at offset {offset} is outside the image ({size} bytes)"
+            ))));
+        }
+        Ok(())
+    }
+}
+
+#[pymethods]
+impl Image {
+    #[getter]
+    fn size(&self) -> u64 {
+        self.node.size()
+    }
+
+    #[getter]
+    fn format(&self) -> &'static str {
+        self.node.format_name()
+    }
+
+    #[getter]
+    fn filename(&self) -> String {
+        self.node.filename().to_string()
+    }
+
+    /// `length` bytes of guest data at `offset`.
+    fn read<'py>(
+        &self,
+        py: Python<'py>,
+        offset: u64,
+        length: u64,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        self.check_range(offset, length)?;
+        let mut buf = vec![0u8; length as usize];
+        py.detach(|| self.node.read_at(&mut buf, offset))
+            .map_err(to_py)?;
+        Ok(PyBytes::new(py, &buf))
+    }
+
+    /// Fills the bytearray `buffer` with guest data at `offset`; returns its length.
+    fn readinto(
+        &self,
+        py: Python<'_>,
+        offset: u64,
+        buffer: &Bound<'_, PyByteArray>,
+    ) -> PyResult<usize> {
+        let n = buffer.len();
+        self.check_range(offset, n as u64)?;
+        // Read into our own memory with the GIL released, then copy in while
+        // holding it: the bytearray may not be resized meanwhile.
+        let mut tmp = vec![0u8; n];
+        py.detach(|| self.node.read_at(&mut tmp, offset))
+            .map_err(to_py)?;
+        // SAFETY: we hold the GIL and do not call back into Python while the
+        // slice is alive, so the bytearray cannot be resized or freed.
+        unsafe { buffer.as_bytes_mut() }.copy_from_slice(&tmp);
+        Ok(n)
+    }
+
+    /// Merged extents as `map` prints them:
+    /// (start, length, depth, present, zero, data, compressed, offset, filename).
+    #[pyo3(signature = (start=0, length=None))]
+    #[allow(clippy::type_complexity)]
+    fn map(
+        &self,
+        py: Python<'_>,
+        start: u64,
+        length: Option<u64>,
+    ) -> PyResult<
+        Vec<(
+            u64,
+            u64,
+            u32,
+            bool,
+            bool,
+            bool,
+            bool,
+            Option<u64>,
+            Option<String>,
+        )>,
+    > {
+        let len = length.unwrap_or(u64::MAX);
+        let extents = py
+            .detach(|| block::map_extents(self.node.as_ref(), start, len))
+            .map_err(to_py)?;
+        Ok(extents
+            .into_iter()
+            .map(|e| {
+                (
+                    e.start,
+                    e.length,
+                    e.depth,
+                    e.present,
+                    e.zero,
+                    e.data,
+                    e.compressed,
+                    e.offset,
+                    e.filename,
+                )
+            })
+            .collect())
+    }
+
+    /// The backing image, if the chain was opened.
+    fn backing(&self) -> Option<Image> {
+        self.node.backing().map(|b| Image {
+            node: Arc::clone(b),
+        })
+    }
+
+    /// Bytes of data as `measure` counts them, for a target cluster size.
+    fn data_bytes(&self, py: Python<'_>, cluster_size: u64) -> PyResult<u64> {
+        let cs = ClusterSize::new(cluster_size).map_err(to_py)?;
+        py.detach(|| qimg_core::measure::image_data_bytes(self.node.as_ref(), cs))
+            .map_err(to_py)
+    }
+
+    /// The facts `info` shows, as a dict of plain values.
+    fn details<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        let node = self.node.as_ref();
+        d.set_item("filename", node.filename())?;
+        d.set_item("format", node.format_name())?;
+        d.set_item("virtual_size", node.size())?;
+        if let Some(file) = node.file() {
+            let actual = py.detach(|| file.allocated_bytes()).map_err(to_py)?;
+            d.set_item("actual_size", actual)?;
+            d.set_item("file_filename", file.filename())?;
+            d.set_item("file_length", file.size())?;
+        }
+        let Some(q) = node.as_qcow2() else {
+            return Ok(d);
+        };
+        let h = q.header();
+        d.set_item("cluster_size", h.cluster_size.bytes())?;
+        d.set_item("dirty", h.dirty())?;
+        if let Some(name) = q.backing_name() {
+            d.set_item("backing_filename", name)?;
+            d.set_item("full_backing_filename", q.backing_path())?;
+            d.set_item("backing_format", h.backing_format.as_deref())?;
+        }
+        let spec = PyDict::new(py);
+        spec.set_item(
+            "compat",
+            match h.compat {
+                Compat::V2 => "0.10",
+                Compat::V3 => "1.1",
+            },
+        )?;
+        if h.compat == Compat::V3 {
+            spec.set_item("compression_type", h.compression.name())?;
+            spec.set_item("lazy_refcounts", h.lazy_refcounts())?;
+        }
+        spec.set_item("refcount_bits", h.refcount_order.width_bits())?;
+        if h.compat == Compat::V3 {
+            spec.set_item("corrupt", h.corrupt())?;
+            spec.set_item("extended_l2", h.extended_l2())?;
+        }
+        d.set_item("qcow2", spec)?;
+        d.set_item(
+            "has_bitmaps",
+            h.bitmaps.is_some() && h.autoclear & AUTOCLEAR_BITMAPS != 0,
+        )?;
+        if h.snapshot_count > 0 {
+            let snaps = py
+                .detach(|| snapshot::read_snapshots(q.file_node(), h))
+                .map_err(to_py)?;
+            let list = PyList::empty(py);
+            for s in snaps {
+                let e = PyDict::new(py);
+                e.set_item("id", s.id)?;
+                e.set_item("name", s.name)?;
+                e.set_item("vm_state_size", s.vm_state_size)?;
+                e.set_item("date_sec", s.date_sec)?;
+                e.set_item("date_nsec", s.date_nsec)?;
+                e.set_item("vm_clock_nsec", s.vm_clock_nsec)?;
+                e.set_item("icount", s.icount)?;
+                list.append(e)?;
+            }
+            d.set_item("snapshots", list)?;
+        }
+        Ok(d)
+    }
+}
+
+/// Calls a Python progress callback with a percentage, at most once per
+/// whole percent, from whichever thread makes progress.
+struct Progress {
+    callback: Option<Py<PyAny>>,
+    last: AtomicU64,
+}
+
+impl Progress {
+    fn new(callback: Option<Py<PyAny>>) -> Progress {
+        Progress {
+            callback,
+            last: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    fn report(&self, done: u64, total: u64) {
+        let Some(cb) = &self.callback else { return };
+        let percent = done.saturating_mul(100).checked_div(total).unwrap_or(100);
+        if self.last.swap(percent, Ordering::Relaxed) == percent {
+            return;
+        }
+        Python::attach(|py| {
+            // A failing progress callback must not abort the copy.
+            let _ = cb.call1(py, (done, total));
+        });
+    }
+}
+
+/// Compares two images: ("identical"|"mismatch"|"size-mismatch"|"status-mismatch",
+/// offset or None, sizes differ). A read error names the image (0 or 1).
+#[pyfunction]
+#[pyo3(signature = (a, b, *, strict=false, progress=None))]
+pub fn compare_images(
+    py: Python<'_>,
+    a: PyRef<'_, Image>,
+    b: PyRef<'_, Image>,
+    strict: bool,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<(&'static str, Option<u64>, bool)> {
+    let (na, nb) = (Arc::clone(&a.node), Arc::clone(&b.node));
+    let p = Progress::new(progress);
+    let r = py
+        .detach(|| compare::compare(na.as_ref(), nb.as_ref(), strict, &mut |d, t| p.report(d, t)));
+    match r {
+        Ok(r) => Ok(match r.outcome {
+            Outcome::Identical => ("identical", None, r.size_mismatch),
+            Outcome::Mismatch { offset } => ("mismatch", Some(offset), r.size_mismatch),
+            Outcome::SizeMismatch => ("size-mismatch", None, true),
+            Outcome::StatusMismatch { offset } => {
+                ("status-mismatch", Some(offset), r.size_mismatch)
+            }
+        }),
+        Err(e) => {
+            let which = if e.image == 0 { &a } else { &b };
+            Err(to_py(e.error.context(&format!(
+                "Error while reading '{}'",
+                which.node.filename()
+            ))))
+        }
+    }
+}
+
+/// Copies `src` into the raw file `dst` (`existing`: `-n`).
+#[pyfunction]
+#[pyo3(signature = (src, dst, *, existing=false, sparse_size=4096, progress=None))]
+pub fn convert_to_raw(
+    py: Python<'_>,
+    src: PyRef<'_, Image>,
+    dst: PathBuf,
+    existing: bool,
+    sparse_size: u64,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<()> {
+    let sparse = Sparse::new(sparse_size).map_err(to_py)?;
+    let target = if existing {
+        Target::Existing
+    } else {
+        Target::New
+    };
+    let node = Arc::clone(&src.node);
+    let p = Progress::new(progress);
+    py.detach(|| convert::to_raw(node.as_ref(), &dst, target, sparse, &|d, t| p.report(d, t)))
+        .map_err(to_py)
+}
