@@ -9,12 +9,12 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from qimg import __version__
-from qimg.commands import compare, convert, create, info, map, measure
+from qimg.commands import check, compare, convert, create, info, map, measure
 from qimg.errors import QimgError
 
 __all__ = ["main"]
 
-COMMANDS = (create, info, map, compare, convert, measure)
+COMMANDS = (create, info, map, check, compare, convert, measure)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -55,14 +55,6 @@ class CreatePlan:
             )
 
 
-def _backing_path(filename: str, backing: str) -> str:
-    """Where a backing name points: relative names are relative to the
-    directory of the new image, as qemu resolves them."""
-    if os.path.isabs(backing):
-        return backing
-    return os.path.join(os.path.dirname(filename), backing)
-
-
 def plan_create(
     filename: str,
     fmt: str,
@@ -144,12 +136,14 @@ def qcow2_spec(
 
 
 def _open_backing(filename: str, backing: str, fmt: str | None) -> tuple[str, int]:
-    path = _backing_path(filename, backing)
+    # Relative names are relative to the new image's directory, as for an
+    # existing overlay; only the backing image itself is opened, not its chain.
+    path = _core.resolve_backing(filename, backing)
     try:
-        detected, size = _core.summarize(path, fmt)
+        image = _core.open_image(path, fmt, no_backing=True)
     except QimgError as err:
         raise InvalidOptionError(f"{err} (the backing file must exist unless -u is given)") from err
-    return detected, size
+    return image.format, image.size
 
 
 def create(

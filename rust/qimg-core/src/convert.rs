@@ -95,9 +95,9 @@ fn copy(
     let pieces = size.div_ceil(PIECE);
     let done = AtomicU64::new(0);
     let write_err = |e| Error::io(format!("Could not write to '{}'", dst.display()), e);
-    (0..pieces).into_par_iter().try_for_each_init(
-        Vec::<u8>::new,
-        |buf, i| -> Result<()> {
+    (0..pieces)
+        .into_par_iter()
+        .try_for_each_init(Vec::<u8>::new, |buf, i| -> Result<()> {
             let start = i * PIECE;
             let end = (start + PIECE).min(size);
             let mut pos = start;
@@ -118,8 +118,7 @@ fn copy(
             let total = done.fetch_add(end - start, Ordering::Relaxed) + (end - start);
             progress(total, size);
             Ok(())
-        },
-    )
+        })
 }
 
 /// Writes `buf` at `offset`, skipping (or, for an existing file, punching)

@@ -251,11 +251,6 @@ fn set_extent_size_hint(file: &File, hint: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Opens an existing file read-only.
-pub fn open_read(path: &Path) -> Result<File> {
-    File::open(path).map_err(|e| Error::open(path, e))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

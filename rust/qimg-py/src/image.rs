@@ -323,3 +323,32 @@ pub fn convert_to_raw(
     py.detach(|| convert::to_raw(node.as_ref(), &dst, target, sparse, &|d, t| p.report(d, t)))
         .map_err(to_py)
 }
+
+/// Runs the qcow2 consistency check on `image`; None for formats without one.
+#[pyfunction]
+pub fn check_image<'py>(
+    py: Python<'py>,
+    image: PyRef<'_, Image>,
+) -> PyResult<Option<Bound<'py, PyDict>>> {
+    let node = Arc::clone(&image.node);
+    if node.as_qcow2().is_none() {
+        return Ok(None);
+    }
+    let report = py
+        .detach(|| match node.as_qcow2() {
+            Some(q) => qimg_core::qcow2::check::check(q),
+            None => Err(Error::invalid("not a qcow2 image")),
+        })
+        .map_err(to_py)?;
+    let d = PyDict::new(py);
+    d.set_item("corruptions", report.corruptions)?;
+    d.set_item("leaks", report.leaks)?;
+    d.set_item("check_errors", report.check_errors)?;
+    d.set_item("image_end_offset", report.image_end_offset)?;
+    d.set_item("total_clusters", report.total_clusters)?;
+    d.set_item("allocated_clusters", report.allocated_clusters)?;
+    d.set_item("fragmented_clusters", report.fragmented_clusters)?;
+    d.set_item("compressed_clusters", report.compressed_clusters)?;
+    d.set_item("messages", report.messages)?;
+    Ok(Some(d))
+}

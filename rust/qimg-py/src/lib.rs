@@ -5,7 +5,6 @@
 use pyo3::prelude::*;
 use qimg_core::file::FileOptions;
 use qimg_core::measure::{self, Qcow2Target};
-use qimg_core::probe::{self, Format};
 use qimg_core::qcow2::layout::CreateLayout;
 use qimg_core::qcow2::{self, BackingSpec, ClusterSize, Compat, CompressionType, RefcountOrder};
 use qimg_core::{Error, Prealloc};
@@ -163,26 +162,12 @@ fn create_raw(
         .map_err(to_py)
 }
 
-/// (format, virtual size) of an existing image; `format` forces the driver.
+/// Where backing file name `backing` of image `overlay` points (qemu's rule).
 #[pyfunction]
-#[pyo3(signature = (path, format=None))]
-fn summarize(py: Python<'_>, path: PathBuf, format: Option<String>) -> PyResult<(String, u64)> {
-    let forced = match format.as_deref() {
-        None => None,
-        Some(name) => Some(Format::from_name(name).ok_or_else(|| {
-            to_py(Error::invalid(format!(
-                "qimg cannot read '{name}' images yet (supported: qcow2, raw)"
-            )))
-        })?),
-    };
-    let s = py
-        .detach(|| probe::summarize(&path, forced))
-        .map_err(to_py)?;
-    Ok((s.format.name().to_string(), s.virtual_size))
+fn resolve_backing(overlay: &str, backing: &str) -> String {
+    qimg_core::block::open::resolve_backing(overlay, backing)
 }
 
-/// (required, fully allocated, bitmaps or None) for a qcow2 target with the
-/// format parameters of `spec`.
 #[pyfunction]
 #[pyo3(signature = (spec, *, virtual_size, data, has_source, preallocation, has_backing))]
 fn measure_qcow2(
@@ -218,8 +203,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(image::open_image, m)?)?;
     m.add_function(wrap_pyfunction!(image::compare_images, m)?)?;
     m.add_function(wrap_pyfunction!(image::convert_to_raw, m)?)?;
+    m.add_function(wrap_pyfunction!(image::check_image, m)?)?;
     m.add_function(wrap_pyfunction!(create_raw, m)?)?;
-    m.add_function(wrap_pyfunction!(summarize, m)?)?;
+    m.add_function(wrap_pyfunction!(resolve_backing, m)?)?;
     m.add_function(wrap_pyfunction!(measure_qcow2, m)?)?;
     m.add_function(wrap_pyfunction!(measure_raw, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -1,5 +1,6 @@
 //! The qcow2 format: on-disk types, layout math, header encoding and creation.
 
+pub mod check;
 pub mod compress;
 pub mod create;
 pub mod header;

@@ -1,0 +1,1070 @@
+//! `check` for qcow2: every cluster's refcount recomputed from what refers
+//! to it, compared with the refcounts stored in the image.
+//!
+//! The walk follows what `qemu-img check` (QEMU 10) does without `-r`: the
+//! header cluster, the active L1 table and its L2 tables and data clusters,
+//! each snapshot's L1 and L2 tables, the snapshot table, the refcount table
+//! and refcount blocks, and the persistent bitmaps are counted into an
+//! in-memory refcount array; then the stored refcount of every cluster of the
+//! file is compared with it, and finally the COPIED flags of the active
+//! tables are checked against the stored refcounts. Problems are counted as
+//! corruptions or leaks and described in the lines qemu-img prints for them,
+//! in the same order, so that a front end can print them unchanged.
+//!
+//! Nothing read from the file is trusted: offsets are masked and bounded
+//! before use, table sizes come from the validated header or are checked
+//! against QEMU's limits, and reads past the end of the file see zeroes, as
+//! they do in QEMU.
+
+use super::image_header::{ImageHeader, AUTOCLEAR_BITMAPS};
+use super::reader::{Qcow2Node, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO};
+use super::refcount_reader::REFT_OFFSET_MASK;
+use super::types::Compat;
+use super::{MAX_L1_BYTES, MAX_REFTABLE_BYTES, OFLAG_COPIED};
+use crate::block::{BlockDev, FileNode};
+use crate::error::{strerror, Error, Result};
+use std::collections::HashMap;
+use std::io;
+use std::rc::Rc;
+
+/// What `check` found. The counters mean what qemu-img's `--output=json`
+/// fields of the same names mean.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    pub corruptions: u64,
+    pub leaks: u64,
+    pub check_errors: u64,
+    pub image_end_offset: u64,
+    /// Guest clusters: the virtual size (whole sectors) in clusters, rounded up.
+    pub total_clusters: u64,
+    pub allocated_clusters: u64,
+    pub fragmented_clusters: u64,
+    pub compressed_clusters: u64,
+    /// The per-problem lines qemu-img prints on stderr, in qemu-img's order
+    /// (e.g. "Leaked cluster 4 refcount=1 reference=0", "ERROR cluster 0 refcount=0 reference=1",
+    /// "ERROR OFLAG_COPIED data cluster: l2_entry=8000000000050000 refcount=0", ...),
+    /// without trailing newline. qemu-img's own closing "Check failed" line is not one of them.
+    pub messages: Vec<String>,
+}
+
+/// L1 entry bits that must be zero: 0-8 and 56-62.
+const L1E_RESERVED_MASK: u64 = 0x7f00_0000_0000_01ff;
+/// Standard L2 descriptor bits that must be zero: 1-8 and 56-61.
+const L2E_STD_RESERVED_MASK: u64 = 0x3f00_0000_0000_01fe;
+/// Refcount table entry bits that must be zero: 0-8.
+const REFT_RESERVED_MASK: u64 = 0x1ff;
+/// Allocation half of an extended L2 subcluster bitmap.
+const SUBCLUSTERS_ALLOCATED: u64 = 0xffff_ffff;
+/// Extra data a v3 snapshot entry must have (vm_state_size_large, disk_size).
+const SNAPSHOT_REQUIRED_EXTRA: u64 = 16;
+/// QEMU refuses snapshot entries with more extra data than this.
+const SNAPSHOT_MAX_EXTRA: u64 = 1024;
+/// Fixed part of a snapshot table entry.
+const SNAPSHOT_ENTRY_LEN: u64 = 40;
+/// QEMU's limit on the whole snapshot table (1 KiB for each of 65536 snapshots).
+const SNAPSHOT_TABLE_MAX: u64 = 1024 * 65536;
+/// Bitmap directory limits and layout (docs/interop/qcow2.rst, "Bitmaps").
+const BITMAP_DIR_ENTRY_LEN: u64 = 24;
+const BITMAP_MAX_COUNT: u64 = 65535;
+const BITMAP_DIR_MAX: u64 = 1024 * BITMAP_MAX_COUNT;
+const BITMAP_MAX_TABLE_ENTRIES: u64 = 0x800_0000;
+const BITMAP_MAX_DATA_BYTES: u64 = 0x2000_0000;
+const BITMAP_MAX_NAME: u64 = 1023;
+const BITMAP_FLAG_IN_USE: u32 = 1;
+const BITMAP_KNOWN_FLAGS: u32 = 0b11;
+const BITMAP_TYPE_DIRTY_TRACKING: u8 = 1;
+const BITMAP_ENTRY_RESERVED: u64 = 0xff00_0000_0000_01fe;
+const BITMAP_ENTRY_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+const BITMAP_ENTRY_ALL_ONES: u64 = 1;
+/// Largest request QEMU's block layer accepts (INT64_MAX aligned down to 1 GiB).
+const MAX_REQUEST_END: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
+/// QEMU refuses to check files of more clusters than this (INT_MAX).
+const MAX_CHECK_CLUSTERS: u64 = i32::MAX as u64;
+/// Stored refcount blocks kept decoded between lookups.
+const STORED_CACHE_BLOCKS: usize = 64;
+
+/// Checks the consistency of the qcow2 image behind `node`, read-only.
+///
+/// Findings in the image are reported in the result, never as errors. An
+/// error means that the check could not be completed, where qemu-img says
+/// `Check failed: <reason>`: the file cannot be read, it is too large to
+/// check, or the snapshot table or bitmap directory is unreadable.
+pub fn check(node: &Qcow2Node) -> Result<CheckReport> {
+    let mut checker = Checker::new(node)?;
+    checker.run()?;
+    Ok(checker.report)
+}
+
+/// How QEMU classifies an L2 entry (qcow2_get_cluster_type).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClusterType {
+    Unallocated,
+    ZeroPlain,
+    ZeroAlloc,
+    Normal,
+    Compressed,
+}
+
+fn cluster_type(entry: u64, extended_l2: bool) -> ClusterType {
+    if entry & OFLAG_COMPRESSED != 0 {
+        ClusterType::Compressed
+    } else if entry & OFLAG_ZERO != 0 && !extended_l2 {
+        if entry & L2E_OFFSET_MASK != 0 {
+            ClusterType::ZeroAlloc
+        } else {
+            ClusterType::ZeroPlain
+        }
+    } else if entry & L2E_OFFSET_MASK == 0 {
+        ClusterType::Unallocated
+    } else {
+        ClusterType::Normal
+    }
+}
+
+/// One entry of the snapshot table, as far as the check needs it.
+struct Snapshot {
+    l1_offset: u64,
+    l1_entries: u64,
+    extra_data_size: u64,
+    id: String,
+    name: String,
+}
+
+/// One bitmap of the bitmap directory.
+struct Bitmap {
+    table_offset: u64,
+    table_entries: u64,
+}
+
+/// The check could not be completed: `preface` lines (what qemu-img prints
+/// before giving up), then qemu-img's final `Check failed: <strerror>`.
+fn check_failed(preface: &str, errno: i32) -> Error {
+    let context = if preface.is_empty() {
+        "Check failed".to_string()
+    } else {
+        format!("{preface}\nCheck failed")
+    };
+    Error::io(context, io::Error::from_raw_os_error(errno))
+}
+
+/// The text strerror gives for a failed read.
+fn read_error_text(err: &Error) -> String {
+    match err {
+        Error::Io { source, .. } => strerror(source),
+        other => other.to_string(),
+    }
+}
+
+/// The errno of a failed read (EIO when the error carries none).
+fn errno_of(err: &Error) -> i32 {
+    match err {
+        Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+        _ => libc::EIO,
+    }
+}
+
+/// C's `%#x`: `0x` before non-zero values only.
+fn alt_hex(v: u64) -> String {
+    if v == 0 {
+        "0".to_string()
+    } else {
+        format!("{v:#x}")
+    }
+}
+
+fn be_u16(b: &[u8], at: usize) -> u64 {
+    u64::from(u16::from_be_bytes([b[at], b[at + 1]]))
+}
+
+fn be_u32(b: &[u8], at: usize) -> u64 {
+    u64::from(u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]))
+}
+
+fn be_u64(b: &[u8], at: usize) -> u64 {
+    let mut v = [0u8; 8];
+    v.copy_from_slice(&b[at..at + 8]);
+    u64::from_be_bytes(v)
+}
+
+/// A C string field: the bytes up to the first NUL.
+fn c_string(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+/// The recomputed refcounts, one entry of the image's refcount width per
+/// host cluster. Storage comes in chunks allocated on first write, so the
+/// memory used follows the clusters actually referenced, not the file length.
+struct ComputedRefcounts {
+    width: u32,
+    max: u64,
+    len: u64,
+    chunks: Vec<Option<Box<[u64]>>>,
+}
+
+impl ComputedRefcounts {
+    const CHUNK_BITS: u32 = 16;
+
+    fn new(order: u32, len: u64) -> ComputedRefcounts {
+        let width = 1u32 << order;
+        let mut refs = ComputedRefcounts {
+            width,
+            max: if width == 64 {
+                u64::MAX
+            } else {
+                (1u64 << width) - 1
+            },
+            len: 0,
+            chunks: Vec::new(),
+        };
+        refs.grow(len);
+        refs
+    }
+
+    fn grow(&mut self, len: u64) {
+        if len > self.len {
+            self.len = len;
+            let chunks = len.div_ceil(1 << Self::CHUNK_BITS) as usize;
+            self.chunks.resize_with(chunks, || None);
+        }
+    }
+
+    /// (chunk, word, shift) of entry `i`.
+    fn locate(&self, i: u64) -> (usize, usize, u32) {
+        let chunk = (i >> Self::CHUNK_BITS) as usize;
+        let bit = (i & ((1 << Self::CHUNK_BITS) - 1)) * u64::from(self.width);
+        (chunk, (bit / 64) as usize, (bit % 64) as u32)
+    }
+
+    fn get(&self, i: u64) -> u64 {
+        let (chunk, word, shift) = self.locate(i);
+        match self.chunks.get(chunk) {
+            Some(Some(words)) => (words[word] >> shift) & self.max,
+            _ => 0,
+        }
+    }
+
+    fn set(&mut self, i: u64, value: u64) {
+        let (chunk, word, shift) = self.locate(i);
+        let words_per_chunk = ((1usize << Self::CHUNK_BITS) * self.width as usize) / 64;
+        let max = self.max;
+        if let Some(slot) = self.chunks.get_mut(chunk) {
+            let words = slot.get_or_insert_with(|| vec![0u64; words_per_chunk].into_boxed_slice());
+            words[word] = (words[word] & !(max << shift)) | ((value & max) << shift);
+        }
+    }
+}
+
+/// A decoded stored refcount block.
+enum StoredBlock {
+    /// The reftable has no block here: every refcount reads as zero.
+    Absent,
+    Present(Rc<Vec<u8>>),
+}
+
+/// Why a stored refcount could not be read.
+enum StoredError {
+    /// The refcount block offset is not cluster aligned.
+    Unaligned { offset: u64, index: u64 },
+    /// Reading the block failed; the strerror text.
+    Read(String),
+}
+
+/// The refcounts stored in the image, read block by block.
+struct StoredRefcounts<'a> {
+    file: &'a FileNode,
+    reftable: Vec<u64>,
+    cluster_size: u64,
+    order: u32,
+    /// log2 of the entries in one refcount block.
+    block_bits: u32,
+    cache: HashMap<u64, Rc<Vec<u8>>>,
+    /// The block of the previous lookup: comparisons walk clusters in order.
+    last: Option<(u64, Rc<Vec<u8>>)>,
+    /// QEMU reports the first structural corruption only.
+    signaled_corruption: bool,
+}
+
+impl<'a> StoredRefcounts<'a> {
+    fn block(&mut self, index: u64) -> std::result::Result<StoredBlock, StoredError> {
+        let Some(&entry) = self.reftable.get(index as usize) else {
+            return Ok(StoredBlock::Absent);
+        };
+        let offset = entry & REFT_OFFSET_MASK;
+        if offset == 0 {
+            return Ok(StoredBlock::Absent);
+        }
+        if offset % self.cluster_size != 0 {
+            return Err(StoredError::Unaligned { offset, index });
+        }
+        if let Some(block) = self.cache.get(&offset) {
+            return Ok(StoredBlock::Present(Rc::clone(block)));
+        }
+        if offset > MAX_REQUEST_END - self.cluster_size {
+            return Err(StoredError::Read(strerror(&io::Error::from_raw_os_error(
+                libc::EIO,
+            ))));
+        }
+        let mut buf = vec![0u8; self.cluster_size as usize];
+        self.file
+            .pread(&mut buf, offset)
+            .map_err(|e| StoredError::Read(read_error_text(&e)))?;
+        if self.cache.len() >= STORED_CACHE_BLOCKS {
+            self.cache.clear();
+        }
+        let block = Rc::new(buf);
+        self.cache.insert(offset, Rc::clone(&block));
+        Ok(StoredBlock::Present(block))
+    }
+
+    /// The stored refcount of `cluster`; on failure the strerror text, with
+    /// QEMU's one-time corruption notice added to `messages`.
+    fn get(
+        &mut self,
+        cluster: u64,
+        messages: &mut Vec<String>,
+    ) -> std::result::Result<u64, String> {
+        let index = cluster >> self.block_bits;
+        let within = cluster & ((1 << self.block_bits) - 1);
+        if let Some((last, block)) = &self.last {
+            if *last == index {
+                return Ok(decode_refcount(block, self.order, within));
+            }
+        }
+        match self.block(index) {
+            Ok(StoredBlock::Absent) => Ok(0),
+            Ok(StoredBlock::Present(block)) => {
+                let count = decode_refcount(&block, self.order, within);
+                self.last = Some((index, block));
+                Ok(count)
+            }
+            Err(StoredError::Read(text)) => Err(text),
+            Err(StoredError::Unaligned { offset, index }) => {
+                if !self.signaled_corruption {
+                    self.signaled_corruption = true;
+                    messages.push(format!(
+                        "qcow2: Image is corrupt: Refblock offset {} unaligned (reftable index: {}); further non-fatal corruption events will be suppressed",
+                        alt_hex(offset),
+                        alt_hex(index)
+                    ));
+                }
+                Err(strerror(&io::Error::from_raw_os_error(libc::EIO)))
+            }
+        }
+    }
+}
+
+/// Entry `i` of a refcount block: entries narrower than a byte are packed
+/// from the least significant bit of each byte; wider ones are big-endian.
+fn decode_refcount(block: &[u8], order: u32, i: u64) -> u64 {
+    let i = i as usize;
+    match order {
+        0..=2 => {
+            let bits = 1usize << order;
+            let bit = i * bits;
+            (u64::from(block[bit / 8]) >> (bit % 8)) & ((1 << bits) - 1)
+        }
+        3 => u64::from(block[i]),
+        4 => be_u16(block, i * 2),
+        5 => be_u32(block, i * 4),
+        _ => be_u64(block, i * 8),
+    }
+}
+
+struct Checker<'a> {
+    header: &'a ImageHeader,
+    /// The active L1 table as read when the image was opened.
+    l1: &'a [u64],
+    file: &'a FileNode,
+    cluster_size: u64,
+    cluster_bits: u32,
+    extended_l2: bool,
+    /// The file length as QEMU sees it: whole 512-byte sectors.
+    file_len: u64,
+    computed: ComputedRefcounts,
+    stored: StoredRefcounts<'a>,
+    snapshots: Vec<Snapshot>,
+    snapshots_size: u64,
+    report: CheckReport,
+}
+
+impl<'a> Checker<'a> {
+    fn new(node: &'a Qcow2Node) -> Result<Checker<'a>> {
+        let header = node.header();
+        let file: &FileNode = node.file_node();
+        let cluster_size = header.cluster_size.bytes();
+        let cluster_bits = header.cluster_size.bits();
+        let order = header.refcount_order.order();
+        let file_len = file.size();
+        let clusters = file_len.div_ceil(cluster_size);
+        if clusters > MAX_CHECK_CLUSTERS {
+            return Err(check_failed("", libc::EFBIG));
+        }
+        // The header parser holds these to QEMU's limits; a header built by
+        // other means must not size the tables read below either.
+        if header.l1_entries > MAX_L1_BYTES / 8
+            || header.reftable_clusters * cluster_size > MAX_REFTABLE_BYTES
+        {
+            return Err(Error::InvalidImage(format!(
+                "Cannot check '{}': its L1 or refcount table is larger than qcow2 allows",
+                file.filename()
+            )));
+        }
+        let mut raw = vec![0u8; (header.reftable_clusters * cluster_size) as usize];
+        file.pread(&mut raw, header.reftable_offset)?;
+        let reftable = raw.chunks_exact(8).map(|c| be_u64(c, 0)).collect();
+        let stored = StoredRefcounts {
+            file,
+            reftable,
+            cluster_size,
+            order,
+            block_bits: cluster_bits + 3 - order,
+            cache: HashMap::new(),
+            last: None,
+            signaled_corruption: false,
+        };
+        Ok(Checker {
+            header,
+            l1: node.l1_table(),
+            file,
+            cluster_size,
+            cluster_bits,
+            extended_l2: header.extended_l2(),
+            file_len,
+            computed: ComputedRefcounts::new(order, clusters),
+            stored,
+            snapshots: Vec::new(),
+            snapshots_size: 0,
+            report: CheckReport {
+                total_clusters: (header.virtual_size & !511).div_ceil(cluster_size),
+                ..CheckReport::default()
+            },
+        })
+    }
+
+    fn say(&mut self, line: String) {
+        self.report.messages.push(line);
+    }
+
+    fn corruption(&mut self, line: String) {
+        self.report.corruptions += 1;
+        self.say(line);
+    }
+
+    fn run(&mut self) -> Result<()> {
+        self.read_snapshot_table()?;
+        self.count_references()?;
+        let highest = self.compare_refcounts();
+        self.check_copied_flags()?;
+        self.report.image_end_offset = (highest + 1) * self.cluster_size;
+        Ok(())
+    }
+
+    /// Reads `len` bytes at `offset` (zeroes past the end of the file).
+    fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > MAX_REQUEST_END)
+        {
+            return Err(Error::io(
+                format!("Could not read '{}'", self.file.filename()),
+                io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
+        let mut buf = vec![0u8; len as usize];
+        self.file.pread(&mut buf, offset)?;
+        Ok(buf)
+    }
+
+    // ---- snapshot table -------------------------------------------------
+
+    /// Reads every snapshot entry the way QEMU's check does before counting
+    /// references; an unreadable table ends the check.
+    fn read_snapshot_table(&mut self) -> Result<()> {
+        let count = u64::from(self.header.snapshot_count);
+        let start = self.header.snapshots_offset;
+        if count == 0 {
+            return Ok(());
+        }
+        let fail = |msg: String, errno: i32| {
+            check_failed(
+                &format!("ERROR failed to read the snapshot table: {msg}"),
+                errno,
+            )
+        };
+        let mut offset = start;
+        let mut table_len = 0u64;
+        for i in 0..count {
+            table_len = table_len.next_multiple_of(8);
+            offset = offset.next_multiple_of(8);
+            let fixed = self.read(offset, SNAPSHOT_ENTRY_LEN)?;
+            offset += SNAPSHOT_ENTRY_LEN;
+            let l1_offset = be_u64(&fixed, 0);
+            let l1_entries = be_u32(&fixed, 8);
+            let id_len = be_u16(&fixed, 12);
+            let name_len = be_u16(&fixed, 14);
+            let extra = be_u32(&fixed, 36);
+            if extra > SNAPSHOT_MAX_EXTRA {
+                return Err(fail(
+                    format!(
+                        "Too much extra metadata in snapshot table entry {i}\nYou can force-remove this extra metadata with qemu-img check -r all"
+                    ),
+                    libc::EFBIG,
+                ));
+            }
+            // Known extra data, then unknown extra data, then the two strings.
+            offset += extra;
+            let id = c_string(&self.read(offset, id_len)?);
+            offset += id_len;
+            let name = c_string(&self.read(offset, name_len)?);
+            offset += name_len;
+            table_len += SNAPSHOT_ENTRY_LEN + extra + id_len + name_len;
+            if table_len > SNAPSHOT_TABLE_MAX || offset - start > i32::MAX as u64 {
+                return Err(fail(
+                    format!(
+                        "Snapshot table is too big\nYou can force-remove all {} overhanging snapshots with qemu-img check -r all",
+                        count - i
+                    ),
+                    libc::EFBIG,
+                ));
+            }
+            self.snapshots.push(Snapshot {
+                l1_offset,
+                l1_entries,
+                extra_data_size: extra,
+                id,
+                name,
+            });
+        }
+        self.snapshots_size = offset - start;
+        if self.header.compat == Compat::V3 {
+            for i in 0..self.snapshots.len() {
+                if self.snapshots[i].extra_data_size < SNAPSHOT_REQUIRED_EXTRA {
+                    self.corruption(format!("ERROR snapshot table entry {i} is incomplete"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ---- references -------------------------------------------------------
+
+    /// Counts one reference to every cluster `[offset, offset + size)` touches.
+    fn reference(&mut self, offset: u64, size: u64) -> Result<()> {
+        if size == 0 {
+            return Ok(());
+        }
+        if offset > i64::MAX as u64 {
+            // A negative offset to QEMU: its refcount array cannot grow that far.
+            self.report.check_errors += 1;
+            return Err(check_failed("", libc::ENOMEM));
+        }
+        let end = i128::from(offset) + i128::from(size);
+        // The last cluster may be partly beyond the end of the file, no more.
+        if end - i128::from(self.file_len) >= i128::from(self.cluster_size) {
+            self.corruption(format!(
+                "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {offset:#x} size {size:#x}"
+            ));
+            return Ok(());
+        }
+        let first = offset >> self.cluster_bits;
+        let last = (offset + size - 1) >> self.cluster_bits;
+        for cluster in first..=last {
+            if cluster >= self.computed.len {
+                self.computed.grow(cluster + 1);
+            }
+            let count = self.computed.get(cluster);
+            if count == self.computed.max {
+                self.corruption(format!(
+                    "ERROR: overflow cluster offset={:#x}",
+                    cluster << self.cluster_bits
+                ));
+                self.say(
+                    "Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing"
+                        .to_string(),
+                );
+                continue;
+            }
+            self.computed.set(cluster, count + 1);
+        }
+        Ok(())
+    }
+
+    fn count_references(&mut self) -> Result<()> {
+        let cs = self.cluster_size;
+        self.reference(0, cs)?;
+        let (l1_offset, l1_entries) = (self.header.l1_table_offset, self.header.l1_entries);
+        self.check_l1(l1_offset, l1_entries, true)?;
+
+        for i in 0..self.snapshots.len() {
+            let (l1_offset, l1_entries) =
+                (self.snapshots[i].l1_offset, self.snapshots[i].l1_entries);
+            if l1_offset % cs != 0 {
+                let sn = &self.snapshots[i];
+                let line = format!(
+                    "ERROR snapshot {} ({}) l1_offset={}: L1 table is not cluster aligned; snapshot table entry corrupted",
+                    sn.id,
+                    sn.name,
+                    alt_hex(l1_offset)
+                );
+                self.corruption(line);
+                continue;
+            }
+            if l1_entries > MAX_L1_BYTES / 8 {
+                let sn = &self.snapshots[i];
+                let line = format!(
+                    "ERROR snapshot {} ({}) l1_size={}: L1 table is too large; snapshot table entry corrupted",
+                    sn.id,
+                    sn.name,
+                    alt_hex(l1_entries)
+                );
+                self.corruption(line);
+                continue;
+            }
+            self.check_l1(l1_offset, l1_entries, false)?;
+        }
+        self.reference(self.header.snapshots_offset, self.snapshots_size)?;
+        self.reference(
+            self.header.reftable_offset,
+            self.header.reftable_clusters * cs,
+        )?;
+        self.count_bitmaps()?;
+        self.check_refblocks()
+    }
+
+    /// Counts an L1 table, its L2 tables and everything they map.
+    fn check_l1(&mut self, l1_offset: u64, entries: u64, active: bool) -> Result<()> {
+        if entries == 0 {
+            return Ok(());
+        }
+        self.reference(l1_offset, entries * 8)?;
+        let table = self
+            .read(l1_offset, entries * 8)
+            .map_err(|e| check_failed("ERROR: I/O error in check_refcounts_l1", errno_of(&e)))?;
+        for chunk in table.chunks_exact(8) {
+            let entry = be_u64(chunk, 0);
+            if entry == 0 {
+                continue;
+            }
+            if entry & L1E_RESERVED_MASK != 0 {
+                self.corruption(format!(
+                    "ERROR found L1 entry with reserved bits set: {entry:x}"
+                ));
+            }
+            let l2_offset = entry & L1E_OFFSET_MASK;
+            self.reference(l2_offset, self.cluster_size)?;
+            if l2_offset % self.cluster_size != 0 {
+                self.corruption(format!(
+                    "ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry corrupted"
+                ));
+            }
+            self.check_l2(l2_offset, active)?;
+        }
+        Ok(())
+    }
+
+    /// Counts the clusters one L2 table maps, checking its entries; the
+    /// allocation figures are taken from the active tables only.
+    fn check_l2(&mut self, l2_offset: u64, active: bool) -> Result<()> {
+        let cs = self.cluster_size;
+        let table = self
+            .read(l2_offset, cs)
+            .map_err(|e| check_failed("ERROR: I/O error in check_refcounts_l2", errno_of(&e)))?;
+        let stride = if self.extended_l2 { 16 } else { 8 };
+        let bits = self.cluster_bits;
+        let csize_shift = 62 - (bits - 8);
+        let coffset_mask = (1u64 << csize_shift) - 1;
+        let csize_mask = (1u64 << (bits - 8)) - 1;
+        let mut next_contiguous = 0u64;
+        for (index, raw) in table.chunks_exact(stride).enumerate() {
+            let entry = be_u64(raw, 0);
+            let bitmap = if self.extended_l2 { be_u64(raw, 8) } else { 0 };
+            let kind = cluster_type(entry, self.extended_l2);
+            if kind != ClusterType::Compressed && entry & L2E_STD_RESERVED_MASK != 0 {
+                self.corruption(format!(
+                    "ERROR found l2 entry with reserved bits set: {entry:x}"
+                ));
+            }
+            match kind {
+                ClusterType::Compressed => {
+                    if entry & OFLAG_COPIED != 0 {
+                        self.corruption(format!(
+                            "ERROR: coffset={:#x}: copied flag must never be set for compressed clusters",
+                            entry & coffset_mask
+                        ));
+                    }
+                    if bitmap != 0 {
+                        self.corruption(format!(
+                            "ERROR compressed cluster {index} with non-zero subcluster allocation bitmap, entry={entry:#x}"
+                        ));
+                        continue;
+                    }
+                    let host = entry & coffset_mask;
+                    let sectors = ((entry >> csize_shift) & csize_mask) + 1;
+                    let len = sectors * 512 - (host & 511);
+                    self.reference(host, len)?;
+                    if active {
+                        self.report.allocated_clusters += 1;
+                        self.report.compressed_clusters += 1;
+                        // Compressed clusters always count as fragmented.
+                        self.report.fragmented_clusters += 1;
+                    }
+                }
+                ClusterType::ZeroAlloc | ClusterType::Normal => {
+                    let host = entry & L2E_OFFSET_MASK;
+                    if (bitmap >> 32) & bitmap != 0 {
+                        self.corruption(format!(
+                            "ERROR offset={host:x}: Allocated cluster has corrupted subcluster allocation bitmap"
+                        ));
+                    }
+                    if host % cs != 0 {
+                        let has_data = if self.extended_l2 {
+                            bitmap & SUBCLUSTERS_ALLOCATED != 0
+                        } else {
+                            entry & OFLAG_ZERO == 0
+                        };
+                        self.corruption(if has_data {
+                            format!(
+                                "ERROR offset={host:x}: Data cluster is not properly aligned; L2 entry corrupted."
+                            )
+                        } else {
+                            format!(
+                                "ERROR offset={host:x}: Preallocated cluster is not properly aligned; L2 entry corrupted."
+                            )
+                        });
+                    }
+                    if active {
+                        self.report.allocated_clusters += 1;
+                        if next_contiguous != 0 && host != next_contiguous {
+                            self.report.fragmented_clusters += 1;
+                        }
+                        next_contiguous = host + cs;
+                    }
+                    self.reference(host, cs)?;
+                }
+                ClusterType::ZeroPlain => {}
+                ClusterType::Unallocated => {
+                    if bitmap & SUBCLUSTERS_ALLOCATED != 0 {
+                        self.corruption(
+                            "ERROR: Unallocated cluster has non-zero subcluster allocation map"
+                                .to_string(),
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts the bitmap directory, the bitmap tables and their data
+    /// clusters; a directory or table QEMU cannot load ends the check.
+    fn count_bitmaps(&mut self) -> Result<()> {
+        if self.header.autoclear & AUTOCLEAR_BITMAPS == 0 {
+            return Ok(());
+        }
+        let Some(ext) = self.header.bitmaps else {
+            return Ok(());
+        };
+        if ext.count == 0 {
+            return Ok(());
+        }
+        let (dir_offset, dir_size) = (ext.directory_offset, ext.directory_size);
+        self.reference(dir_offset, dir_size)?;
+        let bitmaps = self.load_bitmap_directory(u64::from(ext.count), dir_offset, dir_size);
+        let Some(bitmaps) = bitmaps else {
+            self.report.corruptions += 1;
+            return Err(check_failed("", libc::EINVAL));
+        };
+        let cs = self.cluster_size;
+        for bitmap in bitmaps {
+            self.reference(bitmap.table_offset, bitmap.table_entries * 8)?;
+            let table = self.read(bitmap.table_offset, bitmap.table_entries * 8)?;
+            let entries: Vec<u64> = table.chunks_exact(8).map(|c| be_u64(c, 0)).collect();
+            let valid = |e: u64| {
+                let offset = e & BITMAP_ENTRY_OFFSET_MASK;
+                e & BITMAP_ENTRY_RESERVED == 0
+                    && (offset == 0 || (e & BITMAP_ENTRY_ALL_ONES == 0 && offset % cs == 0))
+            };
+            if !entries.iter().all(|&e| valid(e)) {
+                self.report.corruptions += 1;
+                return Err(check_failed("", libc::EINVAL));
+            }
+            for entry in entries {
+                let offset = entry & BITMAP_ENTRY_OFFSET_MASK;
+                if offset != 0 {
+                    self.reference(offset, cs)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The bitmaps of the directory, or None where QEMU refuses to load it.
+    fn load_bitmap_directory(&self, count: u64, offset: u64, size: u64) -> Option<Vec<Bitmap>> {
+        if size == 0 || size > BITMAP_DIR_MAX {
+            return None;
+        }
+        let dir = self.read(offset, size).ok()?;
+        let virtual_size = self.header.virtual_size & !511;
+        let cs = self.cluster_size;
+        let mut bitmaps = Vec::new();
+        let mut at = 0u64;
+        while at < size {
+            if at + BITMAP_DIR_ENTRY_LEN > size {
+                return None;
+            }
+            if bitmaps.len() as u64 >= count {
+                return None;
+            }
+            let e = &dir[at as usize..(at + BITMAP_DIR_ENTRY_LEN) as usize];
+            let table_offset = be_u64(e, 0);
+            let table_entries = be_u32(e, 8);
+            let flags = be_u32(e, 12) as u32;
+            let kind = e[16];
+            let granularity_bits = u64::from(e[17]);
+            let name_len = be_u16(e, 18);
+            let extra = be_u32(e, 20);
+            let entry_len = (BITMAP_DIR_ENTRY_LEN + name_len + extra).next_multiple_of(8);
+            if at + entry_len > size || extra != 0 {
+                return None;
+            }
+            let constraints_hold = table_entries != 0
+                && table_offset != 0
+                && table_offset % cs == 0
+                && table_entries <= BITMAP_MAX_TABLE_ENTRIES
+                && (9..=31).contains(&granularity_bits)
+                && flags & !BITMAP_KNOWN_FLAGS == 0
+                && name_len <= BITMAP_MAX_NAME
+                && kind == BITMAP_TYPE_DIRTY_TRACKING;
+            if !constraints_hold {
+                return None;
+            }
+            let data_bytes = table_entries * cs;
+            if data_bytes > BITMAP_MAX_DATA_BYTES {
+                return None;
+            }
+            if flags & BITMAP_FLAG_IN_USE == 0
+                && virtual_size > (data_bytes * 8) << granularity_bits
+            {
+                return None;
+            }
+            bitmaps.push(Bitmap {
+                table_offset,
+                table_entries,
+            });
+            at += entry_len;
+        }
+        if bitmaps.len() as u64 != count || at != size {
+            return None;
+        }
+        Some(bitmaps)
+    }
+
+    /// Checks the refcount table entries and counts the refcount blocks.
+    fn check_refblocks(&mut self) -> Result<()> {
+        let cs = self.cluster_size;
+        for i in 0..self.stored.reftable.len() {
+            let entry = self.stored.reftable[i];
+            let offset = entry & REFT_OFFSET_MASK;
+            let cluster = offset >> self.cluster_bits;
+            if entry & REFT_RESERVED_MASK != 0 {
+                self.corruption(format!(
+                    "ERROR refcount table entry {i} has reserved bits set"
+                ));
+                continue;
+            }
+            if offset % cs != 0 {
+                self.corruption(format!(
+                    "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
+                ));
+                continue;
+            }
+            if cluster >= self.computed.len {
+                self.corruption(format!("ERROR refcount block {i} is outside image"));
+                continue;
+            }
+            if offset != 0 {
+                self.reference(offset, cs)?;
+                let count = self.computed.get(cluster);
+                if count != 1 {
+                    self.corruption(format!("ERROR refcount block {i} refcount={count}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ---- comparison -------------------------------------------------------
+
+    /// Compares stored and recomputed refcounts of every cluster; returns
+    /// the last cluster that either calls used.
+    fn compare_refcounts(&mut self) -> u64 {
+        let mut highest = 0;
+        for cluster in 0..self.computed.len {
+            let stored = match self.stored.get(cluster, &mut self.report.messages) {
+                Ok(count) => count,
+                Err(why) => {
+                    self.report.check_errors += 1;
+                    self.say(format!("Can't get refcount for cluster {cluster}: {why}"));
+                    continue;
+                }
+            };
+            let computed = self.computed.get(cluster);
+            if stored > 0 || computed > 0 {
+                highest = cluster;
+            }
+            if stored < computed {
+                self.corruption(format!(
+                    "ERROR cluster {cluster} refcount={stored} reference={computed}"
+                ));
+            } else if stored > computed {
+                self.report.leaks += 1;
+                self.say(format!(
+                    "Leaked cluster {cluster} refcount={stored} reference={computed}"
+                ));
+            }
+        }
+        highest
+    }
+
+    /// COPIED must be set exactly on the active L1 and L2 entries whose
+    /// target has a stored refcount of one.
+    fn check_copied_flags(&mut self) -> Result<()> {
+        let cs = self.cluster_size;
+        let stride = if self.extended_l2 { 16 } else { 8 };
+        let l1 = self.l1;
+        for (index, &l1_entry) in l1.iter().enumerate() {
+            let l2_offset = l1_entry & L1E_OFFSET_MASK;
+            if l2_offset == 0 {
+                continue;
+            }
+            if let Ok(count) = self
+                .stored
+                .get(l2_offset >> self.cluster_bits, &mut self.report.messages)
+            {
+                if (count == 1) != (l1_entry & OFLAG_COPIED != 0) {
+                    self.corruption(format!(
+                        "ERROR OFLAG_COPIED L2 cluster: l1_index={index} l1_entry={l1_entry:x} refcount={count}"
+                    ));
+                }
+            }
+            let table = self.read(l2_offset, cs).map_err(|e| {
+                check_failed(
+                    &format!("ERROR: Could not read L2 table: {}", read_error_text(&e)),
+                    errno_of(&e),
+                )
+            })?;
+            for raw in table.chunks_exact(stride) {
+                let entry = be_u64(raw, 0);
+                match cluster_type(entry, self.extended_l2) {
+                    ClusterType::Normal | ClusterType::ZeroAlloc => {}
+                    _ => continue,
+                }
+                let host = entry & L2E_OFFSET_MASK;
+                let Ok(count) = self
+                    .stored
+                    .get(host >> self.cluster_bits, &mut self.report.messages)
+                else {
+                    continue;
+                };
+                if (count == 1) != (entry & OFLAG_COPIED != 0) {
+                    self.corruption(format!(
+                        "ERROR OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={count}"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn l2_entries_are_classified_like_qemu() {
+        assert_eq!(cluster_type(0, false), ClusterType::Unallocated);
+        assert_eq!(cluster_type(OFLAG_ZERO, false), ClusterType::ZeroPlain);
+        assert_eq!(
+            cluster_type(OFLAG_ZERO | 0x10000, false),
+            ClusterType::ZeroAlloc
+        );
+        assert_eq!(
+            cluster_type(OFLAG_COPIED | 0x10000, false),
+            ClusterType::Normal
+        );
+        assert_eq!(
+            cluster_type(OFLAG_COMPRESSED, false),
+            ClusterType::Compressed
+        );
+        // With extended L2 the zero flag is not a cluster type.
+        assert_eq!(cluster_type(OFLAG_ZERO, true), ClusterType::Unallocated);
+        assert_eq!(
+            cluster_type(OFLAG_ZERO | 0x10000, true),
+            ClusterType::Normal
+        );
+        // COPIED alone maps nothing.
+        assert_eq!(cluster_type(OFLAG_COPIED, false), ClusterType::Unallocated);
+    }
+
+    #[test]
+    fn computed_refcounts_saturate_at_the_entry_width() {
+        for order in 0..=6 {
+            let mut refs = ComputedRefcounts::new(order, 3);
+            refs.set(1, refs.max);
+            assert_eq!(refs.get(0), 0);
+            assert_eq!(refs.get(1), refs.max);
+            assert_eq!(refs.get(2), 0);
+            refs.set(1, 0);
+            assert_eq!(refs.get(1), 0);
+            refs.grow(200_000);
+            refs.set(199_999, 1);
+            assert_eq!(refs.get(199_999), 1);
+            assert_eq!(refs.get(199_998), 0);
+        }
+        assert_eq!(ComputedRefcounts::new(0, 1).max, 1);
+        assert_eq!(ComputedRefcounts::new(4, 1).max, 0xffff);
+        assert_eq!(ComputedRefcounts::new(6, 1).max, u64::MAX);
+    }
+
+    #[test]
+    fn stored_refcounts_decode_every_width() {
+        let block = [
+            0b1000_0101u8,
+            0x12,
+            0x34,
+            0x56,
+            0x78,
+            0x9a,
+            0xbc,
+            0xde,
+            0xf0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ];
+        assert_eq!(decode_refcount(&block, 0, 0), 1);
+        assert_eq!(decode_refcount(&block, 0, 1), 0);
+        assert_eq!(decode_refcount(&block, 0, 2), 1);
+        assert_eq!(decode_refcount(&block, 0, 7), 1);
+        assert_eq!(decode_refcount(&block, 1, 3), 2);
+        assert_eq!(decode_refcount(&block, 2, 0), 5);
+        assert_eq!(decode_refcount(&block, 2, 1), 8);
+        assert_eq!(decode_refcount(&block, 3, 1), 0x12);
+        assert_eq!(decode_refcount(&block, 4, 1), 0x3456);
+        assert_eq!(decode_refcount(&block, 5, 1), 0x789a_bcde);
+        assert_eq!(decode_refcount(&block, 6, 1), 0xf000_0000_0000_0000);
+    }
+
+    #[test]
+    fn c_formatting_helpers() {
+        assert_eq!(alt_hex(0), "0");
+        assert_eq!(alt_hex(0x200), "0x200");
+        assert_eq!(c_string(b"ab\0cd"), "ab");
+    }
+}
