@@ -49,6 +49,12 @@ class Progress:
     def start(self) -> None:
         self(0, 1)
 
+    def finish_line(self) -> None:
+        """Ends the progress display with a newline, after whatever was printed."""
+        if self.enabled:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
     def end(self) -> None:
         if self.enabled:
             self(1, 1)

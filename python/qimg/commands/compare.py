@@ -57,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
         return _fail(err, OPEN_FAILED)
     progress = Progress(args.progress and not args.quiet)
     with img1, img2:
-        if img1.size != img2.size and not args.strict:
-            say("Warning: Image size mismatch!")
+        common = min(img1.size, img2.size)
+        sizes_differ = img1.size != img2.size
         progress.start()
         try:
             outcome, offset, _sizes_differ = _core.compare_images(
@@ -68,14 +68,16 @@ def run(args: argparse.Namespace) -> int:
             return _fail(err, READ_FAILED)
         except QimgError as err:
             return _fail(err, READ_FAILED)
-    progress.end()
+    # qemu-img warns about the sizes once the common part has compared equal.
+    if sizes_differ and not args.strict and (offset is None or offset >= common):
+        say("Warning: Image size mismatch!")
     if outcome == "identical":
         say("Images are identical.")
-        return IDENTICAL
-    if outcome == "size-mismatch":
+    elif outcome == "size-mismatch":
         say("Strict mode: Image size mismatch!")
     elif outcome == "status-mismatch":
         say(f"Strict mode: Offset {offset} block status mismatch!")
     else:
         say(f"Content mismatch at offset {offset}!")
-    return DIFFERENT
+    progress.finish_line()
+    return IDENTICAL if outcome == "identical" else DIFFERENT

@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     mode = output_mode(args)
     if args.filename is None:
         raise UsageError("Expecting one image file name")
-    with open_image(args.filename, args.fmt) as image:
+    # Like qemu-img, plain info names the backing file without opening it.
+    with open_image(args.filename, args.fmt, backing=args.backing_chain) as image:
         chain = image.chain() if args.backing_chain else [image]
         infos = [img.info() for img in chain]
     if mode == "json":

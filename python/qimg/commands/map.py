@@ -57,14 +57,16 @@ def run(args: argparse.Namespace) -> int:
     if mode == "json":
         print("[" + ",\n".join(_json_line(e) for e in extents) + "]")
         return 0
-    lines = [f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File"]
+    # Only ranges with data stored plainly in a file have a line; zero
+    # ranges (even preallocated ones) do not.
+    print(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File", flush=True)
     for e in extents:
-        if e.data and e.offset is None:
+        if not e.data or e.zero:
+            continue
+        if e.offset is None:
             raise InvalidImageError(
                 f"the range at {e.start:#x} is compressed or not stored plainly, "
                 "so it has no host offset to show; use --output=json"
             ).about(args.filename)
-        if e.data and e.offset is not None:
-            lines.append(f"{_hex(e.start):<16}{_hex(e.length):<16}{_hex(e.offset):<16}{e.filename}")
-    print("\n".join(lines))
+        print(f"{_hex(e.start):<16}{_hex(e.length):<16}{_hex(e.offset):<16}{e.filename}")
     return 0

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Work handed to one thread at a time.
-const PIECE: u64 = 8 << 20;
+const PIECE: u64 = 2 << 20;
 
 /// How to treat the output file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,7 +105,12 @@ fn copy(
                 let e = status_above(src, pos, end - pos)?;
                 let n = e.length.clamp(1, end - pos);
                 if e.zero || !(e.data || e.present) {
-                    if zero_needed {
+                    if sparse.0.is_none() {
+                        // -S 0: the output is fully allocated, zeroes included.
+                        buf.clear();
+                        buf.resize(n as usize, 0);
+                        out.write_all_at(buf, pos).map_err(write_err)?;
+                    } else if zero_needed {
                         punch_zeroes(out, pos, n).map_err(write_err)?;
                     }
                 } else {

@@ -46,14 +46,20 @@ pub fn open_image(path: &str, opts: &OpenOptions) -> Result<Arc<dyn BlockDev>> {
             }
         };
         let next = match &layer.header {
-            Some(h) if !opts.no_backing => h.backing_file.as_ref().map(|b| {
+            Some(h) => h.backing_file.as_ref().map(|b| {
                 let resolved = resolve_backing(&name, b);
                 (resolved, h.backing_format.clone())
             }),
-            _ => None,
+            None => None,
         };
         layers.push(layer);
         let Some((resolved, fmt)) = next else { break };
+        if let Some(last) = layers.last_mut() {
+            last.backing_path = Some(resolved.clone());
+        }
+        if opts.no_backing {
+            break;
+        }
         format = match fmt.as_deref() {
             None => None,
             Some(f) => Some(Format::from_name(f).ok_or_else(|| {
@@ -62,9 +68,6 @@ pub fn open_image(path: &str, opts: &OpenOptions) -> Result<Arc<dyn BlockDev>> {
                 ))
             })?),
         };
-        if let Some(last) = layers.last_mut() {
-            last.backing_path = Some(resolved.clone());
-        }
         name = resolved;
     }
 

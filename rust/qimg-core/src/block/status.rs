@@ -143,6 +143,21 @@ fn extent(node: &dyn BlockDev, start: u64, length: u64, depth: u32, s: &Status) 
 pub fn map_extents(top: &dyn BlockDev, start: u64, max_len: u64) -> Result<Vec<MapExtent>> {
     let end = start.saturating_add(max_len).min(top.size());
     let mut out: Vec<MapExtent> = Vec::new();
+    if start >= end {
+        // Like qemu-img: an empty range still yields one empty extent.
+        out.push(MapExtent {
+            start,
+            length: 0,
+            depth: 0,
+            present: false,
+            zero: false,
+            data: false,
+            compressed: false,
+            offset: None,
+            filename: None,
+        });
+        return Ok(out);
+    }
     let mut pos = start;
     while pos < end {
         let next = status_above(top, pos, end - pos)?;

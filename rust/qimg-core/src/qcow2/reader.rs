@@ -26,7 +26,9 @@ const PARALLEL_PIECE: usize = 1 << 20;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mapping {
     /// Not allocated here: the backing file (or zeroes) shows through.
-    Unallocated,
+    /// `host` is set for an allocated cluster whose subcluster is not
+    /// (extended L2): its place in the file is known, its data is not there.
+    Unallocated { host: Option<u64> },
     /// Reads as zeroes; `host` is kept when a cluster stays allocated.
     Zero { host: Option<u64> },
     /// Plain data at `host` in the image file.
@@ -39,6 +41,7 @@ pub enum Mapping {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Unallocated,
+    UnallocatedAlloc(u64),
     ZeroPlain,
     ZeroAlloc(u64),
     Normal(u64),
@@ -192,7 +195,7 @@ impl Qcow2Node {
             ))),
             (false, true) => Ok(Kind::ZeroAlloc(sc_host)),
             (true, false) => Ok(Kind::Normal(sc_host)),
-            (false, false) => Ok(Kind::Unallocated),
+            (false, false) => Ok(Kind::UnallocatedAlloc(sc_host)),
         }
     }
 
@@ -210,7 +213,7 @@ impl Qcow2Node {
         let table_end = (l1_index + 1) * l2_entries * cs;
         let limit = max_len.min(table_end - offset);
         let Some(table) = self.l2_table(l1_index)? else {
-            return Ok((Mapping::Unallocated, limit));
+            return Ok((Mapping::Unallocated { host: None }, limit));
         };
         let l2_offset = self.l1[l1_index as usize] & L1E_OFFSET_MASK;
         let mut sc = if ext { (offset % cs) / unit } else { 0 };
@@ -233,9 +236,9 @@ impl Qcow2Node {
             k += 1;
             let next = self.kind(&table, index, sc, l2_offset)?;
             let same = match (first, next) {
-                (Kind::Normal(a), Kind::Normal(b)) | (Kind::ZeroAlloc(a), Kind::ZeroAlloc(b)) => {
-                    b == a + k * unit
-                }
+                (Kind::Normal(a), Kind::Normal(b))
+                | (Kind::ZeroAlloc(a), Kind::ZeroAlloc(b))
+                | (Kind::UnallocatedAlloc(a), Kind::UnallocatedAlloc(b)) => b == a + k * unit,
                 (Kind::Unallocated, Kind::Unallocated) | (Kind::ZeroPlain, Kind::ZeroPlain) => true,
                 _ => false,
             };
@@ -246,7 +249,10 @@ impl Qcow2Node {
         }
         let run = run.min(limit);
         let mapping = match first {
-            Kind::Unallocated => Mapping::Unallocated,
+            Kind::Unallocated => Mapping::Unallocated { host: None },
+            Kind::UnallocatedAlloc(h) => Mapping::Unallocated {
+                host: Some(h + into_unit),
+            },
             Kind::ZeroPlain => Mapping::Zero { host: None },
             Kind::ZeroAlloc(h) => Mapping::Zero {
                 host: Some(h + into_unit),
@@ -271,7 +277,7 @@ impl Qcow2Node {
             match mapping {
                 Mapping::Data { host } => self.file.pread(out, host)?,
                 Mapping::Zero { .. } => out.fill(0),
-                Mapping::Unallocated => match &self.backing {
+                Mapping::Unallocated { .. } => match &self.backing {
                     Some(b) => read_clipped(b.as_ref(), out, pos)?,
                     None => out.fill(0),
                 },
@@ -360,7 +366,7 @@ impl BlockDev for Qcow2Node {
             ..Status::default()
         };
         match mapping {
-            Mapping::Unallocated => {}
+            Mapping::Unallocated { host } => s.offset = host,
             Mapping::Zero { host } => {
                 s.zero = true;
                 s.offset = host;
