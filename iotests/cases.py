@@ -26,6 +26,7 @@ GROUPS = {
     "create": "iotests about image creation",
     "measure": "iotests about qemu-img measure",
     "qemu": "needs QEMU's qemu-img as the reference",
+    "read": "iotests about reading images: info, map, check, compare, convert",
 }
 
 

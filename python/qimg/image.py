@@ -177,7 +177,7 @@ def image_info(core: _core.Image) -> dict[str, JsonValue]:
 
 
 def _snapshot_table(snapshots: list[Any]) -> list[str]:
-    heading = f"{'ID':<7} {'TAG':<17} {'VM_SIZE':>7} {'DATE':>19} {'VM_CLOCK':>15} {'ICOUNT':>10}"
+    heading = f"{'ID':<7} {'TAG':<16} {'VM_SIZE':>8} {'DATE':>19} {'VM_CLOCK':>15} {'ICOUNT':>10}"
     lines = ["Snapshot list:", heading]
     for s in snapshots:
         date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
@@ -187,7 +187,7 @@ def _snapshot_table(snapshots: list[Any]) -> list[str]:
         seconds, millis = divmod(rest, 1000)
         clock = f"{hours:04d}:{minutes:02d}:{seconds:02d}.{millis:03d}"
         lines.append(
-            f"{s['id']:<7} {s['name']:<17} {size_to_str(s['vm-state-size']):>7} "
+            f"{s['id']:<7} {s['name']:<16} {size_to_str(s['vm-state-size']):>8} "
             f"{date:>19} {clock:>15} {s['icount']:>10}"
         )
     return lines

@@ -328,12 +328,12 @@ impl Qcow2Node {
         let end = self.file.file_len().div_ceil(cs);
         let mut used = 0u64;
         let mut cluster = 0u64;
-        while cluster < end && used <= threshold {
+        while cluster < end && used < threshold {
             let (count, run) = refcounts.nonzero_run(cluster, end - cluster)?;
             used += count;
             cluster += run;
         }
-        Ok(used > threshold)
+        Ok(used >= threshold)
     }
 }
 
