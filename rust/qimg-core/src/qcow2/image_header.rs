@@ -250,7 +250,9 @@ impl ImageHeader {
                 ));
             }
             let raw = &head[backing_offset as usize..(backing_offset + backing_len) as usize];
-            Some(String::from_utf8_lossy(raw).into_owned())
+            // Like QEMU, the name ends at a NUL byte; an empty name means none.
+            let raw = raw.split(|b| *b == 0).next().unwrap_or_default();
+            (!raw.is_empty()).then(|| String::from_utf8_lossy(raw).into_owned())
         } else {
             None
         };
@@ -331,7 +333,7 @@ impl ImageHeader {
         };
         if header.l1_entries < header.l1_entries_needed() {
             return bad(format!(
-                "L1 table is too small: {} entries map less than the virtual size of {virtual_size} bytes (needs {})",
+                "L1 table is too small: {} entries do not map the virtual size of {virtual_size} bytes (it needs {})",
                 header.l1_entries,
                 header.l1_entries_needed()
             ));
@@ -432,7 +434,7 @@ fn check_table(
     }
     if offset % cs != 0 {
         return Err(Error::InvalidImage(format!(
-            "{name} offset {offset:#x} is not aligned to a cluster"
+            "{name} offset {offset:#x} is not cluster aligned"
         )));
     }
     let bytes = entries * entry_len;

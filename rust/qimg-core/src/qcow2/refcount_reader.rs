@@ -55,7 +55,9 @@ impl<'a> RefcountReader<'a> {
         if offset == 0 {
             return Ok(None);
         }
-        if offset % self.cluster_size != 0 || offset + self.cluster_size > self.file.file_len() {
+        if offset % self.cluster_size != 0
+            || offset > self.file.file_len().saturating_sub(self.cluster_size)
+        {
             return Err(Error::InvalidImage(format!(
                 "Corrupt qcow2 image '{}': refcount block offset {offset:#x} (reftable index {index}) is unaligned or beyond the end of the file",
                 self.file.filename()

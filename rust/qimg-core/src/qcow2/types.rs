@@ -31,7 +31,7 @@ impl ClusterSize {
             Ok(ClusterSize { bits })
         } else {
             Err(Error::InvalidImage(format!(
-                "Unsupported cluster size: 2^{bits}"
+                "Unsupported cluster size: 2^{bits} (qcow2 allows 2^9 to 2^21)"
             )))
         }
     }
