@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 from qimg import _core
-from qimg.qjson import JsonValue
+from qimg.qjson import JsonValue, human_lines
 from qimg.sizes import size_to_str
 
 __all__ = ["Image", "MapExtent", "open_image"]
@@ -195,8 +194,6 @@ def _snapshot_table(snapshots: list[Any]) -> list[str]:
 
 def info_human(info: dict[str, Any]) -> str:
     """The text ``qemu-img info`` prints for one image."""
-    from qimg.qjson import human_lines
-
     lines = [
         f"image: {info['filename']}",
         f"file format: {info['format']}",
@@ -227,6 +224,3 @@ def info_human(info: dict[str, Any]) -> str:
         )
         lines.append(f"    disk size: {size_to_str(c['actual-size'])}")
     return "\n".join(lines)
-
-
-ProgressCallback = Callable[[int, int], None]

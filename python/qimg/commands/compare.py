@@ -7,7 +7,7 @@ import sys
 
 from qimg import _core
 from qimg.commands._common import Progress, add_share_arg
-from qimg.errors import ImageIOError, QimgError, UsageError
+from qimg.errors import QimgError, UsageError
 from qimg.image import open_image
 
 NAME = "compare"
@@ -61,11 +61,9 @@ def run(args: argparse.Namespace) -> int:
         sizes_differ = img1.size != img2.size
         progress.start()
         try:
-            outcome, offset, _sizes_differ = _core.compare_images(
+            outcome, offset, _ = _core.compare_images(
                 img1._img, img2._img, strict=args.strict, progress=progress
             )
-        except ImageIOError as err:
-            return _fail(err, READ_FAILED)
         except QimgError as err:
             return _fail(err, READ_FAILED)
     # qemu-img warns about the sizes once the common part has compared equal.

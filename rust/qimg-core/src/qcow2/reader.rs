@@ -5,7 +5,6 @@
 use super::compress::decompress;
 use super::image_header::ImageHeader;
 use super::l2cache::L2Cache;
-use super::types::CompressionType;
 use crate::block::{read_clipped, BlockDev, FileNode, Status};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
@@ -311,10 +310,6 @@ impl Qcow2Node {
             ),
             source: std::io::Error::from_raw_os_error(libc::EIO),
         })
-    }
-
-    pub fn compression(&self) -> CompressionType {
-        self.header.compression
     }
 
     /// Like QEMU: when the refcounts claim clearly more clusters than the
