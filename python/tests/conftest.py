@@ -7,6 +7,7 @@ set (CI must never silently lose its oracle). Tests that need QEMU carry ``@pyte
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -91,3 +92,21 @@ def run_qemu_io(qemu_io: str) -> RunCommand:
         return _run([qemu_io, *_argv(args)])
 
     return run
+
+
+def seek_data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
+    """Byte ranges of the open file ``fd`` (of ``size`` bytes) that are not holes,
+    as SEEK_DATA / SEEK_HOLE report them."""
+    ranges: list[tuple[int, int]] = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                break
+            raise
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        ranges.append((start, end))
+        pos = end
+    return ranges

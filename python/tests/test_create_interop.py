@@ -18,7 +18,6 @@ it and are tested for rejection separately.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
 import pytest
+
+from conftest import seek_data_ranges
 
 RunCommand: TypeAlias = Callable[..., subprocess.CompletedProcess[str]]
 BackingKind: TypeAlias = Literal["qcow2", "raw"]
@@ -122,22 +123,6 @@ _FIEMAP_EXTENT = struct.Struct("=QQQQQIIII")
 _FIEMAP_BATCH = 256
 
 
-def _seek_data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
-    ranges: list[tuple[int, int]] = []
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                break
-            raise
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        ranges.append((start, end))
-        pos = end
-    return ranges
-
-
 def allocated_ranges(path: Path) -> list[tuple[int, int]]:
     """Byte ranges of *path* backed by disk blocks, preallocated (unwritten) extents included."""
     with path.open("rb") as f:
@@ -153,7 +138,7 @@ def allocated_ranges(path: Path) -> list[tuple[int, int]]:
             try:
                 fcntl.ioctl(fd, _FS_IOC_FIEMAP, buf, True)
             except OSError:  # no FIEMAP on this file system: SEEK_DATA is the next best view
-                return _seek_data_ranges(fd, size)
+                return seek_data_ranges(fd, size)
             mapped = _FIEMAP_HEADER.unpack_from(buf, 0)[3]
             if mapped == 0:
                 break

@@ -16,7 +16,6 @@ names the image and the command, so a failure says what broke where.
 from __future__ import annotations
 
 import difflib
-import errno
 import json
 import os
 import random
@@ -33,6 +32,7 @@ from typing import Any, TypeAlias
 import pytest
 
 import qimg
+from conftest import seek_data_ranges
 
 RunCommand: TypeAlias = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -798,22 +798,8 @@ def assert_same_info(run_qimg: RunCommand, run_qemu_img: RunCommand, *args: str 
 
 def data_ranges(path: Path) -> list[tuple[int, int]]:
     """Byte ranges of *path* that are not holes (SEEK_DATA / SEEK_HOLE)."""
-    ranges: list[tuple[int, int]] = []
     with path.open("rb") as f:
-        fd = f.fileno()
-        size = os.fstat(fd).st_size
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:
-                    break
-                raise
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            ranges.append((start, end))
-            pos = end
-    return ranges
+        return seek_data_ranges(f.fileno(), os.fstat(f.fileno()).st_size)
 
 
 def holes(ranges: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
