@@ -9,6 +9,10 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// Largest request end QEMU's block layer accepts (INT64_MAX aligned down
+/// to 1 GiB); reads beyond it fail with EIO, as in QEMU.
+pub const MAX_REQUEST_END: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
+
 pub struct FileNode {
     file: File,
     path: PathBuf,
@@ -82,6 +86,20 @@ impl FileNode {
         }
         buf[done..].fill(0);
         Ok(())
+    }
+
+    /// `len` bytes at `offset` in a new buffer (zeroes past the end of the
+    /// file). The caller bounds `len`; requests past QEMU's limit fail.
+    pub fn read_vec(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > MAX_REQUEST_END)
+        {
+            return Err(self.error("read", io::Error::from_raw_os_error(libc::EIO)));
+        }
+        let mut buf = vec![0u8; len as usize];
+        self.pread(&mut buf, offset)?;
+        Ok(buf)
     }
 
     pub fn raw_file(&self) -> &File {

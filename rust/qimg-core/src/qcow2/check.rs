@@ -16,11 +16,13 @@
 //! against QEMU's limits, and reads past the end of the file see zeroes, as
 //! they do in QEMU.
 
-use super::image_header::{ImageHeader, AUTOCLEAR_BITMAPS};
+use super::image_header::{be16, be32, be64, ImageHeader, AUTOCLEAR_BITMAPS};
 use super::reader::{Qcow2Node, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO};
-use super::refcount_reader::REFT_OFFSET_MASK;
+use super::refcount_reader::{decode_refcount, REFT_OFFSET_MASK};
+use super::snapshot::{self, Snapshot, TableError};
 use super::types::Compat;
 use super::{MAX_L1_BYTES, MAX_REFTABLE_BYTES, OFLAG_COPIED};
+use crate::block::file::MAX_REQUEST_END;
 use crate::block::{BlockDev, FileNode};
 use crate::error::{strerror, Error, Result};
 use std::collections::HashMap;
@@ -57,12 +59,6 @@ const REFT_RESERVED_MASK: u64 = 0x1ff;
 const SUBCLUSTERS_ALLOCATED: u64 = 0xffff_ffff;
 /// Extra data a v3 snapshot entry must have (vm_state_size_large, disk_size).
 const SNAPSHOT_REQUIRED_EXTRA: u64 = 16;
-/// QEMU refuses snapshot entries with more extra data than this.
-const SNAPSHOT_MAX_EXTRA: u64 = 1024;
-/// Fixed part of a snapshot table entry.
-const SNAPSHOT_ENTRY_LEN: u64 = 40;
-/// QEMU's limit on the whole snapshot table (1 KiB for each of 65536 snapshots).
-const SNAPSHOT_TABLE_MAX: u64 = 1024 * 65536;
 /// Bitmap directory limits and layout (docs/interop/qcow2.rst, "Bitmaps").
 const BITMAP_DIR_ENTRY_LEN: u64 = 24;
 const BITMAP_MAX_COUNT: u64 = 65535;
@@ -76,8 +72,6 @@ const BITMAP_TYPE_DIRTY_TRACKING: u8 = 1;
 const BITMAP_ENTRY_RESERVED: u64 = 0xff00_0000_0000_01fe;
 const BITMAP_ENTRY_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const BITMAP_ENTRY_ALL_ONES: u64 = 1;
-/// Largest request QEMU's block layer accepts (INT64_MAX aligned down to 1 GiB).
-const MAX_REQUEST_END: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
 /// QEMU refuses to check files of more clusters than this (INT_MAX).
 const MAX_CHECK_CLUSTERS: u64 = i32::MAX as u64;
 /// Stored refcount blocks kept decoded between lookups.
@@ -121,15 +115,6 @@ fn cluster_type(entry: u64, extended_l2: bool) -> ClusterType {
     }
 }
 
-/// One entry of the snapshot table, as far as the check needs it.
-struct Snapshot {
-    l1_offset: u64,
-    l1_entries: u64,
-    extra_data_size: u64,
-    id: String,
-    name: String,
-}
-
 /// One bitmap of the bitmap directory.
 struct Bitmap {
     table_offset: u64,
@@ -170,26 +155,6 @@ fn alt_hex(v: u64) -> String {
     } else {
         format!("{v:#x}")
     }
-}
-
-fn be_u16(b: &[u8], at: usize) -> u64 {
-    u64::from(u16::from_be_bytes([b[at], b[at + 1]]))
-}
-
-fn be_u32(b: &[u8], at: usize) -> u64 {
-    u64::from(u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]))
-}
-
-fn be_u64(b: &[u8], at: usize) -> u64 {
-    let mut v = [0u8; 8];
-    v.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(v)
-}
-
-/// A C string field: the bytes up to the first NUL.
-fn c_string(bytes: &[u8]) -> String {
-    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
 /// The recomputed refcounts, one entry of the image's refcount width per
@@ -354,23 +319,6 @@ impl<'a> StoredRefcounts<'a> {
     }
 }
 
-/// Entry `i` of a refcount block: entries narrower than a byte are packed
-/// from the least significant bit of each byte; wider ones are big-endian.
-fn decode_refcount(block: &[u8], order: u32, i: u64) -> u64 {
-    let i = i as usize;
-    match order {
-        0..=2 => {
-            let bits = 1usize << order;
-            let bit = i * bits;
-            (u64::from(block[bit / 8]) >> (bit % 8)) & ((1 << bits) - 1)
-        }
-        3 => u64::from(block[i]),
-        4 => be_u16(block, i * 2),
-        5 => be_u32(block, i * 4),
-        _ => be_u64(block, i * 8),
-    }
-}
-
 struct Checker<'a> {
     header: &'a ImageHeader,
     /// The active L1 table as read when the image was opened.
@@ -412,7 +360,7 @@ impl<'a> Checker<'a> {
         }
         let mut raw = vec![0u8; (header.reftable_clusters * cluster_size) as usize];
         file.pread(&mut raw, header.reftable_offset)?;
-        let reftable = raw.chunks_exact(8).map(|c| be_u64(c, 0)).collect();
+        let reftable = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
         let stored = StoredRefcounts {
             file,
             reftable,
@@ -462,28 +410,15 @@ impl<'a> Checker<'a> {
 
     /// Reads `len` bytes at `offset` (zeroes past the end of the file).
     fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
-        if offset
-            .checked_add(len)
-            .is_none_or(|end| end > MAX_REQUEST_END)
-        {
-            return Err(Error::io(
-                format!("Could not read '{}'", self.file.filename()),
-                io::Error::from_raw_os_error(libc::EIO),
-            ));
-        }
-        let mut buf = vec![0u8; len as usize];
-        self.file.pread(&mut buf, offset)?;
-        Ok(buf)
+        self.file.read_vec(offset, len)
     }
 
     // ---- snapshot table -------------------------------------------------
 
-    /// Reads every snapshot entry the way QEMU's check does before counting
-    /// references; an unreadable table ends the check.
+    /// Reads the snapshot table (the shared parser, QEMU's limits) before
+    /// counting references; a table QEMU refuses ends the check.
     fn read_snapshot_table(&mut self) -> Result<()> {
-        let count = u64::from(self.header.snapshot_count);
-        let start = self.header.snapshots_offset;
-        if count == 0 {
+        if self.header.snapshot_count == 0 {
             return Ok(());
         }
         let fail = |msg: String, errno: i32| {
@@ -492,51 +427,28 @@ impl<'a> Checker<'a> {
                 errno,
             )
         };
-        let mut offset = start;
-        let mut table_len = 0u64;
-        for i in 0..count {
-            table_len = table_len.next_multiple_of(8);
-            offset = offset.next_multiple_of(8);
-            let fixed = self.read(offset, SNAPSHOT_ENTRY_LEN)?;
-            offset += SNAPSHOT_ENTRY_LEN;
-            let l1_offset = be_u64(&fixed, 0);
-            let l1_entries = be_u32(&fixed, 8);
-            let id_len = be_u16(&fixed, 12);
-            let name_len = be_u16(&fixed, 14);
-            let extra = be_u32(&fixed, 36);
-            if extra > SNAPSHOT_MAX_EXTRA {
+        let table = match snapshot::read_table(self.file, self.header) {
+            Ok(table) => table,
+            Err(TableError::TooMuchExtra { index }) => {
                 return Err(fail(
                     format!(
-                        "Too much extra metadata in snapshot table entry {i}\nYou can force-remove this extra metadata with qemu-img check -r all"
+                        "Too much extra metadata in snapshot table entry {index}\nYou can force-remove this extra metadata with qemu-img check -r all"
                     ),
                     libc::EFBIG,
-                ));
+                ))
             }
-            // Known extra data, then unknown extra data, then the two strings.
-            offset += extra;
-            let id = c_string(&self.read(offset, id_len)?);
-            offset += id_len;
-            let name = c_string(&self.read(offset, name_len)?);
-            offset += name_len;
-            table_len += SNAPSHOT_ENTRY_LEN + extra + id_len + name_len;
-            if table_len > SNAPSHOT_TABLE_MAX || offset - start > i32::MAX as u64 {
+            Err(TableError::TooBig { overhanging }) => {
                 return Err(fail(
                     format!(
-                        "Snapshot table is too big\nYou can force-remove all {} overhanging snapshots with qemu-img check -r all",
-                        count - i
+                        "Snapshot table is too big\nYou can force-remove all {overhanging} overhanging snapshots with qemu-img check -r all"
                     ),
                     libc::EFBIG,
-                ));
+                ))
             }
-            self.snapshots.push(Snapshot {
-                l1_offset,
-                l1_entries,
-                extra_data_size: extra,
-                id,
-                name,
-            });
-        }
-        self.snapshots_size = offset - start;
+            Err(TableError::Read(e)) => return Err(e),
+        };
+        self.snapshots = table.snapshots;
+        self.snapshots_size = table.byte_len;
         if self.header.compat == Compat::V3 {
             for i in 0..self.snapshots.len() {
                 if self.snapshots[i].extra_data_size < SNAPSHOT_REQUIRED_EXTRA {
@@ -597,8 +509,10 @@ impl<'a> Checker<'a> {
         self.check_l1(l1_offset, l1_entries, true)?;
 
         for i in 0..self.snapshots.len() {
-            let (l1_offset, l1_entries) =
-                (self.snapshots[i].l1_offset, self.snapshots[i].l1_entries);
+            let (l1_offset, l1_entries) = (
+                self.snapshots[i].l1_table_offset,
+                self.snapshots[i].l1_entries,
+            );
             if l1_offset % cs != 0 {
                 let sn = &self.snapshots[i];
                 let line = format!(
@@ -642,7 +556,7 @@ impl<'a> Checker<'a> {
             .read(l1_offset, entries * 8)
             .map_err(|e| check_failed("ERROR: I/O error in check_refcounts_l1", errno_of(&e)))?;
         for chunk in table.chunks_exact(8) {
-            let entry = be_u64(chunk, 0);
+            let entry = be64(chunk, 0);
             if entry == 0 {
                 continue;
             }
@@ -677,8 +591,8 @@ impl<'a> Checker<'a> {
         let csize_mask = (1u64 << (bits - 8)) - 1;
         let mut next_contiguous = 0u64;
         for (index, raw) in table.chunks_exact(stride).enumerate() {
-            let entry = be_u64(raw, 0);
-            let bitmap = if self.extended_l2 { be_u64(raw, 8) } else { 0 };
+            let entry = be64(raw, 0);
+            let bitmap = if self.extended_l2 { be64(raw, 8) } else { 0 };
             let kind = cluster_type(entry, self.extended_l2);
             if kind != ClusterType::Compressed && entry & L2E_STD_RESERVED_MASK != 0 {
                 self.corruption(format!(
@@ -779,7 +693,7 @@ impl<'a> Checker<'a> {
         for bitmap in bitmaps {
             self.reference(bitmap.table_offset, bitmap.table_entries * 8)?;
             let table = self.read(bitmap.table_offset, bitmap.table_entries * 8)?;
-            let entries: Vec<u64> = table.chunks_exact(8).map(|c| be_u64(c, 0)).collect();
+            let entries: Vec<u64> = table.chunks_exact(8).map(|c| be64(c, 0)).collect();
             let valid = |e: u64| {
                 let offset = e & BITMAP_ENTRY_OFFSET_MASK;
                 e & BITMAP_ENTRY_RESERVED == 0
@@ -817,13 +731,13 @@ impl<'a> Checker<'a> {
                 return None;
             }
             let e = &dir[at as usize..(at + BITMAP_DIR_ENTRY_LEN) as usize];
-            let table_offset = be_u64(e, 0);
-            let table_entries = be_u32(e, 8);
-            let flags = be_u32(e, 12) as u32;
+            let table_offset = be64(e, 0);
+            let table_entries = u64::from(be32(e, 8));
+            let flags = be32(e, 12);
             let kind = e[16];
             let granularity_bits = u64::from(e[17]);
-            let name_len = be_u16(e, 18);
-            let extra = be_u32(e, 20);
+            let name_len = u64::from(be16(e, 18));
+            let extra = u64::from(be32(e, 20));
             let entry_len = (BITMAP_DIR_ENTRY_LEN + name_len + extra).next_multiple_of(8);
             if at + entry_len > size || extra != 0 {
                 return None;
@@ -955,7 +869,7 @@ impl<'a> Checker<'a> {
                 )
             })?;
             for raw in table.chunks_exact(stride) {
-                let entry = be_u64(raw, 0);
+                let entry = be64(raw, 0);
                 match cluster_type(entry, self.extended_l2) {
                     ClusterType::Normal | ClusterType::ZeroAlloc => {}
                     _ => continue,
@@ -1065,6 +979,5 @@ mod tests {
     fn c_formatting_helpers() {
         assert_eq!(alt_hex(0), "0");
         assert_eq!(alt_hex(0x200), "0x200");
-        assert_eq!(c_string(b"ab\0cd"), "ab");
     }
 }

@@ -1,9 +1,10 @@
 //! Reading stored refcounts of an existing image.
 
-use super::image_header::ImageHeader;
-use super::l2cache::L2Cache;
+use super::image_header::{be16, be32, be64, ImageHeader};
 use crate::block::{BlockDev, FileNode};
 use crate::error::{Error, Result};
+use std::cell::RefCell;
+use std::rc::Rc;
 
 /// Reftable entry: bits 9-63 hold the refcount block offset.
 pub const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
@@ -14,7 +15,8 @@ pub struct RefcountReader<'a> {
     cluster_size: u64,
     order: u32,
     entries_per_block: u64,
-    blocks: L2Cache,
+    /// The last block read, with its offset.
+    last: RefCell<Option<(u64, Rc<Vec<u8>>)>>,
 }
 
 impl<'a> RefcountReader<'a> {
@@ -23,30 +25,20 @@ impl<'a> RefcountReader<'a> {
         // The header parser bounded the table by QEMU's 8 MiB limit and the file length.
         let mut raw = vec![0u8; (header.reftable_clusters * cs) as usize];
         file.pread(&mut raw, header.reftable_offset)?;
-        let reftable = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-            .collect();
+        let reftable = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
         Ok(RefcountReader {
             file,
             reftable,
             cluster_size: cs,
             order: header.refcount_order.order(),
             entries_per_block: header.refcount_order.entries_per_block(header.cluster_size),
-            blocks: L2Cache::new(cs),
+            last: RefCell::new(None),
         })
     }
 
-    pub fn reftable(&self) -> &[u64] {
-        &self.reftable
-    }
-
-    pub fn entries_per_block(&self) -> u64 {
-        self.entries_per_block
-    }
-
-    /// The refcount block covering `cluster`, or None when its reftable entry is 0.
-    fn block(&self, cluster: u64) -> Result<Option<std::sync::Arc<[u64]>>> {
+    /// The refcount block covering `cluster` (raw bytes), or None when its
+    /// reftable entry is 0. Blocks are read in order, so one is kept.
+    fn block(&self, cluster: u64) -> Result<Option<Rc<Vec<u8>>>> {
         let index = cluster / self.entries_per_block;
         let Some(&entry) = self.reftable.get(index as usize) else {
             return Ok(None);
@@ -54,6 +46,11 @@ impl<'a> RefcountReader<'a> {
         let offset = entry & REFT_OFFSET_MASK;
         if offset == 0 {
             return Ok(None);
+        }
+        if let Some((at, block)) = &*self.last.borrow() {
+            if *at == offset {
+                return Ok(Some(Rc::clone(block)));
+            }
         }
         if offset % self.cluster_size != 0
             || offset > self.file.file_len().saturating_sub(self.cluster_size)
@@ -63,17 +60,11 @@ impl<'a> RefcountReader<'a> {
                 self.file.filename()
             )));
         }
-        self.blocks
-            .get_or_load(offset, |buf| self.file.pread(buf, offset))
-            .map(Some)
-    }
-
-    /// The stored refcount of `cluster`.
-    pub fn get(&self, cluster: u64) -> Result<u64> {
-        let Some(block) = self.block(cluster)? else {
-            return Ok(0);
-        };
-        Ok(entry(&block, self.order, cluster % self.entries_per_block))
+        let mut buf = vec![0u8; self.cluster_size as usize];
+        self.file.pread(&mut buf, offset)?;
+        let block = Rc::new(buf);
+        *self.last.borrow_mut() = Some((offset, Rc::clone(&block)));
+        Ok(Some(block))
     }
 
     /// Counts clusters with a non-zero refcount from `cluster` to the end of
@@ -85,43 +76,37 @@ impl<'a> RefcountReader<'a> {
             return Ok((0, n));
         };
         let count = (first..first + n)
-            .filter(|&i| entry(&block, self.order, i) != 0)
+            .filter(|&i| decode_refcount(&block, self.order, i) != 0)
             .count() as u64;
         Ok((count, n))
     }
 }
 
-/// Entry `i` of a refcount block decoded as big-endian u64 words.
-fn entry(words: &[u64], order: u32, i: u64) -> u64 {
-    let bits = 1u64 << order;
-    let bit = i * bits;
-    let word = words[(bit / 64) as usize];
-    if bits == 64 {
-        return word;
-    }
-    // Entries narrower than a byte are packed from the least significant
-    // bit of each byte; bytes and wider entries are big-endian.
-    let byte_index = (bit / 8) % 8; // byte within the word, 0 = most significant
-    let shift_bytes = 56 - byte_index * 8;
-    if bits < 8 {
-        let byte = (word >> shift_bytes) & 0xff;
-        (byte >> (bit % 8)) & ((1 << bits) - 1)
-    } else {
-        let shift = 64 - bits - (bit % 64);
-        (word >> shift) & ((1u64 << bits) - 1)
+/// Entry `i` of a refcount block: entries narrower than a byte are packed
+/// from the least significant bit of each byte; wider ones are big-endian.
+pub(crate) fn decode_refcount(block: &[u8], order: u32, i: u64) -> u64 {
+    let i = i as usize;
+    match order {
+        0..=2 => {
+            let bits = 1usize << order;
+            let bit = i * bits;
+            (u64::from(block[bit / 8]) >> (bit % 8)) & ((1 << bits) - 1)
+        }
+        3 => u64::from(block[i]),
+        4 => u64::from(be16(block, i * 2)),
+        5 => u64::from(be32(block, i * 4)),
+        _ => be64(block, i * 8),
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::entry;
+    use super::decode_refcount as entry;
 
-    fn words(bytes: &[u8]) -> Vec<u64> {
+    fn words(bytes: &[u8]) -> Vec<u8> {
         let mut b = bytes.to_vec();
         b.resize(b.len().next_multiple_of(8), 0);
-        b.chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().expect("8")))
-            .collect()
+        b
     }
 
     #[test]

@@ -1,22 +1,23 @@
-//! The internal snapshot table of a qcow2 image (read only).
+//! The internal snapshot table of a qcow2 image (read only): one parser for
+//! `info` and `check`, bounded as QEMU bounds the table.
 
-use super::image_header::{be32, be64, ImageHeader};
+use super::image_header::{be16, be32, be64, ImageHeader};
 use crate::block::{BlockDev, FileNode};
 use crate::error::{Error, Result};
 
 /// Fixed part of a snapshot table entry.
-const ENTRY_FIXED: usize = 40;
+const ENTRY_FIXED: u64 = 40;
 /// Largest extra-data area QEMU accepts per entry.
-const MAX_EXTRA: u32 = 1024;
-/// Largest whole snapshot table QEMU accepts.
-const MAX_TABLE_BYTES: u64 = 64 << 20;
+const MAX_EXTRA: u64 = 1024;
+/// Largest whole snapshot table QEMU accepts (1 KiB for each of 65536 snapshots).
+const MAX_TABLE_BYTES: u64 = 1024 * 65536;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
     pub id: String,
     pub name: String,
     pub l1_table_offset: u64,
-    pub l1_entries: u32,
+    pub l1_entries: u64,
     pub date_sec: u32,
     pub date_nsec: u32,
     pub vm_clock_nsec: u64,
@@ -25,56 +26,118 @@ pub struct Snapshot {
     pub icount: Option<u64>,
     /// Virtual disk size at the snapshot, when recorded.
     pub disk_size: Option<u64>,
+    /// Bytes of extra data in the entry (v3 requires at least 16).
+    pub extra_data_size: u64,
 }
 
-/// Reads every snapshot entry; the table is bounded as QEMU bounds it.
-pub fn read_snapshots(file: &FileNode, header: &ImageHeader) -> Result<Vec<Snapshot>> {
-    let mut out = Vec::with_capacity(header.snapshot_count.min(1024) as usize);
-    let mut at = header.snapshots_offset;
-    let bad = |msg: String| {
-        Error::InvalidImage(format!(
-            "Corrupt qcow2 image '{}': snapshot table: {msg}",
-            file.filename()
-        ))
-    };
-    for index in 0..header.snapshot_count {
-        if at - header.snapshots_offset > MAX_TABLE_BYTES || at >= file.file_len() {
-            return Err(bad(format!(
-                "entry {index} at {at:#x} lies beyond the end of the file or the table limit"
-            )));
-        }
-        let mut fixed = [0u8; ENTRY_FIXED];
-        file.pread(&mut fixed, at)?;
-        let l1_table_offset = be64(&fixed, 0);
-        let l1_entries = be32(&fixed, 8);
-        let id_len = u16::from_be_bytes([fixed[12], fixed[13]]) as usize;
-        let name_len = u16::from_be_bytes([fixed[14], fixed[15]]) as usize;
-        let extra_len = be32(&fixed, 36);
+/// The table as read: its entries and the bytes it spans in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotTable {
+    pub snapshots: Vec<Snapshot>,
+    pub byte_len: u64,
+}
+
+/// Why the table could not be read.
+#[derive(Debug)]
+pub enum TableError {
+    /// Entry `index` has more extra data than QEMU accepts.
+    TooMuchExtra { index: u64 },
+    /// The table outgrows QEMU's limit; `overhanging` entries do not fit.
+    TooBig { overhanging: u64 },
+    /// Reading the file failed.
+    Read(Error),
+}
+
+/// A C string field: the bytes up to the first NUL.
+fn c_string(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+/// Reads every entry as QEMU does: bytes past the end of the file read as
+/// zeroes, and only the per-entry and whole-table limits end the read.
+pub fn read_table(
+    file: &FileNode,
+    header: &ImageHeader,
+) -> std::result::Result<SnapshotTable, TableError> {
+    let count = u64::from(header.snapshot_count);
+    let start = header.snapshots_offset;
+    let mut snapshots = Vec::with_capacity(count.min(1024) as usize);
+    let mut offset = start;
+    let mut table_len = 0u64;
+    for index in 0..count {
+        table_len = table_len.next_multiple_of(8);
+        offset = offset.next_multiple_of(8);
+        let fixed = file
+            .read_vec(offset, ENTRY_FIXED)
+            .map_err(TableError::Read)?;
+        offset += ENTRY_FIXED;
+        let id_len = u64::from(be16(&fixed, 12));
+        let name_len = u64::from(be16(&fixed, 14));
+        let extra_len = u64::from(be32(&fixed, 36));
         if extra_len > MAX_EXTRA {
-            return Err(bad(format!(
-                "entry {index} has {extra_len} bytes of extra data (at most {MAX_EXTRA})"
-            )));
+            return Err(TableError::TooMuchExtra { index });
         }
-        let mut rest = vec![0u8; extra_len as usize + id_len + name_len];
-        file.pread(&mut rest, at + ENTRY_FIXED as u64)?;
-        let extra = &rest[..extra_len as usize];
-        let field = |o: usize| (extra.len() >= o + 8).then(|| be64(extra, o));
-        let id = String::from_utf8_lossy(&rest[extra_len as usize..][..id_len]).into_owned();
-        let name = String::from_utf8_lossy(&rest[extra_len as usize + id_len..]).into_owned();
-        out.push(Snapshot {
+        let extra = file.read_vec(offset, extra_len).map_err(TableError::Read)?;
+        offset += extra_len;
+        let id = c_string(&file.read_vec(offset, id_len).map_err(TableError::Read)?);
+        offset += id_len;
+        let name = c_string(&file.read_vec(offset, name_len).map_err(TableError::Read)?);
+        offset += name_len;
+        table_len += ENTRY_FIXED + extra_len + id_len + name_len;
+        if table_len > MAX_TABLE_BYTES || offset - start > i32::MAX as u64 {
+            return Err(TableError::TooBig {
+                overhanging: count - index,
+            });
+        }
+        let field = |at: usize| (extra.len() >= at + 8).then(|| be64(&extra, at));
+        snapshots.push(Snapshot {
             id,
             name,
-            l1_table_offset,
-            l1_entries,
+            l1_table_offset: be64(&fixed, 0),
+            l1_entries: u64::from(be32(&fixed, 8)),
             date_sec: be32(&fixed, 16),
             date_nsec: be32(&fixed, 20),
             vm_clock_nsec: be64(&fixed, 24),
             vm_state_size: field(0).unwrap_or(u64::from(be32(&fixed, 32))),
             disk_size: field(8),
             icount: field(16).filter(|v| *v != u64::MAX),
+            extra_data_size: extra_len,
         });
-        let len = (ENTRY_FIXED + rest.len()) as u64;
-        at += len.next_multiple_of(8);
     }
-    Ok(out)
+    Ok(SnapshotTable {
+        snapshots,
+        byte_len: offset - start,
+    })
+}
+
+/// The snapshot entries, for `info`; a table QEMU would refuse is an error.
+pub fn read_snapshots(file: &FileNode, header: &ImageHeader) -> Result<Vec<Snapshot>> {
+    let bad = |msg: String| {
+        Error::InvalidImage(format!(
+            "Corrupt qcow2 image '{}': snapshot table: {msg}",
+            file.filename()
+        ))
+    };
+    match read_table(file, header) {
+        Ok(table) => Ok(table.snapshots),
+        Err(TableError::TooMuchExtra { index }) => Err(bad(format!(
+            "entry {index} has more than {MAX_EXTRA} bytes of extra data"
+        ))),
+        Err(TableError::TooBig { overhanging }) => Err(bad(format!(
+            "the table is larger than {MAX_TABLE_BYTES} bytes ({overhanging} entries do not fit)"
+        ))),
+        Err(TableError::Read(e)) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::c_string;
+
+    #[test]
+    fn c_strings_end_at_the_first_nul() {
+        assert_eq!(c_string(b"ab\0cd"), "ab");
+        assert_eq!(c_string(b"abc"), "abc");
+    }
 }
