@@ -175,6 +175,28 @@ fn write_zeroes_buffered(file: &File, start: u64, end: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Zeroes `[offset, offset+len)` keeping its blocks allocated
+/// (FALLOC_FL_ZERO_RANGE); fails where the filesystem cannot.
+pub fn zero_in_place(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    };
+    // SAFETY: fallocate on a descriptor we own has no memory effects.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            n,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Makes `[offset, offset+len)` of an existing file read as zeroes,
 /// punching a hole where the filesystem can, writing zeroes where it cannot.
 pub fn punch_zeroes(file: &File, offset: u64, len: u64) -> io::Result<()> {

@@ -239,6 +239,7 @@ fn our_check(path: &str) -> qimg_core::Result<CheckReport> {
         &OpenOptions {
             format: Some(Format::Qcow2),
             no_backing: true,
+            ..OpenOptions::default()
         },
     )?;
     let qcow2 = node.as_qcow2().expect("a qcow2 node");

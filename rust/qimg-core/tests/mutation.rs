@@ -607,10 +607,12 @@ fn options_for(case: u64) -> OpenOptions {
         2 => OpenOptions {
             format: Some(Format::Qcow2),
             no_backing: false,
+            ..OpenOptions::default()
         },
         _ => OpenOptions {
             format: Some(Format::Qcow2),
             no_backing: true,
+            ..OpenOptions::default()
         },
     }
 }

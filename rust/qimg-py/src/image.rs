@@ -43,6 +43,7 @@ pub fn open_image(
     let opts = OpenOptions {
         format: parse_format(format.as_deref())?,
         no_backing,
+        ..OpenOptions::default()
     };
     let node = py
         .detach(|| block::open_image(&path, &opts))

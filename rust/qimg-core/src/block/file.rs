@@ -7,6 +7,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Largest request end QEMU's block layer accepts (INT64_MAX aligned down
@@ -17,14 +18,28 @@ pub struct FileNode {
     file: File,
     path: PathBuf,
     name: String,
-    /// The real length of the file in bytes.
-    len: u64,
+    /// The real length of the file in bytes (grows as writes extend it).
+    len: AtomicU64,
+    writable: bool,
 }
 
 impl FileNode {
     /// Opens `path` read-only. Directories and other non-files are refused.
     pub fn open(path: &Path) -> Result<FileNode> {
-        let file = File::open(path).map_err(|e| Error::open(path, e))?;
+        Self::open_mode(path, false)
+    }
+
+    /// Opens `path` for reading and writing.
+    pub fn open_rw(path: &Path) -> Result<FileNode> {
+        Self::open_mode(path, true)
+    }
+
+    fn open_mode(path: &Path, writable: bool) -> Result<FileNode> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(|e| Error::open(path, e))?;
         let meta = file.metadata().map_err(|e| Error::open(path, e))?;
         if meta.is_dir() {
             return Err(Error::open(
@@ -45,7 +60,8 @@ impl FileNode {
             file,
             path: path.to_path_buf(),
             name: path.display().to_string(),
-            len,
+            len: AtomicU64::new(len),
+            writable,
         })
     }
 
@@ -55,7 +71,11 @@ impl FileNode {
 
     /// The real length of the file (the node's size is this rounded up to 512).
     pub fn file_len(&self) -> u64 {
-        self.len
+        self.len.load(Ordering::Acquire)
+    }
+
+    pub fn is_writable(&self) -> bool {
+        self.writable
     }
 
     /// Bytes the file occupies on disk (st_blocks * 512), as `disk size` shows.
@@ -74,7 +94,7 @@ impl FileNode {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
-            if pos >= self.len {
+            if pos >= self.file_len() {
                 break;
             }
             match self.file.read_at(&mut buf[done..], pos) {
@@ -105,11 +125,60 @@ impl FileNode {
     pub fn raw_file(&self) -> &File {
         &self.file
     }
+
+    /// Writes all of `buf` at `offset`, extending the file as needed.
+    pub fn pwrite(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&end| end <= MAX_REQUEST_END)
+            .ok_or_else(|| self.error("write", io::Error::from_raw_os_error(libc::EFBIG)))?;
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|e| self.error("write", e))?;
+        self.len.fetch_max(end, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Makes everything written so far durable (fdatasync).
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync_data().map_err(|e| self.error("flush", e))
+    }
+
+    /// Sets the file's length.
+    pub fn truncate(&self, len: u64) -> Result<()> {
+        self.file
+            .set_len(len)
+            .map_err(|e| self.error("resize", e))?;
+        self.len.store(len, Ordering::Release);
+        Ok(())
+    }
+
+    /// Makes `[offset, offset + len)` read as zeroes: a hole where the file
+    /// system can punch one (`unmap`), zeroes written otherwise.
+    pub fn zero_range(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        let end = offset.saturating_add(len);
+        let inside = end.min(self.file_len());
+        if inside > offset {
+            let n = inside - offset;
+            let res = if unmap {
+                crate::file::punch_zeroes(&self.file, offset, n)
+            } else {
+                crate::file::zero_in_place(&self.file, offset, n)
+                    .or_else(|_| crate::file::write_zeroes(&self.file, &self.path, offset, n))
+            };
+            res.map_err(|e| self.error("write", e))?;
+        }
+        if end > inside {
+            // Past the end: growing the file gives zeroes.
+            self.truncate(end)?;
+        }
+        Ok(())
+    }
 }
 
 impl BlockDev for FileNode {
     fn size(&self) -> u64 {
-        self.len.div_ceil(512) * 512
+        self.file_len().div_ceil(512) * 512
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -144,7 +213,8 @@ impl FileNode {
     /// Whether `offset` starts data or a hole, and how far that lasts (<= len).
     fn extent_at(&self, offset: u64, len: u64) -> Result<(bool, u64)> {
         use std::os::fd::AsRawFd;
-        if offset >= self.len {
+        let file_len = self.file_len();
+        if offset >= file_len {
             return Ok((false, len));
         }
         let fd = self.file.as_raw_fd();
@@ -164,7 +234,7 @@ impl FileNode {
             Ok(_) => {
                 let hole = match seek(offset, libc::SEEK_HOLE) {
                     Ok(h) => h,
-                    Err(_) => self.len,
+                    Err(_) => file_len,
                 };
                 Ok((true, hole.saturating_sub(offset).clamp(1, len)))
             }

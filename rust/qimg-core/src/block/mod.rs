@@ -7,7 +7,7 @@ pub mod open;
 pub mod raw;
 pub mod status;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::qcow2::reader::Qcow2Node;
 use std::sync::Arc;
 
@@ -74,6 +74,54 @@ pub trait BlockDev: Send + Sync {
     /// The qcow2 node itself, for callers that need its header or tables.
     fn as_qcow2(&self) -> Option<&Qcow2Node> {
         None
+    }
+
+    /// Writes `buf` at `offset`; the range must lie inside the node.
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
+        Err(read_only(self.filename()))
+    }
+
+    /// Makes `[offset, offset + len)` read as zeroes. With `unmap`, the
+    /// space may be released.
+    fn write_zeroes(&self, _offset: u64, _len: u64, _unmap: bool) -> Result<()> {
+        Err(read_only(self.filename()))
+    }
+
+    /// Tells the node that `[offset, offset + len)` is no longer needed.
+    /// What it reads afterwards depends on the format (zeroes, or the
+    /// backing file for qcow2 v2 images).
+    fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
+        Err(read_only(self.filename()))
+    }
+
+    /// Makes every completed write durable.
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Flushes and leaves the image consistent on disk (the node stays
+    /// usable; dropping it closes too, without reporting errors).
+    fn close(&self) -> Result<()> {
+        self.flush()
+    }
+}
+
+fn read_only(name: &str) -> Error {
+    Error::InvalidArgument(format!("'{name}' is open read-only"))
+}
+
+/// Refuses requests that do not lie inside the node, as QEMU's block layer does.
+pub fn check_request(node: &dyn BlockDev, offset: u64, len: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= node.size() => Ok(()),
+        _ => Err(Error::io(
+            format!(
+                "Request of {len} bytes at offset {offset} is beyond the end of '{}' ({} bytes)",
+                node.filename(),
+                node.size()
+            ),
+            std::io::Error::from_raw_os_error(libc::EIO),
+        )),
     }
 }
 

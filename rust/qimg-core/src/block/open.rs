@@ -18,6 +18,8 @@ pub struct OpenOptions {
     pub format: Option<Format>,
     /// Open only the image itself, not its backing chain.
     pub no_backing: bool,
+    /// Open the image (not its backing chain) for writing.
+    pub writable: bool,
 }
 
 struct Layer {
@@ -34,7 +36,7 @@ pub fn open_image(path: &str, opts: &OpenOptions) -> Result<Arc<dyn BlockDev>> {
     let mut name = path.to_string();
     let mut format = opts.format;
     loop {
-        let opened = open_layer(&name, format, &mut seen);
+        let opened = open_layer(&name, format, &mut seen, opts.writable && layers.is_empty());
         let layer = match (opened, layers.last()) {
             (Ok(l), _) => l,
             (Err(e), None) => return Err(e),
@@ -88,14 +90,23 @@ pub fn open_image(path: &str, opts: &OpenOptions) -> Result<Arc<dyn BlockDev>> {
     below.ok_or_else(|| Error::InvalidImage(format!("Could not open '{path}'")))
 }
 
-fn open_layer(name: &str, format: Option<Format>, seen: &mut HashSet<PathBuf>) -> Result<Layer> {
+fn open_layer(
+    name: &str,
+    format: Option<Format>,
+    seen: &mut HashSet<PathBuf>,
+    writable: bool,
+) -> Result<Layer> {
     if name.contains("://") || name.starts_with("json:") {
         return Err(Error::InvalidImage(format!(
             "Could not open '{name}': protocols and json: specifications are not supported here yet; give a local file name"
         )));
     }
     let path = Path::new(name);
-    let file = FileNode::open(path)?;
+    let file = if writable {
+        FileNode::open_rw(path)?
+    } else {
+        FileNode::open(path)?
+    };
     let canonical = std::fs::canonicalize(path).map_err(|e| Error::open(path, e))?;
     if !seen.insert(canonical) {
         return Err(Error::InvalidImage(format!(

@@ -1,6 +1,6 @@
 //! The `raw` format node: the guest disk is the file, byte for byte.
 
-use super::{BlockDev, FileNode, Status};
+use super::{check_request, BlockDev, FileNode, Status};
 use crate::error::Result;
 use std::sync::Arc;
 
@@ -42,5 +42,24 @@ impl BlockDev for RawNode {
 
     fn file(&self) -> Option<&Arc<FileNode>> {
         Some(&self.file)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        check_request(self, offset, buf.len() as u64)?;
+        self.file.pwrite(buf, offset)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        check_request(self, offset, len)?;
+        self.file.zero_range(offset, len, unmap)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        check_request(self, offset, len)?;
+        self.file.zero_range(offset, len, true)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.file.sync()
     }
 }

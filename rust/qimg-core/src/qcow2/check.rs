@@ -322,7 +322,7 @@ impl<'a> StoredRefcounts<'a> {
 struct Checker<'a> {
     header: &'a ImageHeader,
     /// The active L1 table as read when the image was opened.
-    l1: &'a [u64],
+    l1: Vec<u64>,
     file: &'a FileNode,
     cluster_size: u64,
     cluster_bits: u32,
@@ -846,7 +846,7 @@ impl<'a> Checker<'a> {
     fn check_copied_flags(&mut self) -> Result<()> {
         let cs = self.cluster_size;
         let stride = if self.extended_l2 { 16 } else { 8 };
-        let l1 = self.l1;
+        let l1 = std::mem::take(&mut self.l1);
         for (index, &l1_entry) in l1.iter().enumerate() {
             let l2_offset = l1_entry & L1E_OFFSET_MASK;
             if l2_offset == 0 {
@@ -888,6 +888,7 @@ impl<'a> Checker<'a> {
                 }
             }
         }
+        self.l1 = l1;
         Ok(())
     }
 }

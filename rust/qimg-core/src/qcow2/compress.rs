@@ -1,4 +1,4 @@
-//! Decompressing qcow2 compressed clusters.
+//! Compressing and decompressing qcow2 compressed clusters.
 //!
 //! A compressed cluster is stored as a raw deflate stream (`zlib`, no zlib
 //! header) or a zstd frame, followed by padding up to a 512-byte boundary.
@@ -6,6 +6,35 @@
 //! expected; what must hold is that exactly one cluster comes out.
 
 use super::types::CompressionType;
+
+/// Compresses one cluster. Returns None when the result would not be
+/// smaller than `limit` bytes: such clusters are stored uncompressed.
+///
+/// Deflate uses a 4 KiB window: QEMU inflates with that window size, so a
+/// stream using a larger one would not read back there.
+pub fn compress(kind: CompressionType, input: &[u8], limit: usize) -> Option<Vec<u8>> {
+    match kind {
+        CompressionType::Zlib => {
+            use flate2::{Compress, Compression, FlushCompress, Status};
+            let mut c = Compress::new_with_window_bits(Compression::default(), false, 12);
+            let mut out = Vec::with_capacity(limit);
+            match c.compress_vec(input, &mut out, FlushCompress::Finish) {
+                Ok(Status::StreamEnd) if out.len() < limit => Some(out),
+                _ => None,
+            }
+        }
+        CompressionType::Zstd => {
+            let mut out = vec![0u8; limit];
+            match zstd::bulk::compress_to_buffer(input, &mut out, 0) {
+                Ok(n) if n < limit => {
+                    out.truncate(n);
+                    Some(out)
+                }
+                _ => None,
+            }
+        }
+    }
+}
 
 /// Decompresses `input` into `out`, which must be filled completely.
 pub fn decompress(kind: CompressionType, input: &[u8], out: &mut [u8]) -> Result<(), String> {

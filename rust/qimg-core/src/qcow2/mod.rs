@@ -1,5 +1,6 @@
 //! The qcow2 format: on-disk types, layout math, header encoding and creation.
 
+pub mod allocator;
 pub mod check;
 pub mod compress;
 pub mod create;
@@ -12,6 +13,7 @@ pub mod refcount;
 pub mod refcount_reader;
 pub mod snapshot;
 pub mod types;
+pub mod writer;
 
 pub use create::{create, BackingSpec, CreateSpec};
 pub use types::{ClusterSize, Compat, CompressionType, RefcountOrder};

@@ -8,7 +8,8 @@ use super::l2cache::L2Cache;
 use crate::block::{read_clipped, BlockDev, FileNode, Status};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
-use std::sync::{Arc, OnceLock};
+use super::writer::WriteState;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 
 /// L1 entry: bits 9-55 hold the L2 table offset.
 pub const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -48,11 +49,12 @@ enum Kind {
 }
 
 pub struct Qcow2Node {
-    file: Arc<FileNode>,
-    header: ImageHeader,
-    l1: Vec<u64>,
-    l2_cache: L2Cache,
-    backing: Option<Arc<dyn BlockDev>>,
+    pub(super) file: Arc<FileNode>,
+    pub(super) header: ImageHeader,
+    /// The active L1 table; a writer changes entries, never the length.
+    pub(super) l1: RwLock<Vec<u64>>,
+    pub(super) l2_cache: L2Cache,
+    pub(super) backing: Option<Arc<dyn BlockDev>>,
     /// The backing file name as stored in the header.
     backing_name: Option<String>,
     /// The backing file name resolved against the image's directory.
@@ -60,7 +62,9 @@ pub struct Qcow2Node {
     /// Decided once at open: refcounts claim many more clusters than the file
     /// occupies on disk, so data clusters may be holes (metadata preallocation).
     metadata_preallocated: OnceLock<bool>,
-    size: u64,
+    pub(super) size: u64,
+    /// Present when the image is open for writing.
+    pub(super) writer: Option<Mutex<WriteState>>,
 }
 
 impl Qcow2Node {
@@ -77,16 +81,22 @@ impl Qcow2Node {
             .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
             .collect();
         let l2_cache = L2Cache::new(header.cluster_size.bytes());
+        let writer = if file.is_writable() {
+            Some(Mutex::new(WriteState::new(&file, &header)?))
+        } else {
+            None
+        };
         Ok(Qcow2Node {
             size: header.virtual_size & !511,
             backing_name: header.backing_file.clone(),
             file,
             header,
-            l1,
+            l1: RwLock::new(l1),
             l2_cache,
             backing,
             backing_path,
             metadata_preallocated: OnceLock::new(),
+            writer,
         })
     }
 
@@ -106,20 +116,25 @@ impl Qcow2Node {
         &self.file
     }
 
-    pub fn l1_table(&self) -> &[u64] {
-        &self.l1
+    /// A copy of the active L1 table.
+    pub fn l1_table(&self) -> Vec<u64> {
+        self.l1_read().clone()
     }
 
-    fn corrupt(&self, msg: String) -> Error {
+    pub(super) fn l1_read(&self) -> std::sync::RwLockReadGuard<'_, Vec<u64>> {
+        self.l1.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(super) fn corrupt(&self, msg: String) -> Error {
         Error::InvalidImage(format!(
             "Corrupt qcow2 image '{}': {msg}",
             self.file.filename()
         ))
     }
 
-    /// The L2 table that maps L1 slot `l1_index`, or None if unallocated.
-    fn l2_table(&self, l1_index: u64) -> Result<Option<Arc<[u64]>>> {
-        let Some(&entry) = self.l1.get(l1_index as usize) else {
+    /// The L2 table that maps L1 slot `l1_index` and its offset, or None if unallocated.
+    pub(super) fn l2_table(&self, l1_index: u64) -> Result<Option<(Arc<[u64]>, u64)>> {
+        let Some(entry) = self.l1_read().get(l1_index as usize).copied() else {
             return Ok(None);
         };
         let offset = entry & L1E_OFFSET_MASK;
@@ -132,6 +147,10 @@ impl Qcow2Node {
                 "L2 table offset {offset:#x} is not cluster aligned (L1 index {l1_index})"
             )));
         }
+        if let Some(table) = self.l2_cache.get(offset) {
+            // Cached tables were validated when loaded, or made by the writer.
+            return Ok(Some((table, offset)));
+        }
         if offset + cs > self.file.file_len() {
             return Err(self.corrupt(format!(
                 "L2 table offset {offset:#x} lies beyond the end of the file (L1 index {l1_index})"
@@ -139,7 +158,7 @@ impl Qcow2Node {
         }
         self.l2_cache
             .get_or_load(offset, |buf| self.file.pread(buf, offset))
-            .map(Some)
+            .map(|t| Some((t, offset)))
     }
 
     /// Classifies subcluster `sc` of the cluster described by L2 slot `index`.
@@ -211,10 +230,9 @@ impl Qcow2Node {
         // Bytes until the end of what this L2 table maps.
         let table_end = (l1_index + 1) * l2_entries * cs;
         let limit = max_len.min(table_end - offset);
-        let Some(table) = self.l2_table(l1_index)? else {
+        let Some((table, l2_offset)) = self.l2_table(l1_index)? else {
             return Ok((Mapping::Unallocated { host: None }, limit));
         };
-        let l2_offset = self.l1[l1_index as usize] & L1E_OFFSET_MASK;
         let mut sc = if ext { (offset % cs) / unit } else { 0 };
         let first = self.kind(&table, index, sc, l2_offset)?;
         let into_unit = offset % unit;
@@ -265,7 +283,7 @@ impl Qcow2Node {
     }
 
     /// Reads one range serially.
-    fn read_serial(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    pub(super) fn read_serial(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let mut done = 0usize;
         let mut cluster_buf: Vec<u8> = Vec::new();
         while done < buf.len() {
@@ -403,5 +421,25 @@ impl BlockDev for Qcow2Node {
 
     fn as_qcow2(&self) -> Option<&Qcow2Node> {
         Some(self)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        super::writer::write_at(self, buf, offset)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        super::writer::write_zeroes(self, offset, len, unmap)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        super::writer::discard(self, offset, len)
+    }
+
+    fn flush(&self) -> Result<()> {
+        super::writer::flush(self)
+    }
+
+    fn close(&self) -> Result<()> {
+        self.close_writer()
     }
 }
