@@ -6,11 +6,15 @@ import os
 import time
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qimg import _core
 from qimg.qjson import JsonValue, human_lines
 from qimg.sizes import size_to_str
+
+if TYPE_CHECKING:
+    # Python 3.12 has it as collections.abc.Buffer; only the type checker needs it.
+    from typing_extensions import Buffer
 
 __all__ = ["Image", "MapExtent", "open_image"]
 
@@ -34,7 +38,11 @@ class MapExtent:
 
 class Image:
     """An open image (with its backing chain). Use as a context manager or
-    call :meth:`close`; reads after closing raise ``ValueError``."""
+    call :meth:`close`; I/O after closing raises ``ValueError``.
+
+    Images opened with ``writable=True`` also take writes; closing one
+    writes back everything (an image that is never closed is written back
+    when it is garbage collected, but errors then go unreported)."""
 
     def __init__(self, core: _core.Image) -> None:
         self._core: _core.Image | None = core
@@ -46,7 +54,9 @@ class Image:
         return self._core
 
     def close(self) -> None:
-        self._core = None
+        core, self._core = self._core, None
+        if core is not None and core.writable:
+            core.close()
 
     def __enter__(self) -> Image:
         return self
@@ -76,6 +86,32 @@ class Image:
         """``length`` guest bytes at ``offset`` (the range must lie inside the image)."""
         return self._img.read(offset, length)
 
+    @property
+    def writable(self) -> bool:
+        return self._img.writable
+
+    def write(self, offset: int, data: Buffer) -> None:
+        """Writes ``data`` (bytes, bytearray, memoryview, ...) at guest ``offset``."""
+        self._img.write(offset, _as_bytes(data))
+
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        """Makes ``length`` bytes at ``offset`` read as zeroes; ``unmap`` lets
+        the image release their space."""
+        self._img.write_zeroes(offset, length, unmap=unmap)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Releases the whole clusters of the range. Afterwards they read as
+        zeroes (qcow2 v3, raw) or from the backing file (qcow2 v2)."""
+        self._img.discard(offset, length)
+
+    def write_compressed(self, offset: int, data: Buffer) -> None:
+        """Stores one whole, unallocated qcow2 cluster compressed."""
+        self._img.write_compressed(offset, _as_bytes(data))
+
+    def flush(self) -> None:
+        """Makes every write so far durable."""
+        self._img.flush()
+
     def readinto(self, offset: int, buffer: bytearray | memoryview) -> int:
         """Fills ``buffer`` with guest bytes at ``offset``; returns the count."""
         if isinstance(buffer, bytearray):
@@ -104,11 +140,23 @@ class Image:
         return out
 
 
+def _as_bytes(data: Buffer) -> bytes | bytearray:
+    # The core takes bytes and bytearray; other buffers are copied once here.
+    return data if isinstance(data, bytes | bytearray) else bytes(data)
+
+
 def open_image(
-    path: str | os.PathLike[str], format: str | None = None, *, backing: bool = True
+    path: str | os.PathLike[str],
+    format: str | None = None,
+    *,
+    backing: bool = True,
+    writable: bool = False,
 ) -> Image:
-    """Opens an image read-only; ``format`` None probes it as qemu-img does."""
-    return Image(_core.open_image(os.fspath(path), format, no_backing=not backing))
+    """Opens an image (read-only unless ``writable``; its backing chain is
+    always read-only); ``format`` None probes it as qemu-img does."""
+    return Image(
+        _core.open_image(os.fspath(path), format, no_backing=not backing, writable=writable)
+    )
 
 
 def _file_child(d: dict[str, Any]) -> dict[str, JsonValue]:

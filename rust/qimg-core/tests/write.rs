@@ -176,7 +176,10 @@ fn run_case(setup: Setup, seed: u64, ops: usize) {
             if op % 16 == 0 {
                 let mut back = vec![0u8; l];
                 node.read_at(&mut back, off).expect("read back");
-                assert!(back == model[o..o + l], "read back at {off}+{len} after op {op}");
+                assert!(
+                    back == model[o..o + l],
+                    "read back at {off}+{len} after op {op}"
+                );
             }
         }
         node.close().expect("close");
@@ -241,12 +244,63 @@ case!(small_clusters, 512, MIB + 1536, "", false, true);
 case!(small_clusters_backing, 512, MIB, "", true, false);
 case!(big_clusters, 2 * MIB, 16 * MIB, "", false, true);
 case!(extended_l2, 65536, 8 * MIB, "extended_l2=on", false, true);
-case!(extended_l2_backing, 65536, 8 * MIB, "extended_l2=on", true, true);
+case!(
+    extended_l2_backing,
+    65536,
+    8 * MIB,
+    "extended_l2=on",
+    true,
+    true
+);
 case!(compat_v2, 65536, 8 * MIB, "compat=0.10", false, true);
-case!(compat_v2_backing, 65536, 8 * MIB, "compat=0.10", true, false);
-case!(lazy_refcounts, 65536, 8 * MIB, "lazy_refcounts=on", false, true);
+case!(
+    compat_v2_backing,
+    65536,
+    8 * MIB,
+    "compat=0.10",
+    true,
+    false
+);
+case!(
+    lazy_refcounts,
+    65536,
+    8 * MIB,
+    "lazy_refcounts=on",
+    false,
+    true
+);
 case!(zstd, 65536, 8 * MIB, "compression_type=zstd", false, true);
-case!(refcount_bits_1, 4096, 2 * MIB, "refcount_bits=1", false, false);
-case!(refcount_bits_64, 4096, 2 * MIB, "refcount_bits=64", true, true);
-case!(reftable_growth, 512, 4 * MIB, "refcount_bits=64", false, false, true);
-case!(reftable_growth_backing, 512, 3 * MIB, "refcount_bits=32", true, true, true);
+case!(
+    refcount_bits_1,
+    4096,
+    2 * MIB,
+    "refcount_bits=1",
+    false,
+    false
+);
+case!(
+    refcount_bits_64,
+    4096,
+    2 * MIB,
+    "refcount_bits=64",
+    true,
+    true
+);
+case!(
+    reftable_growth,
+    512,
+    4 * MIB,
+    "refcount_bits=64",
+    false,
+    false,
+    true
+);
+case!(
+    reftable_growth_backing,
+    512,
+    3 * MIB,
+    "refcount_bits=32",
+    true,
+    true,
+    true
+);

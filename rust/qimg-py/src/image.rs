@@ -33,22 +33,38 @@ fn parse_format(name: Option<&str>) -> PyResult<Option<Format>> {
 }
 
 #[pyfunction]
-#[pyo3(signature = (path, format=None, *, no_backing=false))]
+#[pyo3(signature = (path, format=None, *, no_backing=false, writable=false))]
 pub fn open_image(
     py: Python<'_>,
     path: String,
     format: Option<String>,
     no_backing: bool,
+    writable: bool,
 ) -> PyResult<Image> {
     let opts = OpenOptions {
         format: parse_format(format.as_deref())?,
         no_backing,
-        ..OpenOptions::default()
+        writable,
     };
     let node = py
         .detach(|| block::open_image(&path, &opts))
         .map_err(to_py)?;
     Ok(Image { node })
+}
+
+/// Runs `f` on the contents of a `bytes` (without copying) or a `bytearray`
+/// (copied first: it could be resized while the GIL is released).
+fn with_bytes<T>(data: &Bound<'_, PyAny>, f: impl FnOnce(&[u8]) -> PyResult<T>) -> PyResult<T> {
+    if let Ok(b) = data.cast::<PyBytes>() {
+        return f(b.as_bytes());
+    }
+    if let Ok(b) = data.cast::<PyByteArray>() {
+        return f(&b.to_vec());
+    }
+    Err(pyo3::exceptions::PyTypeError::new_err(format!(
+        "expected bytes or bytearray, not {}",
+        data.get_type().name()?
+    )))
 }
 
 impl Image {
@@ -78,6 +94,63 @@ impl Image {
     #[getter]
     fn filename(&self) -> String {
         self.node.filename().to_string()
+    }
+
+    /// Writes the bytes of `data` (any buffer) at guest `offset`.
+    fn write(&self, py: Python<'_>, offset: u64, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        with_bytes(data, |bytes| {
+            py.detach(|| self.node.write_at(bytes, offset))
+                .map_err(to_py)
+        })
+    }
+
+    /// Makes `length` bytes at `offset` read as zeroes; `unmap` lets the
+    /// image release the space.
+    #[pyo3(signature = (offset, length, *, unmap=false))]
+    fn write_zeroes(&self, py: Python<'_>, offset: u64, length: u64, unmap: bool) -> PyResult<()> {
+        py.detach(|| self.node.write_zeroes(offset, length, unmap))
+            .map_err(to_py)
+    }
+
+    /// Discards whole clusters of `[offset, offset + length)`.
+    fn discard(&self, py: Python<'_>, offset: u64, length: u64) -> PyResult<()> {
+        py.detach(|| self.node.discard(offset, length))
+            .map_err(to_py)
+    }
+
+    /// Makes every write so far durable.
+    fn flush(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.node.flush()).map_err(to_py)
+    }
+
+    /// Flushes and leaves the image clean on disk.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.node.close()).map_err(to_py)
+    }
+
+    /// Writes one whole cluster compressed (the cluster must be unallocated).
+    fn write_compressed(
+        &self,
+        py: Python<'_>,
+        offset: u64,
+        data: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let q = self.node.as_qcow2().ok_or_else(|| {
+            to_py(Error::invalid(format!(
+                "'{}' is a {} image: only qcow2 stores compressed clusters",
+                self.node.filename(),
+                self.node.format_name()
+            )))
+        })?;
+        with_bytes(data, |bytes| {
+            py.detach(|| q.write_compressed(bytes, offset))
+                .map_err(to_py)
+        })
+    }
+
+    #[getter]
+    fn writable(&self) -> bool {
+        self.node.file().is_some_and(|f| f.is_writable())
     }
 
     /// `length` bytes of guest data at `offset`.

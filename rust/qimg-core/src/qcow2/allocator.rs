@@ -130,10 +130,9 @@ impl Allocator {
         if !self.load(index)? {
             return Ok(0);
         }
-        Ok(self
-            .blocks
-            .get(&index)
-            .map_or(0, |b| get_entry(&b.data, self.order, (cluster % self.per_block) as usize)))
+        Ok(self.blocks.get(&index).map_or(0, |b| {
+            get_entry(&b.data, self.order, (cluster % self.per_block) as usize)
+        }))
     }
 
     fn set(&mut self, cluster: u64, value: u64) -> Result<()> {

@@ -5,10 +5,10 @@
 use super::compress::decompress;
 use super::image_header::ImageHeader;
 use super::l2cache::L2Cache;
+use super::writer::WriteState;
 use crate::block::{read_clipped, BlockDev, FileNode, Status};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
-use super::writer::WriteState;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 
 /// L1 entry: bits 9-55 hold the L2 table offset.

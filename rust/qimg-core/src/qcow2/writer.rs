@@ -68,7 +68,9 @@ impl WriteState {
             return refuse("writing to images with internal snapshots is not supported by qimg");
         }
         if header.bitmaps.is_some() {
-            return refuse("writing to images with persistent dirty bitmaps is not supported by qimg");
+            return refuse(
+                "writing to images with persistent dirty bitmaps is not supported by qimg",
+            );
         }
         Ok(WriteState {
             alloc: Allocator::new(std::sync::Arc::clone(file), header)?,
@@ -233,7 +235,10 @@ impl Qcow2Node {
             let (action, free) = if !compressed && host != 0 && entry & OFLAG_COPIED != 0 {
                 (Action::InPlace { host }, None)
             } else if compressed {
-                (Action::New { whole: true }, Some(compressed_range(entry, cs)))
+                (
+                    Action::New { whole: true },
+                    Some(compressed_range(entry, cs)),
+                )
             } else if host != 0 {
                 (Action::New { whole: true }, Some((host, cs)))
             } else {
@@ -320,7 +325,9 @@ impl Qcow2Node {
                     let to = from + (p.b - p.a) as usize;
                     let at = host + p.a;
                     run = match run {
-                        Some((h, f, t)) if h + (t - f) as u64 == at && t == from => Some((h, f, to)),
+                        Some((h, f, t)) if h + (t - f) as u64 == at && t == from => {
+                            Some((h, f, to))
+                        }
                         Some((h, f, t)) => {
                             self.file.pwrite(&data[f..t], h)?;
                             Some((at, from, to))
@@ -474,7 +481,12 @@ impl Qcow2Node {
     }
 
     /// Splits `[offset, end)` at L2 table boundaries.
-    fn per_table(&self, offset: u64, end: u64, mut f: impl FnMut(u64, u64) -> Result<()>) -> Result<()> {
+    fn per_table(
+        &self,
+        offset: u64,
+        end: u64,
+        mut f: impl FnMut(u64, u64) -> Result<()>,
+    ) -> Result<()> {
         let span = self.cs() * self.header.l2_entries();
         let mut pos = offset;
         while pos < end {
@@ -491,7 +503,8 @@ impl Qcow2Node {
     pub fn write_compressed(&self, data: &[u8], offset: u64) -> Result<()> {
         let cs = self.cs();
         check_request(self, offset, data.len() as u64)?;
-        if offset % cs != 0 || (data.len() as u64 != cs && offset + data.len() as u64 != self.size) {
+        if offset % cs != 0 || (data.len() as u64 != cs && offset + data.len() as u64 != self.size)
+        {
             return Err(Error::invalid(format!(
                 "compressed writes must cover whole clusters ({cs} bytes at a multiple of {cs})"
             )));
@@ -757,7 +770,8 @@ pub(super) fn flush(node: &Qcow2Node) -> Result<()> {
 impl Qcow2Node {
     /// Whether the guest bytes of unit `[u, u_end)` outside `[a, b)` read as zeroes.
     fn unit_rest_is_zero(&self, u: u64, u_end: u64, a: u64, b: u64) -> Result<bool> {
-        Ok((a <= u || self.reads_zero(u, a - u)?) && (b >= u_end || self.reads_zero(b, u_end - b)?))
+        Ok((a <= u || self.reads_zero(u, a - u)?)
+            && (b >= u_end || self.reads_zero(b, u_end - b)?))
     }
 
     fn is_compressed_at(&self, offset: u64) -> Result<bool> {
