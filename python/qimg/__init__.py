@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from qimg._core import __version__
 from qimg.check import CheckReport, check
+from qimg.convert import convert
 from qimg.create import create
 from qimg.errors import (
     ImageIOError,
@@ -43,6 +44,7 @@ __all__ = [
     "UsageError",
     "__version__",
     "check",
+    "convert",
     "create",
     "measure",
     "open",

@@ -93,12 +93,16 @@ def compare_images(
     strict: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[str, int | None, bool]: ...
-def convert_to_raw(
-    src: Image,
-    dst: str | PathLike[str],
+def convert(
+    sources: list[Image],
+    target: Image,
     *,
-    existing: bool = False,
     sparse_size: int = 4096,
+    compress: bool = False,
+    zero_init: bool = True,
+    top_only: bool = False,
+    in_order: bool = True,
+    workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> None: ...
 def check_image(image: Image) -> dict[str, Any] | None: ...

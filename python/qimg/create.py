@@ -20,7 +20,7 @@ from qimg.formats import (
 from qimg.options import OptionItem, parse_option_lists
 from qimg.prealloc import PreallocMode
 
-__all__ = ["CreatePlan", "create", "plan_create", "qcow2_spec"]
+__all__ = ["CreatePlan", "create", "option_items", "plan_create", "qcow2_spec"]
 
 OptionValue = str | int | bool
 
@@ -161,7 +161,19 @@ def create(
     ``options`` is either an ``-o`` string (``"cluster_size=4k,preallocation=metadata"``)
     or a mapping of option names to values (``{"preallocation": "metadata"}``).
     """
-    name = os.fspath(filename)
+    plan_create(
+        os.fspath(filename),
+        fmt,
+        option_items(options),
+        size=size,
+        backing_file=backing_file,
+        backing_fmt=backing_fmt,
+        unsafe=unsafe,
+    ).run()
+
+
+def option_items(options: Mapping[str, OptionValue] | str | None) -> list[OptionItem]:
+    """API options (an ``-o`` string or a mapping) as parsed ``-o`` items."""
     if isinstance(options, str):
         items = parse_option_lists([options])
     elif options is None:
@@ -170,15 +182,7 @@ def create(
         items = [OptionItem(k, _option_text(v)) for k, v in options.items()]
     if any(item.is_help for item in items):
         raise UsageError("'help' is only meaningful on the command line")
-    plan_create(
-        name,
-        fmt,
-        items,
-        size=size,
-        backing_file=backing_file,
-        backing_fmt=backing_fmt,
-        unsafe=unsafe,
-    ).run()
+    return items
 
 
 def _option_text(value: OptionValue | PreallocMode | Path) -> str:

@@ -1,49 +1,82 @@
-"""``qimg convert [-f fmt] [-O raw] [-S sparse_size] [-n] [-p] [-q] [-U] filename output``"""
+"""``qimg convert [-f fmt] [-O fmt] [-o options] [-c] [-B backing_file [-F backing_fmt]] [-n]
+[--target-is-zero] [-S sparse_size] [-m num] [-W] [-p] [-q] [-U] filename [filename2 [...]] output``
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from qimg import _core
 from qimg.commands._common import Progress, add_share_arg
-from qimg.errors import UsageError
-from qimg.image import open_image
-from qimg.options import parse_size
+from qimg.convert import ConvertRequest
+from qimg.convert import run as run_convert
+from qimg.errors import QimgError, UsageError
+from qimg.formats import format_info
+from qimg.options import parse_option_lists, parse_size
 
 NAME = "convert"
+
+# Options of qemu-img convert that qimg refuses by name rather than ignore.
+UNSUPPORTED_VALUE = (
+    ("-t", "cache modes for the output"),
+    ("-T", "cache modes for the sources"),
+    ("-l", "snapshots as the source"),
+    ("-r", "rate limits"),
+    ("--object", "objects"),
+)
+UNSUPPORTED_FLAG = (
+    ("-C", "copy offloading"),
+    ("--salvage", "salvaging unreadable sources"),
+    ("--bitmaps", "copying persistent bitmaps"),
+    ("--image-opts", "--image-opts"),
+    ("--target-image-opts", "--target-image-opts"),
+)
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         NAME,
-        help="copy an image's contents into a raw image",
-        description="Convert a qcow2 or raw image to raw, as qemu-img convert -O raw does.",
+        help="copy one or more images into a new or existing image",
+        description=(
+            "Convert qcow2 and raw images (several sources are concatenated) into a "
+            "qcow2 or raw image, as qemu-img convert does."
+        ),
         allow_abbrev=False,
     )
     p.add_argument("-f", dest="fmt", help="source format (default: probe)")
-    p.add_argument("-O", dest="out_fmt", default="raw", help="output format (raw)")
+    p.add_argument("-O", dest="out_fmt", default="raw", help="output format (raw or qcow2)")
+    p.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPTIONS",
+        help="output format options, as for create; '-o help' lists them",
+    )
+    p.add_argument("-c", dest="compress", action="store_true", help="compress the output (qcow2)")
+    p.add_argument("-B", "-b", "--backing", dest="backing_file", help="backing file of the output")
+    p.add_argument("-F", dest="backing_fmt", help="format of the backing file")
     p.add_argument(
         "-S",
         dest="sparse",
         default="4k",
         help="zero runs at least this long become holes (default 4k; 0 writes all data)",
     )
-    p.add_argument("-n", dest="existing", action="store_true", help="write into an existing file")
+    p.add_argument("-n", dest="existing", action="store_true", help="write into an existing image")
+    p.add_argument(
+        "--target-is-zero",
+        action="store_true",
+        help="with -n: the existing image reads as zeroes, skip writing zeroes",
+    )
+    p.add_argument("-m", dest="workers", help="parallel workers, 1 to 16 (default: one per core)")
+    p.add_argument("-W", dest="out_of_order", action="store_true", help="allow out-of-order writes")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
     p.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
     add_share_arg(p)
-    for flag, what in (
-        ("-o", "output options"),
-        ("-B", "a backing file for the output"),
-        ("-m", "parallel coroutines"),
-        ("-t", "a cache mode"),
-        ("-T", "a source cache mode"),
-        ("-l", "snapshots"),
-    ):
-        p.add_argument(flag, dest=f"unsupported{flag}", help=f"{what}: not supported yet")
-    for flag in ("-c", "-W", "-C"):
+    for flag, what in UNSUPPORTED_VALUE:
+        p.add_argument(flag, dest=f"unsupported{flag}", help=f"{what}: not supported by qimg")
+    for flag, what in UNSUPPORTED_FLAG:
         p.add_argument(
-            flag, dest=f"unsupported{flag}", action="store_true", help="not supported yet"
+            flag, dest=f"unsupported{flag}", action="store_true", help=f"{what}: not supported"
         )
     p.add_argument("filenames", nargs="*")
     p.set_defaults(run=run)
@@ -53,21 +86,43 @@ def run(args: argparse.Namespace) -> int:
     for key, value in vars(args).items():
         if key.startswith("unsupported") and value not in (None, False):
             raise UsageError(
-                f"convert option {key.removeprefix('unsupported')} is not supported by qimg yet"
+                f"convert option {key.removeprefix('unsupported')} is not supported by qimg"
             )
-    if args.out_fmt != "raw":
-        raise UsageError(f"convert -O {args.out_fmt} is not supported by qimg yet; only -O raw is")
+    items = parse_option_lists(args.options)
+    if any(item.is_help for item in items):
+        info = format_info(args.out_fmt)
+        print(info.help_text(with_protocol=len(args.filenames) > 0))
+        return 0
     if len(args.filenames) < 2:
         raise UsageError("Expecting a source image and an output file name")
-    if len(args.filenames) > 2:
-        raise UsageError("Converting several source images into one is not supported by qimg yet")
-    src, dst = args.filenames
-    sparse = parse_size(args.sparse, "-S")
+    *sources, target = args.filenames
+    workers = None
+    if args.workers is not None:
+        try:
+            workers = int(args.workers)
+        except ValueError:
+            workers = 0
+    request = ConvertRequest(
+        sources=sources,
+        target=target,
+        fmt=args.fmt,
+        out_fmt=args.out_fmt,
+        options=items,
+        compress=args.compress,
+        backing_file=args.backing_file,
+        backing_fmt=args.backing_fmt,
+        existing=args.existing,
+        target_is_zero=args.target_is_zero,
+        sparse_size=parse_size(args.sparse, "-S"),
+        workers=workers,
+        in_order=not args.out_of_order,
+    )
     progress = Progress(args.progress and not args.quiet)
-    with open_image(src, args.fmt) as image:
-        progress.start()
-        _core.convert_to_raw(
-            image._img, dst, existing=args.existing, sparse_size=sparse, progress=progress
-        )
+    progress.start()
+    try:
+        run_convert(request, progress)
+    except QimgError:
+        progress.finish_line()
+        raise
     progress.end()
     return 0

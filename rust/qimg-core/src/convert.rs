@@ -1,32 +1,31 @@
-//! The copy engine: an image's guest contents into a raw file.
+//! The copy engine: the guest contents of one or more images (concatenated)
+//! into a target node of any format.
 //!
-//! Driven by block status so that zero and unallocated ranges are never
-//! read; data is read and written in pieces spread over every core; blocks
-//! of data that happen to be all zeroes become holes (the `-S` rule).
+//! Worker threads take pieces of the target in order, ask the sources for
+//! block status (zero and unallocated ranges are never read), read the data,
+//! split off all-zero blocks (the `-S` rule) and, for `-c`, compress each
+//! cluster. One writer applies the pieces to the target in guest order, so a
+//! new qcow2 image gets its clusters laid out sequentially; workers may run
+//! ahead of it by a bounded window only.
 
-use crate::block::{status_above, BlockDev};
+use crate::block::{block_status, status_above, BlockDev};
 use crate::error::{Error, Result};
-use crate::file::{punch_zeroes, FileOptions, NewFile};
-use rayon::prelude::*;
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use crate::qcow2::compress::compress;
+use crate::qcow2::CompressionType;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::sync_channel;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
-/// Work handed to one thread at a time.
+/// Work handed to one worker at a time (a multiple of every cluster size).
 const PIECE: u64 = 2 << 20;
-
-/// How to treat the output file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Target {
-    /// Create (or truncate) the file: it starts out all zeroes.
-    New,
-    /// Write into an existing file (`-n`): zero ranges must be zeroed.
-    Existing,
-}
+/// How many pieces workers may be ahead of the writer, per worker.
+const AHEAD_PER_WORKER: u64 = 4;
+/// qemu-img's limit for `-m`.
+pub const MAX_WORKERS: usize = 16;
 
 /// `-S`: blocks of this many bytes that are all zeroes are not written.
-/// `None` (`-S 0`) writes every data byte.
+/// `None` (`-S 0`) writes every byte, zeroes included.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sparse(Option<u64>);
 
@@ -46,123 +45,361 @@ impl Sparse {
     }
 }
 
-/// Copies the guest contents of `src` to the raw file `dst`.
-/// `progress(done, total)` may be called from any thread.
-pub fn to_raw(
-    src: &dyn BlockDev,
-    dst: &Path,
-    target: Target,
-    sparse: Sparse,
-    progress: &(dyn Fn(u64, u64) + Sync),
-) -> Result<()> {
-    let size = src.size();
-    match target {
-        Target::New => {
-            let new = NewFile::create(dst, FileOptions::default())?;
-            new.file
-                .set_len(size)
-                .map_err(|e| new.io_error("Could not resize", e))?;
-            copy(src, &new.file, dst, false, sparse, progress)?;
-            new.keep();
-            Ok(())
-        }
-        Target::Existing => {
-            let file = OpenOptions::new()
-                .write(true)
-                .open(dst)
-                .map_err(|e| Error::open(dst, e))?;
-            let len = file.metadata().map_err(|e| Error::open(dst, e))?.len();
-            if len < size {
-                return Err(Error::invalid(format!(
-                    "output file '{}' is smaller than the input ({len} < {size} bytes)",
-                    dst.display()
-                )));
-            }
-            copy(src, &file, dst, true, sparse, progress)
+/// How to copy.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvertOptions {
+    pub sparse: Sparse,
+    /// Store every data cluster compressed (`-c`; the target must be qcow2).
+    pub compress: bool,
+    /// The target reads as zeroes wherever nothing is written (a new image
+    /// without a backing file): zero ranges need no writes.
+    pub zero_init: bool,
+    /// Copy only what the sources' top layers hold (`-B`): the target's
+    /// backing file provides the rest.
+    pub top_only: bool,
+    /// Write pieces in guest order (qemu-img's default; `-W` lifts it).
+    pub in_order: bool,
+    /// Worker threads (`-m`).
+    pub workers: usize,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            sparse: Sparse::DEFAULT,
+            compress: false,
+            zero_init: true,
+            top_only: false,
+            in_order: true,
+            workers: default_workers(),
         }
     }
 }
 
-fn copy(
-    src: &dyn BlockDev,
-    out: &File,
-    dst: &Path,
-    zero_needed: bool,
-    sparse: Sparse,
-    progress: &(dyn Fn(u64, u64) + Sync),
-) -> Result<()> {
-    let size = src.size();
-    let pieces = size.div_ceil(PIECE);
-    let done = AtomicU64::new(0);
-    let write_err = |e| Error::io(format!("Could not write to '{}'", dst.display()), e);
-    (0..pieces)
-        .into_par_iter()
-        .try_for_each_init(Vec::<u8>::new, |buf, i| -> Result<()> {
-            let start = i * PIECE;
-            let end = (start + PIECE).min(size);
-            let mut pos = start;
-            while pos < end {
-                let e = status_above(src, pos, end - pos)?;
-                let n = e.length.clamp(1, end - pos);
-                if e.zero || !(e.data || e.present) {
-                    if sparse.0.is_none() {
-                        // -S 0: the output is fully allocated, zeroes included.
-                        buf.clear();
-                        buf.resize(n as usize, 0);
-                        out.write_all_at(buf, pos).map_err(write_err)?;
-                    } else if zero_needed {
-                        punch_zeroes(out, pos, n).map_err(write_err)?;
-                    }
-                } else {
-                    buf.resize(n as usize, 0);
-                    src.read_at(buf, pos)?;
-                    write_nonzero(out, buf, pos, sparse, zero_needed).map_err(write_err)?;
-                }
-                pos += n;
-            }
-            let total = done.fetch_add(end - start, Ordering::Relaxed) + (end - start);
-            progress(total, size);
-            Ok(())
-        })
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(2, MAX_WORKERS)
 }
 
-/// Writes `buf` at `offset`, skipping (or, for an existing file, punching)
-/// the `sparse`-sized blocks that are all zeroes.
-fn write_nonzero(
-    out: &File,
-    buf: &[u8],
-    offset: u64,
-    sparse: Sparse,
-    zero_needed: bool,
-) -> std::io::Result<()> {
-    let Sparse(Some(block)) = sparse else {
-        return out.write_all_at(buf, offset);
+/// What one range of the target becomes.
+enum Seg {
+    Data(Vec<u8>),
+    /// Must read as zeroes.
+    Zero(u64),
+    /// A whole cluster, already compressed.
+    Compressed(Vec<u8>),
+    /// Left to the target's backing file (or its zero initialisation).
+    Skip(u64),
+}
+
+struct Piece {
+    index: u64,
+    segs: Vec<(u64, Seg)>,
+}
+
+/// Copies the sources, one after the other, into `dst` from offset 0.
+/// `progress(done, total)` is called from the writing thread.
+pub fn convert(
+    sources: &[Arc<dyn BlockDev>],
+    dst: &dyn BlockDev,
+    opts: &ConvertOptions,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<()> {
+    let total: u64 = sources.iter().map(|s| s.size()).sum();
+    if dst.size() < total {
+        return Err(Error::invalid(format!(
+            "The output '{}' is smaller than the input ({} < {total} bytes)",
+            dst.filename(),
+            dst.size()
+        )));
+    }
+    let cluster = match (opts.compress, dst.as_qcow2()) {
+        (false, _) => None,
+        (true, Some(q)) => Some((q.header().cluster_size.bytes(), q.header().compression)),
+        (true, None) => {
+            return Err(Error::invalid(format!(
+                "Compression not supported for this file format ({})",
+                dst.format_name()
+            )))
+        }
     };
-    let block = block as usize;
-    let mut at = 0usize;
-    while at < buf.len() {
-        // Blocks are aligned to the guest offset, so the same data always
-        // gives the same holes wherever a piece starts.
-        let into = ((offset + at as u64) % block as u64) as usize;
-        let n = (block - into).min(buf.len() - at);
-        let zero = is_zero(&buf[at..at + n]);
-        let mut run = n;
-        while at + run < buf.len() {
-            let m = block.min(buf.len() - at - run);
-            if is_zero(&buf[at + run..at + run + m]) != zero {
+    let pieces = total.div_ceil(PIECE);
+    let workers = opts
+        .workers
+        .clamp(1, MAX_WORKERS)
+        .min(pieces.max(1) as usize);
+    let window = AHEAD_PER_WORKER * workers as u64;
+    let next = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    let written = (Mutex::new(0u64), Condvar::new());
+    // The error of the lowest piece wins, so that the message does not
+    // depend on thread timing.
+    let first_error: Mutex<Option<(u64, Error)>> = Mutex::new(None);
+    let fail = |index: u64, e: Error| {
+        failed.store(true, Ordering::SeqCst);
+        let mut slot = first_error.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.as_ref().is_none_or(|(i, _)| index < *i) {
+            *slot = Some((index, e));
+        }
+        written.1.notify_all();
+    };
+    let (tx, rx) = sync_channel::<Piece>(workers * 2);
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            let tx = tx.clone();
+            let (next, failed, written, fail) = (&next, &failed, &written, &fail);
+            scope.spawn(move || loop {
+                let index = next.fetch_add(1, Ordering::SeqCst);
+                if index >= pieces || failed.load(Ordering::SeqCst) {
+                    return;
+                }
+                if opts.in_order {
+                    // Stay within the window ahead of the writer.
+                    let mut done = written.0.lock().unwrap_or_else(PoisonError::into_inner);
+                    while index >= *done + window && !failed.load(Ordering::SeqCst) {
+                        done = written.1.wait(done).unwrap_or_else(PoisonError::into_inner);
+                    }
+                }
+                let start = index * PIECE;
+                let end = (start + PIECE).min(total);
+                match prepare(sources, start, end, opts, cluster) {
+                    Ok(segs) => {
+                        if tx.send(Piece { index, segs }).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        fail(index, e);
+                        return;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        // The writer, on this thread.
+        let mut pending: BTreeMap<u64, Vec<(u64, Seg)>> = BTreeMap::new();
+        let mut next_write = 0u64;
+        let mut done_bytes = 0u64;
+        for piece in rx.iter() {
+            if failed.load(Ordering::SeqCst) {
                 break;
             }
-            run += m;
+            pending.insert(piece.index, piece.segs);
+            loop {
+                let key = if opts.in_order {
+                    next_write
+                } else {
+                    match pending.keys().next() {
+                        Some(&k) => k,
+                        None => break,
+                    }
+                };
+                let Some(segs) = pending.remove(&key) else {
+                    break;
+                };
+                let bytes: u64 = segs.iter().map(|(_, s)| seg_len(s)).sum();
+                if let Err(e) = apply(dst, segs, opts) {
+                    fail(key, e);
+                    break;
+                }
+                next_write += 1;
+                done_bytes += bytes;
+                *written.0.lock().unwrap_or_else(PoisonError::into_inner) = next_write;
+                written.1.notify_all();
+                progress(done_bytes, total);
+            }
         }
-        let pos = offset + at as u64;
-        if !zero {
-            out.write_all_at(&buf[at..at + run], pos)?;
-        } else if zero_needed {
-            punch_zeroes(out, pos, run as u64)?;
-        }
-        at += run;
+        // Unblock workers waiting on the window after an error.
+        written.1.notify_all();
+    });
+    if let Some((_, e)) = first_error
+        .into_inner()
+        .unwrap_or_else(PoisonError::into_inner)
+    {
+        return Err(e);
     }
     Ok(())
+}
+
+fn seg_len(s: &Seg) -> u64 {
+    match s {
+        Seg::Data(d) => d.len() as u64,
+        Seg::Zero(n) | Seg::Skip(n) => *n,
+        Seg::Compressed(_) => 0,
+    }
+}
+
+/// Writes one prepared piece.
+fn apply(dst: &dyn BlockDev, segs: Vec<(u64, Seg)>, opts: &ConvertOptions) -> Result<()> {
+    let skip_zeroes = opts.zero_init && opts.sparse.0.is_some() && !opts.top_only;
+    for (offset, seg) in segs {
+        match seg {
+            Seg::Data(d) => dst.write_at(&d, offset)?,
+            Seg::Zero(n) if !skip_zeroes => dst.write_zeroes(offset, n, opts.sparse.0.is_some())?,
+            Seg::Zero(_) | Seg::Skip(_) => {}
+            Seg::Compressed(packed) => match dst.as_qcow2() {
+                Some(q) => q.write_compressed_packed(&packed, offset)?,
+                None => return Err(Error::invalid("compressed output needs a qcow2 target")),
+            },
+        }
+    }
+    Ok(())
+}
+
+/// Where target range `[start, end)` comes from: (source, offset in it, target offset, length).
+fn spans(
+    sources: &[Arc<dyn BlockDev>],
+    start: u64,
+    end: u64,
+) -> Vec<(&Arc<dyn BlockDev>, u64, u64, u64)> {
+    let mut out = Vec::new();
+    let mut base = 0u64;
+    for s in sources {
+        let (lo, hi) = (base, base + s.size());
+        let a = start.max(lo);
+        let b = end.min(hi);
+        if a < b {
+            out.push((s, a - lo, a, b - a));
+        }
+        base = hi;
+    }
+    out
+}
+
+/// Reads and classifies target range `[start, end)`.
+fn prepare(
+    sources: &[Arc<dyn BlockDev>],
+    start: u64,
+    end: u64,
+    opts: &ConvertOptions,
+    cluster: Option<(u64, CompressionType)>,
+) -> Result<Vec<(u64, Seg)>> {
+    let mut segs: Vec<(u64, Seg)> = Vec::new();
+    for (src, local, target, len) in spans(sources, start, end) {
+        let mut pos = 0u64;
+        while pos < len {
+            let (n, zero, data) = if opts.top_only {
+                let s = block_status(src.as_ref(), local + pos, len - pos)?;
+                (s.len.clamp(1, len - pos), s.zero, s.data)
+            } else {
+                let e = status_above(src.as_ref(), local + pos, len - pos)?;
+                (e.length.clamp(1, len - pos), e.zero, e.data || e.present)
+            };
+            let at = target + pos;
+            if zero {
+                push_zero(&mut segs, at, n);
+            } else if !data {
+                // top_only: unallocated here, the backing file shows through;
+                // otherwise (no backing anywhere) it reads as zeroes.
+                if opts.top_only {
+                    segs.push((at, Seg::Skip(n)));
+                } else {
+                    push_zero(&mut segs, at, n);
+                }
+            } else {
+                let mut buf = vec![0u8; n as usize];
+                src.read_at(&mut buf, local + pos)?;
+                split_zero_blocks(&mut segs, buf, at, opts.sparse);
+            }
+            pos += n;
+        }
+    }
+    match cluster {
+        Some(c) => compress_clusters(segs, start, end, c),
+        None => Ok(segs),
+    }
+}
+
+fn push_zero(segs: &mut Vec<(u64, Seg)>, at: u64, n: u64) {
+    if let Some((_, Seg::Zero(m))) = segs.last_mut() {
+        *m += n;
+        return;
+    }
+    segs.push((at, Seg::Zero(n)));
+}
+
+/// Turns `buf` (guest data at `at`) into data and zero segments: blocks of
+/// the sparse size, aligned to the guest offset, that are all zeroes become
+/// zero segments, so the same data always gives the same holes.
+fn split_zero_blocks(segs: &mut Vec<(u64, Seg)>, buf: Vec<u8>, at: u64, sparse: Sparse) {
+    let Sparse(Some(block)) = sparse else {
+        segs.push((at, Seg::Data(buf)));
+        return;
+    };
+    let mut runs: Vec<(usize, usize, bool)> = Vec::new();
+    let mut i = 0usize;
+    while i < buf.len() {
+        let into = ((at + i as u64) % block) as usize;
+        let n = (block as usize - into).min(buf.len() - i);
+        let zero = is_zero(&buf[i..i + n]);
+        match runs.last_mut() {
+            Some((_, end, z)) if *z == zero => *end = i + n,
+            _ => runs.push((i, i + n, zero)),
+        }
+        i += n;
+    }
+    if runs.len() == 1 && !runs[0].2 {
+        segs.push((at, Seg::Data(buf)));
+        return;
+    }
+    for (a, b, zero) in runs {
+        if zero {
+            push_zero(segs, at + a as u64, (b - a) as u64);
+        } else {
+            segs.push((at + a as u64, Seg::Data(buf[a..b].to_vec())));
+        }
+    }
+}
+
+/// Re-cuts a piece into whole clusters: all-zero clusters stay zero, the
+/// others are compressed (or kept as data when they do not shrink).
+fn compress_clusters(
+    segs: Vec<(u64, Seg)>,
+    start: u64,
+    end: u64,
+    (cs, kind): (u64, CompressionType),
+) -> Result<Vec<(u64, Seg)>> {
+    // Rebuild the piece's bytes; pieces are cluster aligned.
+    let mut bytes = vec![0u8; (end - start) as usize];
+    let mut has_data = vec![false; (end - start).div_ceil(cs) as usize];
+    for (at, seg) in &segs {
+        if let Seg::Data(d) = seg {
+            let from = (at - start) as usize;
+            bytes[from..from + d.len()].copy_from_slice(d);
+            let first = (at - start) / cs;
+            let last = (at - start + d.len() as u64 - 1) / cs;
+            for c in first..=last {
+                has_data[c as usize] = true;
+            }
+        }
+    }
+    let skip_only = segs.iter().all(|(_, s)| matches!(s, Seg::Skip(_)));
+    if skip_only {
+        return Ok(segs);
+    }
+    if segs.iter().any(|(_, s)| matches!(s, Seg::Skip(_))) {
+        return Err(Error::invalid(
+            "compressed output with a backing file (-c with -B) is not supported by qimg",
+        ));
+    }
+    let mut out = Vec::new();
+    for (c, data) in has_data.iter().enumerate() {
+        let a = c as u64 * cs;
+        let b = (a + cs).min(end - start);
+        let chunk = &bytes[a as usize..b as usize];
+        if !data || is_zero(chunk) {
+            push_zero(&mut out, start + a, b - a);
+            continue;
+        }
+        let mut full = chunk.to_vec();
+        full.resize(cs as usize, 0);
+        match compress(kind, &full, cs as usize) {
+            Some(packed) => out.push((start + a, Seg::Compressed(packed))),
+            None => out.push((start + a, Seg::Data(chunk.to_vec()))),
+        }
+    }
+    Ok(out)
 }
 
 fn is_zero(b: &[u8]) -> bool {
@@ -191,5 +428,18 @@ mod tests {
         assert!(Sparse::new(0).is_ok());
         assert!(Sparse::new(4096).is_ok());
         assert!(Sparse::new(1000).is_err());
+    }
+
+    #[test]
+    fn zero_blocks_split_on_guest_alignment() {
+        let mut buf = vec![1u8; 3 * 4096];
+        buf[4096..8192].fill(0);
+        let mut segs = Vec::new();
+        split_zero_blocks(&mut segs, buf, 0, Sparse::DEFAULT);
+        let kinds: Vec<(u64, bool)> = segs
+            .iter()
+            .map(|(at, s)| (*at, matches!(s, Seg::Zero(_))))
+            .collect();
+        assert_eq!(kinds, vec![(0, false), (4096, true), (8192, false)]);
     }
 }

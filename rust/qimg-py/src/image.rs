@@ -6,12 +6,11 @@ use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList};
 use qimg_core::block::{self, BlockDev, OpenOptions};
 use qimg_core::compare::{self, Outcome};
-use qimg_core::convert::{self, Sparse, Target};
+use qimg_core::convert::{self as engine, Sparse};
 use qimg_core::probe::Format;
 use qimg_core::qcow2::image_header::AUTOCLEAR_BITMAPS;
 use qimg_core::qcow2::{snapshot, ClusterSize, Compat};
 use qimg_core::Error;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -376,25 +375,36 @@ pub fn compare_images(
 }
 
 /// Copies `src` into the raw file `dst` (`existing`: `-n`).
+/// Copies the guest contents of `sources` (concatenated) into `target`,
+/// which must be open for writing.
 #[pyfunction]
-#[pyo3(signature = (src, dst, *, existing=false, sparse_size=4096, progress=None))]
-pub fn convert_to_raw(
+#[pyo3(signature = (sources, target, *, sparse_size=4096, compress=false, zero_init=true,
+                    top_only=false, in_order=true, workers=None, progress=None))]
+#[allow(clippy::too_many_arguments)]
+pub fn convert(
     py: Python<'_>,
-    src: PyRef<'_, Image>,
-    dst: PathBuf,
-    existing: bool,
+    sources: Vec<PyRef<'_, Image>>,
+    target: PyRef<'_, Image>,
     sparse_size: u64,
+    compress: bool,
+    zero_init: bool,
+    top_only: bool,
+    in_order: bool,
+    workers: Option<usize>,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<()> {
-    let sparse = Sparse::new(sparse_size).map_err(to_py)?;
-    let target = if existing {
-        Target::Existing
-    } else {
-        Target::New
+    let opts = engine::ConvertOptions {
+        sparse: Sparse::new(sparse_size).map_err(to_py)?,
+        compress,
+        zero_init,
+        top_only,
+        in_order,
+        workers: workers.unwrap_or_else(engine::default_workers),
     };
-    let node = Arc::clone(&src.node);
+    let nodes: Vec<Arc<dyn BlockDev>> = sources.iter().map(|s| Arc::clone(&s.node)).collect();
+    let dst = Arc::clone(&target.node);
     let p = Progress::new(progress);
-    py.detach(|| convert::to_raw(node.as_ref(), &dst, target, sparse, &|d, t| p.report(d, t)))
+    py.detach(|| engine::convert(&nodes, dst.as_ref(), &opts, &|d, t| p.report(d, t)))
         .map_err(to_py)
 }
 

@@ -202,7 +202,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<image::Image>()?;
     m.add_function(wrap_pyfunction!(image::open_image, m)?)?;
     m.add_function(wrap_pyfunction!(image::compare_images, m)?)?;
-    m.add_function(wrap_pyfunction!(image::convert_to_raw, m)?)?;
+    m.add_function(wrap_pyfunction!(image::convert, m)?)?;
     m.add_function(wrap_pyfunction!(image::check_image, m)?)?;
     m.add_function(wrap_pyfunction!(create_raw, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_backing, m)?)?;

@@ -502,21 +502,38 @@ impl Qcow2Node {
     /// unallocated, as in QEMU. Data that does not compress is written plainly.
     pub fn write_compressed(&self, data: &[u8], offset: u64) -> Result<()> {
         let cs = self.cs();
-        check_request(self, offset, data.len() as u64)?;
-        if offset % cs != 0 || (data.len() as u64 != cs && offset + data.len() as u64 != self.size)
-        {
+        self.check_compressed_request(offset, data.len() as u64)?;
+        let mut cluster = data.to_vec();
+        cluster.resize(cs as usize, 0);
+        match compress(self.header.compression, &cluster, cs as usize) {
+            Some(packed) => self.write_compressed_packed(&packed, offset),
+            None => self.write_at(data, offset),
+        }
+    }
+
+    fn check_compressed_request(&self, offset: u64, len: u64) -> Result<()> {
+        let cs = self.cs();
+        check_request(self, offset, len)?;
+        if offset % cs != 0 || (len != cs && offset + len != self.size) {
             return Err(Error::invalid(format!(
                 "compressed writes must cover whole clusters ({cs} bytes at a multiple of {cs})"
             )));
         }
-        let mut cluster = data.to_vec();
-        cluster.resize(cs as usize, 0);
-        let packed = compress(self.header.compression, &cluster, cs as usize);
+        Ok(())
+    }
+
+    /// Stores `packed` (one cluster compressed with the image's compression
+    /// type, shorter than a cluster) as the cluster at guest `offset`.
+    pub fn write_compressed_packed(&self, packed: &[u8], offset: u64) -> Result<()> {
+        let cs = self.cs();
+        self.check_compressed_request(offset, cs.min(self.size.saturating_sub(offset)))?;
+        if packed.is_empty() || packed.len() as u64 >= cs {
+            return Err(Error::invalid(format!(
+                "a compressed cluster must be shorter than the cluster size ({} >= {cs})",
+                packed.len()
+            )));
+        }
         let mut st = self.state()?;
-        let Some(packed) = packed else {
-            drop(st);
-            return self.write_at(data, offset);
-        };
         let per_table = self.header.l2_entries();
         let l1_index = offset / cs / per_table;
         let index = ((offset / cs) % per_table) as usize;
@@ -535,7 +552,7 @@ impl Qcow2Node {
             )));
         }
         let host = st.alloc.alloc_bytes(packed.len() as u64)?;
-        self.file.pwrite(&packed, host)?;
+        self.file.pwrite(packed, host)?;
         let bits = self.header.cluster_size.bits();
         let shift = 62 - (bits - 8);
         let sectors = (host + packed.len() as u64 - 1) / 512 - host / 512;

@@ -1,0 +1,202 @@
+"""Converting images: the sources, concatenated, copied into a new or existing
+target of any supported format, as ``qemu-img convert`` does."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from qimg import _core
+from qimg.create import OptionValue, option_items, plan_create
+from qimg.errors import InvalidOptionError, UsageError
+from qimg.formats import option_text
+from qimg.image import Image, open_image
+from qimg.options import OptionItem
+from qimg.prealloc import PreallocMode
+
+__all__ = ["ConvertRequest", "convert"]
+
+PathLike = str | os.PathLike[str]
+
+# qemu-img's bounds for -m.
+MAX_WORKERS = 16
+
+
+@dataclass
+class ConvertRequest:
+    """Everything ``convert`` needs; the CLI and the API both build one."""
+
+    sources: list[str]
+    target: str
+    fmt: str | None = None
+    out_fmt: str = "raw"
+    options: list[OptionItem] = field(default_factory=list)
+    compress: bool = False
+    backing_file: str | None = None
+    backing_fmt: str | None = None
+    existing: bool = False
+    target_is_zero: bool = False
+    sparse_size: int = 4096
+    workers: int | None = None
+    in_order: bool = True
+
+    def validate(self) -> None:
+        if not self.sources:
+            raise UsageError("Expecting at least one source image")
+        if self.workers is not None and not 1 <= self.workers <= MAX_WORKERS:
+            raise UsageError(
+                f"Invalid number of coroutines specified. Must be between 1 and {MAX_WORKERS}."
+            )
+        if self.target_is_zero and not self.existing:
+            raise UsageError("--target-is-zero requires use of -n flag")
+        if self.compress and self.out_fmt != "qcow2":
+            raise InvalidOptionError(
+                f"Compression not supported for this file format ({self.out_fmt})"
+            )
+        if self.existing and self.options:
+            raise UsageError(
+                "-o options create the output image; with -n the existing image is used as it is"
+            )
+
+
+def run(request: ConvertRequest, progress: Callable[[int, int], None] | None = None) -> None:
+    """Carries out ``request``; a target created here is removed again if
+    the conversion fails."""
+    request.validate()
+    with contextlib.ExitStack() as stack:
+        sources = [stack.enter_context(open_image(s, request.fmt)) for s in request.sources]
+        total = sum(s.size for s in sources)
+        if request.existing:
+            target = stack.enter_context(open_image(request.target, request.out_fmt, writable=True))
+            if target.size < total:
+                raise InvalidOptionError(
+                    f"output file '{request.target}' is smaller than the input "
+                    f"({target.size} < {total} bytes)"
+                )
+            top_only = request.backing_file is not None
+            _copy(
+                sources,
+                target,
+                request,
+                zero_init=request.target_is_zero,
+                top_only=top_only,
+                progress=progress,
+            )
+            target.close()
+            return
+        backing = _backing_of(request)
+        plan = plan_create(
+            request.target,
+            request.out_fmt,
+            request.options,
+            size=total,
+            backing_file=request.backing_file,
+            backing_fmt=request.backing_fmt,
+        )
+        if backing is not None and option_text(plan.options, "backing_fmt") is None:
+            raise InvalidOptionError("Use of backing file requires explicit backing format")
+        if request.compress and plan.prealloc is not PreallocMode.OFF:
+            raise InvalidOptionError("Compression and preallocation not supported at the same time")
+        with _removed_on_failure(request.target):
+            plan.run()
+            with open_image(request.target, request.out_fmt, writable=True) as target:
+                _copy(
+                    sources,
+                    target,
+                    request,
+                    zero_init=backing is None,
+                    top_only=backing is not None,
+                    progress=progress,
+                )
+
+
+def _backing_of(request: ConvertRequest) -> str | None:
+    if request.backing_file is not None:
+        return request.backing_file
+    for item in request.options:
+        if item.key == "backing_file":
+            return item.value
+    return None
+
+
+def _copy(
+    sources: list[Image],
+    target: Image,
+    request: ConvertRequest,
+    *,
+    zero_init: bool,
+    top_only: bool,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    _core.convert(
+        [s._img for s in sources],
+        target._img,
+        sparse_size=request.sparse_size,
+        compress=request.compress,
+        zero_init=zero_init,
+        top_only=top_only,
+        in_order=request.in_order,
+        workers=request.workers,
+        progress=progress,
+    )
+
+
+@contextlib.contextmanager
+def _removed_on_failure(path: str) -> Iterator[None]:
+    existed = os.path.lexists(path)
+    try:
+        yield
+    except BaseException:
+        # A half-written new image is worse than none; an existing file that
+        # creation replaced is gone either way.
+        if not existed or os.path.exists(path):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
+
+
+def convert(
+    source: PathLike | Sequence[PathLike],
+    target: PathLike,
+    *,
+    fmt: str | None = None,
+    out_fmt: str = "raw",
+    options: Mapping[str, OptionValue] | str | None = None,
+    compress: bool = False,
+    backing_file: str | None = None,
+    backing_fmt: str | None = None,
+    existing: bool = False,
+    target_is_zero: bool = False,
+    sparse_size: int = 4096,
+    workers: int | None = None,
+    in_order: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Copies the guest contents of ``source`` (or several sources, one after
+    the other) into ``target``, like ``qemu-img convert``.
+
+    ``progress(done, total)`` is called with byte counts as the copy advances.
+    """
+    names = (
+        [os.fspath(source)]
+        if isinstance(source, str | os.PathLike)
+        else [os.fspath(s) for s in source]
+    )
+    request = ConvertRequest(
+        sources=names,
+        target=os.fspath(target),
+        fmt=fmt,
+        out_fmt=out_fmt,
+        options=option_items(options),
+        compress=compress,
+        backing_file=backing_file,
+        backing_fmt=backing_fmt,
+        existing=existing,
+        target_is_zero=target_is_zero,
+        sparse_size=sparse_size,
+        workers=workers,
+        in_order=in_order,
+    )
+    run(request, progress)
