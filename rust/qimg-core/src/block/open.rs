@@ -25,6 +25,8 @@ pub struct OpenOptions {
 struct Layer {
     file: Arc<FileNode>,
     header: Option<ImageHeader>,
+    /// The format came from probing.
+    probed: bool,
     /// For the layer below: the resolved name it was opened by.
     backing_path: Option<String>,
 }
@@ -76,7 +78,7 @@ pub fn open_image(path: &str, opts: &OpenOptions) -> Result<Arc<dyn BlockDev>> {
     let mut below: Option<Arc<dyn BlockDev>> = None;
     while let Some(layer) = layers.pop() {
         let node: Arc<dyn BlockDev> = match layer.header {
-            None => Arc::new(RawNode::new(layer.file)),
+            None => Arc::new(RawNode::new(layer.file, layer.probed)),
             Some(h) => {
                 let filename = layer.file.filename().to_string();
                 Arc::new(
@@ -116,6 +118,7 @@ fn open_layer(
     let cs_max = 1usize << crate::qcow2::ClusterSize::MAX_BITS;
     let mut head = vec![0u8; (file.file_len() as usize).min(cs_max)];
     file.pread(&mut head, 0)?;
+    let probed = format.is_none();
     let format = match format {
         Some(f) => f,
         None => probe(&head).map_err(|fmt| {
@@ -134,6 +137,7 @@ fn open_layer(
     Ok(Layer {
         file: Arc::new(file),
         header,
+        probed,
         backing_path: None,
     })
 }

@@ -1,18 +1,48 @@
 //! The `raw` format node: the guest disk is the file, byte for byte.
 
 use super::{check_request, BlockDev, FileNode, Status};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::probe::{probe, Format};
 use std::sync::Arc;
 
 pub struct RawNode {
     file: Arc<FileNode>,
+    /// The format was probed, not given: writes must not make the image
+    /// look like another format (which a later probe would then trust).
+    probed: bool,
 }
 
 impl RawNode {
-    pub fn new(file: Arc<FileNode>) -> RawNode {
-        RawNode { file }
+    pub fn new(file: Arc<FileNode>, probed: bool) -> RawNode {
+        RawNode { file, probed }
+    }
+
+    /// Refuses a write that would turn the first sector of a probed raw
+    /// image into another format's header, as QEMU does.
+    fn guard_probe(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if !self.probed || offset >= PROBE_BYTES {
+            return Ok(());
+        }
+        let mut head = vec![0u8; PROBE_BYTES as usize];
+        self.file.pread(&mut head, 0)?;
+        let from = offset as usize;
+        let n = buf.len().min(head.len() - from);
+        head[from..from + n].copy_from_slice(&buf[..n]);
+        if probe(&head) == Ok(Format::Raw) {
+            return Ok(());
+        }
+        Err(Error::io(
+            format!(
+                "Refusing to write a format header into the first sector of '{}', which was probed as raw (give the format explicitly to allow it)",
+                self.file.filename()
+            ),
+            std::io::Error::from_raw_os_error(libc::EPERM),
+        ))
     }
 }
+
+/// How much of the start of an image a probe looks at.
+const PROBE_BYTES: u64 = 512;
 
 impl BlockDev for RawNode {
     fn size(&self) -> u64 {
@@ -46,6 +76,7 @@ impl BlockDev for RawNode {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         check_request(self, offset, buf.len() as u64)?;
+        self.guard_probe(buf, offset)?;
         self.file.pwrite(buf, offset)
     }
 

@@ -163,7 +163,8 @@ impl Allocator {
         self.set(cluster, v + 1)
     }
 
-    pub fn decref(&mut self, cluster: u64) -> Result<()> {
+    /// Drops one reference; returns whether the cluster became free.
+    pub fn decref(&mut self, cluster: u64) -> Result<bool> {
         let v = self.get(cluster)?;
         if v == 0 {
             return Err(self.corrupt(format!(
@@ -177,18 +178,22 @@ impl Allocator {
                 self.byte_cursor = 0;
             }
         }
-        Ok(())
+        Ok(v == 1)
     }
 
-    /// Drops one reference to every cluster overlapping `[offset, offset + len)`.
-    pub fn free_range(&mut self, offset: u64, len: u64) -> Result<()> {
+    /// Drops one reference to every cluster overlapping `[offset, offset + len)`;
+    /// returns the clusters that became free.
+    pub fn free_range(&mut self, offset: u64, len: u64) -> Result<Vec<u64>> {
+        let mut freed = Vec::new();
         if len == 0 {
-            return Ok(());
+            return Ok(freed);
         }
         for cluster in offset / self.cs..=(offset + len - 1) / self.cs {
-            self.decref(cluster)?;
+            if self.decref(cluster)? {
+                freed.push(cluster);
+            }
         }
-        Ok(())
+        Ok(freed)
     }
 
     /// The first of `n` contiguous clusters whose refcount is 0.

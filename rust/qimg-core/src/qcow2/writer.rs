@@ -41,8 +41,10 @@ pub struct WriteState {
     alloc: Allocator,
     /// Range of L1 entries changed in memory.
     l1_dirty: Option<(usize, usize)>,
-    /// Host ranges to release once no table on disk refers to them.
-    pending_free: Vec<(u64, u64)>,
+    /// Host ranges to release once no table on disk refers to them, and
+    /// whether to give their space back to the file system when they become
+    /// free (for discards and unmapping zero writes, as QEMU does).
+    pending_free: Vec<(u64, u64, bool)>,
     /// Lazy refcounts: the dirty bit is set in the file.
     marked_dirty: bool,
     lazy: bool,
@@ -370,7 +372,11 @@ impl Qcow2Node {
                 }
             })?;
         }
-        st.pending_free.extend(plans.iter().filter_map(|p| p.free));
+        st.pending_free.extend(
+            plans
+                .iter()
+                .filter_map(|p| p.free.map(|(a, n)| (a, n, false))),
+        );
         self.write_back_if_large(st)
     }
 
@@ -458,7 +464,9 @@ impl Qcow2Node {
                 }
             }
         })?;
-        st.pending_free.extend(frees);
+        let punch = discard || unmap;
+        st.pending_free
+            .extend(frees.into_iter().map(|(a, n)| (a, n, punch)));
         self.write_back_if_large(st)
     }
 
@@ -608,15 +616,25 @@ impl Qcow2Node {
         }
         // 4. Releases.
         let mut frees = std::mem::take(&mut st.pending_free);
-        if let Some(old) = st.alloc.take_retired_table() {
-            frees.push(old);
+        if let Some((offset, len)) = st.alloc.take_retired_table() {
+            frees.push((offset, len, false));
         }
         if !frees.is_empty() {
-            for (offset, len) in frees {
-                st.alloc.free_range(offset, len)?;
+            let cs = self.cs();
+            let mut holes = Vec::new();
+            for (offset, len, punch) in frees {
+                let freed = st.alloc.free_range(offset, len)?;
+                if punch {
+                    holes.extend(freed);
+                }
             }
             if st.alloc.write_back()? {
                 self.file.sync()?;
+            }
+            // No table refers to these clusters any more: their space goes
+            // back to the file system (a failure to punch loses nothing).
+            for cluster in holes {
+                let _ = crate::file::punch_zeroes(self.file.raw_file(), cluster * cs, cs);
             }
         }
         Ok(())
@@ -685,8 +703,10 @@ pub(super) fn write_zeroes(node: &Qcow2Node, offset: u64, len: u64, unmap: bool)
     if len == 0 {
         return Ok(());
     }
-    if node.header.compat == Compat::V2 {
-        // No zero flag in v2: zeroes are data.
+    // Without a zero flag (v2), whole clusters can still be made to read as
+    // zeroes by unallocating them, as long as no backing file shows through.
+    let v2 = node.header.compat == Compat::V2;
+    if v2 && node.backing.is_some() {
         return node.write_zero_bytes(offset, len);
     }
     let unit = node.unit();
@@ -731,7 +751,7 @@ pub(super) fn write_zeroes(node: &Qcow2Node, offset: u64, len: u64, unmap: bool)
     let cs = node.cs();
     node.per_table(lo, hi, |a, b| {
         if !ext {
-            return node.zero_in_table(&mut st, a, b, unmap, false);
+            return node.zero_in_table(&mut st, a, b, unmap, v2);
         }
         // Compressed clusters have no subcluster bits: their partial zeroes are data.
         let mut pos = a;
