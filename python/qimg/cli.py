@@ -9,12 +9,12 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from qimg import __version__
-from qimg.commands import check, compare, convert, create, info, map, measure
+from qimg.commands import check, compare, convert, create, info, map, measure, resize
 from qimg.errors import QimgError
 
 __all__ = ["main"]
 
-COMMANDS = (create, info, map, check, compare, convert, measure)
+COMMANDS = (create, info, map, check, compare, convert, measure, resize)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -42,7 +42,10 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == [resize.NAME]:
+        words = resize.fix_argv(words)
+    args = parser.parse_args(words)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 1

@@ -9,6 +9,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from qimg import _core
+from qimg.prealloc import PreallocMode
 from qimg.qjson import JsonValue, human_lines
 from qimg.sizes import size_to_str
 
@@ -111,6 +112,12 @@ class Image:
     def flush(self) -> None:
         """Makes every write so far durable."""
         self._img.flush()
+
+    def resize(self, size: int, *, preallocation: PreallocMode = PreallocMode.OFF) -> None:
+        """Sets the virtual size (a multiple of 512). Growing preallocates the
+        new area as ``preallocation`` says; shrinking discards everything past
+        the new end."""
+        self._img.resize(size, preallocation=preallocation.value)
 
     def readinto(self, offset: int, buffer: bytearray | memoryview) -> int:
         """Fills ``buffer`` with guest bytes at ``offset``; returns the count."""

@@ -7,6 +7,7 @@ use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList};
 use qimg_core::block::{self, BlockDev, OpenOptions};
 use qimg_core::compare::{self, Outcome};
 use qimg_core::convert::{self as engine, Sparse};
+use qimg_core::prealloc::Prealloc;
 use qimg_core::probe::Format;
 use qimg_core::qcow2::image_header::AUTOCLEAR_BITMAPS;
 use qimg_core::qcow2::{snapshot, ClusterSize, Compat};
@@ -120,6 +121,17 @@ impl Image {
     /// Makes every write so far durable.
     fn flush(&self, py: Python<'_>) -> PyResult<()> {
         py.detach(|| self.node.flush()).map_err(to_py)
+    }
+
+    /// Changes the virtual size; `preallocation` applies to a grown area.
+    #[pyo3(signature = (size, *, preallocation="off"))]
+    fn resize(&self, py: Python<'_>, size: u64, preallocation: &str) -> PyResult<()> {
+        let mode = Prealloc::from_name(preallocation).ok_or_else(|| {
+            to_py(Error::invalid(format!(
+                "Invalid preallocation mode '{preallocation}'"
+            )))
+        })?;
+        py.detach(|| self.node.resize(size, mode)).map_err(to_py)
     }
 
     /// Flushes and leaves the image clean on disk.

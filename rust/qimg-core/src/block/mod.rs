@@ -8,6 +8,7 @@ pub mod raw;
 pub mod status;
 
 use crate::error::{Error, Result};
+use crate::prealloc::Prealloc;
 use crate::qcow2::reader::Qcow2Node;
 use std::sync::Arc;
 
@@ -97,6 +98,16 @@ pub trait BlockDev: Send + Sync {
     /// Makes every completed write durable.
     fn flush(&self) -> Result<()> {
         Ok(())
+    }
+
+    /// Changes the virtual size; growing preallocates the new area as
+    /// `prealloc` says, shrinking drops what lies past the new end.
+    fn resize(&self, _new_size: u64, _prealloc: Prealloc) -> Result<()> {
+        Err(Error::InvalidArgument(format!(
+            "'{}' ({}) cannot be resized",
+            self.filename(),
+            self.format_name()
+        )))
     }
 
     /// Flushes and leaves the image consistent on disk (the node stays

@@ -2,6 +2,7 @@
 
 use super::{check_request, BlockDev, FileNode, Status};
 use crate::error::{Error, Result};
+use crate::prealloc::Prealloc;
 use crate::probe::{probe, Format};
 use std::sync::Arc;
 
@@ -91,6 +92,43 @@ impl BlockDev for RawNode {
     }
 
     fn flush(&self) -> Result<()> {
+        self.file.sync()
+    }
+
+    fn resize(&self, new_size: u64, prealloc: Prealloc) -> Result<()> {
+        if !self.file.is_writable() {
+            return Err(Error::InvalidArgument(format!(
+                "'{}' is open read-only",
+                self.file.filename()
+            )));
+        }
+        let old = self.file.file_len();
+        if prealloc == Prealloc::Metadata {
+            return Err(Error::invalid("Unsupported preallocation mode: metadata"));
+        }
+        if new_size < old && prealloc != Prealloc::Off {
+            return Err(Error::invalid(
+                "Preallocation can only be used when growing an image",
+            ));
+        }
+        self.file.truncate(new_size)?;
+        if new_size > old {
+            let err = |e| self.file.error("preallocate", e);
+            match prealloc {
+                Prealloc::Falloc => {
+                    crate::file::fallocate(self.file.raw_file(), old, new_size - old)
+                        .map_err(err)?
+                }
+                Prealloc::Full => crate::file::write_zeroes(
+                    self.file.raw_file(),
+                    self.file.path(),
+                    old,
+                    new_size - old,
+                )
+                .map_err(err)?,
+                Prealloc::Off | Prealloc::Metadata => {}
+            }
+        }
         self.file.sync()
     }
 }

@@ -387,6 +387,21 @@ impl Allocator {
         }
     }
 
+    /// Forgets everything at and past cluster `end` (the file was cut there):
+    /// the last cluster in use ends before it. Returns that end.
+    pub fn trim_end(&mut self) -> Result<u64> {
+        let mut last = self.end;
+        while last > 0 && self.get(last - 1)? == 0 {
+            last -= 1;
+        }
+        self.end = last;
+        self.free_hint = self.free_hint.min(last);
+        if self.byte_cursor / self.cs >= last {
+            self.byte_cursor = 0;
+        }
+        Ok(last)
+    }
+
     /// Whether refcount changes are waiting to be written.
     pub fn is_dirty(&self) -> bool {
         self.reftable_dirty || self.blocks.values().any(|b| b.dirty)

@@ -11,6 +11,7 @@ pub mod layout;
 pub mod reader;
 pub mod refcount;
 pub mod refcount_reader;
+pub mod resize;
 pub mod snapshot;
 pub mod types;
 pub mod writer;

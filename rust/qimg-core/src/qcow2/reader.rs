@@ -9,6 +9,7 @@ use super::writer::WriteState;
 use crate::block::{read_clipped, BlockDev, FileNode, Status};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 
 /// L1 entry: bits 9-55 hold the L2 table offset.
@@ -62,7 +63,8 @@ pub struct Qcow2Node {
     /// Decided once at open: refcounts claim many more clusters than the file
     /// occupies on disk, so data clusters may be holes (metadata preallocation).
     metadata_preallocated: OnceLock<bool>,
-    pub(super) size: u64,
+    /// The virtual size (a writer may resize the image).
+    pub(super) size: AtomicU64,
     /// Present when the image is open for writing.
     pub(super) writer: Option<Mutex<WriteState>>,
 }
@@ -87,7 +89,7 @@ impl Qcow2Node {
             None
         };
         Ok(Qcow2Node {
-            size: header.virtual_size & !511,
+            size: AtomicU64::new(header.virtual_size & !511),
             backing_name: header.backing_file.clone(),
             file,
             header,
@@ -352,7 +354,7 @@ impl Qcow2Node {
 
 impl BlockDev for Qcow2Node {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -441,5 +443,9 @@ impl BlockDev for Qcow2Node {
 
     fn close(&self) -> Result<()> {
         self.close_writer()
+    }
+
+    fn resize(&self, new_size: u64, prealloc: crate::prealloc::Prealloc) -> Result<()> {
+        Qcow2Node::resize(self, new_size, prealloc)
     }
 }

@@ -38,13 +38,15 @@ const ZERO_BUF: usize = 1 << 20;
 
 /// The writer's state, behind the node's mutex: one metadata update at a time.
 pub struct WriteState {
-    alloc: Allocator,
+    pub(super) alloc: Allocator,
     /// Range of L1 entries changed in memory.
-    l1_dirty: Option<(usize, usize)>,
+    pub(super) l1_dirty: Option<(usize, usize)>,
+    /// Where the active L1 table is (a resize may move it).
+    pub(super) l1_offset: u64,
     /// Host ranges to release once no table on disk refers to them, and
     /// whether to give their space back to the file system when they become
     /// free (for discards and unmapping zero writes, as QEMU does).
-    pending_free: Vec<(u64, u64, bool)>,
+    pub(super) pending_free: Vec<(u64, u64, bool)>,
     /// Lazy refcounts: the dirty bit is set in the file.
     marked_dirty: bool,
     lazy: bool,
@@ -77,11 +79,24 @@ impl WriteState {
         Ok(WriteState {
             alloc: Allocator::new(std::sync::Arc::clone(file), header)?,
             l1_dirty: None,
+            l1_offset: header.l1_table_offset,
             pending_free: Vec::new(),
             marked_dirty: false,
             lazy: header.lazy_refcounts(),
         })
     }
+}
+
+/// What [`Qcow2Node::zero_in_table`] does to each cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Release {
+    /// Reads as zeroes afterwards; `unmap` lets the cluster go.
+    Zero { unmap: bool },
+    /// A discard request: the cluster goes, reading as zeroes where the
+    /// format can say so (v3), else as the backing file.
+    Discard,
+    /// The cluster goes and the entry is cleared (shrinking).
+    Remove,
 }
 
 /// What a write does to one guest cluster.
@@ -121,7 +136,7 @@ impl Plan {
 }
 
 impl Qcow2Node {
-    fn state(&self) -> Result<MutexGuard<'_, WriteState>> {
+    pub(super) fn state(&self) -> Result<MutexGuard<'_, WriteState>> {
         let w = self.writer.as_ref().ok_or_else(|| {
             Error::InvalidArgument(format!("'{}' is open read-only", self.file.filename()))
         })?;
@@ -132,7 +147,7 @@ impl Qcow2Node {
         self.writer.is_some()
     }
 
-    fn cs(&self) -> u64 {
+    pub(super) fn cs(&self) -> u64 {
         self.header.cluster_size.bytes()
     }
 
@@ -146,7 +161,7 @@ impl Qcow2Node {
     }
 
     /// With lazy refcounts the file says "dirty" before any metadata changes.
-    fn begin_update(&self, st: &mut WriteState) -> Result<()> {
+    pub(super) fn begin_update(&self, st: &mut WriteState) -> Result<()> {
         if st.lazy && !st.marked_dirty {
             self.write_incompatible(self.header.incompatible | INCOMPAT_DIRTY)?;
             self.file.sync()?;
@@ -159,7 +174,7 @@ impl Qcow2Node {
         self.file.pwrite(&bits.to_be_bytes(), HEADER_INCOMPATIBLE)
     }
 
-    fn set_l1(&self, st: &mut WriteState, index: usize, entry: u64) {
+    pub(super) fn set_l1(&self, st: &mut WriteState, index: usize, entry: u64) {
         let mut l1 = self.l1.write().unwrap_or_else(PoisonError::into_inner);
         l1[index] = entry;
         st.l1_dirty = Some(match st.l1_dirty {
@@ -170,7 +185,7 @@ impl Qcow2Node {
 
     /// The offset of the L2 table for L1 slot `l1_index`, created if missing;
     /// the table is in the cache afterwards.
-    fn l2_for_write(&self, st: &mut WriteState, l1_index: u64) -> Result<u64> {
+    pub(super) fn l2_for_write(&self, st: &mut WriteState, l1_index: u64) -> Result<u64> {
         let entry = self
             .l1_read()
             .get(l1_index as usize)
@@ -196,7 +211,7 @@ impl Qcow2Node {
 
     /// Applies `edit` to the cached L2 table at `offset` (reloading it if it
     /// was evicted meanwhile; only this writer changes tables).
-    fn edit_l2<T>(
+    pub(super) fn edit_l2<T>(
         &self,
         offset: u64,
         l1_index: u64,
@@ -380,15 +395,20 @@ impl Qcow2Node {
         self.write_back_if_large(st)
     }
 
-    /// Sets zero flags for whole units in `[offset, end)` of one L2 table.
-    fn zero_in_table(
+    /// Sets zero flags for whole units in `[offset, end)` of one L2 table,
+    /// or releases the clusters, as `how` says.
+    pub(super) fn zero_in_table(
         &self,
         st: &mut WriteState,
         offset: u64,
         end: u64,
-        unmap: bool,
-        discard: bool,
+        how: Release,
     ) -> Result<()> {
+        let (unmap, discard) = match how {
+            Release::Zero { unmap } => (unmap, false),
+            Release::Discard | Release::Remove => (true, true),
+        };
+        let remove = how == Release::Remove;
         let cs = self.cs();
         let unit = self.unit();
         let ext = self.header.extended_l2();
@@ -397,7 +417,7 @@ impl Qcow2Node {
         let l1_index = offset / cs / per_table;
         let has_backing = self.backing.is_some();
         // Nothing to do for a discard of a range with no L2 table.
-        if discard && self.l2_table(l1_index)?.is_none() && !has_backing {
+        if discard && self.l2_table(l1_index)?.is_none() && (!has_backing || remove) {
             return Ok(());
         }
         self.begin_update(st)?;
@@ -422,7 +442,9 @@ impl Qcow2Node {
                     None
                 };
                 let whole = lo == 0 && hi == cs;
-                let (new_entry, new_bitmap, release) = if discard {
+                let (new_entry, new_bitmap, release) = if remove {
+                    (0, 0, old_range)
+                } else if discard {
                     if has_backing || allocated {
                         if ext {
                             (0, ALL_ZEROES, old_range)
@@ -489,7 +511,7 @@ impl Qcow2Node {
     }
 
     /// Splits `[offset, end)` at L2 table boundaries.
-    fn per_table(
+    pub(super) fn per_table(
         &self,
         offset: u64,
         end: u64,
@@ -522,7 +544,7 @@ impl Qcow2Node {
     fn check_compressed_request(&self, offset: u64, len: u64) -> Result<()> {
         let cs = self.cs();
         check_request(self, offset, len)?;
-        if offset % cs != 0 || (len != cs && offset + len != self.size) {
+        if offset % cs != 0 || (len != cs && offset + len != self.size()) {
             return Err(Error::invalid(format!(
                 "compressed writes must cover whole clusters ({cs} bytes at a multiple of {cs})"
             )));
@@ -534,7 +556,7 @@ impl Qcow2Node {
     /// type, shorter than a cluster) as the cluster at guest `offset`.
     pub fn write_compressed_packed(&self, packed: &[u8], offset: u64) -> Result<()> {
         let cs = self.cs();
-        self.check_compressed_request(offset, cs.min(self.size.saturating_sub(offset)))?;
+        self.check_compressed_request(offset, cs.min(self.size().saturating_sub(offset)))?;
         if packed.is_empty() || packed.len() as u64 >= cs {
             return Err(Error::invalid(format!(
                 "a compressed cluster must be shorter than the cluster size ({} >= {cs})",
@@ -584,7 +606,7 @@ impl Qcow2Node {
     }
 
     /// Writes every metadata change to the file in crash-safe order.
-    fn write_back(&self, st: &mut WriteState) -> Result<()> {
+    pub(super) fn write_back(&self, st: &mut WriteState) -> Result<()> {
         // 1. Refcounts of everything newly referenced.
         if st.alloc.write_back()? {
             self.file.sync()?;
@@ -610,8 +632,7 @@ impl Qcow2Node {
                 .iter()
                 .flat_map(|e| e.to_be_bytes())
                 .collect();
-            self.file
-                .pwrite(&raw, self.header.l1_table_offset + a as u64 * 8)?;
+            self.file.pwrite(&raw, st.l1_offset + a as u64 * 8)?;
             self.file.sync()?;
         }
         // 4. Releases.
@@ -710,7 +731,7 @@ pub(super) fn write_zeroes(node: &Qcow2Node, offset: u64, len: u64, unmap: bool)
         return node.write_zero_bytes(offset, len);
     }
     let unit = node.unit();
-    let size = node.size;
+    let size = node.size();
     let end = offset + len;
     // The aligned span [lo, hi); a request reaching the end of the image
     // covers its last partial unit.
@@ -751,7 +772,16 @@ pub(super) fn write_zeroes(node: &Qcow2Node, offset: u64, len: u64, unmap: bool)
     let cs = node.cs();
     node.per_table(lo, hi, |a, b| {
         if !ext {
-            return node.zero_in_table(&mut st, a, b, unmap, v2);
+            return node.zero_in_table(
+                &mut st,
+                a,
+                b,
+                if v2 {
+                    Release::Discard
+                } else {
+                    Release::Zero { unmap }
+                },
+            );
         }
         // Compressed clusters have no subcluster bits: their partial zeroes are data.
         let mut pos = a;
@@ -761,7 +791,7 @@ pub(super) fn write_zeroes(node: &Qcow2Node, offset: u64, len: u64, unmap: bool)
             if partial && node.is_compressed_at(pos)? {
                 drop_and_write_zeroes(node, &mut st, pos, stop.min(size))?;
             } else {
-                node.zero_in_table(&mut st, pos, stop, unmap, false)?;
+                node.zero_in_table(&mut st, pos, stop, Release::Zero { unmap })?;
             }
             pos = stop;
         }
@@ -784,7 +814,7 @@ pub(super) fn discard(node: &Qcow2Node, offset: u64, len: u64) -> Result<()> {
     // Only whole clusters are discarded; the image's last cluster counts as
     // whole when the request reaches the end.
     let lo = offset.next_multiple_of(cs);
-    let hi = if end == node.size {
+    let hi = if end == node.size() {
         end.next_multiple_of(cs)
     } else {
         end / cs * cs
@@ -792,7 +822,9 @@ pub(super) fn discard(node: &Qcow2Node, offset: u64, len: u64) -> Result<()> {
     if lo >= hi {
         return Ok(());
     }
-    node.per_table(lo, hi, |a, b| node.zero_in_table(&mut st, a, b, true, true))
+    node.per_table(lo, hi, |a, b| {
+        node.zero_in_table(&mut st, a, b, Release::Discard)
+    })
 }
 
 pub(super) fn flush(node: &Qcow2Node) -> Result<()> {

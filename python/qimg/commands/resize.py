@@ -1,0 +1,85 @@
+"""``qimg resize [-f fmt] [--preallocation=mode] [-q] [--shrink] filename [+|-]size``"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from qimg.commands._common import add_format_arg
+from qimg.errors import InvalidOptionError, UsageError
+from qimg.image import open_image
+from qimg.options import parse_image_size
+from qimg.prealloc import PreallocMode
+
+NAME = "resize"
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        NAME,
+        help="change the virtual size of an image",
+        description=(
+            "Grow or shrink a qcow2 or raw image, as qemu-img resize does. The size is "
+            "absolute, or relative with a leading + or -; shrinking needs --shrink."
+        ),
+        allow_abbrev=False,
+    )
+    add_format_arg(p)
+    p.add_argument(
+        "--preallocation",
+        default="off",
+        help="off (default), metadata (qcow2), falloc or full: how to allocate a grown area",
+    )
+    p.add_argument("--shrink", action="store_true", help="allow the image to become smaller")
+    p.add_argument("-q", dest="quiet", action="store_true", help="print nothing on success")
+    p.add_argument("--object", dest="unsupported_object", help="objects: not supported by qimg")
+    p.add_argument(
+        "--image-opts", dest="unsupported_image_opts", action="store_true", help="not supported"
+    )
+    p.add_argument("filename")
+    p.add_argument("size", help="new size, or +N / -N relative to the current one")
+    p.set_defaults(run=run)
+
+
+def fix_argv(argv: list[str]) -> list[str]:
+    """A relative shrink (``-1G``) looks like an option: the size is always
+    the last argument, so it is marked as positional."""
+    if len(argv) >= 3 and argv[-1].startswith("-") and argv[-2] != "--":
+        rest = argv[-1][1:2]
+        if rest.isdigit() or rest == ".":
+            return [*argv[:-1], "--", argv[-1]]
+    return argv
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.unsupported_object is not None or args.unsupported_image_opts:
+        flag = "--object" if args.unsupported_object is not None else "--image-opts"
+        raise UsageError(f"resize option {flag} is not supported by qimg")
+    mode = _prealloc(args.preallocation)
+    text: str = args.size
+    sign = text[0] if text[:1] in ("+", "-") else ""
+    amount = parse_image_size(text[1:] if sign else text)
+    with open_image(args.filename, args.fmt, writable=True) as image:
+        current = image.size
+        new_size = current + amount if sign == "+" else current - amount if sign else amount
+        if new_size <= 0:
+            raise InvalidOptionError("New image size must be positive")
+        if new_size < current and not args.shrink:
+            print(
+                "qimg: Use the --shrink option to perform a shrink operation.\n"
+                "qimg: warning: shrinking discards every byte past the new end of the image; "
+                "make sure nothing there is needed.",
+                file=sys.stderr,
+            )
+            return 1
+        image.resize(new_size, preallocation=mode)
+    if not args.quiet:
+        print("Image resized.")
+    return 0
+
+
+def _prealloc(text: str) -> PreallocMode:
+    try:
+        return PreallocMode.parse(text)
+    except InvalidOptionError:
+        raise InvalidOptionError(f"Invalid preallocation mode '{text}'") from None
