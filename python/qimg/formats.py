@@ -88,6 +88,10 @@ class FormatInfo:
     """The preallocation modes this format can create."""
     not_yet: frozenset[str] = frozenset()
     """Options qemu-img knows for this format that qimg refuses for now."""
+    amend_options: tuple[str, ...] = ()
+    """The options ``amend`` can change (empty: the format has no amend)."""
+    amend_not_yet: frozenset[str] = frozenset()
+    """Amend options qemu-img has that qimg refuses for now."""
 
     def all_options(self) -> tuple[OptionDesc, ...]:
         names = {o.name for o in self.format_options}
@@ -107,6 +111,35 @@ class FormatInfo:
                 "Specify the target filename to include those options.",
             ]
         )
+
+    def amend_help_text(self) -> str:
+        if not self.amend_options:
+            raise UsageError(f"Format driver '{self.name}' does not support option amendment")
+        table = {o.name: o for o in self.format_options}
+        lines = [table[n].help_line() for n in sorted(self.amend_options)]
+        return "\n".join([f"Amend options for '{self.name}':", *lines])
+
+    def parse_amend(self, items: Iterable[OptionItem]) -> dict[str, ParsedValue]:
+        """Typed values of ``amend -o`` items; options only creation takes are refused."""
+        if not self.amend_options:
+            raise UsageError(f"Format driver '{self.name}' does not support option amendment")
+        table = {o.name: o for o in self.format_options if o.name in self.amend_options}
+        creation_only = {o.name for o in self.all_options()} | self.not_yet
+        parsed: dict[str, ParsedValue] = {}
+        for item in items:
+            desc = table.get(item.key)
+            if desc is None:
+                if item.key in self.amend_not_yet:
+                    raise InvalidOptionError(f"Amending '{item.key}' is not supported by qimg yet")
+                if item.key in creation_only:
+                    raise InvalidOptionError(
+                        f"Invalid parameter '{item.key}' "
+                        "(this option is only supported for image creation)"
+                    )
+                raise InvalidOptionError(f"Invalid parameter '{item.key}'")
+            text = "on" if item.value is None else item.value
+            parsed[desc.name] = ParsedValue(text, _convert(desc, text))
+        return parsed
 
     def parse(self, items: Iterable[OptionItem]) -> dict[str, ParsedValue]:
         """Typed values of ``items``; a later duplicate replaces an earlier one."""
@@ -236,6 +269,25 @@ QCOW2 = FormatInfo(
             "encrypt.ivgen-hash-alg",
             "encrypt.hash-alg",
             "encrypt.iter-time",
+        }
+    ),
+    amend_options=(
+        "backing_file",
+        "backing_fmt",
+        "compat",
+        "lazy_refcounts",
+        "refcount_bits",
+        "size",
+    ),
+    amend_not_yet=frozenset(
+        {
+            "data_file",
+            "data_file_raw",
+            "encrypt.iter-time",
+            "encrypt.keyslot",
+            "encrypt.new-secret",
+            "encrypt.old-secret",
+            "encrypt.state",
         }
     ),
 )

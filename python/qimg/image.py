@@ -113,6 +113,32 @@ class Image:
         """Makes every write so far durable."""
         self._img.flush()
 
+    @property
+    def backing_file(self) -> str | None:
+        """The backing file name as the image records it (None without one)."""
+        name = self._img.details().get("backing_filename")
+        return None if name is None else str(name)
+
+    @property
+    def backing_format(self) -> str | None:
+        """The backing file format the image records, if any."""
+        fmt = self._img.details().get("backing_format")
+        return None if fmt is None else str(fmt)
+
+    def amend(
+        self,
+        *,
+        compat: str | None = None,
+        lazy_refcounts: bool | None = None,
+        refcount_bits: int | None = None,
+        size: int | None = None,
+    ) -> None:
+        """Changes qcow2 options in place, as ``qemu-img amend`` does; None
+        keeps an option. Use the image only to close it afterwards."""
+        self._img.amend(
+            compat=compat, lazy_refcounts=lazy_refcounts, refcount_bits=refcount_bits, size=size
+        )
+
     def resize(self, size: int, *, preallocation: PreallocMode = PreallocMode.OFF) -> None:
         """Sets the virtual size (a multiple of 512). Growing preallocates the
         new area as ``preallocation`` says; shrinking discards everything past

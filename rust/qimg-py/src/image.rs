@@ -9,8 +9,9 @@ use qimg_core::compare::{self, Outcome};
 use qimg_core::convert::{self as engine, Sparse};
 use qimg_core::prealloc::Prealloc;
 use qimg_core::probe::Format;
+use qimg_core::qcow2::amend::AmendSpec;
 use qimg_core::qcow2::image_header::AUTOCLEAR_BITMAPS;
-use qimg_core::qcow2::{snapshot, ClusterSize, Compat};
+use qimg_core::qcow2::{snapshot, ClusterSize, Compat, RefcountOrder};
 use qimg_core::Error;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -132,6 +133,45 @@ impl Image {
             )))
         })?;
         py.detach(|| self.node.resize(size, mode)).map_err(to_py)
+    }
+
+    /// Changes qcow2 options in place (see `qimg amend`); None keeps a value.
+    #[pyo3(signature = (*, compat=None, lazy_refcounts=None, refcount_bits=None, size=None))]
+    fn amend(
+        &self,
+        py: Python<'_>,
+        compat: Option<&str>,
+        lazy_refcounts: Option<bool>,
+        refcount_bits: Option<u64>,
+        size: Option<u64>,
+    ) -> PyResult<()> {
+        let q = self.node.as_qcow2().ok_or_else(|| {
+            to_py(Error::invalid(format!(
+                "Format driver '{}' does not support option amendment",
+                self.node.format_name()
+            )))
+        })?;
+        let compat = compat
+            .map(|c| {
+                Compat::parse(c).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "Invalid compatibility level: '{c}' (use 0.10 or v2, 1.1 or v3)"
+                    ))
+                })
+            })
+            .transpose()
+            .map_err(to_py)?;
+        let refcount_order = refcount_bits
+            .map(RefcountOrder::from_bits)
+            .transpose()
+            .map_err(to_py)?;
+        let spec = AmendSpec {
+            compat,
+            lazy_refcounts,
+            refcount_order,
+            size,
+        };
+        py.detach(|| q.amend(&spec)).map_err(to_py)
     }
 
     /// Flushes and leaves the image clean on disk.

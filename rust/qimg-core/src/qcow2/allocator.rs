@@ -9,7 +9,7 @@
 use super::image_header::ImageHeader;
 use super::refcount::{get_entry, set_entry};
 use super::refcount_reader::REFT_OFFSET_MASK;
-use super::types::RefcountOrder;
+use super::types::{ClusterSize, RefcountOrder};
 use crate::block::{BlockDev, FileNode};
 use crate::error::{Error, Result};
 use std::collections::HashMap;
@@ -52,27 +52,43 @@ pub struct Allocator {
 
 impl Allocator {
     pub fn new(file: Arc<FileNode>, header: &ImageHeader) -> Result<Allocator> {
-        let cs = header.cluster_size.bytes();
-        // The header parser bounded the table by QEMU's limit and the file length.
-        let raw = file.read_vec(header.reftable_offset, header.reftable_clusters * cs)?;
+        Self::with_layout(
+            file,
+            header.cluster_size,
+            header.refcount_order,
+            header.reftable_offset,
+            header.reftable_clusters,
+        )
+    }
+
+    /// An allocator over the refcount table at `reftable_offset`
+    /// (`reftable_clusters` long, already bounded by the caller).
+    pub fn with_layout(
+        file: Arc<FileNode>,
+        cluster_size: ClusterSize,
+        order: RefcountOrder,
+        reftable_offset: u64,
+        reftable_clusters: u64,
+    ) -> Result<Allocator> {
+        let cs = cluster_size.bytes();
+        let raw = file.read_vec(reftable_offset, reftable_clusters * cs)?;
         let reftable = raw
             .chunks_exact(8)
             .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
             .collect();
-        let order = header.refcount_order;
         let width = order.width_bits();
         Ok(Allocator {
             cs,
             order,
-            per_block: order.entries_per_block(header.cluster_size),
+            per_block: order.entries_per_block(cluster_size),
             max_refcount: if width >= 64 {
                 u64::MAX
             } else {
                 (1 << width) - 1
             },
             reftable,
-            reftable_offset: header.reftable_offset,
-            reftable_clusters: header.reftable_clusters,
+            reftable_offset,
+            reftable_clusters,
             reftable_dirty: false,
             moved_from: None,
             header_dirty: false,
@@ -400,6 +416,29 @@ impl Allocator {
             self.byte_cursor = 0;
         }
         Ok(last)
+    }
+
+    /// Where the refcount table is: (offset, clusters).
+    pub fn reftable(&self) -> (u64, u64) {
+        (self.reftable_offset, self.reftable_clusters)
+    }
+
+    /// Host offsets of every refcount block the table points to.
+    pub fn block_offsets(&self) -> Vec<u64> {
+        self.reftable
+            .iter()
+            .map(|e| e & REFT_OFFSET_MASK)
+            .filter(|&o| o != 0)
+            .collect()
+    }
+
+    /// Every cluster from the returned index on is unused.
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
+    pub fn order(&self) -> RefcountOrder {
+        self.order
     }
 
     /// Whether refcount changes are waiting to be written.

@@ -1,6 +1,7 @@
 //! The qcow2 format: on-disk types, layout math, header encoding and creation.
 
 pub mod allocator;
+pub mod amend;
 pub mod check;
 pub mod compress;
 pub mod create;

@@ -50,6 +50,17 @@ pub struct WriteState {
     /// Lazy refcounts: the dirty bit is set in the file.
     marked_dirty: bool,
     lazy: bool,
+    /// The incompatible feature bits the header holds (without the dirty bit).
+    incompatible: u64,
+}
+
+impl WriteState {
+    /// The header was rewritten clean with these lazy-refcount and feature settings.
+    pub(super) fn set_clean_header(&mut self, lazy: bool, incompatible: u64) {
+        self.marked_dirty = false;
+        self.lazy = lazy;
+        self.incompatible = incompatible & !INCOMPAT_DIRTY;
+    }
 }
 
 impl WriteState {
@@ -83,6 +94,7 @@ impl WriteState {
             pending_free: Vec::new(),
             marked_dirty: false,
             lazy: header.lazy_refcounts(),
+            incompatible: header.incompatible & !INCOMPAT_DIRTY,
         })
     }
 }
@@ -163,7 +175,7 @@ impl Qcow2Node {
     /// With lazy refcounts the file says "dirty" before any metadata changes.
     pub(super) fn begin_update(&self, st: &mut WriteState) -> Result<()> {
         if st.lazy && !st.marked_dirty {
-            self.write_incompatible(self.header.incompatible | INCOMPAT_DIRTY)?;
+            self.write_incompatible(st.incompatible | INCOMPAT_DIRTY)?;
             self.file.sync()?;
             st.marked_dirty = true;
         }
@@ -670,7 +682,7 @@ impl Qcow2Node {
         self.write_back(&mut st)?;
         self.file.sync()?;
         if st.marked_dirty {
-            self.write_incompatible(self.header.incompatible & !INCOMPAT_DIRTY)?;
+            self.write_incompatible(st.incompatible)?;
             self.file.sync()?;
             st.marked_dirty = false;
         }

@@ -1,0 +1,93 @@
+"""``qimg amend [-f fmt] [-p] [-q] -o options filename``"""
+
+from __future__ import annotations
+
+import argparse
+
+from qimg.commands._common import Progress, add_format_arg
+from qimg.errors import InvalidOptionError, UsageError
+from qimg.formats import format_info, option_text, option_value
+from qimg.image import open_image
+from qimg.options import parse_option_lists
+
+NAME = "amend"
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        NAME,
+        help="change the options of an existing qcow2 image",
+        description=(
+            "Change compat (0.10 <-> 1.1), lazy_refcounts, refcount_bits or size of a "
+            "qcow2 image in place, as qemu-img amend does; '-o help' lists the options."
+        ),
+        allow_abbrev=False,
+    )
+    add_format_arg(p)
+    p.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPTIONS",
+        help="options to change, comma separated key=value",
+    )
+    p.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    p.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
+    p.add_argument("--force", dest="unsupported_force", action="store_true", help="not supported")
+    p.add_argument("--object", dest="unsupported_object", help="objects: not supported by qimg")
+    p.add_argument(
+        "--image-opts", dest="unsupported_image_opts", action="store_true", help="not supported"
+    )
+    p.add_argument("-t", dest="unsupported_cache", help="cache modes: not supported by qimg")
+    p.add_argument("filename", nargs="?")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    for flag, value in (
+        ("--force", args.unsupported_force),
+        ("--object", args.unsupported_object),
+        ("--image-opts", args.unsupported_image_opts),
+        ("-t", args.unsupported_cache),
+    ):
+        if value not in (None, False):
+            raise UsageError(f"amend option {flag} is not supported by qimg")
+    if not args.options:
+        raise UsageError("Must specify options (-o)")
+    items = parse_option_lists(args.options)
+    if any(item.is_help for item in items):
+        fmt = args.fmt
+        if fmt is None:
+            if args.filename is None:
+                raise UsageError("Expecting one image file name")
+            with open_image(args.filename, backing=False) as probed:
+                fmt = probed.format
+        print(format_info(fmt).amend_help_text())
+        return 0
+    if args.filename is None:
+        raise UsageError("Expecting one image file name")
+    progress = Progress(args.progress and not args.quiet)
+    with open_image(args.filename, args.fmt, writable=True) as image:
+        parsed = format_info(image.format).parse_amend(items)
+        for name in ("backing_file", "backing_fmt"):
+            wanted = option_text(parsed, name)
+            current = image.backing_file if name == "backing_file" else image.backing_format
+            if wanted is not None and wanted != current:
+                raise InvalidOptionError(
+                    "Cannot amend the backing file (qimg cannot change which file an "
+                    "image is an overlay of)"
+                )
+        compat = option_text(parsed, "compat")
+        lazy = parsed.get("lazy_refcounts")
+        bits = parsed.get("refcount_bits")
+        size = parsed.get("size")
+        progress.start()
+        image.amend(
+            compat=compat,
+            lazy_refcounts=None if lazy is None else bool(lazy.value),
+            refcount_bits=None if bits is None else int(option_value(parsed, "refcount_bits", 16)),
+            size=None if size is None else int(size.value),
+        )
+    progress.end()
+    return 0

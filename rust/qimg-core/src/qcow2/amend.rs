@@ -1,0 +1,311 @@
+//! Changing the options of an existing qcow2 image in place: compatibility
+//! level (1.1 <-> 0.10), lazy refcounts, refcount width, size.
+//!
+//! The steps run in QEMU's order: upgrade, refcount width, lazy refcounts,
+//! size, downgrade. Every step keeps the image valid on disk if the process
+//! dies between two writes: new structures are written and synced before
+//! the header switches to them, and old ones are released afterwards.
+
+use super::allocator::Allocator;
+use super::header::{Header, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2};
+use super::reader::{Qcow2Node, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO};
+use super::refcount::set_entry;
+use super::types::{Compat, CompressionType, RefcountOrder};
+use super::writer::WriteState;
+use super::OFLAG_COPIED;
+use crate::block::BlockDev;
+use crate::error::{Error, Result};
+use crate::prealloc::Prealloc;
+
+/// What to change; `None` keeps the current value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AmendSpec {
+    pub compat: Option<Compat>,
+    pub lazy_refcounts: Option<bool>,
+    pub refcount_order: Option<RefcountOrder>,
+    pub size: Option<u64>,
+}
+
+/// The header fields amend can change, as they stand.
+#[derive(Debug, Clone, Copy)]
+struct Fields {
+    compat: Compat,
+    lazy: bool,
+    compression: CompressionType,
+}
+
+impl Qcow2Node {
+    /// Applies `spec` to the image (open for writing). Everything is
+    /// validated before anything is written.
+    pub fn amend(&self, spec: &AmendSpec) -> Result<()> {
+        let h = &self.header;
+        let mut fields = Fields {
+            compat: h.compat,
+            lazy: h.lazy_refcounts(),
+            compression: h.compression,
+        };
+        let target_compat = spec.compat.unwrap_or(h.compat);
+        let target_order = spec.refcount_order.unwrap_or(h.refcount_order);
+        let target_lazy = spec
+            .lazy_refcounts
+            .unwrap_or(if target_compat == Compat::V2 {
+                false
+            } else {
+                fields.lazy
+            });
+        if target_compat == Compat::V2 {
+            if target_order != RefcountOrder::DEFAULT {
+                return Err(Error::invalid("compat=0.10 requires refcount_bits=16"));
+            }
+            if target_lazy {
+                return Err(Error::invalid(
+                    "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
+                ));
+            }
+            if h.extended_l2() {
+                return Err(Error::invalid(
+                    "Cannot downgrade an image with extended L2 entries to compat=0.10",
+                ));
+            }
+        }
+        if let Some(size) = spec.size {
+            if size % 512 != 0 {
+                return Err(Error::invalid(format!(
+                    "The new size must be a multiple of 512 (not {size})"
+                )));
+            }
+        }
+        let downgrade = h.compat == Compat::V3 && target_compat == Compat::V2;
+        if downgrade && h.compression != CompressionType::Zlib && self.has_compressed_clusters()? {
+            return Err(Error::invalid(format!(
+                "Cannot downgrade an image with {} compression type and existing compressed clusters",
+                h.compression.name()
+            )));
+        }
+
+        if h.compat == Compat::V2 && target_compat == Compat::V3 {
+            fields.compat = Compat::V3;
+            let mut st = self.state()?;
+            self.rewrite_header(&mut st, fields)?;
+        }
+        if target_order != h.refcount_order {
+            let mut st = self.state()?;
+            self.change_refcount_order(&mut st, target_order, fields)?;
+        }
+        if target_lazy != fields.lazy {
+            fields.lazy = target_lazy;
+            let mut st = self.state()?;
+            self.write_back(&mut st)?;
+            self.rewrite_header(&mut st, fields)?;
+        }
+        if let Some(size) = spec.size {
+            if size != self.size() {
+                self.resize(size, Prealloc::Off)?;
+            }
+        }
+        if downgrade {
+            let mut st = self.state()?;
+            self.expand_zero_clusters(&mut st)?;
+            self.write_back(&mut st)?;
+            fields.compat = Compat::V2;
+            fields.compression = CompressionType::Zlib;
+            self.rewrite_header(&mut st, fields)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the whole header cluster anew from the current layout.
+    fn rewrite_header(&self, st: &mut WriteState, f: Fields) -> Result<()> {
+        let (reftable_offset, reftable_clusters) = st.alloc.reftable();
+        let header = Header {
+            compat: f.compat,
+            cluster_size: self.header.cluster_size,
+            virtual_size: self.size(),
+            l1_entries: self.l1_read().len() as u64,
+            l1_table_offset: st.l1_offset,
+            reftable_offset,
+            reftable_clusters,
+            refcount_order: st.alloc.order(),
+            lazy_refcounts: f.lazy,
+            extended_l2: self.header.extended_l2(),
+            compression: f.compression,
+            backing_file: self.backing_name(),
+            backing_format: self.header.backing_format.as_deref(),
+        };
+        let raw = header.encode()?;
+        if raw.len() as u64 > self.cs() {
+            return Err(Error::invalid(
+                "the new header does not fit in the image's first cluster",
+            ));
+        }
+        self.file.pwrite(&raw, 0)?;
+        self.file.sync()?;
+        // The new header is clean; closing must not write the old feature bits.
+        let mut incompatible = 0;
+        if f.compat == Compat::V3 {
+            if f.compression != CompressionType::Zlib {
+                incompatible |= INCOMPAT_COMPRESSION;
+            }
+            if self.header.extended_l2() {
+                incompatible |= INCOMPAT_EXTL2;
+            }
+        }
+        st.set_clean_header(f.lazy, incompatible);
+        Ok(())
+    }
+
+    fn has_compressed_clusters(&self) -> Result<bool> {
+        let ext = self.header.extended_l2();
+        let stride = if ext { 2 } else { 1 };
+        let l1 = self.l1_table();
+        for index in 0..l1.len() as u64 {
+            if l1[index as usize] & L1E_OFFSET_MASK == 0 {
+                continue;
+            }
+            if let Some((table, _)) = self.l2_table(index)? {
+                if table
+                    .iter()
+                    .step_by(stride)
+                    .any(|e| e & OFLAG_COMPRESSED != 0)
+                {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// For v2, which has no zero flag: zero clusters that keep a host
+    /// cluster get real zeroes written there; the others become unallocated
+    /// (no backing file) or get a new cluster of zeroes (the backing file
+    /// must not show through).
+    fn expand_zero_clusters(&self, st: &mut WriteState) -> Result<()> {
+        let cs = self.cs();
+        let zeros = vec![0u8; cs as usize];
+        let has_backing = self.backing.is_some();
+        let l1_len = self.l1_read().len() as u64;
+        for l1_index in 0..l1_len {
+            let entry = self.l1_read()[l1_index as usize];
+            if entry & L1E_OFFSET_MASK == 0 {
+                continue;
+            }
+            let Some((table, offset)) = self.l2_table(l1_index)? else {
+                continue;
+            };
+            let zero_slots: Vec<(usize, u64)> = table
+                .iter()
+                .enumerate()
+                .filter(|(_, &e)| e & OFLAG_ZERO != 0 && e & OFLAG_COMPRESSED == 0)
+                .map(|(i, &e)| (i, e & L2E_OFFSET_MASK))
+                .collect();
+            drop(table);
+            if zero_slots.is_empty() {
+                continue;
+            }
+            let mut updates = Vec::with_capacity(zero_slots.len());
+            for (slot, host) in zero_slots {
+                let new = if host != 0 {
+                    self.file.pwrite(&zeros, host)?;
+                    host | OFLAG_COPIED
+                } else if has_backing {
+                    let fresh = st.alloc.alloc_clusters(1)?;
+                    self.file.pwrite(&zeros, fresh)?;
+                    fresh | OFLAG_COPIED
+                } else {
+                    0
+                };
+                updates.push((slot, new));
+            }
+            self.edit_l2(offset, l1_index, |t| {
+                for &(slot, new) in &updates {
+                    t[slot] = new;
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites the refcount structures with entries of a new width: new
+    /// blocks and table after the end of the file, then the header, then the
+    /// old structures are released.
+    fn change_refcount_order(
+        &self,
+        st: &mut WriteState,
+        order: RefcountOrder,
+        fields: Fields,
+    ) -> Result<()> {
+        self.write_back(st)?;
+        let cs = self.cs();
+        let end = st.alloc.end().max(self.file.file_len().div_ceil(cs));
+        let width = order.width_bits();
+        let max = if width >= 64 {
+            u64::MAX
+        } else {
+            (1 << width) - 1
+        };
+        let mut counts = Vec::with_capacity(end as usize);
+        for cluster in 0..end {
+            let n = st.alloc.get(cluster)?;
+            if n > max {
+                return Err(Error::invalid(format!(
+                    "Cannot change the refcount width to {width} bits: cluster {cluster} (offset {:#x}) has a refcount of {n}",
+                    cluster * cs
+                )));
+            }
+            counts.push(n);
+        }
+        let per_block = order.entries_per_block(self.header.cluster_size);
+        // New blocks and table live past `end` and count themselves.
+        let (mut blocks, mut table) = (0u64, 0u64);
+        loop {
+            let total = end + blocks + table;
+            let b = total.div_ceil(per_block);
+            let t = (b * 8).div_ceil(cs);
+            if (b, t) == (blocks, table) {
+                break;
+            }
+            (blocks, table) = (b, t);
+        }
+        if table * cs > super::MAX_REFTABLE_BYTES {
+            return Err(Error::TooLarge(
+                "the new refcount table would exceed QEMU's limit".into(),
+            ));
+        }
+        counts.resize((end + blocks + table) as usize, 1);
+        let mut reftable = vec![0u8; (table * cs) as usize];
+        for b in 0..blocks {
+            let mut block = vec![0u8; cs as usize];
+            let first = b * per_block;
+            let last = ((b + 1) * per_block).min(counts.len() as u64);
+            for c in first..last {
+                set_entry(&mut block, order, (c - first) as usize, counts[c as usize]);
+            }
+            let at = (end + b) * cs;
+            self.file.pwrite(&block, at)?;
+            reftable[(b * 8) as usize..(b * 8 + 8) as usize].copy_from_slice(&at.to_be_bytes());
+        }
+        let table_at = (end + blocks) * cs;
+        self.file.pwrite(&reftable, table_at)?;
+        self.file.sync()?;
+
+        let old_blocks = st.alloc.block_offsets();
+        let (old_table, old_clusters) = st.alloc.reftable();
+        st.alloc = Allocator::with_layout(
+            std::sync::Arc::clone(&self.file),
+            self.header.cluster_size,
+            order,
+            table_at,
+            table,
+        )?;
+        self.rewrite_header(st, fields)?;
+        // The old structures are counted (once each) in the new ones: release them.
+        for offset in old_blocks {
+            st.alloc.free_range(offset, cs)?;
+        }
+        st.alloc.free_range(old_table, old_clusters * cs)?;
+        if st.alloc.write_back()? {
+            self.file.sync()?;
+        }
+        Ok(())
+    }
+}
