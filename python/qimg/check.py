@@ -1,15 +1,32 @@
-"""``check``: a full consistency check of a qcow2 image, read only."""
+"""``check``: a full consistency check of a qcow2 image, and ``check -r`` repairs."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from qimg import _core
-from qimg.errors import UsageError
+from qimg.errors import QimgError, UsageError
 from qimg.image import Image, open_image
 
-__all__ = ["CheckReport", "check", "check_image"]
+__all__ = [
+    "REPAIR_MODES",
+    "CheckReport",
+    "RepairMode",
+    "RepairResult",
+    "check",
+    "check_image",
+    "parse_repair_mode",
+    "repair_image",
+    "repair_summary",
+]
+
+RepairMode = Literal["leaks", "all"]
+#: ``-r leaks``: leaked clusters (refcounts above their references), and COPIED flags when
+#: nothing else is wrong. ``-r all``: also refcounts that are too low, COPIED flags, and broken
+#: refcount structures (rebuilt).
+REPAIR_MODES: tuple[RepairMode, ...] = ("leaks", "all")
 
 
 @dataclass(frozen=True)
@@ -31,6 +48,14 @@ class CheckReport:
     compressed_clusters: int
     messages: list[str] = field(default_factory=list)
     """One line per finding (``Leaked cluster 4 refcount=1 reference=0`` ...)."""
+    leaks_fixed: int = 0
+    """With repair: leaked clusters the repair freed."""
+    corruptions_fixed: int = 0
+    """With repair: corruptions the repair fixed."""
+    repair_messages: list[str] = field(default_factory=list)
+    """With repair, when anything was repaired: the lines of the repair
+    (``Repairing cluster 4 refcount=1 reference=0`` ...); ``messages`` are then
+    those of the check of the repaired image."""
 
     @property
     def exit_status(self) -> int:
@@ -52,6 +77,8 @@ class CheckReport:
             ("image-end-offset", self.image_end_offset),
             ("corruptions", self.corruptions),
             ("leaks", self.leaks),
+            ("corruptions-fixed", self.corruptions_fixed),
+            ("leaks-fixed", self.leaks_fixed),
             ("total-clusters", self.total_clusters),
             ("allocated-clusters", self.allocated_clusters),
             ("fragmented-clusters", self.fragmented_clusters),
@@ -91,15 +118,122 @@ class CheckReport:
         return "\n".join(lines)
 
 
+def repair_summary(leaks_fixed: int, corruptions_fixed: int) -> str:
+    """What qemu-img prints on stdout after repairing, before checking again."""
+    return "\n".join(
+        [
+            "The following inconsistencies were found and repaired:",
+            "",
+            f"    {leaks_fixed} leaked clusters",
+            f"    {corruptions_fixed} corruptions",
+            "",
+            "Double checking the fixed image now...",
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class RepairResult:
+    """What ``check -r`` did, in the order qemu-img prints it: the repair's lines, then (when
+    anything was repaired) the repaired counts and the check of the repaired image."""
+
+    messages: list[str]
+    """The lines printed while repairing."""
+    leaks_fixed: int
+    corruptions_fixed: int
+    failure: QimgError | None
+    """The repair could not complete (``Check failed: ...``); nothing follows it."""
+    recheck_failure: QimgError | None
+    """The check of the repaired image could not complete."""
+    report: CheckReport | None
+    """The final report (of the repaired image when anything was repaired, else of the repair
+    pass); None when a failure ended the run."""
+
+    @property
+    def repaired(self) -> bool:
+        return bool(self.leaks_fixed or self.corruptions_fixed)
+
+
+def parse_repair_mode(value: str) -> RepairMode:
+    """``-r``'s argument: ``leaks`` or ``all``."""
+    for mode in REPAIR_MODES:
+        if value == mode:
+            return mode
+    raise UsageError(f"--repair (-r) expects 'leaks' or 'all' not '{value}'")
+
+
+def _report(filename: str, fmt: str, result: dict[str, Any], **extra: Any) -> CheckReport:
+    return CheckReport(filename=filename, format=fmt, **result, **extra)
+
+
+def _nothing_to_check(image: Image) -> UsageError:
+    error = UsageError(f"{image.format} images have no metadata to check")
+    error.about(image.filename)
+    return error
+
+
 def check_image(image: Image) -> CheckReport:
     """Checks an open image. Raw images have nothing to check: ``UsageError``."""
     result = _core.check_image(image._img)
     if result is None:
-        raise UsageError(f"{image.format} images have no metadata to check").about(image.filename)
-    return CheckReport(filename=image.filename, format=image.format, **result)
+        raise _nothing_to_check(image)
+    return _report(image.filename, image.format, result)
 
 
-def check(path: str | os.PathLike[str], format: str | None = None) -> CheckReport:
-    """Python API for ``qemu-img check`` (no repair): opens ``path`` read-only."""
+def repair_image(image: Image, mode: str) -> RepairResult:
+    """``check -r MODE`` of an open image: repairs its file in place, then checks it again.
+
+    Only qcow2 images can be repaired (``UsageError`` otherwise). The repair opens the file
+    for writing itself; ``image`` is only read from for its name and format, and its cached
+    tables are stale afterwards. Failures of the check itself are returned in the result,
+    after the lines printed until then."""
+    checked_mode = parse_repair_mode(mode)
+    if image.format != "qcow2":
+        raise _nothing_to_check(image)
+    filename, fmt = image.filename, image.format
+    out = _core.repair_image(filename, checked_mode)
+    leaks_fixed: int = out["leaks_fixed"]
+    corruptions_fixed: int = out["corruptions_fixed"]
+    first: dict[str, Any] = out["repair"]
+    messages: list[str] = first["messages"]
+    failure: QimgError | None = out["failure"]
+    recheck: dict[str, Any] | None = out["recheck"]
+    recheck_failure: QimgError | None = out["recheck_failure"]
+    fixed = {"leaks_fixed": leaks_fixed, "corruptions_fixed": corruptions_fixed}
+    report: CheckReport | None = None
+    if failure is None and recheck is not None:
+        report = _report(filename, fmt, recheck, repair_messages=messages, **fixed)
+    elif failure is None and recheck_failure is None:
+        report = _report(filename, fmt, first, **fixed)
+    return RepairResult(
+        messages=messages,
+        failure=failure,
+        recheck_failure=recheck_failure,
+        report=report,
+        **fixed,
+    )
+
+
+def check(
+    path: str | os.PathLike[str],
+    format: str | None = None,
+    *,
+    repair: RepairMode | None = None,
+) -> CheckReport:
+    """Python API for ``qemu-img check``: opens ``path`` read-only and checks it.
+
+    With ``repair="leaks"`` or ``"all"`` (``qemu-img check -r``) the image is repaired in place
+    first; the report is then that of the repaired image, with ``leaks_fixed`` and
+    ``corruptions_fixed`` saying what was repaired. A check that cannot complete raises
+    ``QimgError``."""
+    if repair is None:
+        with open_image(path, format) as image:
+            return check_image(image)
     with open_image(path, format) as image:
-        return check_image(image)
+        result = repair_image(image, repair)
+    problem = result.failure or result.recheck_failure
+    if problem is not None:
+        raise problem
+    if result.report is None:  # pragma: no cover - a report exists whenever nothing failed
+        raise QimgError("the repair produced no report")
+    return result.report

@@ -1,4 +1,4 @@
-"""``qimg check [-f fmt] [--output=ofmt] [-q] [-U] filename``"""
+"""``qimg check [-f fmt] [--output=ofmt] [-r leaks|all] [-q] [-U] filename``"""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from qimg import qjson
-from qimg.check import check_image
+from qimg.check import CheckReport, check_image, parse_repair_mode, repair_image, repair_summary
 from qimg.commands._common import add_format_arg, add_output_arg, add_share_arg, output_mode
 from qimg.errors import QimgError, UsageError
 from qimg.image import open_image
@@ -20,11 +20,12 @@ NO_CHECK = 63
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         NAME,
-        help="check a qcow2 image's metadata for consistency",
+        help="check a qcow2 image's metadata for consistency, or repair it",
         description=(
             "Recompute every refcount of a qcow2 image and compare with the stored ones, "
             "as qemu-img check does: exit 0 clean, 1 check failed, 2 corruptions, "
-            "3 leaked clusters only, 63 for formats without metadata (raw)."
+            "3 leaked clusters only, 63 for formats without metadata (raw). "
+            "With -r the image is repaired in place first, then checked again."
         ),
         allow_abbrev=False,
     )
@@ -32,20 +33,57 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_output_arg(p)
     add_share_arg(p)
     p.add_argument("-q", dest="quiet", action="store_true", help="print nothing, just exit")
-    p.add_argument("-r", dest="repair", help="repair (leaks or all): not supported by qimg yet")
+    p.add_argument(
+        "-r",
+        "--repair",
+        dest="repair",
+        metavar="leaks|all",
+        help=(
+            "repair in place: 'leaks' frees leaked clusters; 'all' also fixes refcounts that "
+            "are too low, COPIED flags and broken refcount structures"
+        ),
+    )
     p.add_argument("filename", nargs="?")
     p.set_defaults(run=run)
 
 
+def print_lines(lines: list[str]) -> None:
+    for line in lines:
+        print(line, file=sys.stderr)
+
+
+def check_failed(filename: str, err: QimgError) -> int:
+    """qemu-img's ``Check failed: <why>`` ending (after the lines the check printed before)."""
+    *preface, last = str(err).split("\n")
+    print_lines(preface)
+    if not last.startswith("Check failed"):
+        last = f"Check failed: {last}"
+    print(f"qimg: {filename}: {last}", file=sys.stderr)
+    return 1
+
+
+def show(report: CheckReport, filename: str, mode: str, quiet: bool) -> int:
+    """The report's lines, the report, and the exit status."""
+    print_lines(report.messages)
+    if not quiet:
+        print(qjson.dumps(report.as_json()) if mode == "json" else report.human())
+    if report.check_errors:
+        print(f"qimg: {filename}: Check failed", file=sys.stderr)
+    return report.exit_status
+
+
 def run(args: argparse.Namespace) -> int:
     mode = output_mode(args)
-    if args.repair is not None:
-        raise UsageError(
-            f"check -r {args.repair} (repair) is not supported by qimg yet; "
-            "run without -r to check read only"
-        )
+    repair = None if args.repair is None else parse_repair_mode(args.repair)
     if args.filename is None:
         raise UsageError("Expecting one image file name")
+    if repair is not None and args.force_share:
+        raise UsageError(
+            f"Could not open '{args.filename}': "
+            "force-share=on can only be used with read-only images"
+        )
+    if repair is not None:
+        return run_repair(args.filename, args.fmt, repair, mode, args.quiet)
     with open_image(args.filename, args.fmt) as image:
         if image.format != "qcow2":
             print(
@@ -56,15 +94,29 @@ def run(args: argparse.Namespace) -> int:
         try:
             report = check_image(image)
         except QimgError as err:
-            print(f"qimg: {args.filename}: Check failed: {err}", file=sys.stderr)
-            return 1
-    for line in report.messages:
-        print(line, file=sys.stderr)
-    if not args.quiet:
-        if mode == "json":
-            print(qjson.dumps(report.as_json()))
-        else:
-            print(report.human())
-    if report.check_errors:
-        print(f"qimg: {args.filename}: Check failed", file=sys.stderr)
-    return report.exit_status
+            return check_failed(args.filename, err)
+    return show(report, args.filename, mode, args.quiet)
+
+
+def run_repair(filename: str, fmt: str | None, repair: str, mode: str, quiet: bool) -> int:
+    with open_image(filename, fmt) as image:
+        if image.format != "qcow2":
+            print(
+                f"qimg: {filename}: {image.format} images have no metadata to check",
+                file=sys.stderr,
+            )
+            return NO_CHECK
+        result = repair_image(image, repair)
+    if result.failure is not None:
+        print_lines(result.messages)
+        return check_failed(filename, result.failure)
+    if result.repaired:
+        print_lines(result.messages)
+        if mode == "human" and not quiet:
+            print(repair_summary(result.leaks_fixed, result.corruptions_fixed))
+            sys.stdout.flush()
+    if result.recheck_failure is not None:
+        return check_failed(filename, result.recheck_failure)
+    if result.report is None:
+        raise QimgError("the repair produced no report")
+    return show(result.report, filename, mode, quiet)

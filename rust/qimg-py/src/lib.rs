@@ -11,6 +11,7 @@ use qimg_core::{Error, Prealloc};
 use std::path::PathBuf;
 
 mod image;
+mod repair;
 
 mod errors {
     pyo3::import_exception!(qimg.errors, InvalidOptionError);
@@ -204,6 +205,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(image::compare_images, m)?)?;
     m.add_function(wrap_pyfunction!(image::convert, m)?)?;
     m.add_function(wrap_pyfunction!(image::check_image, m)?)?;
+    m.add_function(wrap_pyfunction!(repair::repair_image, m)?)?;
     m.add_function(wrap_pyfunction!(create_raw, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_backing, m)?)?;
     m.add_function(wrap_pyfunction!(measure_qcow2, m)?)?;

@@ -15,17 +15,23 @@
 //! before use, table sizes come from the validated header or are checked
 //! against QEMU's limits, and reads past the end of the file see zeroes, as
 //! they do in QEMU.
+//!
+//! The same walk serves `check -r` (see `repair.rs`): a [`Checker`] given a
+//! writer and a [`Fix`] mode repairs what it finds at the points where
+//! qemu-img repairs, and words its lines ("Repairing ...") as qemu-img does.
 
 use super::image_header::{be16, be32, be64, ImageHeader, AUTOCLEAR_BITMAPS};
 use super::reader::{Qcow2Node, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO};
+use super::refcount::set_entry;
 use super::refcount_reader::{decode_refcount, REFT_OFFSET_MASK};
+use super::repair::{ImageWriter, MetadataIndex, Overlap, ZeroFix};
 use super::snapshot::{self, Snapshot, TableError};
-use super::types::Compat;
+use super::types::{Compat, RefcountOrder};
 use super::{MAX_L1_BYTES, MAX_REFTABLE_BYTES, OFLAG_COPIED};
 use crate::block::file::MAX_REQUEST_END;
 use crate::block::{BlockDev, FileNode};
 use crate::error::{strerror, Error, Result};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::rc::Rc;
 
@@ -84,9 +90,52 @@ const STORED_CACHE_BLOCKS: usize = 64;
 /// `Check failed: <reason>`: the file cannot be read, it is too large to
 /// check, or the snapshot table or bitmap directory is unreadable.
 pub fn check(node: &Qcow2Node) -> Result<CheckReport> {
-    let mut checker = Checker::new(node)?;
+    check_opened(node.file_node(), node.header(), node.l1_table())
+}
+
+/// [`check`] of an image given by its parts: the file, its validated header
+/// and its active L1 table.
+pub(crate) fn check_opened(
+    file: &FileNode,
+    header: &ImageHeader,
+    l1: Vec<u64>,
+) -> Result<CheckReport> {
+    let mut checker = Checker::from_parts(file, header, l1, None)?;
     checker.run()?;
     Ok(checker.report)
+}
+
+/// What a check run may repair: qemu's `BDRV_FIX_LEAKS` and `BDRV_FIX_ERRORS`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Fix {
+    pub(crate) leaks: bool,
+    pub(crate) errors: bool,
+}
+
+impl Fix {
+    pub(crate) const NONE: Fix = Fix {
+        leaks: false,
+        errors: false,
+    };
+    pub(crate) const LEAKS: Fix = Fix {
+        leaks: true,
+        errors: false,
+    };
+}
+
+/// Findings repaired so far (qemu's `leaks_fixed` / `corruptions_fixed`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Fixed {
+    pub(crate) leaks: u64,
+    pub(crate) corruptions: u64,
+}
+
+/// The counters of a run, without its lines: what qemu saves and restores
+/// between the passes of a repair.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Counters {
+    pub(crate) report: CheckReport,
+    pub(crate) fixed: Fixed,
 }
 
 /// How QEMU classifies an L2 entry (qcow2_get_cluster_type).
@@ -160,10 +209,10 @@ fn alt_hex(v: u64) -> String {
 /// The recomputed refcounts, one entry of the image's refcount width per
 /// host cluster. Storage comes in chunks allocated on first write, so the
 /// memory used follows the clusters actually referenced, not the file length.
-struct ComputedRefcounts {
+pub(crate) struct ComputedRefcounts {
     width: u32,
-    max: u64,
-    len: u64,
+    pub(crate) max: u64,
+    pub(crate) len: u64,
     chunks: Vec<Option<Box<[u64]>>>,
 }
 
@@ -186,7 +235,7 @@ impl ComputedRefcounts {
         refs
     }
 
-    fn grow(&mut self, len: u64) {
+    pub(crate) fn grow(&mut self, len: u64) {
         if len > self.len {
             self.len = len;
             let chunks = len.div_ceil(1 << Self::CHUNK_BITS) as usize;
@@ -201,7 +250,7 @@ impl ComputedRefcounts {
         (chunk, (bit / 64) as usize, (bit % 64) as u32)
     }
 
-    fn get(&self, i: u64) -> u64 {
+    pub(crate) fn get(&self, i: u64) -> u64 {
         let (chunk, word, shift) = self.locate(i);
         match self.chunks.get(chunk) {
             Some(Some(words)) => (words[word] >> shift) & self.max,
@@ -209,7 +258,8 @@ impl ComputedRefcounts {
         }
     }
 
-    fn set(&mut self, i: u64, value: u64) {
+    /// Sets entry `i` (< len).
+    pub(crate) fn set(&mut self, i: u64, value: u64) {
         let (chunk, word, shift) = self.locate(i);
         let words_per_chunk = ((1usize << Self::CHUNK_BITS) * self.width as usize) / 64;
         let max = self.max;
@@ -217,6 +267,27 @@ impl ComputedRefcounts {
             let words = slot.get_or_insert_with(|| vec![0u64; words_per_chunk].into_boxed_slice());
             words[word] = (words[word] & !(max << shift)) | ((value & max) << shift);
         }
+    }
+
+    /// Refcount block `index` (of `1 << block_bits` entries) as it is
+    /// stored on disk: the recomputed counts of the clusters it covers.
+    pub(crate) fn encode_block(
+        &self,
+        index: u64,
+        block_bits: u32,
+        order: RefcountOrder,
+        cluster_size: u64,
+    ) -> Vec<u8> {
+        let mut block = vec![0u8; cluster_size as usize];
+        let first = index << block_bits;
+        let end = (first + (1 << block_bits)).min(self.len);
+        for cluster in first..end {
+            let count = self.get(cluster);
+            if count != 0 {
+                set_entry(&mut block, order, (cluster - first) as usize, count);
+            }
+        }
+        block
     }
 }
 
@@ -235,19 +306,28 @@ enum StoredError {
     Read(String),
 }
 
-/// The refcounts stored in the image, read block by block.
-struct StoredRefcounts<'a> {
+/// The refcounts stored in the image, read block by block. In a repair,
+/// updated blocks are kept (dirty) until [`StoredRefcounts::flush`].
+pub(crate) struct StoredRefcounts<'a> {
     file: &'a FileNode,
-    reftable: Vec<u64>,
+    writer: Option<&'a ImageWriter>,
+    pub(crate) reftable: Vec<u64>,
     cluster_size: u64,
     order: u32,
     /// log2 of the entries in one refcount block.
-    block_bits: u32,
+    pub(crate) block_bits: u32,
     cache: HashMap<u64, Rc<Vec<u8>>>,
+    /// Offsets of cached blocks changed since the last flush.
+    dirty: BTreeSet<u64>,
     /// The block of the previous lookup: comparisons walk clusters in order.
     last: Option<(u64, Rc<Vec<u8>>)>,
     /// QEMU reports the first structural corruption only.
-    signaled_corruption: bool,
+    pub(crate) signaled_corruption: bool,
+    /// A corruption was signaled while the image was open for writing: QEMU
+    /// then marks the image corrupt in its header.
+    pub(crate) mark_corrupt: bool,
+    /// Lookups that failed (each one a check error).
+    pub(crate) failed_lookups: u64,
 }
 
 impl<'a> StoredRefcounts<'a> {
@@ -275,6 +355,8 @@ impl<'a> StoredRefcounts<'a> {
             .pread(&mut buf, offset)
             .map_err(|e| StoredError::Read(read_error_text(&e)))?;
         if self.cache.len() >= STORED_CACHE_BLOCKS {
+            self.flush()
+                .map_err(|e| StoredError::Read(read_error_text(&e)))?;
             self.cache.clear();
         }
         let block = Rc::new(buf);
@@ -284,7 +366,7 @@ impl<'a> StoredRefcounts<'a> {
 
     /// The stored refcount of `cluster`; on failure the strerror text, with
     /// QEMU's one-time corruption notice added to `messages`.
-    fn get(
+    pub(crate) fn get(
         &mut self,
         cluster: u64,
         messages: &mut Vec<String>,
@@ -305,41 +387,119 @@ impl<'a> StoredRefcounts<'a> {
             }
             Err(StoredError::Read(text)) => Err(text),
             Err(StoredError::Unaligned { offset, index }) => {
-                if !self.signaled_corruption {
-                    self.signaled_corruption = true;
-                    messages.push(format!(
-                        "qcow2: Image is corrupt: Refblock offset {} unaligned (reftable index: {}); further non-fatal corruption events will be suppressed",
+                self.signal_corruption(
+                    &format!(
+                        "Refblock offset {} unaligned (reftable index: {})",
                         alt_hex(offset),
                         alt_hex(index)
-                    ));
-                }
+                    ),
+                    messages,
+                );
                 Err(strerror(&io::Error::from_raw_os_error(libc::EIO)))
             }
         }
     }
+
+    /// QEMU's corruption notice, once: a read-only image is only reported
+    /// corrupt, one open for writing is also marked corrupt.
+    pub(crate) fn signal_corruption(&mut self, what: &str, messages: &mut Vec<String>) {
+        if self.signaled_corruption {
+            return;
+        }
+        self.signaled_corruption = true;
+        if self.writer.is_some() {
+            self.mark_corrupt = true;
+            messages.push(format!(
+                "qcow2: Marking image as corrupt: {what}; further corruption events will be suppressed"
+            ));
+        } else {
+            messages.push(format!(
+                "qcow2: Image is corrupt: {what}; further non-fatal corruption events will be suppressed"
+            ));
+        }
+    }
+
+    /// Sets the stored refcount of `cluster`, whose refcount block exists
+    /// (its current refcount is not zero). The block is written by `flush`.
+    pub(crate) fn set(&mut self, cluster: u64, value: u64) -> std::result::Result<(), String> {
+        let index = cluster >> self.block_bits;
+        let within = (cluster & ((1 << self.block_bits) - 1)) as usize;
+        let eio = || strerror(&io::Error::from_raw_os_error(libc::EIO));
+        let order = RefcountOrder::from_order(self.order).map_err(|_| eio())?;
+        if self.writer.is_none() {
+            return Err(eio());
+        }
+        let offset = match self.block(index) {
+            Ok(StoredBlock::Present(_)) => self
+                .reftable
+                .get(index as usize)
+                .map(|e| e & REFT_OFFSET_MASK)
+                .ok_or_else(eio)?,
+            Ok(StoredBlock::Absent) | Err(StoredError::Unaligned { .. }) => return Err(eio()),
+            Err(StoredError::Read(text)) => return Err(text),
+        };
+        // Drop the other handle on the block so that it can be changed in place.
+        self.last = None;
+        let block = self.cache.get_mut(&offset).ok_or_else(eio)?;
+        let bytes: &mut Vec<u8> = Rc::make_mut(block);
+        set_entry(bytes, order, within, value);
+        self.dirty.insert(offset);
+        Ok(())
+    }
+
+    /// Writes the refcount blocks changed since the last flush.
+    pub(crate) fn flush(&mut self) -> Result<()> {
+        let Some(writer) = self.writer else {
+            return Ok(());
+        };
+        while let Some(offset) = self.dirty.pop_first() {
+            if let Some(block) = self.cache.get(&offset) {
+                writer.write_at(block, offset)?;
+            }
+        }
+        Ok(())
+    }
 }
 
-struct Checker<'a> {
-    header: &'a ImageHeader,
+/// One run of the check over one opened image: the reference walk, the
+/// refcount comparison and the COPIED flags, with the repairs of `fix`
+/// where a `writer` is given.
+pub(crate) struct Checker<'a> {
+    pub(crate) header: &'a ImageHeader,
     /// The active L1 table as read when the image was opened.
-    l1: Vec<u64>,
+    pub(crate) l1: Vec<u64>,
     file: &'a FileNode,
-    cluster_size: u64,
-    cluster_bits: u32,
+    pub(crate) cluster_size: u64,
+    pub(crate) cluster_bits: u32,
     extended_l2: bool,
     /// The file length as QEMU sees it: whole 512-byte sectors.
-    file_len: u64,
-    computed: ComputedRefcounts,
-    stored: StoredRefcounts<'a>,
-    snapshots: Vec<Snapshot>,
-    snapshots_size: u64,
-    report: CheckReport,
+    pub(crate) file_len: u64,
+    pub(crate) computed: ComputedRefcounts,
+    pub(crate) stored: StoredRefcounts<'a>,
+    pub(crate) snapshots: Vec<Snapshot>,
+    pub(crate) snapshots_size: u64,
+    pub(crate) report: CheckReport,
+    /// What this run repairs (nothing without a writer).
+    pub(crate) fix: Fix,
+    pub(crate) writer: Option<&'a ImageWriter>,
+    pub(crate) fixed: Fixed,
+    /// The refcount structure itself is broken: only a rebuild repairs it.
+    pub(crate) rebuild: bool,
+    /// Runs of clusters (first, count) whose refcount a repair dropped to zero.
+    pub(crate) freed: Vec<(u64, u64)>,
+    /// Where the metadata lies, for a repair's overlap checks (made on first use).
+    pub(crate) metadata: Option<MetadataIndex>,
 }
 
 impl<'a> Checker<'a> {
-    fn new(node: &'a Qcow2Node) -> Result<Checker<'a>> {
-        let header = node.header();
-        let file: &FileNode = node.file_node();
+    /// A checker over `file`, whose validated header is `header` and active
+    /// L1 table `l1`; with a writer it can repair (see [`Checker::fix`]).
+    pub(crate) fn from_parts(
+        file: &'a FileNode,
+        header: &'a ImageHeader,
+        l1: Vec<u64>,
+        writer: Option<&'a ImageWriter>,
+    ) -> Result<Checker<'a>> {
         let cluster_size = header.cluster_size.bytes();
         let cluster_bits = header.cluster_size.bits();
         let order = header.refcount_order.order();
@@ -363,17 +523,21 @@ impl<'a> Checker<'a> {
         let reftable = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
         let stored = StoredRefcounts {
             file,
+            writer,
             reftable,
             cluster_size,
             order,
             block_bits: cluster_bits + 3 - order,
             cache: HashMap::new(),
+            dirty: BTreeSet::new(),
             last: None,
             signaled_corruption: false,
+            mark_corrupt: false,
+            failed_lookups: 0,
         };
         Ok(Checker {
             header,
-            l1: node.l1_table(),
+            l1,
             file,
             cluster_size,
             cluster_bits,
@@ -387,10 +551,16 @@ impl<'a> Checker<'a> {
                 total_clusters: (header.virtual_size & !511).div_ceil(cluster_size),
                 ..CheckReport::default()
             },
+            fix: Fix::NONE,
+            writer,
+            fixed: Fixed::default(),
+            rebuild: false,
+            freed: Vec::new(),
+            metadata: None,
         })
     }
 
-    fn say(&mut self, line: String) {
+    pub(crate) fn say(&mut self, line: String) {
         self.report.messages.push(line);
     }
 
@@ -399,13 +569,40 @@ impl<'a> Checker<'a> {
         self.say(line);
     }
 
+    /// The counters so far (not the lines).
+    pub(crate) fn counters(&mut self) -> Counters {
+        let messages = std::mem::take(&mut self.report.messages);
+        let report = self.report.clone();
+        self.report.messages = messages;
+        Counters {
+            report,
+            fixed: self.fixed,
+        }
+    }
+
+    /// Puts back counters saved by [`Checker::counters`]; lines stay printed.
+    pub(crate) fn set_counters(&mut self, saved: &Counters) {
+        let messages = std::mem::take(&mut self.report.messages);
+        self.report = CheckReport {
+            messages,
+            ..saved.report.clone()
+        };
+        self.fixed = saved.fixed;
+    }
+
+    /// The plain check: nothing is repaired.
     fn run(&mut self) -> Result<()> {
         self.read_snapshot_table()?;
         self.count_references()?;
-        let highest = self.compare_refcounts();
+        let highest = self.compare_refcounts(Fix::NONE);
         self.check_copied_flags()?;
         self.report.image_end_offset = (highest + 1) * self.cluster_size;
         Ok(())
+    }
+
+    /// Whether repairs of errors (not only leaks) are made in this run.
+    fn fixes_errors(&self) -> bool {
+        self.writer.is_some() && self.fix.errors
     }
 
     /// Reads `len` bytes at `offset` (zeroes past the end of the file).
@@ -417,7 +614,7 @@ impl<'a> Checker<'a> {
 
     /// Reads the snapshot table (the shared parser, QEMU's limits) before
     /// counting references; a table QEMU refuses ends the check.
-    fn read_snapshot_table(&mut self) -> Result<()> {
+    pub(crate) fn read_snapshot_table(&mut self) -> Result<()> {
         if self.header.snapshot_count == 0 {
             return Ok(());
         }
@@ -502,7 +699,7 @@ impl<'a> Checker<'a> {
         Ok(())
     }
 
-    fn count_references(&mut self) -> Result<()> {
+    pub(crate) fn count_references(&mut self) -> Result<()> {
         let cs = self.cluster_size;
         self.reference(0, cs)?;
         let (l1_offset, l1_entries) = (self.header.l1_table_offset, self.header.l1_entries);
@@ -637,15 +834,28 @@ impl<'a> Checker<'a> {
                         } else {
                             entry & OFLAG_ZERO == 0
                         };
-                        self.corruption(if has_data {
-                            format!(
+                        if has_data {
+                            self.corruption(format!(
                                 "ERROR offset={host:x}: Data cluster is not properly aligned; L2 entry corrupted."
-                            )
+                            ));
                         } else {
-                            format!(
-                                "ERROR offset={host:x}: Preallocated cluster is not properly aligned; L2 entry corrupted."
-                            )
-                        });
+                            let fixing = self.fixes_errors();
+                            self.corruption(format!(
+                                "{} offset={host:x}: Preallocated cluster is not properly aligned; L2 entry corrupted.",
+                                if fixing { "Repairing" } else { "ERROR" }
+                            ));
+                            // A zero cluster loses nothing by becoming a plain zero cluster.
+                            if fixing
+                                && self.fix_l2_entry_by_zero(
+                                    l2_offset,
+                                    index as u64,
+                                    bitmap,
+                                    active,
+                                )? == ZeroFix::Done
+                            {
+                                continue;
+                            }
+                        }
                     }
                     if active {
                         self.report.allocated_clusters += 1;
@@ -785,16 +995,39 @@ impl<'a> Checker<'a> {
                 self.corruption(format!(
                     "ERROR refcount table entry {i} has reserved bits set"
                 ));
+                self.rebuild = true;
                 continue;
             }
             if offset % cs != 0 {
                 self.corruption(format!(
                     "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
                 ));
+                self.rebuild = true;
                 continue;
             }
             if cluster >= self.computed.len {
-                self.corruption(format!("ERROR refcount block {i} is outside image"));
+                let fixing = self.fixes_errors();
+                self.corruption(format!(
+                    "{} refcount block {i} is outside image",
+                    if fixing { "Repairing" } else { "ERROR" }
+                ));
+                if fixing {
+                    // Growing the file makes the block a block of zeroes.
+                    match self.grow_file_for_refblock(offset)? {
+                        Ok(()) => {
+                            self.report.corruptions -= 1;
+                            self.fixed.corruptions += 1;
+                            self.reference(offset, cs)?;
+                        }
+                        Err(errno) => {
+                            self.rebuild = true;
+                            self.say(format!(
+                                "ERROR could not resize image: {}",
+                                strerror(&io::Error::from_raw_os_error(errno))
+                            ));
+                        }
+                    }
+                }
                 continue;
             }
             if offset != 0 {
@@ -802,6 +1035,7 @@ impl<'a> Checker<'a> {
                 let count = self.computed.get(cluster);
                 if count != 1 {
                     self.corruption(format!("ERROR refcount block {i} refcount={count}"));
+                    self.rebuild = true;
                 }
             }
         }
@@ -810,15 +1044,23 @@ impl<'a> Checker<'a> {
 
     // ---- comparison -------------------------------------------------------
 
-    /// Compares stored and recomputed refcounts of every cluster; returns
-    /// the last cluster that either calls used.
-    fn compare_refcounts(&mut self) -> u64 {
+    /// Compares stored and recomputed refcounts of every cluster, repairing
+    /// what `fix` allows (changed refcount blocks are written by the caller,
+    /// see [`StoredRefcounts::flush`]); returns the last cluster that either
+    /// count says is in use.
+    pub(crate) fn compare_refcounts(&mut self, fix: Fix) -> u64 {
+        let fix = if self.writer.is_some() {
+            fix
+        } else {
+            Fix::NONE
+        };
         let mut highest = 0;
         for cluster in 0..self.computed.len {
             let stored = match self.stored.get(cluster, &mut self.report.messages) {
                 Ok(count) => count,
                 Err(why) => {
                     self.report.check_errors += 1;
+                    self.stored.failed_lookups += 1;
                     self.say(format!("Can't get refcount for cluster {cluster}: {why}"));
                     continue;
                 }
@@ -827,69 +1069,136 @@ impl<'a> Checker<'a> {
             if stored > 0 || computed > 0 {
                 highest = cluster;
             }
-            if stored < computed {
-                self.corruption(format!(
-                    "ERROR cluster {cluster} refcount={stored} reference={computed}"
-                ));
+            if stored == computed {
+                continue;
+            }
+            // A cluster without a refcount may lack its refcount block too:
+            // only a rebuilt refcount structure can account for it.
+            let repair = if stored == 0 {
+                self.rebuild = true;
+                false
             } else if stored > computed {
+                fix.leaks
+            } else {
+                fix.errors
+            };
+            let word = if repair {
+                "Repairing"
+            } else if stored < computed {
+                "ERROR"
+            } else {
+                "Leaked"
+            };
+            self.say(format!(
+                "{word} cluster {cluster} refcount={stored} reference={computed}"
+            ));
+            if repair && self.stored.set(cluster, computed).is_ok() {
+                if stored > computed {
+                    self.fixed.leaks += 1;
+                    if computed == 0 {
+                        self.freed(cluster);
+                    }
+                } else {
+                    self.fixed.corruptions += 1;
+                }
+                continue;
+            }
+            if stored < computed {
+                self.report.corruptions += 1;
+            } else {
                 self.report.leaks += 1;
-                self.say(format!(
-                    "Leaked cluster {cluster} refcount={stored} reference={computed}"
-                ));
             }
         }
         highest
     }
 
     /// COPIED must be set exactly on the active L1 and L2 entries whose
-    /// target has a stored refcount of one.
-    fn check_copied_flags(&mut self) -> Result<()> {
+    /// target has a stored refcount of one. Repairs follow `self.fix`: all
+    /// of them when errors are fixed; with leaks only, when nothing else is
+    /// wrong (the refcounts are then known to be right).
+    pub(crate) fn check_copied_flags(&mut self) -> Result<()> {
+        let repair = self.writer.is_some()
+            && (self.fix.errors
+                || (self.fix.leaks
+                    && self.report.check_errors == 0
+                    && self.report.corruptions == 0
+                    && self.report.leaks == 0));
+        let word = if repair { "Repairing" } else { "ERROR" };
         let cs = self.cluster_size;
         let stride = if self.extended_l2 { 16 } else { 8 };
-        let l1 = std::mem::take(&mut self.l1);
-        for (index, &l1_entry) in l1.iter().enumerate() {
-            let l2_offset = l1_entry & L1E_OFFSET_MASK;
-            if l2_offset == 0 {
-                continue;
-            }
-            if let Ok(count) = self
-                .stored
-                .get(l2_offset >> self.cluster_bits, &mut self.report.messages)
-            {
-                if (count == 1) != (l1_entry & OFLAG_COPIED != 0) {
-                    self.corruption(format!(
-                        "ERROR OFLAG_COPIED L2 cluster: l1_index={index} l1_entry={l1_entry:x} refcount={count}"
-                    ));
-                }
-            }
-            let table = self.read(l2_offset, cs).map_err(|e| {
-                check_failed(
-                    &format!("ERROR: Could not read L2 table: {}", read_error_text(&e)),
-                    errno_of(&e),
-                )
-            })?;
-            for raw in table.chunks_exact(stride) {
-                let entry = be64(raw, 0);
-                match cluster_type(entry, self.extended_l2) {
-                    ClusterType::Normal | ClusterType::ZeroAlloc => {}
-                    _ => continue,
-                }
-                let host = entry & L2E_OFFSET_MASK;
-                let Ok(count) = self
-                    .stored
-                    .get(host >> self.cluster_bits, &mut self.report.messages)
-                else {
+        // A copy: repairs change self.l1 as they write.
+        let l1 = self.l1.clone();
+        let result = (|| {
+            for (index, &l1_entry) in l1.iter().enumerate() {
+                let l2_offset = l1_entry & L1E_OFFSET_MASK;
+                if l2_offset == 0 {
                     continue;
-                };
-                if (count == 1) != (entry & OFLAG_COPIED != 0) {
-                    self.corruption(format!(
-                        "ERROR OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={count}"
-                    ));
+                }
+                if let Ok(count) = self
+                    .stored
+                    .get(l2_offset >> self.cluster_bits, &mut self.report.messages)
+                {
+                    if (count == 1) != (l1_entry & OFLAG_COPIED != 0) {
+                        self.corruption(format!(
+                            "{word} OFLAG_COPIED L2 cluster: l1_index={index} l1_entry={l1_entry:x} refcount={count}"
+                        ));
+                        if repair {
+                            let fixed = if count == 1 {
+                                l1_entry | OFLAG_COPIED
+                            } else {
+                                l1_entry & !OFLAG_COPIED
+                            };
+                            self.write_l1_entry(index as u64, fixed)?;
+                            self.report.corruptions -= 1;
+                            self.fixed.corruptions += 1;
+                        }
+                    }
+                }
+                let mut table = self.read(l2_offset, cs).map_err(|e| {
+                    self.report.check_errors += 1;
+                    check_failed(
+                        &format!("ERROR: Could not read L2 table: {}", read_error_text(&e)),
+                        errno_of(&e),
+                    )
+                })?;
+                let mut changed = 0;
+                for raw in table.chunks_exact_mut(stride) {
+                    let entry = be64(raw, 0);
+                    match cluster_type(entry, self.extended_l2) {
+                        ClusterType::Normal | ClusterType::ZeroAlloc => {}
+                        _ => continue,
+                    }
+                    let host = entry & L2E_OFFSET_MASK;
+                    let Ok(count) = self
+                        .stored
+                        .get(host >> self.cluster_bits, &mut self.report.messages)
+                    else {
+                        continue;
+                    };
+                    if (count == 1) != (entry & OFLAG_COPIED != 0) {
+                        self.corruption(format!(
+                            "{word} OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={count}"
+                        ));
+                        if repair {
+                            let fixed = if count == 1 {
+                                entry | OFLAG_COPIED
+                            } else {
+                                entry & !OFLAG_COPIED
+                            };
+                            raw[..8].copy_from_slice(&fixed.to_be_bytes());
+                            changed += 1;
+                        }
+                    }
+                }
+                if changed > 0 {
+                    self.write_l2_table(l2_offset, &table, Overlap::ACTIVE_L2)?;
+                    self.report.corruptions -= changed;
+                    self.fixed.corruptions += changed;
                 }
             }
-        }
-        self.l1 = l1;
-        Ok(())
+            Ok(())
+        })();
+        result
     }
 }
 
