@@ -27,6 +27,7 @@ GROUPS = {
     "measure": "iotests about qemu-img measure",
     "qemu": "needs QEMU's qemu-img as the reference",
     "read": "iotests about reading images: info, map, check, compare, convert",
+    "rw": "iotests that write images: qimg io",
 }
 
 

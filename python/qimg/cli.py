@@ -9,12 +9,12 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from qimg import __version__
-from qimg.commands import amend, check, compare, convert, create, info, map, measure, resize
+from qimg.commands import amend, check, compare, convert, create, info, io, map, measure, resize
 from qimg.errors import QimgError
 
 __all__ = ["main"]
 
-COMMANDS = (create, info, map, check, compare, convert, measure, resize, amend)
+COMMANDS = (create, info, map, check, compare, convert, measure, resize, amend, io)
 
 
 class ArgumentParser(argparse.ArgumentParser):
