@@ -28,8 +28,14 @@ impl Format {
 
 /// Magic numbers of formats qimg does not read, so that such images are
 /// refused by name instead of being read as raw bytes.
-const FOREIGN_MAGICS: [(&[u8], usize, &str); 6] = [
+const FOREIGN_MAGICS: [(&[u8], usize, &str); 12] = [
     (b"KDMV", 0, "vmdk"),
+    (b"COWD", 0, "vmdk"),
+    (b"LUKS\xba\xbe", 0, "luks"),
+    (b"WithoutFreeSpace", 0, "parallels"),
+    (b"WithouFreSpacExt", 0, "parallels"),
+    (b"Bochs Virtual HD Image", 0, "bochs"),
+    (b"#!/bin/sh\n#V2.0 Format\n", 0, "cloop"),
     (b"# Disk DescriptorFile", 0, "vmdk"),
     (b"conectix", 0, "vpc"),
     (b"vhdxfile", 0, "vhdx"),

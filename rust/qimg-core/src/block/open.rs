@@ -127,13 +127,28 @@ fn open_layer(
             ))
         })?,
     };
-    let header = match format {
+    let mut header = match format {
         Format::Raw => None,
         Format::Qcow2 => Some(
             ImageHeader::parse(&head, file.file_len())
                 .map_err(|e| e.context(&format!("Could not open '{name}'")))?,
         ),
     };
+    let mut file = file;
+    if writable && header.as_ref().is_some_and(|h| h.dirty()) {
+        // An image with lazy refcounts left dirty by a writer that never
+        // closed it: its refcounts are rebuilt before anything writes, as
+        // QEMU does on open.
+        drop(file);
+        crate::qcow2::repair::rebuild_if_dirty(path)?;
+        file = FileNode::open_rw(path)?;
+        let mut head = vec![0u8; (file.file_len() as usize).min(cs_max)];
+        file.pread(&mut head, 0)?;
+        header = Some(
+            ImageHeader::parse(&head, file.file_len())
+                .map_err(|e| e.context(&format!("Could not open '{name}'")))?,
+        );
+    }
     Ok(Layer {
         file: Arc::new(file),
         header,
