@@ -93,7 +93,12 @@ class Image:
     def close(self) -> None: ...
 
 def open_image(
-    path: str, format: str | None = None, *, no_backing: bool = False, writable: bool = False
+    path: str,
+    format: str | None = None,
+    *,
+    no_backing: bool = False,
+    writable: bool = False,
+    unsafe_cache: bool = False,
 ) -> Image: ...
 def compare_images(
     a: Image,

@@ -12,7 +12,7 @@ from qimg import _core
 from qimg.create import OptionValue, option_items, plan_create
 from qimg.errors import InvalidOptionError, UsageError
 from qimg.formats import option_text
-from qimg.image import Image, open_image
+from qimg.image import CACHE_MODES, Image, open_image
 from qimg.options import OptionItem
 from qimg.prealloc import PreallocMode
 
@@ -41,6 +41,8 @@ class ConvertRequest:
     sparse_size: int = 4096
     workers: int | None = None
     in_order: bool = True
+    cache: str = "unsafe"
+    """Cache mode of the target; like qemu-img convert, flushes are skipped by default."""
 
     def validate(self) -> None:
         if not self.sources:
@@ -48,6 +50,11 @@ class ConvertRequest:
         if self.workers is not None and not 1 <= self.workers <= MAX_WORKERS:
             raise UsageError(
                 f"Invalid number of coroutines specified. Must be between 1 and {MAX_WORKERS}."
+            )
+        if self.cache not in CACHE_MODES:
+            raise UsageError(
+                f"Cache mode '{self.cache}' is not supported by qimg "
+                f"(use {' or '.join(CACHE_MODES)})"
             )
         if self.target_is_zero and not self.existing:
             raise UsageError("--target-is-zero requires use of -n flag")
@@ -69,7 +76,9 @@ def run(request: ConvertRequest, progress: Callable[[int, int], None] | None = N
         sources = [stack.enter_context(open_image(s, request.fmt)) for s in request.sources]
         total = sum(s.size for s in sources)
         if request.existing:
-            target = stack.enter_context(open_image(request.target, request.out_fmt, writable=True))
+            target = stack.enter_context(
+                open_image(request.target, request.out_fmt, writable=True, cache=request.cache)
+            )
             if target.size < total:
                 raise InvalidOptionError(
                     f"output file '{request.target}' is smaller than the input "
@@ -101,7 +110,9 @@ def run(request: ConvertRequest, progress: Callable[[int, int], None] | None = N
             raise InvalidOptionError("Compression and preallocation not supported at the same time")
         with _removed_on_failure(request.target):
             plan.run()
-            with open_image(request.target, request.out_fmt, writable=True) as target:
+            with open_image(
+                request.target, request.out_fmt, writable=True, cache=request.cache
+            ) as target:
                 _copy(
                     sources,
                     target,
@@ -172,6 +183,7 @@ def convert(
     sparse_size: int = 4096,
     workers: int | None = None,
     in_order: bool = True,
+    cache: str = "unsafe",
     progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """Copies the guest contents of ``source`` (or several sources, one after
@@ -198,5 +210,6 @@ def convert(
         sparse_size=sparse_size,
         workers=workers,
         in_order=in_order,
+        cache=cache,
     )
     run(request, progress)

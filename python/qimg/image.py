@@ -9,6 +9,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from qimg import _core
+from qimg.errors import UsageError
 from qimg.prealloc import PreallocMode
 from qimg.qjson import JsonValue, human_lines
 from qimg.sizes import size_to_str
@@ -184,12 +185,31 @@ def open_image(
     *,
     backing: bool = True,
     writable: bool = False,
+    cache: str = "writeback",
 ) -> Image:
     """Opens an image (read-only unless ``writable``; its backing chain is
-    always read-only); ``format`` None probes it as qemu-img does."""
+    always read-only); ``format`` None probes it as qemu-img does.
+
+    ``cache`` is ``"writeback"`` (flushes reach the disk) or ``"unsafe"``
+    (flushes are skipped: faster, but a power failure may lose or reorder
+    writes; what qemu-img convert uses for its output by default)."""
+    if cache not in CACHE_MODES:
+        raise UsageError(
+            f"Cache mode '{cache}' is not supported by qimg (use {' or '.join(CACHE_MODES)})"
+        )
     return Image(
-        _core.open_image(os.fspath(path), format, no_backing=not backing, writable=writable)
+        _core.open_image(
+            os.fspath(path),
+            format,
+            no_backing=not backing,
+            writable=writable,
+            unsafe_cache=cache == "unsafe",
+        )
     )
+
+
+#: The cache modes qimg implements (qemu's others are refused by name).
+CACHE_MODES = ("writeback", "unsafe")
 
 
 def _file_child(d: dict[str, Any]) -> dict[str, JsonValue]:

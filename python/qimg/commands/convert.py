@@ -17,7 +17,6 @@ NAME = "convert"
 
 # Options of qemu-img convert that qimg refuses by name rather than ignore.
 UNSUPPORTED_VALUE = (
-    ("-t", "cache modes for the output"),
     ("-T", "cache modes for the sources"),
     ("-l", "snapshots as the source"),
     ("-r", "rate limits"),
@@ -69,6 +68,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("-m", dest="workers", help="parallel workers, 1 to 16 (default: one per core)")
     p.add_argument("-W", dest="out_of_order", action="store_true", help="allow out-of-order writes")
+    p.add_argument(
+        "-t",
+        dest="cache",
+        default="unsafe",
+        help="output cache mode: unsafe (default: no flushes to disk) or writeback",
+    )
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
     p.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
     add_share_arg(p)
@@ -116,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         sparse_size=parse_size(args.sparse, "-S"),
         workers=workers,
         in_order=not args.out_of_order,
+        cache=args.cache,
     )
     progress = Progress(args.progress and not args.quiet)
     progress.start()

@@ -34,18 +34,20 @@ fn parse_format(name: Option<&str>) -> PyResult<Option<Format>> {
 }
 
 #[pyfunction]
-#[pyo3(signature = (path, format=None, *, no_backing=false, writable=false))]
+#[pyo3(signature = (path, format=None, *, no_backing=false, writable=false, unsafe_cache=false))]
 pub fn open_image(
     py: Python<'_>,
     path: String,
     format: Option<String>,
     no_backing: bool,
     writable: bool,
+    unsafe_cache: bool,
 ) -> PyResult<Image> {
     let opts = OpenOptions {
         format: parse_format(format.as_deref())?,
         no_backing,
         writable,
+        unsafe_cache,
     };
     let node = py
         .detach(|| block::open_image(&path, &opts))

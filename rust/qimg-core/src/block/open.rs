@@ -20,6 +20,8 @@ pub struct OpenOptions {
     pub no_backing: bool,
     /// Open the image (not its backing chain) for writing.
     pub writable: bool,
+    /// Skip flushes to the disk (qemu's `cache=unsafe`).
+    pub unsafe_cache: bool,
 }
 
 struct Layer {
@@ -38,7 +40,14 @@ pub fn open_image(path: &str, opts: &OpenOptions) -> Result<Arc<dyn BlockDev>> {
     let mut name = path.to_string();
     let mut format = opts.format;
     loop {
-        let opened = open_layer(&name, format, &mut seen, opts.writable && layers.is_empty());
+        let top = layers.is_empty();
+        let opened = open_layer(&name, format, &mut seen, opts.writable && top).map(|l| {
+            if top && opts.unsafe_cache {
+                l.without_flushes()
+            } else {
+                l
+            }
+        });
         let layer = match (opened, layers.last()) {
             (Ok(l), _) => l,
             (Err(e), None) => return Err(e),
@@ -90,6 +99,18 @@ pub fn open_image(path: &str, opts: &OpenOptions) -> Result<Arc<dyn BlockDev>> {
         below = Some(node);
     }
     below.ok_or_else(|| Error::InvalidImage(format!("Could not open '{path}'")))
+}
+
+impl Layer {
+    fn without_flushes(self) -> Layer {
+        match Arc::try_unwrap(self.file) {
+            Ok(file) => Layer {
+                file: Arc::new(file.without_flushes()),
+                ..self
+            },
+            Err(file) => Layer { file, ..self },
+        }
+    }
 }
 
 fn open_layer(

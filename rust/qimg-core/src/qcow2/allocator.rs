@@ -212,50 +212,46 @@ impl Allocator {
         Ok(freed)
     }
 
-    /// The first of `n` contiguous clusters whose refcount is 0.
+    /// The first of `n` contiguous clusters whose refcount is 0, searched
+    /// from the hint on; the hint ends up just past them. (QEMU searches the
+    /// same way, so images come out laid out as qemu-img lays them out.)
     fn find_free(&mut self, n: u64) -> Result<u64> {
-        let mut start = self.free_hint;
-        while start < self.end && self.get(start)? != 0 {
-            start += 1;
-        }
-        self.free_hint = start;
-        let mut c = start;
-        // Past `end` everything is free, so a run reaching it is long enough.
-        while c < self.end && c - start < n {
-            c += 1;
-            if self.get(c - 1)? != 0 {
-                start = c;
+        'retry: loop {
+            for _ in 0..n {
+                let c = self.free_hint;
+                self.free_hint += 1;
+                // Past `end` everything is free.
+                if c < self.end && self.get(c)? != 0 {
+                    continue 'retry;
+                }
             }
+            let start = self.free_hint - n;
+            if self.free_hint.saturating_mul(self.cs) > MAX_HOST_OFFSET {
+                return Err(Error::InvalidImage(format!(
+                    "'{}' is full: no room for {n} more clusters below the 64 PiB host offset limit",
+                    self.file.filename()
+                )));
+            }
+            return Ok(start);
         }
-        if (start + n).saturating_mul(self.cs) > MAX_HOST_OFFSET {
-            return Err(Error::InvalidImage(format!(
-                "'{}' is full: no room for {n} more clusters below the 64 PiB host offset limit",
-                self.file.filename()
-            )));
-        }
-        Ok(start)
     }
 
     /// Allocates `n` contiguous clusters (refcount 1 each); returns the host offset.
     pub fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
-        loop {
+        'retry: loop {
             let start = self.find_free(n)?;
-            // The blocks counting the new clusters must exist first; making
-            // one takes a cluster, so look again after each.
-            let missing = (start / self.per_block..=(start + n - 1) / self.per_block)
-                .map(|i| self.load(i).map(|has| (i, has)))
-                .collect::<Result<Vec<_>>>()?
-                .into_iter()
-                .find(|(_, has)| !has);
-            if let Some((index, _)) = missing {
-                self.create_block(index)?;
-                continue;
-            }
             for c in start..start + n {
+                let index = c / self.per_block;
+                if !self.load(index)? {
+                    // The new block may take a cluster the run wanted: undo
+                    // what the run counted so far and search again.
+                    self.create_block(index)?;
+                    for done in start..c {
+                        self.decref(done)?;
+                    }
+                    continue 'retry;
+                }
                 self.set(c, 1)?;
-            }
-            if start == self.free_hint {
-                self.free_hint = start + n;
             }
             self.end = self.end.max(start + n);
             return Ok(start * self.cs);
@@ -265,7 +261,11 @@ impl Allocator {
     /// Allocates `len` (< cluster size) bytes for a compressed cluster,
     /// packing them after the previous one as QEMU does.
     pub fn alloc_bytes(&mut self, len: u64) -> Result<u64> {
-        let cursor = self.byte_cursor;
+        let mut cursor = self.byte_cursor;
+        if cursor != 0 && self.get(cursor / self.cs)? >= self.max_refcount {
+            // That cluster cannot count one more user.
+            cursor = 0;
+        }
         let off = if cursor != 0 && cursor % self.cs + len <= self.cs {
             self.incref(cursor / self.cs)?;
             cursor
@@ -328,9 +328,6 @@ impl Allocator {
         self.reftable[index as usize] = offset;
         self.reftable_dirty = true;
         self.end = self.end.max(cluster + 1);
-        if cluster == self.free_hint {
-            self.free_hint += 1;
-        }
     }
 
     /// Moves the reftable to a larger place at the end of the file, with
@@ -340,7 +337,8 @@ impl Allocator {
         let mut entries = min_entries.max(self.reftable.len() as u64 * 2);
         loop {
             let table_clusters = entries.div_ceil(per_cluster);
-            let start = self.end;
+            // Past everything in use and past any run being counted right now.
+            let start = self.end.max(self.free_hint);
             let mut blocks = 0u64;
             let missing = loop {
                 let span_end = start + table_clusters + blocks;
