@@ -11,17 +11,17 @@ from dataclasses import dataclass, field
 from qimg import _core
 from qimg.create import OptionValue, option_items, plan_create
 from qimg.errors import InvalidOptionError, UsageError
-from qimg.formats import option_text
 from qimg.image import CACHE_MODES, Image, open_image
-from qimg.options import OptionItem
+from qimg.options import OptionItem, parse_size
 from qimg.prealloc import PreallocMode
 
 __all__ = ["ConvertRequest", "convert"]
 
 PathLike = str | os.PathLike[str]
 
-# qemu-img's bounds for -m.
+# qemu-img's bounds for -m and -S.
 MAX_WORKERS = 16
+MAX_SPARSE_SIZE = 16 << 20
 
 
 @dataclass
@@ -56,8 +56,26 @@ class ConvertRequest:
                 f"Cache mode '{self.cache}' is not supported by qimg "
                 f"(use {' or '.join(CACHE_MODES)})"
             )
+        if self.sparse_size != 0 and (
+            self.sparse_size % 512 != 0 or not 0 < self.sparse_size <= MAX_SPARSE_SIZE
+        ):
+            raise UsageError(
+                f"Invalid buffer size for sparse output specified: {self.sparse_size} "
+                "(must be a multiple of 512 up to 16 MiB, or 0)"
+            )
         if self.target_is_zero and not self.existing:
             raise UsageError("--target-is-zero requires use of -n flag")
+        if self.target_is_zero and self.backing_file is not None:
+            raise UsageError(
+                "Cannot use --target-is-zero when the destination image has a backing file"
+            )
+        if len(self.sources) > 1 and _backing_of(self) is not None:
+            raise UsageError(
+                "Having a backing file for the target makes no sense when concatenating "
+                "multiple input images"
+            )
+        if self.backing_file is not None and self.out_fmt == "raw":
+            raise InvalidOptionError(f"Backing file not supported for file format '{self.out_fmt}'")
         if self.compress and self.out_fmt != "qcow2":
             raise InvalidOptionError(
                 f"Compression not supported for this file format ({self.out_fmt})"
@@ -96,16 +114,16 @@ def run(request: ConvertRequest, progress: Callable[[int, int], None] | None = N
             target.close()
             return
         backing = _backing_of(request)
+        if backing is not None and _backing_fmt_of(request) is None:
+            raise InvalidOptionError("Use of backing file requires explicit backing format")
         plan = plan_create(
             request.target,
             request.out_fmt,
-            request.options,
+            _without_size(request.options),
             size=total,
             backing_file=request.backing_file,
             backing_fmt=request.backing_fmt,
         )
-        if backing is not None and option_text(plan.options, "backing_fmt") is None:
-            raise InvalidOptionError("Use of backing file requires explicit backing format")
         if request.compress and plan.prealloc is not PreallocMode.OFF:
             raise InvalidOptionError("Compression and preallocation not supported at the same time")
         with _removed_on_failure(request.target):
@@ -117,19 +135,37 @@ def run(request: ConvertRequest, progress: Callable[[int, int], None] | None = N
                     sources,
                     target,
                     request,
-                    zero_init=backing is None,
+                    # A new image reads as zeroes wherever it is not written
+                    # and its backing file (if any) does not reach.
+                    zero_init=True,
                     top_only=backing is not None,
                     progress=progress,
                 )
 
 
+def _without_size(options: list[OptionItem]) -> list[OptionItem]:
+    """The sources decide the output's size: a ``-o size=`` is checked, then
+    overridden, as qemu-img does."""
+    for item in options:
+        if item.key == "size" and item.value is not None:
+            parse_size(item.value, "size")
+    return [item for item in options if item.key != "size"]
+
+
 def _backing_of(request: ConvertRequest) -> str | None:
-    if request.backing_file is not None:
-        return request.backing_file
-    for item in request.options:
-        if item.key == "backing_file":
-            return item.value
-    return None
+    return _given(request.backing_file, request.options, "backing_file")
+
+
+def _backing_fmt_of(request: ConvertRequest) -> str | None:
+    return _given(request.backing_fmt, request.options, "backing_fmt")
+
+
+def _given(flag: str | None, options: list[OptionItem], key: str) -> str | None:
+    """The value of a flag, else of the last ``-o key=`` (later duplicates win)."""
+    if flag is not None:
+        return flag
+    values = [item.value for item in options if item.key == key]
+    return values[-1] if values else None
 
 
 def _copy(

@@ -23,6 +23,8 @@ const PIECE: u64 = 2 << 20;
 const AHEAD_PER_WORKER: u64 = 4;
 /// qemu-img's limit for `-m`.
 pub const MAX_WORKERS: usize = 16;
+/// qemu-img's limit for `-S`.
+pub const MAX_SPARSE: u64 = 16 << 20;
 
 /// `-S`: blocks of this many bytes that are all zeroes are not written.
 /// `None` (`-S 0`) writes every byte, zeroes included.
@@ -36,9 +38,9 @@ impl Sparse {
         if bytes == 0 {
             return Ok(Sparse(None));
         }
-        if bytes % 512 != 0 || bytes > (1 << 30) {
+        if bytes % 512 != 0 || bytes > MAX_SPARSE {
             return Err(Error::invalid(format!(
-                "Invalid buffer size for sparse output specified: {bytes} (must be a multiple of 512 up to 1 GiB, or 0)"
+                "Invalid buffer size for sparse output specified: {bytes} (must be a multiple of 512 up to 16 MiB, or 0)"
             )));
         }
         Ok(Sparse(Some(bytes)))
@@ -51,8 +53,9 @@ pub struct ConvertOptions {
     pub sparse: Sparse,
     /// Store every data cluster compressed (`-c`; the target must be qcow2).
     pub compress: bool,
-    /// The target reads as zeroes wherever nothing is written (a new image
-    /// without a backing file): zero ranges need no writes.
+    /// The target reads as zeroes wherever nothing is written and its
+    /// backing file, if any, does not reach (a new image): zero ranges there
+    /// need no writes.
     pub zero_init: bool,
     /// Copy only what the sources' top layers hold (`-B`): the target's
     /// backing file provides the rest.
@@ -95,6 +98,9 @@ enum Seg {
 
 struct Piece {
     index: u64,
+    /// Guest bytes the piece covers (for progress).
+    bytes: u64,
+    /// What is left for the writer to apply (nothing when the worker wrote it).
     segs: Vec<(u64, Seg)>,
 }
 
@@ -124,7 +130,14 @@ pub fn convert(
             )))
         }
     };
+    // With a backing file on a new target, zeroes past the backing file's
+    // end need no writes either (qemu-img leaves them unallocated).
+    let backing_end =
+        (opts.top_only && opts.zero_init).then(|| dst.backing().map_or(0, |b| b.size()));
     let pieces = total.div_ceil(PIECE);
+    // A target without metadata of its own (raw) has no layout to keep in
+    // order: workers write their pieces themselves, in parallel.
+    let direct = dst.as_qcow2().is_none();
     let workers = opts
         .workers
         .clamp(1, MAX_WORKERS)
@@ -163,9 +176,23 @@ pub fn convert(
                 }
                 let start = index * PIECE;
                 let end = (start + PIECE).min(total);
-                match prepare(sources, start, end, opts, cluster) {
+                let prepared =
+                    prepare(sources, start, end, opts, cluster, backing_end).and_then(|segs| {
+                        if direct {
+                            apply(dst, segs, opts)?;
+                            Ok(Vec::new())
+                        } else {
+                            Ok(segs)
+                        }
+                    });
+                match prepared {
                     Ok(segs) => {
-                        if tx.send(Piece { index, segs }).is_err() {
+                        let piece = Piece {
+                            index,
+                            bytes: end - start,
+                            segs,
+                        };
+                        if tx.send(piece).is_err() {
                             return;
                         }
                     }
@@ -178,14 +205,14 @@ pub fn convert(
         }
         drop(tx);
         // The writer, on this thread.
-        let mut pending: BTreeMap<u64, Vec<(u64, Seg)>> = BTreeMap::new();
+        let mut pending: BTreeMap<u64, (u64, Vec<(u64, Seg)>)> = BTreeMap::new();
         let mut next_write = 0u64;
         let mut done_bytes = 0u64;
         for piece in rx.iter() {
             if failed.load(Ordering::SeqCst) {
                 break;
             }
-            pending.insert(piece.index, piece.segs);
+            pending.insert(piece.index, (piece.bytes, piece.segs));
             loop {
                 let key = if opts.in_order {
                     next_write
@@ -195,10 +222,9 @@ pub fn convert(
                         None => break,
                     }
                 };
-                let Some(segs) = pending.remove(&key) else {
+                let Some((bytes, segs)) = pending.remove(&key) else {
                     break;
                 };
-                let bytes: u64 = segs.iter().map(|(_, s)| seg_len(s)).sum();
                 if let Err(e) = apply(dst, segs, opts) {
                     fail(key, e);
                     break;
@@ -222,6 +248,8 @@ pub fn convert(
     Ok(())
 }
 
+/// Guest bytes a segment covers (compressed segments are counted by the
+/// piece, not here).
 fn seg_len(s: &Seg) -> u64 {
     match s {
         Seg::Data(d) => d.len() as u64,
@@ -232,17 +260,33 @@ fn seg_len(s: &Seg) -> u64 {
 
 /// Writes one prepared piece.
 fn apply(dst: &dyn BlockDev, segs: Vec<(u64, Seg)>, opts: &ConvertOptions) -> Result<()> {
-    let skip_zeroes = opts.zero_init && opts.sparse.0.is_some() && !opts.top_only;
+    let skip_zeroes = opts.zero_init && !opts.top_only;
     for (offset, seg) in segs {
         match seg {
             Seg::Data(d) => dst.write_at(&d, offset)?,
-            Seg::Zero(n) if !skip_zeroes => dst.write_zeroes(offset, n, opts.sparse.0.is_some())?,
+            // `-S 0`: zeroes are written as data, as qemu-img does (a zero
+            // write would leave zero clusters in qcow2 and unwritten extents,
+            // which read as holes, in files).
+            Seg::Zero(n) if opts.sparse.0.is_none() => write_zero_data(dst, offset, n)?,
+            Seg::Zero(n) if !skip_zeroes => dst.write_zeroes(offset, n, true)?,
             Seg::Zero(_) | Seg::Skip(_) => {}
             Seg::Compressed(packed) => match dst.as_qcow2() {
                 Some(q) => q.write_compressed_packed(&packed, offset)?,
                 None => return Err(Error::invalid("compressed output needs a qcow2 target")),
             },
         }
+    }
+    Ok(())
+}
+
+/// Writes `n` zero bytes at `offset` as data.
+fn write_zero_data(dst: &dyn BlockDev, offset: u64, n: u64) -> Result<()> {
+    let zeroes = vec![0u8; n.min(PIECE) as usize];
+    let mut done = 0u64;
+    while done < n {
+        let len = (n - done).min(PIECE) as usize;
+        dst.write_at(&zeroes[..len], offset + done)?;
+        done += len as u64;
     }
     Ok(())
 }
@@ -274,6 +318,7 @@ fn prepare(
     end: u64,
     opts: &ConvertOptions,
     cluster: Option<(u64, CompressionType)>,
+    backing_end: Option<u64>,
 ) -> Result<Vec<(u64, Seg)>> {
     let mut segs: Vec<(u64, Seg)> = Vec::new();
     for (src, local, target, len) in spans(sources, start, end) {
@@ -288,7 +333,15 @@ fn prepare(
             };
             let at = target + pos;
             if zero {
-                push_zero(&mut segs, at, n);
+                // Past the target's backing file (when it has one and is
+                // new), the target reads as zeroes already.
+                let keep = backing_end.map_or(n, |e| e.saturating_sub(at).min(n));
+                if keep > 0 {
+                    push_zero(&mut segs, at, keep);
+                }
+                if keep < n {
+                    segs.push((at + keep, Seg::Skip(n - keep)));
+                }
             } else if !data {
                 // top_only: unallocated here, the backing file shows through;
                 // otherwise (no backing anywhere) it reads as zeroes.
@@ -306,7 +359,7 @@ fn prepare(
         }
     }
     match cluster {
-        Some(c) => compress_clusters(segs, start, end, c),
+        Some(c) => compress_clusters(sources, segs, start, end, c, opts.sparse),
         None => Ok(segs),
     }
 }
@@ -352,43 +405,76 @@ fn split_zero_blocks(segs: &mut Vec<(u64, Seg)>, buf: Vec<u8>, at: u64, sparse: 
     }
 }
 
-/// Re-cuts a piece into whole clusters: all-zero clusters stay zero, the
-/// others are compressed (or kept as data when they do not shrink).
+/// Re-cuts a piece into whole clusters: all-zero clusters stay zero (with
+/// `-S 0` they are compressed like the others), clusters left wholly to the
+/// backing file stay skipped, and the rest are compressed (or kept as data
+/// when they do not shrink). A compressed cluster is written whole, so a
+/// cluster only partly left to the backing file takes those bytes from the
+/// sources' backing chains.
 fn compress_clusters(
+    sources: &[Arc<dyn BlockDev>],
     segs: Vec<(u64, Seg)>,
     start: u64,
     end: u64,
     (cs, kind): (u64, CompressionType),
+    sparse: Sparse,
 ) -> Result<Vec<(u64, Seg)>> {
-    // Rebuild the piece's bytes; pieces are cluster aligned.
-    let mut bytes = vec![0u8; (end - start) as usize];
-    let mut has_data = vec![false; (end - start).div_ceil(cs) as usize];
-    for (at, seg) in &segs {
-        if let Seg::Data(d) = seg {
-            let from = (at - start) as usize;
-            bytes[from..from + d.len()].copy_from_slice(d);
-            let first = (at - start) / cs;
-            let last = (at - start + d.len() as u64 - 1) / cs;
-            for c in first..=last {
-                has_data[c as usize] = true;
-            }
-        }
-    }
-    let skip_only = segs.iter().all(|(_, s)| matches!(s, Seg::Skip(_)));
-    if skip_only {
+    if segs.iter().all(|(_, s)| matches!(s, Seg::Skip(_))) {
         return Ok(segs);
     }
-    if segs.iter().any(|(_, s)| matches!(s, Seg::Skip(_))) {
-        return Err(Error::invalid(
-            "compressed output with a backing file (-c with -B) is not supported by qimg",
-        ));
+    // Rebuild the piece's bytes; pieces are cluster aligned.
+    let len = end - start;
+    let clusters = len.div_ceil(cs) as usize;
+    let cluster_len = |c: usize| (c as u64 * cs + cs).min(len) - c as u64 * cs;
+    let mut bytes = vec![0u8; len as usize];
+    let mut has_data = vec![false; clusters];
+    let mut skipped = vec![0u64; clusters];
+    for (at, seg) in &segs {
+        let from = at - start;
+        let n = seg_len(seg);
+        if n == 0 {
+            continue;
+        }
+        match seg {
+            Seg::Data(d) => {
+                bytes[from as usize..(from + n) as usize].copy_from_slice(d);
+                for c in from / cs..=(from + n - 1) / cs {
+                    has_data[c as usize] = true;
+                }
+            }
+            Seg::Skip(_) => {
+                for c in from / cs..=(from + n - 1) / cs {
+                    let (a, b) = (c * cs, (c * cs + cs).min(len));
+                    skipped[c as usize] += (from + n).min(b) - from.max(a);
+                }
+            }
+            Seg::Zero(_) | Seg::Compressed(_) => {}
+        }
+    }
+    for (at, seg) in &segs {
+        let Seg::Skip(n) = seg else { continue };
+        let from = at - start;
+        for c in from / cs..=(from + n - 1) / cs {
+            let whole = skipped[c as usize] == cluster_len(c as usize);
+            if whole {
+                continue;
+            }
+            let a = from.max(c * cs);
+            let b = (from + n).min(c * cs + cs).min(len);
+            read_sources(sources, &mut bytes[a as usize..b as usize], start + a)?;
+        }
     }
     let mut out = Vec::new();
-    for (c, data) in has_data.iter().enumerate() {
+    for c in 0..clusters {
         let a = c as u64 * cs;
-        let b = (a + cs).min(end - start);
+        let b = a + cluster_len(c);
+        if skipped[c] == b - a {
+            out.push((start + a, Seg::Skip(b - a)));
+            continue;
+        }
         let chunk = &bytes[a as usize..b as usize];
-        if !data || is_zero(chunk) {
+        let zero = (!has_data[c] && skipped[c] == 0) || is_zero(chunk);
+        if zero && sparse.0.is_some() {
             push_zero(&mut out, start + a, b - a);
             continue;
         }
@@ -400,6 +486,16 @@ fn compress_clusters(
         }
     }
     Ok(out)
+}
+
+/// Reads target range `[offset, offset + buf.len())` from the sources,
+/// their backing chains included.
+fn read_sources(sources: &[Arc<dyn BlockDev>], buf: &mut [u8], offset: u64) -> Result<()> {
+    for (src, local, target, len) in spans(sources, offset, offset + buf.len() as u64) {
+        let from = (target - offset) as usize;
+        src.read_at(&mut buf[from..from + len as usize], local)?;
+    }
+    Ok(())
 }
 
 fn is_zero(b: &[u8]) -> bool {
@@ -428,6 +524,8 @@ mod tests {
         assert!(Sparse::new(0).is_ok());
         assert!(Sparse::new(4096).is_ok());
         assert!(Sparse::new(1000).is_err());
+        assert!(Sparse::new(MAX_SPARSE).is_ok());
+        assert!(Sparse::new(MAX_SPARSE + 512).is_err());
     }
 
     #[test]
