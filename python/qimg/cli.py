@@ -25,6 +25,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser() -> ArgumentParser:
+    parser, _ = _build()
+    return parser
+
+
+def _build() -> tuple[ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = ArgumentParser(
         prog="qimg",
         description=(
@@ -37,15 +42,21 @@ def build_parser() -> ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     for command in COMMANDS:
         command.add_parser(sub)
-    return parser
+    return parser, dict(sub.choices)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser, commands = _build()
     words = list(sys.argv[1:] if argv is None else argv)
     if words[:1] == [resize.NAME]:
         words = resize.fix_argv(words)
-    args = parser.parse_args(words)
+    if words and words[0] in commands:
+        # Options may come between and after file names, as qemu-img allows
+        # (`qimg convert src.qcow2 -O raw dst.raw`).
+        args = commands[words[0]].parse_intermixed_args(words[1:])
+        args.command = words[0]
+    else:
+        args = parser.parse_args(words)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 1

@@ -81,6 +81,8 @@ def plan_create(
         parsed["size"] = ParsedValue(str(size), size)
 
     prealloc = info.preallocation(parsed)
+    if info.name == "raw" and ("backing_file" in parsed or "backing_fmt" in parsed):
+        raise InvalidOptionError("Backing file not supported for file format 'raw'")
     if info.name == "raw":
         if "size" not in parsed:
             raise InvalidOptionError("Image creation needs a size parameter")
