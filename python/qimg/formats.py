@@ -18,6 +18,7 @@ __all__ = [
     "OptionDesc",
     "ParsedOptions",
     "ParsedValue",
+    "amend_info",
     "format_info",
     "option_text",
     "option_value",
@@ -307,6 +308,16 @@ FORMATS: Mapping[str, FormatInfo] = {f.name: f for f in (QCOW2, RAW)}
 # Formats QEMU has that qimg does not write; named so the error can say why.
 _QEMU_CREATABLE = frozenset({"qcow", "qed", "vdi", "vhdx", "vmdk", "vpc", "parallels", "luks"})
 _QEMU_READ_ONLY = frozenset({"bochs", "cloop", "dmg", "vvfat"})
+
+
+def amend_info(name: str) -> FormatInfo:
+    """The table of a format ``amend`` can change, or a clear refusal."""
+    info = FORMATS.get(name)
+    if info is not None and info.amend_options:
+        return info
+    if info is not None or name in _QEMU_READ_ONLY or name in _QEMU_CREATABLE:
+        raise UsageError(f"Format driver '{name}' does not support option amendment")
+    raise UsageError(f"Unknown file format '{name}'")
 
 
 def format_info(name: str) -> FormatInfo:

@@ -6,7 +6,7 @@ import argparse
 
 from qimg.commands._common import Progress, add_format_arg
 from qimg.errors import InvalidOptionError, UsageError
-from qimg.formats import format_info, option_text, option_value
+from qimg.formats import amend_info, option_text, option_value
 from qimg.image import open_image
 from qimg.options import parse_option_lists
 
@@ -63,13 +63,13 @@ def run(args: argparse.Namespace) -> int:
                 raise UsageError("Expecting one image file name")
             with open_image(args.filename, backing=False) as probed:
                 fmt = probed.format
-        print(format_info(fmt).amend_help_text())
+        print(amend_info(fmt).amend_help_text())
         return 0
     if args.filename is None:
         raise UsageError("Expecting one image file name")
     progress = Progress(args.progress and not args.quiet)
     with open_image(args.filename, args.fmt, writable=True) as image:
-        parsed = format_info(image.format).parse_amend(items)
+        parsed = amend_info(image.format).parse_amend(items)
         for name in ("backing_file", "backing_fmt"):
             wanted = option_text(parsed, name)
             current = image.backing_file if name == "backing_file" else image.backing_format
