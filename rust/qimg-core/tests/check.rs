@@ -5,6 +5,8 @@
 //!
 //! Without qemu-img on PATH the tests pass with a note, unless CI is set.
 
+mod common;
+use common::Rng;
 use qimg_core::block::{open_image, FileNode, OpenOptions};
 use qimg_core::probe::Format;
 use qimg_core::qcow2::check::{check, CheckReport};
@@ -911,22 +913,6 @@ fn tables_past_the_end_of_the_file_are_counted_like_qemu() {
 }
 
 // ---- random damage ---------------------------------------------------------
-
-/// xorshift64*: a small deterministic generator for the damage below.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// Damages metadata entries of small images at random and compares with
 /// qemu-img wherever both tools complete the check; never panics.

@@ -7,6 +7,8 @@
 //! The writer is this test binary itself, started again with an environment
 //! variable that makes `crash_worker` do the writing.
 
+mod common;
+use common::Rng;
 use qimg_core::block::{open_image, OpenOptions};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -20,21 +22,6 @@ const COMPRESSED_FROM: u64 = SIZE / 8 * 7;
 const WORKER_IMAGE: &str = "QIMG_CRASH_IMAGE";
 const WORKER_SEED: &str = "QIMG_CRASH_SEED";
 const WORKER_CLUSTER: &str = "QIMG_CRASH_CLUSTER";
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 #[derive(Debug, Clone, Copy)]
 enum Op {

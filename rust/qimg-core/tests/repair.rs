@@ -14,6 +14,8 @@
 //!
 //! Without qemu-img on PATH the tests pass with a note, unless CI is set.
 
+mod common;
+use common::Rng;
 use qimg_core::qcow2::check::CheckReport;
 use qimg_core::qcow2::repair::{rebuild_if_dirty, repair, RepairMode, RepairOutcome};
 use std::collections::HashMap;
@@ -785,22 +787,6 @@ fn non_qcow2_files_are_refused() {
 }
 
 // ---- hostile images --------------------------------------------------------------
-
-/// A small deterministic random generator (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 fn seed_image(name: &str) -> Vec<u8> {
     use std::io::Read;

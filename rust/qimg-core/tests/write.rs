@@ -5,27 +5,13 @@
 //!
 //! Needs qemu-img (the reference checker); without it the tests fail.
 
+mod common;
+use common::Rng;
 use qimg_core::block::{open_image, OpenOptions};
 use std::path::Path;
 use std::process::Command;
 
 const MIB: u64 = 1 << 20;
-
-/// xorshift64*: a small deterministic generator, so failures replay.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 fn qemu_img(args: &[&str]) -> std::process::Output {
     Command::new("qemu-img")

@@ -478,15 +478,5 @@ pub fn check_image<'py>(
             None => Err(Error::invalid("not a qcow2 image")),
         })
         .map_err(to_py)?;
-    let d = PyDict::new(py);
-    d.set_item("corruptions", report.corruptions)?;
-    d.set_item("leaks", report.leaks)?;
-    d.set_item("check_errors", report.check_errors)?;
-    d.set_item("image_end_offset", report.image_end_offset)?;
-    d.set_item("total_clusters", report.total_clusters)?;
-    d.set_item("allocated_clusters", report.allocated_clusters)?;
-    d.set_item("fragmented_clusters", report.fragmented_clusters)?;
-    d.set_item("compressed_clusters", report.compressed_clusters)?;
-    d.set_item("messages", report.messages)?;
-    Ok(Some(d))
+    crate::repair::report_dict(py, &report).map(Some)
 }
