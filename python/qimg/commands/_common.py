@@ -7,11 +7,30 @@ import sys
 
 from qimg.errors import UsageError
 
-__all__ = ["Progress", "add_format_arg", "add_output_arg", "add_share_arg", "output_mode"]
+__all__ = [
+    "Progress",
+    "add_format_arg",
+    "add_options_arg",
+    "add_output_arg",
+    "add_share_arg",
+    "output_mode",
+]
 
 
 def add_format_arg(p: argparse.ArgumentParser, flag: str = "-f", dest: str = "fmt") -> None:
     p.add_argument(flag, dest=dest, help="image format (qcow2 or raw; default: probe)")
+
+
+def add_options_arg(p: argparse.ArgumentParser, what: str) -> None:
+    """``-o``, repeatable: comma separated ``key=value`` lists, merged in order."""
+    p.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPTIONS",
+        help=f"{what}, comma separated key=value; '-o help' lists them",
+    )
 
 
 def add_output_arg(p: argparse.ArgumentParser) -> None:

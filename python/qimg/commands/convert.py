@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from qimg.commands._common import Progress, add_share_arg
+from qimg.commands._common import Progress, add_options_arg, add_share_arg
 from qimg.convert import ConvertRequest
 from qimg.convert import run as run_convert
 from qimg.errors import QimgError, UsageError
@@ -43,14 +43,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("-f", dest="fmt", help="source format (default: probe)")
     p.add_argument("-O", dest="out_fmt", default="raw", help="output format (raw or qcow2)")
-    p.add_argument(
-        "-o",
-        dest="options",
-        action="append",
-        default=[],
-        metavar="OPTIONS",
-        help="output format options, as for create; '-o help' lists them",
-    )
+    add_options_arg(p, "output format options, as for create")
     p.add_argument("-c", dest="compress", action="store_true", help="compress the output (qcow2)")
     p.add_argument("-B", "-b", "--backing", dest="backing_file", help="backing file of the output")
     p.add_argument("-F", dest="backing_fmt", help="format of the backing file")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from qimg.commands._common import add_options_arg
 from qimg.create import plan_create
 from qimg.errors import QimgError, UsageError
 from qimg.formats import format_info
@@ -27,14 +28,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "-F", "-B", "--backing-format", dest="backing_fmt", help="format of the backing file"
     )
     p.add_argument("-u", dest="unsafe", action="store_true", help="do not open the backing file")
-    p.add_argument(
-        "-o",
-        dest="options",
-        action="append",
-        default=[],
-        metavar="OPTIONS",
-        help="format options, comma separated key=value; '-o help' lists them",
-    )
+    add_options_arg(p, "format options")
     p.add_argument("filename", nargs="?")
     p.add_argument("size", nargs="?", help="virtual size, with optional k/M/G/T/P/E suffix")
     p.set_defaults(run=run)
