@@ -111,25 +111,3 @@ def seek_data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
         pos = end
     return ranges
 
-
-#: Longer byte strings are not diffed by pytest (its diff is quadratic: a failing
-#: comparison of two disk images would take hours); the first difference is shown instead.
-BYTES_DIFF_LIMIT = 4096
-
-
-def pytest_assertrepr_compare(op: str, left: object, right: object) -> list[str] | None:
-    """Short explanations for ``==`` between long byte strings."""
-    if op != "==" or not isinstance(left, bytes | bytearray | memoryview):
-        return None
-    if not isinstance(right, bytes | bytearray | memoryview):
-        return None
-    a, b = bytes(left), bytes(right)
-    if max(len(a), len(b)) <= BYTES_DIFF_LIMIT:
-        return None
-    pairs = enumerate(zip(a, b, strict=False))
-    at = next((i for i, (x, y) in pairs if x != y), min(len(a), len(b)))
-    return [
-        f"byte strings differ: lengths {len(a)} and {len(b)}, first difference at offset {at}",
-        f"left[{at}:{at + 16}]  = {a[at : at + 16].hex(' ')}",
-        f"right[{at}:{at + 16}] = {b[at : at + 16].hex(' ')}",
-    ]
