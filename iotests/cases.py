@@ -28,6 +28,7 @@ GROUPS = {
     "qemu": "needs QEMU's qemu-img as the reference",
     "read": "iotests about reading images: info, map, check, compare, convert",
     "rw": "iotests that write images: qimg io",
+    "amend": "iotests about qemu-img amend",
 }
 
 

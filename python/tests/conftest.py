@@ -110,4 +110,3 @@ def seek_data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
         ranges.append((start, end))
         pos = end
     return ranges
-

@@ -70,18 +70,21 @@ def run(args: argparse.Namespace) -> int:
     progress = Progress(args.progress and not args.quiet)
     with open_image(args.filename, args.fmt, writable=True) as image:
         parsed = amend_info(image.format).parse_amend(items)
-        for name in ("backing_file", "backing_fmt"):
-            wanted = option_text(parsed, name)
-            current = image.backing_file if name == "backing_file" else image.backing_format
-            if wanted is not None and wanted != current:
-                raise InvalidOptionError(
-                    "Cannot amend the backing file (qimg cannot change which file an "
-                    "image is an overlay of)"
-                )
+        # As qemu-img: naming either one means naming both; the pair must be what the
+        # image already has (an option left out stands for "none").
+        wanted = (option_text(parsed, "backing_file"), option_text(parsed, "backing_fmt"))
+        if wanted != (None, None) and wanted != (image.backing_file, image.backing_format):
+            raise InvalidOptionError(
+                "Cannot amend the backing file (qimg cannot change which file an "
+                "image is an overlay of)"
+            )
         compat = option_text(parsed, "compat")
         lazy = parsed.get("lazy_refcounts")
         bits = parsed.get("refcount_bits")
         size = parsed.get("size")
+        if size is not None and not size.value:
+            # qemu-img amend reads size=0 as "keep the size", not as a shrink to nothing.
+            size = None
         progress.start()
         image.amend(
             compat=compat,

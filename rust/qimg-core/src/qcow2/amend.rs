@@ -7,7 +7,11 @@
 //! the header switches to them, and old ones are released afterwards.
 
 use super::allocator::Allocator;
-use super::header::{Header, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2};
+use super::header::{
+    Header, COMPAT_LAZY_REFCOUNTS, EXT_BACKING_FORMAT, EXT_END, EXT_FEATURE_TABLE,
+    INCOMPAT_COMPRESSION, INCOMPAT_EXTL2, V2_HEADER_LEN, V3_HEADER_LEN,
+};
+use super::image_header::{EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE};
 use super::reader::{Qcow2Node, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO};
 use super::refcount::set_entry;
 use super::types::{Compat, CompressionType, RefcountOrder};
@@ -132,7 +136,8 @@ impl Qcow2Node {
             backing_file: self.backing_name(),
             backing_format: self.header.backing_format.as_deref(),
         };
-        let raw = header.encode()?;
+        let mut raw = header.encode()?;
+        self.keep_foreign_header_parts(&mut raw, f.compat)?;
         if raw.len() as u64 > self.cs() {
             return Err(Error::invalid(
                 "the new header does not fit in the image's first cluster",
@@ -151,6 +156,95 @@ impl Qcow2Node {
             }
         }
         st.set_clean_header(f.lazy, incompatible);
+        Ok(())
+    }
+
+    /// Carries over into the freshly encoded header cluster `raw` what the
+    /// header on disk holds that qimg does not interpret, as QEMU does when
+    /// it rewrites a header: extensions of unknown types (placed before the
+    /// end marker) and, for v3, compatible feature bits other than lazy
+    /// refcounts.
+    fn keep_foreign_header_parts(&self, raw: &mut Vec<u8>, compat: Compat) -> Result<()> {
+        let cs = self.cs();
+        let head = self.file.read_vec(0, cs.min(self.file.file_len()))?;
+        let be32 = |b: &[u8], at: usize| -> Option<u32> {
+            Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
+        };
+        let be64 = |b: &[u8], at: usize| -> Option<u64> {
+            Some(u64::from_be_bytes(b.get(at..at + 8)?.try_into().ok()?))
+        };
+        let old_v3 = be32(&head, 4) == Some(3);
+        let start = if old_v3 {
+            be32(&head, 100).map_or(head.len(), |l| l as usize)
+        } else {
+            V2_HEADER_LEN
+        };
+        let limit = match be64(&head, 8) {
+            Some(b) if b != 0 => (b as usize).min(head.len()),
+            _ => head.len(),
+        };
+        let mut foreign = Vec::new();
+        let mut at = start;
+        while at + 8 <= limit {
+            let (Some(kind), Some(len)) = (be32(&head, at), be32(&head, at + 4)) else {
+                break;
+            };
+            let data_end = at + 8 + len as usize;
+            if kind == EXT_END || data_end > limit {
+                break;
+            }
+            let known = [
+                EXT_BACKING_FORMAT,
+                EXT_FEATURE_TABLE,
+                EXT_BITMAPS,
+                EXT_CRYPTO,
+                EXT_DATA_FILE,
+            ];
+            if !known.contains(&kind) {
+                foreign.extend_from_slice(&head[at..data_end]);
+                foreign.resize(foreign.len().next_multiple_of(8), 0);
+            }
+            at += 8 + (len as usize).next_multiple_of(8);
+        }
+        if compat == Compat::V3 && old_v3 {
+            let other = be64(&head, 80).unwrap_or(0) & !COMPAT_LAZY_REFCOUNTS;
+            let bits = be64(raw, 80).unwrap_or(0) | other;
+            raw[80..88].copy_from_slice(&bits.to_be_bytes());
+        }
+        if foreign.is_empty() {
+            return Ok(());
+        }
+        // Find the end marker of the new header and slide everything after
+        // it (the backing file name) along.
+        let mut end = if compat == Compat::V3 {
+            V3_HEADER_LEN
+        } else {
+            V2_HEADER_LEN
+        };
+        while let (Some(kind), Some(len)) = (be32(raw, end), be32(raw, end + 4)) {
+            if kind == EXT_END {
+                break;
+            }
+            end += 8 + (len as usize).next_multiple_of(8);
+        }
+        let backing = be64(raw, 8).unwrap_or(0) as usize;
+        let used = if backing != 0 {
+            backing + be32(raw, 16).unwrap_or(0) as usize
+        } else {
+            end + 8
+        };
+        if used + foreign.len() > raw.len() {
+            return Err(Error::invalid(
+                "the header, its extensions and the backing file name no longer fit in the image's first cluster",
+            ));
+        }
+        raw.truncate(used);
+        raw.splice(end..end, foreign.iter().copied());
+        if backing != 0 {
+            let moved = (backing + foreign.len()) as u64;
+            raw[8..16].copy_from_slice(&moved.to_be_bytes());
+        }
+        raw.resize(cs as usize, 0);
         Ok(())
     }
 
@@ -307,5 +401,114 @@ impl Qcow2Node {
             self.file.sync()?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::{open_image, OpenOptions};
+    use crate::file::FileOptions;
+    use crate::qcow2::{create, BackingSpec, CreateSpec};
+    use std::path::Path;
+
+    const FOREIGN_KIND: u32 = 0x5149_4d47;
+
+    /// Puts an extension of an unknown type before the end marker (the
+    /// backing file name moves along) and sets compatible bit 5.
+    fn add_foreign_parts(path: &Path) {
+        let mut head = std::fs::read(path).expect("read image");
+        let be32 = |b: &[u8], at: usize| u32::from_be_bytes(b[at..at + 4].try_into().expect("4"));
+        let v3 = be32(&head, 4) == 3;
+        let mut at = if v3 { be32(&head, 100) as usize } else { 72 };
+        while be32(&head, at) != EXT_END {
+            at += 8 + (be32(&head, at + 4) as usize).next_multiple_of(8);
+        }
+        let mut ext = FOREIGN_KIND.to_be_bytes().to_vec();
+        ext.extend_from_slice(&5u32.to_be_bytes());
+        ext.extend_from_slice(b"hello\0\0\0");
+        let backing = u64::from_be_bytes(head[8..16].try_into().expect("8")) as usize;
+        let name_len = be32(&head, 16) as usize;
+        let tail: Vec<u8> = if backing != 0 {
+            head[at..backing + name_len].to_vec()
+        } else {
+            head[at..at + 8].to_vec()
+        };
+        head.splice(at..at + tail.len(), ext.iter().chain(&tail).copied());
+        if backing != 0 {
+            head[8..16].copy_from_slice(&((backing + ext.len()) as u64).to_be_bytes());
+        }
+        if v3 {
+            head[87] |= 1 << 5;
+        }
+        let cs = 1usize << be32(&head, 20);
+        let mut file = std::fs::read(path).expect("read image");
+        file[..cs].copy_from_slice(&head[..cs]);
+        std::fs::write(path, file).expect("write image");
+    }
+
+    fn amend(path: &Path, spec: &AmendSpec) {
+        let opts = OpenOptions {
+            writable: true,
+            ..OpenOptions::default()
+        };
+        let node = open_image(path.to_str().expect("utf-8 path"), &opts).expect("open");
+        node.as_qcow2().expect("qcow2").amend(spec).expect("amend");
+    }
+
+    fn header_of(path: &Path) -> Vec<u8> {
+        let mut head = std::fs::read(path).expect("read image");
+        head.truncate(65536);
+        head
+    }
+
+    #[test]
+    fn unknown_extensions_and_compatible_bits_survive_every_amend() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let base = dir.path().join("base.qcow2");
+        create(&base, &CreateSpec::new(1 << 20), FileOptions::default()).expect("create base");
+        let img = dir.path().join("t.qcow2");
+        let mut spec = CreateSpec::new(1 << 20);
+        spec.backing = Some(BackingSpec {
+            file: "base.qcow2".into(),
+            format: Some("qcow2".into()),
+        });
+        create(&img, &spec, FileOptions::default()).expect("create");
+        add_foreign_parts(&img);
+        let steps = [
+            AmendSpec {
+                lazy_refcounts: Some(true),
+                ..AmendSpec::default()
+            },
+            AmendSpec {
+                refcount_order: RefcountOrder::from_order(3).ok(),
+                ..AmendSpec::default()
+            },
+            AmendSpec {
+                compat: Some(Compat::V2),
+                refcount_order: Some(RefcountOrder::DEFAULT),
+                lazy_refcounts: Some(false),
+                ..AmendSpec::default()
+            },
+            AmendSpec {
+                compat: Some(Compat::V3),
+                ..AmendSpec::default()
+            },
+        ];
+        for (n, step) in steps.iter().enumerate() {
+            amend(&img, step);
+            let head = header_of(&img);
+            let found = head
+                .windows(13)
+                .any(|w| w[..4] == FOREIGN_KIND.to_be_bytes() && &w[8..13] == b"hello");
+            assert!(found, "step {n}: the unknown extension is gone");
+            let v3 = head[7] == 3;
+            // Lost on the way through v2, which has no compatible bits.
+            assert_eq!(v3 && n < 2, head[87] & (1 << 5) != 0, "step {n}");
+            let node =
+                open_image(img.to_str().expect("utf-8"), &OpenOptions::default()).expect("reopen");
+            let q = node.as_qcow2().expect("qcow2");
+            assert_eq!(q.backing_name(), Some("base.qcow2"), "step {n}");
+        }
     }
 }
