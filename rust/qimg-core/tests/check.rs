@@ -6,6 +6,8 @@
 //! Without qemu-img on PATH the tests pass with a note, unless CI is set.
 
 mod common;
+#[path = "common/file_bytes.rs"]
+mod file_bytes;
 use common::Rng;
 use qimg_core::block::{open_image, FileNode, OpenOptions};
 use qimg_core::probe::Format;
@@ -106,16 +108,7 @@ impl Scratch {
 
     /// The big-endian u64 at `at`; bytes past the end of the file read as zeroes.
     fn read_be64(&self, at: u64) -> u64 {
-        let f = std::fs::File::open(&self.path).expect("open");
-        let mut b = [0u8; 8];
-        let mut done = 0;
-        while done < 8 {
-            match f.read_at(&mut b[done..], at + done as u64).expect("read") {
-                0 => break,
-                n => done += n,
-            }
-        }
-        u64::from_be_bytes(b)
+        file_bytes::read_be64(&self.path, at)
     }
 
     fn read_be32(&self, at: u64) -> u32 {
@@ -126,11 +119,7 @@ impl Scratch {
     }
 
     fn patch(&self, at: u64, bytes: &[u8]) {
-        let f = FsOpenOptions::new()
-            .write(true)
-            .open(&self.path)
-            .expect("open for patching");
-        f.write_all_at(bytes, at).expect("patch");
+        file_bytes::patch(&self.path, at, bytes);
     }
 
     fn patch_be64(&self, at: u64, v: u64) {

@@ -15,6 +15,8 @@
 //! Without qemu-img on PATH the tests pass with a note, unless CI is set.
 
 mod common;
+#[path = "common/file_bytes.rs"]
+mod file_bytes;
 use common::Rng;
 use qimg_core::qcow2::check::CheckReport;
 use qimg_core::qcow2::repair::{rebuild_if_dirty, repair, RepairMode, RepairOutcome};
@@ -114,18 +116,11 @@ impl Scratch {
     }
 
     fn read_be64(&self, at: u64) -> u64 {
-        let f = std::fs::File::open(&self.path).expect("open");
-        let mut b = [0u8; 8];
-        f.read_exact_at(&mut b, at).expect("read");
-        u64::from_be_bytes(b)
+        file_bytes::read_be64(&self.path, at)
     }
 
     fn poke(&self, at: u64, bytes: &[u8]) {
-        let f = OpenOptions::new()
-            .write(true)
-            .open(&self.path)
-            .expect("open for poking");
-        f.write_all_at(bytes, at).expect("poke");
+        file_bytes::patch(&self.path, at, bytes);
     }
 
     fn poke_be64(&self, at: u64, v: u64) {
