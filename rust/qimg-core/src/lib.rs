@@ -12,6 +12,7 @@ pub mod measure;
 pub mod prealloc;
 pub mod probe;
 pub mod qcow2;
+pub mod quorum;
 pub mod raw;
 
 pub use error::{Error, Result};

@@ -12,6 +12,7 @@ use qimg_core::probe::Format;
 use qimg_core::qcow2::amend::AmendSpec;
 use qimg_core::qcow2::image_header::AUTOCLEAR_BITMAPS;
 use qimg_core::qcow2::{snapshot, ClusterSize, Compat, RefcountOrder};
+use qimg_core::quorum::events::EventLog;
 use qimg_core::Error;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -19,7 +20,9 @@ use std::sync::Arc;
 /// An open image (format node with its backing chain).
 #[pyclass(frozen, module = "qimg._core")]
 pub struct Image {
-    node: Arc<dyn BlockDev>,
+    pub(crate) node: Arc<dyn BlockDev>,
+    /// Where the graph's quorum nodes record events (None: no quorum).
+    pub(crate) events: Option<Arc<EventLog>>,
 }
 
 fn parse_format(name: Option<&str>) -> PyResult<Option<Format>> {
@@ -52,7 +55,7 @@ pub fn open_image(
     let node = py
         .detach(|| block::open_image(&path, &opts))
         .map_err(to_py)?;
-    Ok(Image { node })
+    Ok(Image { node, events: None })
 }
 
 /// Runs `f` on the contents of a `bytes` (without copying) or a `bytearray`
@@ -284,10 +287,17 @@ impl Image {
             .collect())
     }
 
+    /// The quorum events recorded since the last call, oldest first:
+    /// (name, seconds, microseconds, QMP data).
+    fn take_events<'py>(&self, py: Python<'py>) -> PyResult<Vec<crate::quorum::EventTuple<'py>>> {
+        crate::quorum::take_events(py, self.events.as_ref())
+    }
+
     /// The backing image, if the chain was opened.
     fn backing(&self) -> Option<Image> {
         self.node.backing().map(|b| Image {
             node: Arc::clone(b),
+            events: None,
         })
     }
 
@@ -368,20 +378,20 @@ impl Image {
 
 /// Calls a Python progress callback with a percentage, at most once per
 /// whole percent, from whichever thread makes progress.
-struct Progress {
+pub(crate) struct Progress {
     callback: Option<Py<PyAny>>,
     last: AtomicU64,
 }
 
 impl Progress {
-    fn new(callback: Option<Py<PyAny>>) -> Progress {
+    pub(crate) fn new(callback: Option<Py<PyAny>>) -> Progress {
         Progress {
             callback,
             last: AtomicU64::new(u64::MAX),
         }
     }
 
-    fn report(&self, done: u64, total: u64) {
+    pub(crate) fn report(&self, done: u64, total: u64) {
         let Some(cb) = &self.callback else { return };
         let percent = done.saturating_mul(100).checked_div(total).unwrap_or(100);
         if self.last.swap(percent, Ordering::Relaxed) == percent {

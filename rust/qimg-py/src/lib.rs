@@ -11,6 +11,7 @@ use qimg_core::{Error, Prealloc};
 use std::path::PathBuf;
 
 mod image;
+mod quorum;
 mod repair;
 
 mod errors {
@@ -202,6 +203,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Qcow2Spec>()?;
     m.add_class::<image::Image>()?;
     m.add_function(wrap_pyfunction!(image::open_image, m)?)?;
+    m.add_function(wrap_pyfunction!(quorum::open_spec, m)?)?;
+    m.add_function(wrap_pyfunction!(quorum::scrub, m)?)?;
     m.add_function(wrap_pyfunction!(image::compare_images, m)?)?;
     m.add_function(wrap_pyfunction!(image::convert, m)?)?;
     m.add_function(wrap_pyfunction!(image::check_image, m)?)?;

@@ -2,9 +2,12 @@
 //! (`raw`, `qcow2`), format nodes optionally over a backing node, all behind
 //! one trait so that commands work on any of them.
 
+pub mod blkdebug;
 pub mod file;
 pub mod open;
+pub mod quorum;
 pub mod raw;
+pub mod spec;
 pub mod status;
 
 use crate::error::{Error, Result};
@@ -14,6 +17,7 @@ use std::sync::Arc;
 
 pub use file::FileNode;
 pub use open::{open_image, OpenOptions};
+pub use spec::{open_spec, SpecOptions};
 pub use status::{block_status, map_extents, status_above, MapExtent};
 
 /// What a driver says about a range starting at the queried offset, before
@@ -74,6 +78,11 @@ pub trait BlockDev: Send + Sync {
 
     /// The qcow2 node itself, for callers that need its header or tables.
     fn as_qcow2(&self) -> Option<&Qcow2Node> {
+        None
+    }
+
+    /// The quorum node itself, for a scrub.
+    fn as_quorum(&self) -> Option<&quorum::QuorumNode> {
         None
     }
 

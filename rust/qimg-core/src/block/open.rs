@@ -101,6 +101,28 @@ pub fn open_image(path: &str, opts: &OpenOptions) -> Result<Arc<dyn BlockDev>> {
     below.ok_or_else(|| Error::InvalidImage(format!("Could not open '{path}'")))
 }
 
+/// Opens the qcow2 image `path` over `backing`, a node opened by the
+/// caller, instead of the backing file its header names.
+pub fn open_qcow2_over(
+    path: &str,
+    backing: Arc<dyn BlockDev>,
+    opts: &OpenOptions,
+) -> Result<Arc<dyn BlockDev>> {
+    let mut seen = HashSet::new();
+    let mut layer = open_layer(path, Some(Format::Qcow2), &mut seen, opts.writable)?;
+    if opts.unsafe_cache {
+        layer = layer.without_flushes();
+    }
+    let header = layer
+        .header
+        .ok_or_else(|| Error::InvalidImage(format!("Could not open '{path}'")))?;
+    let name = backing.filename().to_string();
+    Ok(Arc::new(
+        Qcow2Node::open(layer.file, header, Some(backing), Some(name))
+            .map_err(|e| e.context(&format!("Could not open '{path}'")))?,
+    ))
+}
+
 impl Layer {
     fn without_flushes(self) -> Layer {
         match Arc::try_unwrap(self.file) {

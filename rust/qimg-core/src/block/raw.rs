@@ -11,11 +11,26 @@ pub struct RawNode {
     /// The format was probed, not given: writes must not make the image
     /// look like another format (which a later probe would then trust).
     probed: bool,
+    /// Opened as the bare `file` protocol node (`"driver": "file"`).
+    protocol: bool,
 }
 
 impl RawNode {
     pub fn new(file: Arc<FileNode>, probed: bool) -> RawNode {
-        RawNode { file, probed }
+        RawNode {
+            file,
+            probed,
+            protocol: false,
+        }
+    }
+
+    /// The file itself as a node, with no format on top.
+    pub fn protocol(file: Arc<FileNode>) -> RawNode {
+        RawNode {
+            file,
+            probed: false,
+            protocol: true,
+        }
     }
 
     /// Refuses a write that would turn the first sector of a probed raw
@@ -64,7 +79,11 @@ impl BlockDev for RawNode {
     }
 
     fn format_name(&self) -> &'static str {
-        "raw"
+        if self.protocol {
+            "file"
+        } else {
+            "raw"
+        }
     }
 
     fn filename(&self) -> &str {

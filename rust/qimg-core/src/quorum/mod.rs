@@ -1,0 +1,6 @@
+//! Quorum: what a replicated read decides and reports, kept apart from the
+//! node that does the I/O (`block::quorum`) so that it can be tested alone.
+
+pub mod events;
+pub mod scrub;
+pub mod vote;
