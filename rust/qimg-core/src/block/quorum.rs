@@ -5,7 +5,7 @@
 use super::{check_request, status_above, BlockDev, FileNode, Status};
 use crate::error::{strerror, Error, Result};
 use crate::quorum::events::{EventData, EventLog, OpType};
-use crate::quorum::vote::{vote, Ballot};
+use crate::quorum::vote::{vote, Ballot, Verdict};
 use std::sync::{Arc, Mutex, PoisonError};
 
 /// The largest piece one vote looks at: bigger requests are split, so that
@@ -169,34 +169,39 @@ impl QuorumNode {
         let len = buf.len() as u64;
         let mut spares = self.take_spares(buf.len());
         let results = self.read_children(buf, &mut spares, offset);
-        let mut ballots: Vec<Ballot<'_>> = Vec::new();
         let mut failures: Vec<(usize, Error)> = Vec::new();
-        // Child 0 read into `buf`; copy it aside only when it is needed to
-        // vote, since `buf` is about to receive the winner.
-        let mut first: Vec<u8> = Vec::new();
-        let first_ok = matches!(results.first(), Some(Ok(())));
-        let all_ok = results.iter().all(|r| r.is_ok());
         for (child, r) in results.into_iter().enumerate() {
             if let Err(e) = r {
                 failures.push((child, e));
             }
         }
-        if first_ok {
-            if all_ok && spares.iter().all(|s| s.as_slice() == &*buf) {
-                self.put_spares(spares);
-                return;
+        if failures.is_empty() && spares.iter().all(|s| s.as_slice() == &*buf) {
+            self.put_spares(spares);
+            return;
+        }
+        // Child 0's bytes are in `buf`: they vote from there, and only the
+        // blocks another child wins are copied in afterwards.
+        let verdict = {
+            let ballots: Vec<Ballot<'_>> = (0..self.children.len())
+                .filter(|c| !failures.iter().any(|(f, _)| f == c))
+                .map(|c| Ballot {
+                    child: c,
+                    data: if c == 0 { &*buf } else { &spares[c - 1] },
+                })
+                .collect();
+            if ballots.len() < self.opts.threshold {
+                None
+            } else if let (true, [a, b]) = (self.opts.blkverify, ballots.as_slice()) {
+                // blkverify compares, it does not vote: no events.
+                if let Some(i) = a.data.iter().zip(b.data).position(|(x, y)| x != y) {
+                    found.mismatch.get_or_insert(offset + i as u64);
+                }
+                Some(Verdict::default())
+            } else {
+                Some(vote(offset, &ballots, self.opts.threshold))
             }
-            first = buf.to_vec();
-        }
-        let ok_children: Vec<usize> = (0..self.children.len())
-            .filter(|c| !failures.iter().any(|(f, _)| f == c))
-            .collect();
-        for &c in &ok_children {
-            let data: &[u8] = if c == 0 { &first } else { &spares[c - 1] };
-            ballots.push(Ballot { child: c, data });
-        }
-        let successes = ballots.len();
-        if successes < self.opts.threshold {
+        };
+        let Some(verdict) = verdict else {
             if found.too_few.is_none() {
                 found.too_few = Some(most_common(&mut failures));
             }
@@ -206,22 +211,16 @@ impl QuorumNode {
             }
             self.put_spares(spares);
             return;
+        };
+        if found.mismatch.is_some() {
+            self.put_spares(spares);
+            return;
         }
-        if self.opts.blkverify {
-            if let (Some(a), Some(b)) = (ballots.first(), ballots.get(1)) {
-                if let Some(i) = a.data.iter().zip(b.data).position(|(x, y)| x != y) {
-                    // blkverify compares, it does not vote: no events.
-                    found.mismatch.get_or_insert(offset + i as u64);
-                    self.put_spares(spares);
-                    return;
-                }
-            }
-        }
-        let verdict = vote(offset, &ballots, self.opts.threshold);
         for ((a, b), src) in &verdict.sources {
-            let (a, b) = (*a as usize, *b as usize);
-            let from: &[u8] = if *src == 0 { &first } else { &spares[*src - 1] };
-            buf[a..b].copy_from_slice(&from[a..b]);
+            if *src != 0 {
+                let (a, b) = (*a as usize, *b as usize);
+                buf[a..b].copy_from_slice(&spares[*src - 1][a..b]);
+            }
         }
         for (c, (a, b)) in &verdict.lost {
             merge_child(&mut found.lost, *c, offset + a, b - a);
