@@ -85,6 +85,42 @@ pub fn default_workers() -> usize {
         .clamp(2, MAX_WORKERS)
 }
 
+/// Read buffers handed back after their bytes are written, so that every
+/// piece does not fault in fresh memory (on a virtual machine, memory the
+/// guest gave back can cost more to touch again than the copy itself).
+struct Pool {
+    bufs: Mutex<Vec<Vec<u8>>>,
+    keep: usize,
+}
+
+impl Pool {
+    fn new(keep: usize) -> Pool {
+        Pool {
+            bufs: Mutex::new(Vec::new()),
+            keep,
+        }
+    }
+
+    /// A buffer of `len` bytes (their values are whatever was there).
+    fn get(&self, len: usize) -> Vec<u8> {
+        let mut b = self
+            .bufs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
+            .unwrap_or_default();
+        b.resize(len, 0);
+        b
+    }
+
+    fn put(&self, b: Vec<u8>) {
+        let mut bufs = self.bufs.lock().unwrap_or_else(PoisonError::into_inner);
+        if bufs.len() < self.keep {
+            bufs.push(b);
+        }
+    }
+}
+
 /// What one range of the target becomes.
 enum Seg {
     Data(Vec<u8>),
@@ -158,6 +194,8 @@ pub fn convert(
         written.1.notify_all();
     };
     let (tx, rx) = sync_channel::<Piece>(workers * 2);
+    let pool = Pool::new(workers * (AHEAD_PER_WORKER as usize + 4));
+    let pool = &pool;
     std::thread::scope(|scope| {
         for _ in 0..workers {
             let tx = tx.clone();
@@ -176,10 +214,10 @@ pub fn convert(
                 }
                 let start = index * PIECE;
                 let end = (start + PIECE).min(total);
-                let prepared =
-                    prepare(sources, start, end, opts, cluster, backing_end).and_then(|segs| {
+                let prepared = prepare(sources, start, end, opts, cluster, backing_end, pool)
+                    .and_then(|segs| {
                         if direct {
-                            apply(dst, segs, opts)?;
+                            apply(dst, segs, opts, pool)?;
                             Ok(Vec::new())
                         } else {
                             Ok(segs)
@@ -225,7 +263,7 @@ pub fn convert(
                 let Some((bytes, segs)) = pending.remove(&key) else {
                     break;
                 };
-                if let Err(e) = apply(dst, segs, opts) {
+                if let Err(e) = apply(dst, segs, opts, pool) {
                     fail(key, e);
                     break;
                 }
@@ -259,11 +297,19 @@ fn seg_len(s: &Seg) -> u64 {
 }
 
 /// Writes one prepared piece.
-fn apply(dst: &dyn BlockDev, segs: Vec<(u64, Seg)>, opts: &ConvertOptions) -> Result<()> {
+fn apply(
+    dst: &dyn BlockDev,
+    segs: Vec<(u64, Seg)>,
+    opts: &ConvertOptions,
+    pool: &Pool,
+) -> Result<()> {
     let skip_zeroes = opts.zero_init && !opts.top_only;
     for (offset, seg) in segs {
         match seg {
-            Seg::Data(d) => dst.write_at(&d, offset)?,
+            Seg::Data(d) => {
+                dst.write_at(&d, offset)?;
+                pool.put(d);
+            }
             // `-S 0`: zeroes are written as data, as qemu-img does (a zero
             // write would leave zero clusters in qcow2 and unwritten extents,
             // which read as holes, in files).
@@ -319,6 +365,7 @@ fn prepare(
     opts: &ConvertOptions,
     cluster: Option<(u64, CompressionType)>,
     backing_end: Option<u64>,
+    pool: &Pool,
 ) -> Result<Vec<(u64, Seg)>> {
     let mut segs: Vec<(u64, Seg)> = Vec::new();
     for (src, local, target, len) in spans(sources, start, end) {
@@ -351,9 +398,9 @@ fn prepare(
                     push_zero(&mut segs, at, n);
                 }
             } else {
-                let mut buf = vec![0u8; n as usize];
+                let mut buf = pool.get(n as usize);
                 src.read_at(&mut buf, local + pos)?;
-                split_zero_blocks(&mut segs, buf, at, opts.sparse);
+                split_zero_blocks(&mut segs, buf, at, opts.sparse, pool);
             }
             pos += n;
         }
@@ -375,7 +422,13 @@ fn push_zero(segs: &mut Vec<(u64, Seg)>, at: u64, n: u64) {
 /// Turns `buf` (guest data at `at`) into data and zero segments: blocks of
 /// the sparse size, aligned to the guest offset, that are all zeroes become
 /// zero segments, so the same data always gives the same holes.
-fn split_zero_blocks(segs: &mut Vec<(u64, Seg)>, buf: Vec<u8>, at: u64, sparse: Sparse) {
+fn split_zero_blocks(
+    segs: &mut Vec<(u64, Seg)>,
+    buf: Vec<u8>,
+    at: u64,
+    sparse: Sparse,
+    pool: &Pool,
+) {
     let Sparse(Some(block)) = sparse else {
         segs.push((at, Seg::Data(buf)));
         return;
@@ -400,9 +453,12 @@ fn split_zero_blocks(segs: &mut Vec<(u64, Seg)>, buf: Vec<u8>, at: u64, sparse: 
         if zero {
             push_zero(segs, at + a as u64, (b - a) as u64);
         } else {
-            segs.push((at + a as u64, Seg::Data(buf[a..b].to_vec())));
+            let mut part = pool.get(b - a);
+            part.copy_from_slice(&buf[a..b]);
+            segs.push((at + a as u64, Seg::Data(part)));
         }
     }
+    pool.put(buf);
 }
 
 /// Re-cuts a piece into whole clusters: all-zero clusters stay zero (with
@@ -533,7 +589,7 @@ mod tests {
         let mut buf = vec![1u8; 3 * 4096];
         buf[4096..8192].fill(0);
         let mut segs = Vec::new();
-        split_zero_blocks(&mut segs, buf, 0, Sparse::DEFAULT);
+        split_zero_blocks(&mut segs, buf, 0, Sparse::DEFAULT, &Pool::new(1));
         let kinds: Vec<(u64, bool)> = segs
             .iter()
             .map(|(at, s)| (*at, matches!(s, Seg::Zero(_))))
