@@ -151,9 +151,12 @@ def parse_bool(text: str, name: str) -> bool:
 
 
 def parse_number(text: str, name: str) -> int:
+    # C's base-0 rules, as qemu-img reads -o numbers: 0x... hex, 0... octal.
     if re.fullmatch(r"0[xX][0-9a-fA-F]+", text):
         value = int(text, 16)
-    elif re.fullmatch(r"[0-9]+", text):
+    elif re.fullmatch(r"0[0-7]*", text):
+        value = int(text, 8)
+    elif re.fullmatch(r"[1-9][0-9]*", text):
         value = int(text, 10)
     else:
         value = -1

@@ -618,11 +618,6 @@ def test_amend_refuses_snapshots_and_bitmaps(
 # --- known differences, kept failing until fixed ---------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="qimg reads numeric -o values with a leading 0 as decimal; qemu-img reads them as "
-    "octal (refcount_bits=010 is 8 to qemu-img, 10 to qimg) -- options.parse_number",
-)
 def test_octal_refcount_bits_is_read_as_qemu_img_reads_it(
     tmp_path: Path, sources: Sources, run_qemu_img: RunCommand, capsys: pytest.CaptureFixture[str]
 ) -> None:
