@@ -9,6 +9,18 @@
 True
 >>> qimg.check("disk.qcow2").corruptions
 0
+
+Node trees (a quorum of replicas, ...) open from QEMU's ``json:`` strings,
+``--image-opts`` strings or plain dicts; their events go to a callback or an
+:class:`EventStream`:
+
+>>> stream = qimg.EventStream()
+>>> spec = {"driver": "quorum", "vote-threshold": 2, "children": [
+...     {"driver": "raw", "file": {"filename": name}} for name in ("a.raw", "b.raw", "c.raw")]}
+>>> with qimg.open(spec, events=stream) as img:
+...     data = img.read(0, 65536)  # the version at least two replicas hold
+>>> for event in stream:  # e.g. QUORUM_REPORT_BAD for a replica that differs
+...     print(event.to_json())
 """
 
 from __future__ import annotations
@@ -25,20 +37,26 @@ from qimg.errors import (
     QimgError,
     UsageError,
 )
-from qimg.image import Image, MapExtent
+from qimg.events import Event, EventStream
+from qimg.image import Image, ImageSpec, MapExtent
 from qimg.image import open_image as open
 from qimg.measure import Measurement, measure
 from qimg.prealloc import PreallocMode
+from qimg.spec import NodeSpec, parse_spec
 
 __all__ = [
     "CheckReport",
+    "Event",
+    "EventStream",
     "Image",
     "ImageIOError",
+    "ImageSpec",
     "ImageTooLargeError",
     "InvalidImageError",
     "InvalidOptionError",
     "MapExtent",
     "Measurement",
+    "NodeSpec",
     "PreallocMode",
     "QimgError",
     "UsageError",
@@ -48,4 +66,5 @@ __all__ = [
     "create",
     "measure",
     "open",
+    "parse_spec",
 ]

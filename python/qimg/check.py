@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from qimg import _core
 from qimg.errors import QimgError, UsageError
-from qimg.image import Image, open_image
+from qimg.image import Image, ImageSpec, open_image
 
 __all__ = [
     "REPAIR_MODES",
@@ -215,21 +214,23 @@ def repair_image(image: Image, mode: str) -> RepairResult:
 
 
 def check(
-    path: str | os.PathLike[str],
+    path: ImageSpec,
     format: str | None = None,
     *,
     repair: RepairMode | None = None,
+    image_opts: bool = False,
 ) -> CheckReport:
-    """Python API for ``qemu-img check``: opens ``path`` read-only and checks it.
+    """Python API for ``qemu-img check``: opens ``path`` (a file name or a node-tree
+    spec whose top node is qcow2, see :func:`qimg.open`) read-only and checks it.
 
     With ``repair="leaks"`` or ``"all"`` (``qemu-img check -r``) the image is repaired in place
     first; the report is then that of the repaired image, with ``leaks_fixed`` and
     ``corruptions_fixed`` saying what was repaired. A check that cannot complete raises
     ``QimgError``."""
     if repair is None:
-        with open_image(path, format) as image:
+        with open_image(path, format, image_opts=image_opts) as image:
             return check_image(image)
-    with open_image(path, format) as image:
+    with open_image(path, format, image_opts=image_opts) as image:
         result = repair_image(image, repair)
     problem = result.failure or result.recheck_failure
     if problem is not None:

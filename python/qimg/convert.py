@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 from qimg import _core
 from qimg.create import OptionValue, option_items, plan_create
 from qimg.errors import InvalidOptionError, UsageError
-from qimg.image import CACHE_MODES, Image, open_image
+from qimg.events import EventCallback
+from qimg.image import CACHE_MODES, Image, ImageSpec, drain_events, open_image, with_events
 from qimg.options import OptionItem, parse_size
 from qimg.prealloc import PreallocMode
+from qimg.spec import NodeSpec, is_plain_filename
 
 __all__ = ["ConvertRequest", "convert"]
 
-PathLike = str | os.PathLike[str]
 
 # qemu-img's bounds for -m and -S.
 MAX_WORKERS = 16
@@ -28,8 +29,9 @@ MAX_SPARSE_SIZE = 16 << 20
 class ConvertRequest:
     """Everything ``convert`` needs; the CLI and the API both build one."""
 
-    sources: list[str]
-    target: str
+    sources: list[ImageSpec]
+    target: ImageSpec
+    """A file name; with ``existing`` also a node-tree spec (``json:``, mapping, ...)."""
     fmt: str | None = None
     out_fmt: str = "raw"
     options: list[OptionItem] = field(default_factory=list)
@@ -43,6 +45,17 @@ class ConvertRequest:
     in_order: bool = True
     cache: str = "unsafe"
     """Cache mode of the target; like qemu-img convert, flushes are skipped by default."""
+    image_opts: bool = False
+    """The sources are ``--image-opts`` option strings."""
+    target_image_opts: bool = False
+    """The target is an ``--image-opts`` option string (needs ``existing``)."""
+    events: EventCallback | None = None
+    """Receives the events of the sources and the target as the copy goes."""
+
+    @property
+    def target_is_spec(self) -> bool:
+        """Whether the target is a node tree rather than a file name."""
+        return self.target_image_opts or not is_plain_filename(self.target)
 
     def validate(self) -> None:
         if not self.sources:
@@ -84,6 +97,17 @@ class ConvertRequest:
             raise UsageError(
                 "-o options create the output image; with -n the existing image is used as it is"
             )
+        if self.target_is_spec and not self.existing:
+            raise UsageError(
+                "A target given as json: or with --target-image-opts must exist: use -n "
+                "(qimg creates targets only from file names)"
+            )
+        if self.target_is_spec and (self.compress or self.backing_file is not None):
+            flag = "-c" if self.compress else "-B"
+            raise UsageError(
+                f"{flag} describes a new qcow2 target; it cannot be used with a json: or "
+                "--target-image-opts target"
+            )
 
 
 def run(request: ConvertRequest, progress: Callable[[int, int], None] | None = None) -> None:
@@ -91,15 +115,28 @@ def run(request: ConvertRequest, progress: Callable[[int, int], None] | None = N
     the conversion fails."""
     request.validate()
     with contextlib.ExitStack() as stack:
-        sources = [stack.enter_context(open_image(s, request.fmt)) for s in request.sources]
+        sources = [
+            stack.enter_context(
+                open_image(s, request.fmt, image_opts=request.image_opts, events=request.events)
+            )
+            for s in request.sources
+        ]
         total = sum(s.size for s in sources)
         if request.existing:
             target = stack.enter_context(
-                open_image(request.target, request.out_fmt, writable=True, cache=request.cache)
+                open_image(
+                    request.target,
+                    # A node tree names its own driver.
+                    None if request.target_is_spec else request.out_fmt,
+                    writable=True,
+                    cache=request.cache,
+                    image_opts=request.target_image_opts,
+                    events=request.events,
+                )
             )
             if target.size < total:
                 raise InvalidOptionError(
-                    f"output file '{request.target}' is smaller than the input "
+                    f"output file '{target.filename}' is smaller than the input "
                     f"({target.size} < {total} bytes)"
                 )
             top_only = request.backing_file is not None
@@ -116,6 +153,7 @@ def run(request: ConvertRequest, progress: Callable[[int, int], None] | None = N
         backing = _backing_of(request)
         if backing is not None and _backing_fmt_of(request) is None:
             raise InvalidOptionError("Use of backing file requires explicit backing format")
+        assert isinstance(request.target, str)
         plan = plan_create(
             request.target,
             request.out_fmt,
@@ -177,17 +215,21 @@ def _copy(
     top_only: bool,
     progress: Callable[[int, int], None] | None,
 ) -> None:
-    _core.convert(
-        [s._img for s in sources],
-        target._img,
-        sparse_size=request.sparse_size,
-        compress=request.compress,
-        zero_init=zero_init,
-        top_only=top_only,
-        in_order=request.in_order,
-        workers=request.workers,
-        progress=progress,
-    )
+    images = [*sources, target]
+    try:
+        _core.convert(
+            [s._img for s in sources],
+            target._img,
+            sparse_size=request.sparse_size,
+            compress=request.compress,
+            zero_init=zero_init,
+            top_only=top_only,
+            in_order=request.in_order,
+            workers=request.workers,
+            progress=with_events(images, progress),
+        )
+    finally:
+        drain_events(images)
 
 
 @contextlib.contextmanager
@@ -205,8 +247,8 @@ def _removed_on_failure(path: str) -> Iterator[None]:
 
 
 def convert(
-    source: PathLike | Sequence[PathLike],
-    target: PathLike,
+    source: ImageSpec | Sequence[ImageSpec],
+    target: ImageSpec,
     *,
     fmt: str | None = None,
     out_fmt: str = "raw",
@@ -221,20 +263,26 @@ def convert(
     in_order: bool = True,
     cache: str = "unsafe",
     progress: Callable[[int, int], None] | None = None,
+    image_opts: bool = False,
+    target_image_opts: bool = False,
+    events: EventCallback | None = None,
 ) -> None:
     """Copies the guest contents of ``source`` (or several sources, one after
     the other) into ``target``, like ``qemu-img convert``.
 
-    ``progress(done, total)`` is called with byte counts as the copy advances.
+    Sources are file names or node-tree specs (``json:{...}``, mappings, or
+    ``--image-opts`` strings with ``image_opts=True``); an ``existing`` target
+    may be one too. ``progress(done, total)`` is called with byte counts as the
+    copy advances; ``events`` with every event the sources and the target record.
     """
-    names = (
-        [os.fspath(source)]
-        if isinstance(source, str | os.PathLike)
-        else [os.fspath(s) for s in source]
-    )
+    sources: list[ImageSpec]
+    if isinstance(source, str | os.PathLike | Mapping | NodeSpec):
+        sources = [source]
+    else:
+        sources = list(source)
     request = ConvertRequest(
-        sources=names,
-        target=os.fspath(target),
+        sources=[os.fspath(s) if isinstance(s, os.PathLike) else s for s in sources],
+        target=os.fspath(target) if isinstance(target, os.PathLike) else target,
         fmt=fmt,
         out_fmt=out_fmt,
         options=option_items(options),
@@ -247,5 +295,8 @@ def convert(
         workers=workers,
         in_order=in_order,
         cache=cache,
+        image_opts=image_opts,
+        target_image_opts=target_image_opts,
+        events=events,
     )
     run(request, progress)

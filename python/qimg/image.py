@@ -1,24 +1,60 @@
-"""Open images: the Python API for reading, and the facts ``info`` prints."""
+"""Open images: the Python API for reading and writing, and the facts ``info`` prints.
+
+An image is opened from a plain file name (format probed or given, backing chain
+from the header) or from a node-tree specification (``json:{...}``, an
+``--image-opts`` string, a mapping, or a :class:`~qimg.spec.NodeSpec`; see
+:mod:`qimg.spec`). Events the node graph records (a quorum child that returned
+bad data, ...) are drained after every operation and handed to the image's
+``events`` callback, or kept for :meth:`Image.events`.
+"""
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from qimg import _core
-from qimg.errors import UsageError
+from qimg.errors import QimgError, UsageError
+from qimg.events import Event, EventCallback
 from qimg.prealloc import PreallocMode
 from qimg.qjson import JsonValue, human_lines
 from qimg.sizes import size_to_str
+from qimg.spec import (
+    BACKING_DEFAULT,
+    BlkdebugNode,
+    FileNode,
+    Node,
+    NodeSpec,
+    ProbeNode,
+    Qcow2Node,
+    QuorumNode,
+    RawNode,
+    is_plain_filename,
+    parse_spec,
+)
 
 if TYPE_CHECKING:
     # Python 3.12 has it as collections.abc.Buffer; only the type checker needs it.
     from typing_extensions import Buffer
 
-__all__ = ["Image", "MapExtent", "open_image"]
+__all__ = [
+    "Image",
+    "ImageSpec",
+    "MapExtent",
+    "drain_events",
+    "open_image",
+    "parse_image_spec",
+    "with_events",
+]
+
+#: What :func:`open_image` opens: a file name, a ``json:{...}`` string, an
+#: ``--image-opts`` string (with ``image_opts=True``), a mapping, or a parsed spec.
+ImageSpec: TypeAlias = "str | os.PathLike[str] | Mapping[str, Any] | NodeSpec"
 
 
 @dataclass(frozen=True)
@@ -46,8 +82,19 @@ class Image:
     writes back everything (an image that is never closed is written back
     when it is garbage collected, but errors then go unreported)."""
 
-    def __init__(self, core: _core.Image) -> None:
+    def __init__(
+        self,
+        core: _core.Image,
+        *,
+        spec: NodeSpec | None = None,
+        events: EventCallback | None = None,
+    ) -> None:
         self._core: _core.Image | None = core
+        self.spec = spec
+        """The specification the image was opened from (None: a plain file name)."""
+        self._events = events
+        self._pending: deque[Event] = deque()
+        self._display: str | None = None
 
     @property
     def _img(self) -> _core.Image:
@@ -56,9 +103,41 @@ class Image:
         return self._core
 
     def close(self) -> None:
-        core, self._core = self._core, None
-        if core is not None and core.writable:
-            core.close()
+        core = self._core
+        if core is None:
+            return
+        try:
+            if core.writable:
+                core.close()
+        finally:
+            self._drain(core)
+            self._core = None
+
+    def _drain(self, core: _core.Image | None = None) -> None:
+        """Hands the events recorded since the last call to the callback (or keeps
+        them for :meth:`events`)."""
+        core = core if core is not None else self._core
+        if core is None:
+            return
+        for record in core.take_events():
+            event = Event.from_core(record)
+            if self._events is not None:
+                self._events(event)
+            else:
+                self._pending.append(event)
+
+    def events(self) -> Iterator[Event]:
+        """The events recorded since the last call and not given to an ``events``
+        callback, oldest first (each is yielded once)::
+
+            with qimg.open(spec) as img:
+                img.read(0, 65536)
+                for event in img.events():
+                    print(event.name, event.data)
+        """
+        self._drain()
+        while self._pending:
+            yield self._pending.popleft()
 
     def __enter__(self) -> Image:
         return self
@@ -82,11 +161,20 @@ class Image:
 
     @property
     def filename(self) -> str:
-        return self._img.filename
+        """The image's name as qemu-img prints it: the file name, or for a node
+        tree that a file name cannot describe, ``json:{...}``."""
+        if self.spec is None or self.spec.is_plain:
+            return self._img.filename
+        if self._display is None:
+            self._display = self.spec.display_name(probed_formats(self.spec))
+        return self._display
 
     def read(self, offset: int, length: int) -> bytes:
         """``length`` guest bytes at ``offset`` (the range must lie inside the image)."""
-        return self._img.read(offset, length)
+        try:
+            return self._img.read(offset, length)
+        finally:
+            self._drain()
 
     @property
     def writable(self) -> bool:
@@ -94,25 +182,40 @@ class Image:
 
     def write(self, offset: int, data: Buffer) -> None:
         """Writes ``data`` (bytes, bytearray, memoryview, ...) at guest ``offset``."""
-        self._img.write(offset, _as_bytes(data))
+        try:
+            self._img.write(offset, _as_bytes(data))
+        finally:
+            self._drain()
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         """Makes ``length`` bytes at ``offset`` read as zeroes; ``unmap`` lets
         the image release their space."""
-        self._img.write_zeroes(offset, length, unmap=unmap)
+        try:
+            self._img.write_zeroes(offset, length, unmap=unmap)
+        finally:
+            self._drain()
 
     def discard(self, offset: int, length: int) -> None:
         """Releases the whole clusters of the range. Afterwards they read as
         zeroes (qcow2 v3, raw) or from the backing file (qcow2 v2)."""
-        self._img.discard(offset, length)
+        try:
+            self._img.discard(offset, length)
+        finally:
+            self._drain()
 
     def write_compressed(self, offset: int, data: Buffer) -> None:
         """Stores one whole, unallocated qcow2 cluster compressed."""
-        self._img.write_compressed(offset, _as_bytes(data))
+        try:
+            self._img.write_compressed(offset, _as_bytes(data))
+        finally:
+            self._drain()
 
     def flush(self) -> None:
         """Makes every write so far durable."""
-        self._img.flush()
+        try:
+            self._img.flush()
+        finally:
+            self._drain()
 
     @property
     def backing_file(self) -> str | None:
@@ -148,23 +251,31 @@ class Image:
 
     def readinto(self, offset: int, buffer: bytearray | memoryview) -> int:
         """Fills ``buffer`` with guest bytes at ``offset``; returns the count."""
-        if isinstance(buffer, bytearray):
-            return self._img.readinto(offset, buffer)
-        view = memoryview(buffer).cast("B")
-        view[:] = self._img.read(offset, view.nbytes)
-        return view.nbytes
+        try:
+            if isinstance(buffer, bytearray):
+                return self._img.readinto(offset, buffer)
+            view = memoryview(buffer).cast("B")
+            view[:] = self._img.read(offset, view.nbytes)
+            return view.nbytes
+        finally:
+            self._drain()
 
     def map(self, start: int = 0, length: int | None = None) -> list[MapExtent]:
         """Allocation extents of ``[start, start + length)``, merged as ``qemu-img map`` does."""
-        return [MapExtent(*e) for e in self._img.map(start, length)]
+        try:
+            return [MapExtent(*e) for e in self._img.map(start, length)]
+        finally:
+            self._drain()
 
     def backing(self) -> Image | None:
         core = self._img.backing()
-        return Image(core) if core is not None else None
+        return Image(core, events=self._events) if core is not None else None
 
     def info(self) -> dict[str, JsonValue]:
         """The ImageInfo object ``qemu-img info --output=json`` prints for this image."""
-        return image_info(self._img)
+        if self.spec is None or self.spec.is_plain:
+            return image_info(self._img)
+        return _tree_info(self.spec, self.spec.root, self._img, probed_formats(self.spec))
 
     def chain(self) -> list[Image]:
         """This image and every image below it in the backing chain."""
@@ -180,32 +291,107 @@ def _as_bytes(data: Buffer) -> bytes | bytearray:
 
 
 def open_image(
-    path: str | os.PathLike[str],
+    spec: ImageSpec,
     format: str | None = None,
     *,
     backing: bool = True,
     writable: bool = False,
     cache: str = "writeback",
+    image_opts: bool = False,
+    events: EventCallback | None = None,
 ) -> Image:
     """Opens an image (read-only unless ``writable``; its backing chain is
     always read-only); ``format`` None probes it as qemu-img does.
 
+    ``spec`` is a file name, a ``json:{...}`` string, an ``--image-opts`` string
+    (with ``image_opts=True``), a mapping such as ``{"driver": "quorum",
+    "vote-threshold": 2, "children": [...]}``, or a :class:`~qimg.spec.NodeSpec`.
+    ``format`` is qemu-img's ``-f``: with a ``json:`` spec it replaces the root's driver.
+    ``backing=False`` leaves the backing file of the top image closed.
+
     ``cache`` is ``"writeback"`` (flushes reach the disk) or ``"unsafe"``
     (flushes are skipped: faster, but a power failure may lose or reorder
-    writes; what qemu-img convert uses for its output by default)."""
+    writes; what qemu-img convert uses for its output by default).
+
+    ``events`` is called with every :class:`~qimg.events.Event` the image's nodes
+    record, after the operation that caused it (an :class:`~qimg.events.EventStream`
+    collects them for iteration); without it, :meth:`Image.events` returns them."""
     if cache not in CACHE_MODES:
         raise UsageError(
             f"Cache mode '{cache}' is not supported by qimg (use {' or '.join(CACHE_MODES)})"
         )
-    return Image(
-        _core.open_image(
-            os.fspath(path),
-            format,
-            no_backing=not backing,
-            writable=writable,
-            unsafe_cache=cache == "unsafe",
+    unsafe = cache == "unsafe"
+    if not image_opts and is_plain_filename(spec):
+        assert isinstance(spec, str | os.PathLike)
+        return _open_plain(os.fspath(spec), format, backing, writable, unsafe, events)
+    node_spec = parse_image_spec(spec, image_opts=image_opts, fmt=format)
+    if node_spec.plain_filename is not None:
+        return _open_plain(
+            node_spec.plain_filename, node_spec.plain_format, backing, writable, unsafe, events
         )
+    root = node_spec.root
+    if not backing and isinstance(root, Qcow2Node) and root.backing is BACKING_DEFAULT:
+        node_spec = replace(node_spec, root=replace(root, backing=None))
+    core = _core.open_spec(node_spec.to_core_json(), writable=writable, unsafe_cache=unsafe)
+    return Image(core, spec=node_spec, events=events)
+
+
+def _open_plain(
+    path: str,
+    format: str | None,
+    backing: bool,
+    writable: bool,
+    unsafe: bool,
+    events: EventCallback | None,
+) -> Image:
+    core = _core.open_image(
+        path, format, no_backing=not backing, writable=writable, unsafe_cache=unsafe
     )
+    return Image(core, events=events)
+
+
+def parse_image_spec(
+    spec: ImageSpec, *, image_opts: bool = False, fmt: str | None = None
+) -> NodeSpec:
+    """:func:`qimg.spec.parse_spec`, with errors that name the spec as qemu-img does
+    (``Could not open 'SPEC': ...``)."""
+    try:
+        return parse_spec(spec, image_opts=image_opts, fmt=fmt)
+    except UsageError:
+        raise
+    except QimgError as err:
+        if isinstance(spec, str):
+            raise type(err)(f"Could not open '{spec}': {err}") from None
+        raise
+
+
+def drain_events(images: Sequence[Image]) -> None:
+    """Delivers the events every image in ``images`` recorded so far."""
+    for image in images:
+        image._drain()
+
+
+def with_events(
+    images: Sequence[Image], progress: Callable[[int, int], None] | None
+) -> Callable[[int, int], None]:
+    """A progress callback for a long operation on ``images`` that also delivers
+    their events as the operation goes."""
+
+    def report(done: int, total: int) -> None:
+        if progress is not None:
+            progress(done, total)
+        drain_events(images)
+
+    return report
+
+
+def probed_formats(spec: NodeSpec) -> dict[str, str]:
+    """The format of every node of ``spec`` whose format is probed, by node name
+    (for printing the tree as qemu-img does, with the formats it found)."""
+    found: dict[str, str] = {}
+    for node in spec.probe_nodes():
+        found[node.node_name] = _core.open_image(node.file.filename, None, no_backing=True).format
+    return found
 
 
 #: The cache modes qimg implements (qemu's others are refused by name).
@@ -276,6 +462,68 @@ def image_info(core: _core.Image) -> dict[str, JsonValue]:
     return info
 
 
+def _open_node(node: Node) -> _core.Image:
+    """Opens one node of a tree (read-only) to describe it by itself."""
+    return _core.open_spec(NodeSpec(node).to_core_json())
+
+
+def _protocol_info(core: _core.Image, filename: str) -> dict[str, JsonValue]:
+    info = _file_child(core.details())["info"]
+    assert isinstance(info, dict)
+    return {**info, "filename": filename}
+
+
+def _tree_info(
+    spec: NodeSpec, node: Node, core: _core.Image, probed: Mapping[str, str]
+) -> dict[str, JsonValue]:
+    """ImageInfo of ``node`` (opened as ``core``) and the nodes under it, as qemu-img
+    shows a node tree: children last-attached first, each named by its path."""
+    filename = spec.display_name_of(node.node_name, probed)
+    if isinstance(node, FileNode):
+        return _protocol_info(core, filename)
+    if isinstance(node, RawNode | Qcow2Node | ProbeNode):
+        info = image_info(core)
+        info["filename"] = filename
+        children: list[JsonValue] = []
+        below = core.backing()
+        if isinstance(node, Qcow2Node | ProbeNode) and below is not None:
+            backing_node = node.backing if isinstance(node, Qcow2Node) else None
+            if backing_node is None or backing_node is BACKING_DEFAULT:
+                backing_info = image_info(below)
+            else:
+                assert not isinstance(backing_node, type(BACKING_DEFAULT))
+                backing_info = _tree_info(spec, backing_node, below, probed)
+            children.append({"name": "backing", "info": backing_info})
+        children.extend(info.get("children", []))  # type: ignore[arg-type]
+        info["children"] = children
+        return info
+    details = core.details()
+    kids: list[tuple[str, Node]]
+    if isinstance(node, QuorumNode):
+        kids = [(f"children.{i}", c) for i, c in enumerate(node.children)]
+    else:
+        assert isinstance(node, BlkdebugNode)
+        kids = [("image", node.image)]
+    child_infos = [
+        (name, _tree_info(spec, child, _open_node(child), probed)) for name, child in reversed(kids)
+    ]
+    out: dict[str, JsonValue] = {"filename": filename, "format": _driver_name(node)}
+    if isinstance(node, QuorumNode):
+        # qemu-img shows a quorum's disk size as its children's, and no dirty flag.
+        known = [i["actual-size"] for _, i in child_infos if isinstance(i.get("actual-size"), int)]
+        if known:
+            out["actual-size"] = sum(known)  # type: ignore[arg-type]
+    else:
+        out["dirty-flag"] = False
+    out["virtual-size"] = details["virtual_size"]
+    out["children"] = [{"name": name, "info": i} for name, i in child_infos]
+    return out
+
+
+def _driver_name(node: Node) -> str:
+    return "quorum" if isinstance(node, QuorumNode) else "blkdebug"
+
+
 def _snapshot_table(snapshots: list[Any]) -> list[str]:
     heading = f"{'ID':<7} {'TAG':<16} {'VM_SIZE':>8} {'DATE':>19} {'VM_CLOCK':>15} {'ICOUNT':>10}"
     lines = ["Snapshot list:", heading]
@@ -294,12 +542,17 @@ def _snapshot_table(snapshots: list[Any]) -> list[str]:
 
 
 def info_human(info: dict[str, Any]) -> str:
-    """The text ``qemu-img info`` prints for one image."""
+    """The text ``qemu-img info`` prints for one image (and the nodes under it)."""
+    return "\n".join(_info_lines(info, "", ""))
+
+
+def _info_lines(info: dict[str, Any], pad: str, path: str) -> list[str]:
+    actual = info.get("actual-size")
     lines = [
         f"image: {info['filename']}",
         f"file format: {info['format']}",
         f"virtual size: {size_to_str(info['virtual-size'])} ({info['virtual-size']} bytes)",
-        f"disk size: {size_to_str(info['actual-size'])}",
+        f"disk size: {'unavailable' if actual is None else size_to_str(actual)}",
     ]
     if "cluster-size" in info:
         lines.append(f"cluster_size: {info['cluster-size']}")
@@ -312,16 +565,21 @@ def info_human(info: dict[str, Any]) -> str:
         lines.append("cleanly shut down: no")
     if info.get("snapshots"):
         lines.extend(_snapshot_table(info["snapshots"]))
-    if "format-specific" in info:
+    if info.get("format-specific", {}).get("data"):
         lines.append("Format specific information:")
         lines.extend(human_lines(info["format-specific"]["data"], 4))
+    lines = [pad + line for line in lines]
     for child in info.get("children", []):
         c = child["info"]
-        lines.append(f"Child node '/{child['name']}':")
-        lines.append(f"    filename: {c['filename']}")
-        lines.append(f"    protocol type: {c['format']}")
+        child_path = f"{path}/{child['name']}"
+        lines.append(f"{pad}Child node '{child_path}':")
+        if c["format"] != "file":
+            lines.extend(_info_lines(c, pad + "    ", child_path))
+            continue
+        lines.append(f"{pad}    filename: {c['filename']}")
+        lines.append(f"{pad}    protocol type: {c['format']}")
         lines.append(
-            f"    file length: {size_to_str(c['virtual-size'])} ({c['virtual-size']} bytes)"
+            f"{pad}    file length: {size_to_str(c['virtual-size'])} ({c['virtual-size']} bytes)"
         )
-        lines.append(f"    disk size: {size_to_str(c['actual-size'])}")
-    return "\n".join(lines)
+        lines.append(f"{pad}    disk size: {size_to_str(c['actual-size'])}")
+    return lines

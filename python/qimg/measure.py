@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from qimg import _core
 from qimg.create import qcow2_spec
 from qimg.errors import UsageError
+from qimg.events import EventCallback
 from qimg.formats import format_info
-from qimg.image import Image, open_image
+from qimg.image import Image, ImageSpec, drain_events, open_image
 from qimg.options import OptionItem
 from qimg.prealloc import PreallocMode
 
@@ -48,11 +49,14 @@ def measure_items(
     options: list[OptionItem],
     *,
     size: int | None = None,
-    filename: str | None = None,
+    filename: ImageSpec | None = None,
     fmt: str | None = None,
+    image_opts: bool = False,
+    events: EventCallback | None = None,
 ) -> Measurement:
     """Measures for the target format ``out_fmt`` with ``-o`` items, either
-    an empty image of ``size`` bytes or the data of image ``filename``."""
+    an empty image of ``size`` bytes or the data of image ``filename`` (a file
+    name or a node-tree spec, see :func:`qimg.open`)."""
     if (size is None) == (filename is None):
         raise UsageError(
             "--size N cannot be used together with a filename"
@@ -66,7 +70,7 @@ def measure_items(
 
     source: Image | None = None
     if filename is not None:
-        source = open_image(filename, fmt)
+        source = open_image(filename, fmt, image_opts=image_opts, events=events)
         virtual_size = source.size
     else:
         assert size is not None
@@ -74,6 +78,8 @@ def measure_items(
 
     prealloc = info.preallocation(parsed)
     if info.name == "raw":
+        if source is not None:
+            source.close()
         required, fully, bitmaps = _core.measure_raw(virtual_size)
         return Measurement(required, fully, bitmaps)
 
@@ -85,7 +91,10 @@ def measure_items(
     source_bitmaps: int | None = None
     if source is not None:
         with source:
-            data = source._img.data_bytes(spec.cluster_size)
+            try:
+                data = source._img.data_bytes(spec.cluster_size)
+            finally:
+                drain_events([source])
             details = source._img.details()
             source_v3 = details.get("qcow2", {}).get("compat") == "1.1"
             if source_v3 and spec.version >= 3:
@@ -111,11 +120,16 @@ def measure(
     out_fmt: str = "qcow2",
     *,
     size: int | None = None,
-    filename: str | os.PathLike[str] | None = None,
+    filename: ImageSpec | None = None,
     fmt: str | None = None,
     options: dict[str, str] | None = None,
+    image_opts: bool = False,
+    events: EventCallback | None = None,
 ) -> Measurement:
-    """Python API for ``qemu-img measure``."""
+    """Python API for ``qemu-img measure``: ``filename`` is a file name or a
+    node-tree spec (see :func:`qimg.open`)."""
     items = [OptionItem(k, v) for k, v in (options or {}).items()]
-    name = os.fspath(filename) if filename is not None else None
-    return measure_items(out_fmt, items, size=size, filename=name, fmt=fmt)
+    name = os.fspath(filename) if isinstance(filename, os.PathLike) else filename
+    return measure_items(
+        out_fmt, items, size=size, filename=name, fmt=fmt, image_opts=image_opts, events=events
+    )

@@ -3,22 +3,65 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 
 from qimg.errors import UsageError
+from qimg.events import EventHub, open_sink
 
 __all__ = [
     "Progress",
+    "add_events_arg",
     "add_format_arg",
+    "add_image_opts_arg",
     "add_options_arg",
     "add_output_arg",
     "add_share_arg",
+    "event_hub",
     "output_mode",
 ]
 
 
 def add_format_arg(p: argparse.ArgumentParser, flag: str = "-f", dest: str = "fmt") -> None:
     p.add_argument(flag, dest=dest, help="image format (qcow2 or raw; default: probe)")
+
+
+def add_image_opts_arg(p: argparse.ArgumentParser, what: str = "the file name is") -> None:
+    p.add_argument(
+        "--image-opts",
+        dest="image_opts",
+        action="store_true",
+        help=(
+            f"{what} an option string, as qemu-img's --image-opts: "
+            "driver=quorum,vote-threshold=2,children.0.driver=raw,children.0.file.filename=a.raw,..."
+        ),
+    )
+
+
+def add_events_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--events",
+        metavar="FILE",
+        help=(
+            "write every event (QUORUM_REPORT_BAD, QUORUM_FAILURE) as a QMP-style JSON line "
+            "to FILE; '-' is standard error"
+        ),
+    )
+
+
+@contextlib.contextmanager
+def event_hub(args: argparse.Namespace) -> Iterator[EventHub | None]:
+    """The sink ``--events`` names, for the images the command opens (None without
+    ``--events``); closed when the command ends."""
+    if args.events is None:
+        yield None
+        return
+    hub = EventHub([open_sink(args.events)])
+    try:
+        yield hub
+    finally:
+        hub.close()
 
 
 def add_options_arg(p: argparse.ArgumentParser, what: str) -> None:

@@ -1,14 +1,15 @@
-"""``qimg amend [-f fmt] [-p] [-q] -o options filename``"""
+"""``qimg amend [-f fmt | --image-opts] [-p] [-q] -o options filename``"""
 
 from __future__ import annotations
 
 import argparse
 
-from qimg.commands._common import Progress, add_format_arg
+from qimg.commands._common import Progress, add_format_arg, add_image_opts_arg
 from qimg.errors import InvalidOptionError, UsageError
 from qimg.formats import amend_info, option_text, option_value
-from qimg.image import open_image
+from qimg.image import ImageSpec, open_image, parse_image_spec
 from qimg.options import parse_option_lists
+from qimg.spec import BlkdebugNode, QuorumNode, is_plain_filename
 
 NAME = "amend"
 
@@ -36,9 +37,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
     p.add_argument("--force", dest="unsupported_force", action="store_true", help="not supported")
     p.add_argument("--object", dest="unsupported_object", help="objects: not supported by qimg")
-    p.add_argument(
-        "--image-opts", dest="unsupported_image_opts", action="store_true", help="not supported"
-    )
+    add_image_opts_arg(p)
     p.add_argument("-t", dest="unsupported_cache", help="cache modes: not supported by qimg")
     p.add_argument("filename", nargs="?")
     p.set_defaults(run=run)
@@ -48,7 +47,6 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (
         ("--force", args.unsupported_force),
         ("--object", args.unsupported_object),
-        ("--image-opts", args.unsupported_image_opts),
         ("-t", args.unsupported_cache),
     ):
         if value not in (None, False):
@@ -61,14 +59,16 @@ def run(args: argparse.Namespace) -> int:
         if fmt is None:
             if args.filename is None:
                 raise UsageError("Expecting one image file name")
-            with open_image(args.filename, backing=False) as probed:
+            spec, fmt = _amendable(args)
+            with open_image(spec, fmt, backing=False) as probed:
                 fmt = probed.format
         print(amend_info(fmt).amend_help_text())
         return 0
     if args.filename is None:
         raise UsageError("Expecting one image file name")
     progress = Progress(args.progress and not args.quiet)
-    with open_image(args.filename, args.fmt, writable=True) as image:
+    spec, fmt = _amendable(args)
+    with open_image(spec, fmt, writable=True) as image:
         parsed = amend_info(image.format).parse_amend(items)
         # As qemu-img: naming either one means naming both; the pair must be what the
         # image already has (an option left out stands for "none").
@@ -94,3 +94,15 @@ def run(args: argparse.Namespace) -> int:
         )
     progress.end()
     return 0
+
+
+def _amendable(args: argparse.Namespace) -> tuple[ImageSpec, str | None]:
+    """The image to open and its ``-f``: the file name, or the parsed spec, refused
+    before anything is opened when it names a node that has no options to amend
+    (a quorum or blkdebug node)."""
+    if not args.image_opts and is_plain_filename(args.filename):
+        return args.filename, args.fmt
+    spec = parse_image_spec(args.filename, image_opts=args.image_opts, fmt=args.fmt)
+    if isinstance(spec.root, QuorumNode | BlkdebugNode):
+        raise UsageError(f"Format driver '{spec.driver}' does not support option amendment")
+    return spec, None

@@ -1,4 +1,5 @@
-"""``qimg check [-f fmt] [--output=ofmt] [-r leaks|all] [-q] [-U] filename``"""
+"""``qimg check [-f fmt | --image-opts] [--output=ofmt] [-r leaks|all] [-q] [-U] [--events FILE]
+filename``"""
 
 from __future__ import annotations
 
@@ -7,8 +8,17 @@ import sys
 
 from qimg import qjson
 from qimg.check import CheckReport, check_image, parse_repair_mode, repair_image, repair_summary
-from qimg.commands._common import add_format_arg, add_output_arg, add_share_arg, output_mode
+from qimg.commands._common import (
+    add_events_arg,
+    add_format_arg,
+    add_image_opts_arg,
+    add_output_arg,
+    add_share_arg,
+    event_hub,
+    output_mode,
+)
 from qimg.errors import QimgError, UsageError
+from qimg.events import EventCallback
 from qimg.image import open_image
 
 NAME = "check"
@@ -32,6 +42,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_format_arg(p)
     add_output_arg(p)
     add_share_arg(p)
+    add_image_opts_arg(p)
+    add_events_arg(p)
     p.add_argument("-q", dest="quiet", action="store_true", help="print nothing, just exit")
     p.add_argument(
         "-r",
@@ -82,24 +94,30 @@ def run(args: argparse.Namespace) -> int:
             f"Could not open '{args.filename}': "
             "force-share=on can only be used with read-only images"
         )
-    if repair is not None:
-        return run_repair(args.filename, args.fmt, repair, mode, args.quiet)
-    with open_image(args.filename, args.fmt) as image:
-        if image.format != "qcow2":
-            print(
-                f"qimg: {args.filename}: {image.format} images have no metadata to check",
-                file=sys.stderr,
-            )
-            return NO_CHECK
-        try:
-            report = check_image(image)
-        except QimgError as err:
-            return check_failed(args.filename, err)
+    with event_hub(args) as events:
+        if repair is not None:
+            return run_repair(args, repair, mode, events)
+        with open_image(
+            args.filename, args.fmt, image_opts=args.image_opts, events=events
+        ) as image:
+            if image.format != "qcow2":
+                print(
+                    f"qimg: {args.filename}: {image.format} images have no metadata to check",
+                    file=sys.stderr,
+                )
+                return NO_CHECK
+            try:
+                report = check_image(image)
+            except QimgError as err:
+                return check_failed(args.filename, err)
     return show(report, args.filename, mode, args.quiet)
 
 
-def run_repair(filename: str, fmt: str | None, repair: str, mode: str, quiet: bool) -> int:
-    with open_image(filename, fmt) as image:
+def run_repair(
+    args: argparse.Namespace, repair: str, mode: str, events: EventCallback | None
+) -> int:
+    filename, quiet = args.filename, args.quiet
+    with open_image(filename, args.fmt, image_opts=args.image_opts, events=events) as image:
         if image.format != "qcow2":
             print(
                 f"qimg: {filename}: {image.format} images have no metadata to check",

@@ -1,4 +1,5 @@
-"""``qimg compare [-f fmt] [-F fmt] [-p] [-q] [-s] [-U] filename1 filename2``"""
+"""``qimg compare [-f fmt] [-F fmt] [--image-opts] [-p] [-q] [-s] [-U] [--events FILE]
+filename1 filename2``"""
 
 from __future__ import annotations
 
@@ -6,9 +7,16 @@ import argparse
 import sys
 
 from qimg import _core
-from qimg.commands._common import Progress, add_share_arg
+from qimg.commands._common import (
+    Progress,
+    add_events_arg,
+    add_image_opts_arg,
+    add_share_arg,
+    event_hub,
+)
 from qimg.errors import QimgError, UsageError
-from qimg.image import open_image
+from qimg.events import EventCallback
+from qimg.image import drain_events, open_image, with_events
 
 NAME = "compare"
 
@@ -35,6 +43,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "-s", dest="strict", action="store_true", help="strict: sizes and allocation must match too"
     )
     add_share_arg(p)
+    add_image_opts_arg(p, "each file name is")
+    add_events_arg(p)
     p.add_argument("filenames", nargs="*")
     p.set_defaults(run=run)
 
@@ -49,10 +59,19 @@ def run(args: argparse.Namespace) -> int:
     if len(args.filenames) != 2:
         raise UsageError("Expecting two image file names")
     name1, name2 = args.filenames
+    with event_hub(args) as events:
+        return _compare(args, name1, name2, events)
+
+
+def _compare(args: argparse.Namespace, name1: str, name2: str, events: EventCallback | None) -> int:
     say = (lambda text: None) if args.quiet else print
     try:
-        img1 = open_image(name1, args.fmt1)
-        img2 = open_image(name2, args.fmt2)
+        img1 = open_image(name1, args.fmt1, image_opts=args.image_opts, events=events)
+        try:
+            img2 = open_image(name2, args.fmt2, image_opts=args.image_opts, events=events)
+        except BaseException:
+            img1.close()
+            raise
     except QimgError as err:
         return _fail(err, OPEN_FAILED)
     progress = Progress(args.progress and not args.quiet)
@@ -62,10 +81,15 @@ def run(args: argparse.Namespace) -> int:
         progress.start()
         try:
             outcome, offset, _ = _core.compare_images(
-                img1._img, img2._img, strict=args.strict, progress=progress
+                img1._img,
+                img2._img,
+                strict=args.strict,
+                progress=with_events([img1, img2], progress),
             )
         except QimgError as err:
             return _fail(err, READ_FAILED)
+        finally:
+            drain_events([img1, img2])
     # qemu-img warns about the sizes once the common part has compared equal.
     if sizes_differ and not args.strict and (offset is None or offset >= common):
         say("Warning: Image size mismatch!")

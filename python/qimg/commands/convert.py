@@ -1,12 +1,20 @@
-"""``qimg convert [-f fmt] [-O fmt] [-o options] [-c] [-B backing_file [-F backing_fmt]] [-n]
-[--target-is-zero] [-S sparse_size] [-m num] [-W] [-p] [-q] [-U] filename [filename2 [...]] output``
+"""``qimg convert [-f fmt | --image-opts] [-O fmt] [-o options] [-c]
+[-B backing_file [-F backing_fmt]] [-n [--target-image-opts] [--target-is-zero]] [-S sparse_size]
+[-m num] [-W] [-p] [-q] [-U] [--events FILE] filename [filename2 [...]] output``
 """
 
 from __future__ import annotations
 
 import argparse
 
-from qimg.commands._common import Progress, add_options_arg, add_share_arg
+from qimg.commands._common import (
+    Progress,
+    add_events_arg,
+    add_image_opts_arg,
+    add_options_arg,
+    add_share_arg,
+    event_hub,
+)
 from qimg.convert import ConvertRequest
 from qimg.convert import run as run_convert
 from qimg.errors import QimgError, UsageError
@@ -26,8 +34,6 @@ UNSUPPORTED_FLAG = (
     ("-C", "copy offloading"),
     ("--salvage", "salvaging unreadable sources"),
     ("--bitmaps", "copying persistent bitmaps"),
-    ("--image-opts", "--image-opts"),
-    ("--target-image-opts", "--target-image-opts"),
 )
 
 
@@ -36,7 +42,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         NAME,
         help="copy one or more images into a new or existing image",
         description=(
-            "Convert qcow2 and raw images (several sources are concatenated) into a "
+            "Convert qcow2 and raw images, or node trees such as a quorum given as "
+            "json:{...} or with --image-opts (several sources are concatenated), into a "
             "qcow2 or raw image, as qemu-img convert does."
         ),
         allow_abbrev=False,
@@ -70,6 +77,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
     p.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
     add_share_arg(p)
+    add_image_opts_arg(p, "each source file name is")
+    p.add_argument(
+        "--target-image-opts",
+        dest="target_image_opts",
+        action="store_true",
+        help="with -n: the output file name is an option string (its driver replaces -O)",
+    )
+    add_events_arg(p)
     for flag, what in UNSUPPORTED_VALUE:
         p.add_argument(flag, dest=f"unsupported{flag}", help=f"{what}: not supported by qimg")
     for flag, what in UNSUPPORTED_FLAG:
@@ -116,12 +131,18 @@ def run(args: argparse.Namespace) -> int:
         in_order=not args.out_of_order,
         cache=args.cache,
     )
+    if args.target_image_opts and not args.existing:
+        raise UsageError("--target-image-opts requires use of -n flag")
     progress = Progress(args.progress and not args.quiet)
-    progress.start()
-    try:
-        run_convert(request, progress)
-    except QimgError:
-        progress.finish_line()
-        raise
+    with event_hub(args) as events:
+        request.image_opts = args.image_opts
+        request.target_image_opts = args.target_image_opts
+        request.events = events
+        progress.start()
+        try:
+            run_convert(request, progress)
+        except QimgError:
+            progress.finish_line()
+            raise
     progress.end()
     return 0

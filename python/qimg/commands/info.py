@@ -1,11 +1,20 @@
-"""``qimg info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename``"""
+"""``qimg info [-f fmt | --image-opts] [--output=ofmt] [--backing-chain] [-U] [--events FILE]
+filename``"""
 
 from __future__ import annotations
 
 import argparse
 
 from qimg import qjson
-from qimg.commands._common import add_format_arg, add_output_arg, add_share_arg, output_mode
+from qimg.commands._common import (
+    add_events_arg,
+    add_format_arg,
+    add_image_opts_arg,
+    add_output_arg,
+    add_share_arg,
+    event_hub,
+    output_mode,
+)
 from qimg.errors import UsageError
 from qimg.image import info_human, open_image
 
@@ -16,12 +25,17 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser(
         NAME,
         help="show an image's format, sizes and settings",
-        description="Show what qemu-img info shows for a qcow2 or raw image.",
+        description=(
+            "Show what qemu-img info shows for an image: a qcow2 or raw file, or a node tree "
+            "given as json:{...} or with --image-opts (quorum, blkdebug, ...)."
+        ),
         allow_abbrev=False,
     )
     add_format_arg(p)
     add_output_arg(p)
     add_share_arg(p)
+    add_image_opts_arg(p)
+    add_events_arg(p)
     p.add_argument("--backing-chain", action="store_true", help="also show every image below it")
     p.add_argument("filename", nargs="?")
     p.set_defaults(run=run)
@@ -32,7 +46,16 @@ def run(args: argparse.Namespace) -> int:
     if args.filename is None:
         raise UsageError("Expecting one image file name")
     # Like qemu-img, plain info names the backing file without opening it.
-    with open_image(args.filename, args.fmt, backing=args.backing_chain) as image:
+    with (
+        event_hub(args) as events,
+        open_image(
+            args.filename,
+            args.fmt,
+            backing=args.backing_chain,
+            image_opts=args.image_opts,
+            events=events,
+        ) as image,
+    ):
         chain = image.chain() if args.backing_chain else [image]
         infos = [img.info() for img in chain]
     if mode == "json":

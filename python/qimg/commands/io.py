@@ -1,4 +1,5 @@
-"""``qimg io [-f fmt] [-r] [-U] [-c command]... filename``: qemu-io's commands on an image.
+"""``qimg io [-f fmt | --image-opts] [-r] [-U] [--events FILE] [-c command]... filename``:
+qemu-io's commands on an image.
 
 The commands and their output are qemu-io's (see :mod:`qimg.qemu_io`). Where qimg io differs
 from qemu-io 10.0, on purpose:
@@ -6,7 +7,9 @@ from qemu-io 10.0, on purpose:
 - Without ``-c``, command lines are read from standard input without a prompt (qemu-io prints
   ``qemu-io> `` before each; QEMU's iotests filter removes it); on a terminal the prompt is
   ``qimg io> ``. There is no line editing or history.
-- A filename is required; ``--image-opts``, ``--object`` and qemu-io's cache, AIO, snapshot,
+- A filename is required (a ``json:{...}`` spec, or an option string with ``--image-opts``,
+  opens a node tree such as a quorum; ``--events FILE`` writes its events as JSON lines as
+  soon as the request that caused them returns); ``--object`` and qemu-io's cache, AIO, snapshot,
   copy-on-read, misalignment and trace options are refused by name, as are qemu-io commands
   qimg does not implement (``readv``, ``truncate``, ``open``, ...) and the options ``read
   -b/-r`` and ``write -b/-n/-r``. ``-c`` lines are checked before the image is opened, so
@@ -27,8 +30,15 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from qimg.commands._common import add_format_arg, add_share_arg
+from qimg.commands._common import (
+    add_events_arg,
+    add_format_arg,
+    add_image_opts_arg,
+    add_share_arg,
+    event_hub,
+)
 from qimg.errors import UsageError
+from qimg.events import EventCallback
 from qimg.image import open_image
 from qimg.qemu_io import Interpreter, refusal
 
@@ -36,7 +46,6 @@ NAME = "io"
 
 # qemu-io's options that qimg io does not implement: (spellings, takes a value, what it does).
 _REFUSED_OPTIONS: tuple[tuple[tuple[str, ...], bool, str], ...] = (
-    (("--image-opts",), False, "image option strings"),
     (("--object",), True, "QEMU objects"),
     (("-s", "--snapshot"), False, "temporary snapshots"),
     (("-n", "--nocache"), False, "cache=none"),
@@ -100,6 +109,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "-r", "--read-only", dest="read_only", action="store_true", help="open read-only"
     )
     add_share_arg(p)
+    add_image_opts_arg(p)
+    add_events_arg(p)
     for spellings, takes_value, _ in _REFUSED_OPTIONS:
         p.add_argument(
             *spellings,
@@ -136,9 +147,16 @@ def run(args: argparse.Namespace) -> int:
         reason = refusal(command)
         if reason is not None:
             raise UsageError(reason)
+    with event_hub(args) as events:
+        return _run(args, events)
+
+
+def _run(args: argparse.Namespace, events: EventCallback | None) -> int:
     writable = not args.read_only
-    image = open_image(args.filename, args.fmt, writable=writable)
-    if writable and args.fmt is None and image.format == "raw":
+    image = open_image(
+        args.filename, args.fmt, writable=writable, image_opts=args.image_opts, events=events
+    )
+    if writable and args.fmt is None and image.spec is None and image.format == "raw":
         print(
             f"qimg: warning: the format of '{args.filename}' was probed as raw; writes that "
             "would make its first 512 bytes look like another format fail (use -f raw)",

@@ -1,10 +1,19 @@
-"""``qimg map [-f fmt] [--output=ofmt] [--start-offset=N] [--max-length=N] [-U] filename``"""
+"""``qimg map [-f fmt | --image-opts] [--output=ofmt] [--start-offset=N] [--max-length=N] [-U]
+[--events FILE] filename``"""
 
 from __future__ import annotations
 
 import argparse
 
-from qimg.commands._common import add_format_arg, add_output_arg, add_share_arg, output_mode
+from qimg.commands._common import (
+    add_events_arg,
+    add_format_arg,
+    add_image_opts_arg,
+    add_output_arg,
+    add_share_arg,
+    event_hub,
+    output_mode,
+)
 from qimg.errors import InvalidImageError, UsageError
 from qimg.image import MapExtent, open_image
 from qimg.options import parse_size
@@ -22,6 +31,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_format_arg(p)
     add_output_arg(p)
     add_share_arg(p)
+    add_image_opts_arg(p)
+    add_events_arg(p)
     p.add_argument("-s", "--start-offset", dest="start", help="first byte to map")
     p.add_argument("-l", "--max-length", dest="length", help="bytes to map at most")
     p.add_argument("filename", nargs="?")
@@ -52,7 +63,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("Expecting one image file name")
     start = parse_size(args.start, "start-offset") if args.start is not None else 0
     length = parse_size(args.length, "max-length") if args.length is not None else None
-    with open_image(args.filename, args.fmt) as image:
+    with (
+        event_hub(args) as events,
+        open_image(args.filename, args.fmt, image_opts=args.image_opts, events=events) as image,
+    ):
         extents = image.map(start, length)
     if mode == "json":
         print("[" + ",\n".join(_json_line(e) for e in extents) + "]")

@@ -1,10 +1,12 @@
-"""``qimg measure [--output=ofmt] [-O fmt] [-o options] [--size N | [-f fmt] filename]``"""
+"""``qimg measure [--output=ofmt] [-O fmt] [-o options]
+[--size N | [-f fmt | --image-opts] [--events FILE] filename]``"""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+from qimg.commands._common import add_events_arg, add_image_opts_arg, event_hub
 from qimg.errors import UsageError
 from qimg.formats import format_info
 from qimg.measure import measure_items
@@ -25,6 +27,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS")
     p.add_argument("-s", "--size", dest="size", help="measure an empty image of this size")
     p.add_argument("-f", dest="fmt", help="format of the source image (default: probe)")
+    add_image_opts_arg(p)
+    add_events_arg(p)
     p.add_argument("filename", nargs="?")
     p.set_defaults(run=run)
 
@@ -37,7 +41,16 @@ def run(args: argparse.Namespace) -> int:
         print(format_info(args.out_fmt).help_text(with_protocol=True))
         return 0
     size = parse_image_size(args.size) if args.size is not None else None
-    result = measure_items(args.out_fmt, items, size=size, filename=args.filename, fmt=args.fmt)
+    with event_hub(args) as events:
+        result = measure_items(
+            args.out_fmt,
+            items,
+            size=size,
+            filename=args.filename,
+            fmt=args.fmt,
+            image_opts=args.image_opts,
+            events=events,
+        )
     if args.output == "json":
         print(json.dumps(result.as_json(), indent=4))
     else:

@@ -1,15 +1,17 @@
-"""``qimg resize [-f fmt] [--preallocation=mode] [-q] [--shrink] filename [+|-]size``"""
+"""``qimg resize [-f fmt | --image-opts] [--preallocation=mode] [-q] [--shrink] filename
+[+|-]size``"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from qimg.commands._common import add_format_arg
+from qimg.commands._common import add_format_arg, add_image_opts_arg
 from qimg.errors import InvalidOptionError, UsageError
-from qimg.image import open_image
+from qimg.image import ImageSpec, open_image, parse_image_spec
 from qimg.options import parse_image_size
 from qimg.prealloc import PreallocMode
+from qimg.spec import BlkdebugNode, QuorumNode, is_plain_filename
 
 NAME = "resize"
 
@@ -33,9 +35,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--shrink", action="store_true", help="allow the image to become smaller")
     p.add_argument("-q", dest="quiet", action="store_true", help="print nothing on success")
     p.add_argument("--object", dest="unsupported_object", help="objects: not supported by qimg")
-    p.add_argument(
-        "--image-opts", dest="unsupported_image_opts", action="store_true", help="not supported"
-    )
+    add_image_opts_arg(p)
     p.add_argument("filename")
     p.add_argument("size", help="new size, or +N / -N relative to the current one")
     p.set_defaults(run=run)
@@ -52,14 +52,23 @@ def fix_argv(argv: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.unsupported_object is not None or args.unsupported_image_opts:
-        flag = "--object" if args.unsupported_object is not None else "--image-opts"
-        raise UsageError(f"resize option {flag} is not supported by qimg")
+    if args.unsupported_object is not None:
+        raise UsageError("resize option --object is not supported by qimg")
     mode = _prealloc(args.preallocation)
     text: str = args.size
     sign = text[0] if text[:1] in ("+", "-") else ""
     amount = parse_image_size(text[1:] if sign else text)
-    with open_image(args.filename, args.fmt, writable=True) as image:
+    image_spec: ImageSpec = args.filename
+    fmt = args.fmt
+    if args.image_opts or not is_plain_filename(args.filename):
+        spec = parse_image_spec(args.filename, image_opts=args.image_opts, fmt=args.fmt)
+        if isinstance(spec.root, QuorumNode | BlkdebugNode):
+            raise UsageError(
+                f"Image format driver does not support resize ('{spec.driver}' nodes cannot "
+                "be resized; resize each child image instead)"
+            )
+        image_spec, fmt = spec, None
+    with open_image(image_spec, fmt, writable=True) as image:
         current = image.size
         new_size = current + amount if sign == "+" else current - amount if sign else amount
         if new_size <= 0:
