@@ -631,11 +631,6 @@ def test_octal_refcount_bits_is_read_as_qemu_img_reads_it(
     assert _info(run_qemu_img, ours)["refcount-bits"] == 8
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="when growing moves the L1 table, qemu-img writes the new table rounded up to 512 "
-    "bytes (the file may end inside a cluster); qimg writes whole clusters -- resize.rs grow_l1",
-)
 def test_growth_moving_the_l1_table_is_byte_identical(
     tmp_path: Path, run_qemu_img: RunCommand, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -75,8 +75,9 @@ impl Qcow2Node {
         self.write_back(st)?;
         let mut table = self.l1_read().clone();
         table.resize(needed as usize, 0);
-        let mut raw: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
-        raw.resize((clusters * cs) as usize, 0);
+        // Just the entries, not whole clusters, as QEMU writes it: at the
+        // end of the file the image then ends where qemu-img's does.
+        let raw: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
         self.file.pwrite(&raw, offset)?;
         self.file.sync()?;
         let mut fields = (needed as u32).to_be_bytes().to_vec();
