@@ -42,6 +42,7 @@ from qimg.image import Image, ImageSpec, MapExtent
 from qimg.image import open_image as open
 from qimg.measure import Measurement, measure
 from qimg.prealloc import PreallocMode
+from qimg.scrub import ScrubReport, scrub
 from qimg.spec import NodeSpec, parse_spec
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "NodeSpec",
     "PreallocMode",
     "QimgError",
+    "ScrubReport",
     "UsageError",
     "__version__",
     "check",
@@ -67,4 +69,5 @@ __all__ = [
     "measure",
     "open",
     "parse_spec",
+    "scrub",
 ]

@@ -9,12 +9,24 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from qimg import __version__
-from qimg.commands import amend, check, compare, convert, create, info, io, map, measure, resize
+from qimg.commands import (
+    amend,
+    check,
+    compare,
+    convert,
+    create,
+    info,
+    io,
+    map,
+    measure,
+    resize,
+    scrub,
+)
 from qimg.errors import QimgError
 
 __all__ = ["main"]
 
-COMMANDS = (create, info, map, check, compare, convert, measure, resize, amend, io)
+COMMANDS = (create, info, map, check, compare, convert, measure, resize, amend, io, scrub)
 
 
 class ArgumentParser(argparse.ArgumentParser):
