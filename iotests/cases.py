@@ -29,6 +29,7 @@ GROUPS = {
     "read": "iotests about reading images: info, map, check, compare, convert",
     "rw": "iotests that write images: qimg io",
     "amend": "iotests about qemu-img amend",
+    "quorum": "iotests about quorum nodes, events and scrub",
 }
 
 

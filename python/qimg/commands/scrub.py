@@ -114,15 +114,19 @@ def _human(r: ScrubReport) -> str:
     bad = [c.node_name for c in r.children if c.verdict is not ChildVerdict.CLEAN]
     if not bad and not r.unvoted_ranges:
         lines.append("Verdict: clean, every replica agrees")
-    else:
-        what = f"{len(bad)} of {len(r.children)} replicas bad ({', '.join(bad)})" if bad else ""
-        if r.unvoted_ranges:
-            what = (what + "; " if what else "") + "no quorum on some ranges"
-        if r.repair:
-            fixed = "all repaired" if r.repaired else "NOT all repaired"
-            lines.append(f"Verdict: {what}; {fixed}")
+        return "\n".join(lines)
+    what = []
+    if bad:
+        what.append(f"{len(bad)} of {len(r.children)} replicas bad ({', '.join(bad)})")
+        if not r.repair:
+            what.append("run with --repair to rewrite them")
+        elif r.repaired:
+            what.append("all repaired")
         else:
-            lines.append(f"Verdict: {what}; run with --repair to rewrite them")
+            what.append("NOT all repaired")
+    if r.unvoted_ranges:
+        what.append("no quorum on some ranges (nothing to repair them from)")
+    lines.append("Verdict: " + "; ".join(what))
     return "\n".join(lines)
 
 

@@ -157,6 +157,31 @@ fn a_failing_child_is_reported_with_its_error_and_the_vote_goes_on() {
 }
 
 #[test]
+fn too_few_answers_report_every_failed_child_then_the_failure() {
+    let set = replicas(3);
+    let rule = r#"[{"event":"read_aio","iotype":null,"errno":5,"sector":-1,"once":false}]"#;
+    let o = Opts {
+        threshold: 3,
+        extra: "",
+        rules: vec![None, Some(rule), None],
+    };
+    let (q, log) = open(&set, &o, false);
+    let mut buf = vec![0u8; 512];
+    let err = q
+        .read_at(&mut buf, 1024)
+        .expect_err("two answers, three needed");
+    assert!(err.to_string().contains("Input/output error"), "{err}");
+    let events: Vec<EventData> = log.take().into_iter().map(|e| e.data).collect();
+    assert_eq!(
+        events,
+        vec![
+            bad("dbg1", 1024, 512, Some("Input/output error"), OpType::Read),
+            EventData::failure("q", 1024, 512),
+        ]
+    );
+}
+
+#[test]
 fn writes_need_threshold_successes() {
     let set = replicas(3);
     let rule = r#"[{"event":"write_aio","iotype":null,"errno":28,"sector":-1,"once":false}]"#;

@@ -203,7 +203,7 @@ impl QuorumNode {
         };
         let Some(verdict) = verdict else {
             if found.too_few.is_none() {
-                found.too_few = Some(most_common(&mut failures));
+                found.too_few = Some(most_common(&failures));
             }
             merge_range(&mut found.undecided, offset, len);
             for (c, e) in failures {
@@ -400,7 +400,7 @@ impl QuorumNode {
         if op != OpType::Flush {
             self.log.record(EventData::failure(&self.name, offset, len));
         }
-        Err(most_common(&mut failures))
+        Err(most_common(&failures))
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -536,23 +536,40 @@ fn errno_of(e: &Error) -> i32 {
     }
 }
 
-/// The error most children failed with (the first such child's error).
-fn most_common(failures: &mut Vec<(usize, Error)>) -> Error {
-    let mut best: Option<(usize, usize)> = None; // (index, count)
-    for (i, (_, e)) in failures.iter().enumerate() {
+/// The error most children failed with (a copy of the first such child's
+/// error; the failures themselves are still reported).
+fn most_common(failures: &[(usize, Error)]) -> Error {
+    let mut best: Option<(&Error, usize)> = None;
+    for (_, e) in failures {
         let n = failures
             .iter()
             .filter(|(_, x)| errno_of(x) == errno_of(e))
             .count();
         if best.is_none_or(|(_, m)| n > m) {
-            best = Some((i, n));
+            best = Some((e, n));
         }
     }
     match best {
-        Some((i, _)) => failures.swap_remove(i).1,
+        Some((e, _)) => duplicate(e),
         None => Error::io(
             "Too few quorum children answered",
             std::io::Error::from_raw_os_error(libc::EIO),
+        ),
+    }
+}
+
+/// The same error again (errors hold an `io::Error`, which cannot be cloned).
+fn duplicate(e: &Error) -> Error {
+    match e {
+        Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
+        Error::TooLarge(m) => Error::TooLarge(m.clone()),
+        Error::InvalidImage(m) => Error::InvalidImage(m.clone()),
+        Error::Io { context, source } => Error::io(
+            context.clone(),
+            match source.raw_os_error() {
+                Some(errno) => std::io::Error::from_raw_os_error(errno),
+                None => std::io::Error::new(source.kind(), source.to_string()),
+            },
         ),
     }
 }
