@@ -456,11 +456,6 @@ def test_too_few_answers_in_one_piece_fail_the_whole_request(tmp_path: Path) -> 
     assert events_of(image) == [rb(1, PIECE, PIECE, "Input/output error"), fail(PIECE, PIECE)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Rust bug: QuorumNode push_error merges a child's failed pieces whatever their "
-    "error, so the event names the first piece's error for both",
-)
 def test_failed_pieces_with_different_errors_are_reported_apart(tmp_path: Path) -> None:
     size = 9 * MiB
     data = pattern(size)
@@ -522,11 +517,6 @@ def test_blkverify_names_the_first_differing_byte_and_reports_nothing(tmp_path: 
     assert events_of(image) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Rust bug: scrub ignores a blkverify mismatch (Findings.mismatch) and reports "
-    "differing replicas as clean",
-)
 def test_scrub_of_a_blkverify_quorum_reports_differing_blocks(tmp_path: Path) -> None:
     data = pattern(3 * BLOCK)
     bad = patched(data, BLOCK + 77, b"!")

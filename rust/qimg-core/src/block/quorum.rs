@@ -72,6 +72,9 @@ pub struct Findings {
     pub rewrites: Vec<(usize, u64, u64, Result<()>)>,
     /// A blkverify mismatch: the offset of the first differing byte.
     pub mismatch: Option<u64>,
+    /// The blocks on which the two children of a blkverify quorum differ
+    /// (no events: blkverify compares, it does not vote).
+    pub mismatched: Vec<(u64, u64)>,
 }
 
 impl QuorumNode {
@@ -195,6 +198,9 @@ impl QuorumNode {
                 // blkverify compares, it does not vote: no events.
                 if let Some(i) = a.data.iter().zip(b.data).position(|(x, y)| x != y) {
                     found.mismatch.get_or_insert(offset + i as u64);
+                    for (a, b) in vote(offset, &ballots, 2).undecided {
+                        merge_range(&mut found.mismatched, offset + a, b - a);
+                    }
                 }
                 Some(Verdict::default())
             } else {
@@ -610,10 +616,11 @@ fn push_error(
     len: u64,
     e: Error,
 ) {
+    // Adjacent failures of one child merge only when they failed alike.
     if let Some(run) = runs
         .iter_mut()
         .rev()
-        .find(|(c, o, l, _)| *c == child && *o + *l == offset)
+        .find(|(c, o, l, x)| *c == child && *o + *l == offset && errno_of(x) == errno_of(&e))
     {
         run.2 += len;
         return;

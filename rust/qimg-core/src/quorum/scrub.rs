@@ -196,7 +196,7 @@ fn absorb(q: &QuorumNode, report: &mut ScrubReport, piece: PieceResult) {
         for (c, off, len) in &f.lost {
             merge(&mut report.children[*c].bad, *off, *len);
         }
-        for (off, len) in &f.undecided {
+        for (off, len) in f.undecided.iter().chain(&f.mismatched) {
             merge(&mut report.unvoted, *off, *len);
         }
         for (c, off, len, r) in &f.rewrites {
