@@ -31,6 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# pip compiles an installed package's bytecode once; with PYTHONDONTWRITEBYTECODE set
+# (as in some CI and sandbox shells) a checkout recompiles every module on every run,
+# and the bench would time that instead of qimg. The warm-up run writes the cache.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB

@@ -25,25 +25,73 @@ Node trees (a quorum of replicas, ...) open from QEMU's ``json:`` strings,
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from qimg._core import __version__
-from qimg.check import CheckReport, check
-from qimg.convert import convert
-from qimg.create import create
-from qimg.errors import (
-    ImageIOError,
-    ImageTooLargeError,
-    InvalidImageError,
-    InvalidOptionError,
-    QimgError,
-    UsageError,
-)
-from qimg.events import Event, EventStream
-from qimg.image import Image, ImageSpec, MapExtent
-from qimg.image import open_image as open
-from qimg.measure import Measurement, measure
-from qimg.prealloc import PreallocMode
-from qimg.scrub import ScrubReport, scrub
-from qimg.spec import NodeSpec, parse_spec
+
+if TYPE_CHECKING:
+    from qimg.check import CheckReport, check
+    from qimg.convert import convert
+    from qimg.create import create
+    from qimg.errors import (
+        ImageIOError,
+        ImageTooLargeError,
+        InvalidImageError,
+        InvalidOptionError,
+        QimgError,
+        UsageError,
+    )
+    from qimg.events import Event, EventStream
+    from qimg.image import Image, ImageSpec, MapExtent
+    from qimg.image import open_image as open
+    from qimg.measure import Measurement, measure
+    from qimg.prealloc import PreallocMode
+    from qimg.scrub import ScrubReport, scrub
+    from qimg.spec import NodeSpec, parse_spec
+
+# Where each public name lives, imported on first use so that `import qimg`
+# (and every command line) stays quick.
+_HOMES = {
+    "CheckReport": "qimg.check",
+    "check": "qimg.check",
+    "convert": "qimg.convert",
+    "create": "qimg.create",
+    "ImageIOError": "qimg.errors",
+    "ImageTooLargeError": "qimg.errors",
+    "InvalidImageError": "qimg.errors",
+    "InvalidOptionError": "qimg.errors",
+    "QimgError": "qimg.errors",
+    "UsageError": "qimg.errors",
+    "Event": "qimg.events",
+    "EventStream": "qimg.events",
+    "Image": "qimg.image",
+    "ImageSpec": "qimg.image",
+    "MapExtent": "qimg.image",
+    "open": "qimg.image",
+    "Measurement": "qimg.measure",
+    "measure": "qimg.measure",
+    "PreallocMode": "qimg.prealloc",
+    "ScrubReport": "qimg.scrub",
+    "scrub": "qimg.scrub",
+    "NodeSpec": "qimg.spec",
+    "parse_spec": "qimg.spec",
+}
+_RENAMED = {"open": "open_image"}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'qimg' has no attribute '{name}'")
+    value = getattr(importlib.import_module(home), _RENAMED.get(name, name))
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))
+
 
 __all__ = [
     "CheckReport",

@@ -3,30 +3,37 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 from typing import NoReturn
 
-from qimg import __version__
-from qimg.commands import (
-    amend,
-    check,
-    compare,
-    convert,
-    create,
-    info,
-    io,
-    map,
-    measure,
-    resize,
-    scrub,
-)
+from qimg._core import __version__
 from qimg.errors import QimgError
 
 __all__ = ["main"]
 
-COMMANDS = (create, info, map, check, compare, convert, measure, resize, amend, io, scrub)
+# In the order `--help` lists them. Command modules are imported when used:
+# a command line pays only for the command it runs.
+COMMANDS = (
+    "create",
+    "info",
+    "map",
+    "check",
+    "compare",
+    "convert",
+    "measure",
+    "resize",
+    "amend",
+    "io",
+    "scrub",
+)
+
+
+def _command(name: str) -> ModuleType:
+    return importlib.import_module(f"qimg.commands.{name}")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -37,11 +44,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser() -> ArgumentParser:
-    parser, _ = _build()
+    parser, _ = _build(COMMANDS)
     return parser
 
 
-def _build() -> tuple[ArgumentParser, dict[str, argparse.ArgumentParser]]:
+def _build(names: Sequence[str]) -> tuple[ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = ArgumentParser(
         prog="qimg",
         description=(
@@ -52,16 +59,17 @@ def _build() -> tuple[ArgumentParser, dict[str, argparse.ArgumentParser]]:
     )
     parser.add_argument("-V", "--version", action="version", version=f"qimg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
-    for command in COMMANDS:
-        command.add_parser(sub)
+    for name in names:
+        _command(name).add_parser(sub)
     return parser, dict(sub.choices)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser, commands = _build()
     words = list(sys.argv[1:] if argv is None else argv)
-    if words[:1] == [resize.NAME]:
-        words = resize.fix_argv(words)
+    known = words[0] if words and words[0] in COMMANDS else None
+    parser, commands = _build([known] if known else COMMANDS)
+    if known == "resize":
+        words = _command("resize").fix_argv(words)
     if words and words[0] in commands:
         # Options may come between and after file names, as qemu-img allows
         # (`qimg convert src.qcow2 -O raw dst.raw`).
