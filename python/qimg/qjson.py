@@ -44,9 +44,9 @@ def _string(s: str) -> str:
         elif code < 0x20 or code >= 0x7F:
             if code > 0xFFFF:
                 code -= 0x10000
-                out.append(f"\\u{0xD800 | (code >> 10):04x}\\u{0xDC00 | (code & 0x3FF):04x}")
+                out.append(f"\\u{0xD800 | (code >> 10):04X}\\u{0xDC00 | (code & 0x3FF):04X}")
             else:
-                out.append(f"\\u{code:04x}")
+                out.append(f"\\u{code:04X}")
         else:
             out.append(ch)
     out.append('"')

@@ -1410,3 +1410,17 @@ def test_api_check_matches_qemu_img(qcow2_image: Image, run_qemu_img: RunCommand
 def test_api_check_refuses_raw_images(corpus: Corpus) -> None:
     with pytest.raises(qimg.QimgError, match="no metadata to check"):
         qimg.check(corpus.images["raw-sparse"].arg)
+
+
+@pytest.mark.parametrize("name", ["\u00e9\u2603.raw", "\U0001f600.raw", "tab\tname.raw"])
+def test_info_json_escapes_file_names_as_qemu_img_does(
+    tmp_path: Path, name: str, run_qimg: RunCommand, run_qemu_img: RunCommand
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(bytes(65536))
+    ours = run_qimg("info", "--output=json", "-f", "raw", path)
+    theirs = run_qemu_img("info", "--output=json", "-f", "raw", path)
+    assert ours.returncode == theirs.returncode == 0, ours.stderr
+    # Member order and escapes (upper-case \u digits, surrogate pairs) as qemu-img writes them.
+    line = next(x for x in theirs.stdout.splitlines() if '"filename"' in x)
+    assert line in ours.stdout.splitlines()
