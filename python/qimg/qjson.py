@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-__all__ = ["JsonValue", "dumps", "human_lines", "member_order"]
+__all__ = ["JsonValue", "bucket", "dumps", "human_lines", "json_string", "member_order"]
 
 JsonValue = None | bool | int | str | Sequence["JsonValue"] | Mapping[str, "JsonValue"]
 
 _BUCKETS = 512
 
 
-def _bucket(key: str) -> int:
+def bucket(key: str) -> int:
+    """The bucket of QEMU's 512-bucket dictionary that holds ``key``."""
     data = key.encode()
     value = (0x238F13AF * len(data)) & 0xFFFFFFFF
     for i, byte in enumerate(data):
@@ -28,10 +29,12 @@ def _bucket(key: str) -> int:
 def member_order(obj: Mapping[str, JsonValue]) -> list[str]:
     """The keys of ``obj`` (given in insertion order) in qemu-img's print order."""
     keys = list(obj)
-    return sorted(keys, key=lambda k: (_bucket(k), -keys.index(k)))
+    return sorted(keys, key=lambda k: (bucket(k), -keys.index(k)))
 
 
-def _string(s: str) -> str:
+def json_string(s: str) -> str:
+    """``s`` as a JSON string the way QEMU writes it: non-ASCII and control
+    characters as upper-case ``\\uXXXX`` escapes (surrogate pairs beyond the BMP)."""
     out = ['"']
     for ch in s:
         code = ord(ch)
@@ -63,12 +66,12 @@ def _dump(value: JsonValue, level: int, out: list[str]) -> None:
     elif isinstance(value, int):
         out.append(str(value))
     elif isinstance(value, str):
-        out.append(_string(value))
+        out.append(json_string(value))
     elif isinstance(value, Mapping):
         out.append("{")
         for n, key in enumerate(member_order(value)):
             out.append("," if n else "")
-            out.append(f"\n{pad}{_string(key)}: ")
+            out.append(f"\n{pad}{json_string(key)}: ")
             _dump(value[key], level + 1, out)
         out.append(f"\n{end}}}")
     else:

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 from qimg.errors import InvalidOptionError, UsageError
+from qimg.qjson import bucket, json_string
 
 __all__ = [
     "BACKING_DEFAULT",
@@ -191,44 +192,6 @@ class _Shown:
 
 _ShownValue: TypeAlias = "Scalar | _Shown | list[_Shown]"
 
-_BUCKETS = 512
-
-
-def _bucket(key: str) -> int:
-    """The bucket of QEMU's 512-bucket option dictionary that holds ``key``: qemu-img
-    prints an object's members bucket by bucket."""
-    data = key.encode()
-    value = (0x238F13AF * len(data)) & 0xFFFFFFFF
-    for i, byte in enumerate(data):
-        value = (value + (byte << (i * 5 % 24))) & 0xFFFFFFFF
-    return ((1103515243 * value + 12345) & 0xFFFFFFFF) % _BUCKETS
-
-
-def _json_string(text: str) -> str:
-    """A JSON string as QEMU writes it (non-ASCII as upper-case ``\\uXXXX`` escapes)."""
-    out = ['"']
-    for ch in text:
-        code = ord(ch)
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch in _SHORT_ESCAPES:
-            out.append(_SHORT_ESCAPES[ch])
-        elif code < 0x20 or code >= 0x7F:
-            if code > 0xFFFF:
-                code -= 0x10000
-                out.append(f"\\u{0xD800 | (code >> 10):04X}\\u{0xDC00 | (code & 0x3FF):04X}")
-            else:
-                out.append(f"\\u{code:04X}")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
-
-
-_SHORT_ESCAPES = {"\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
 
 def _json_scalar(value: Scalar) -> str:
     if value is None:
@@ -236,7 +199,7 @@ def _json_scalar(value: Scalar) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return _json_string(value)
+        return json_string(value)
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return repr(value)
@@ -253,7 +216,7 @@ def _render(value: _ShownValue, formats: Mapping[str, str]) -> str:
         if key == "driver" and value.probed is not None:
             # The format found when the image was opened; "probe" before that.
             member = formats.get(value.probed, "probe")
-        parts.append(f"{_json_string(key)}: {_render(member, formats)}")
+        parts.append(f"{json_string(key)}: {_render(member, formats)}")
     return "{" + ", ".join(parts) + "}"
 
 
@@ -531,7 +494,7 @@ def _flatten(tree: Mapping[str, Any]) -> list[tuple[str, _Leaf, int]]:
             for name in names:
                 if not isinstance(name, str):
                     raise InvalidOptionError(f"Option names must be strings, not {name!r}")
-            for name in sorted(names, key=lambda k: (_bucket(k), -names.index(k))):
+            for name in sorted(names, key=lambda k: (bucket(k), -names.index(k))):
                 visit(value[name], f"{key}.{name}" if key else name)
         elif isinstance(value, list | tuple):
             if not value:
@@ -876,7 +839,7 @@ class _Parser:
                 )
             raise InvalidOptionError(f"Unknown driver '{driver}'{where}")
         assert driver_item is not None
-        driver_member = ("driver", driver, (_bucket("driver"), driver_item.order))
+        driver_member = ("driver", driver, (bucket("driver"), driver_item.order))
         node: Node
         if driver == "file":
             node, shown = self._file(opts, node_name)
@@ -1010,7 +973,7 @@ class _Parser:
             raise InvalidOptionError(f"The 'file' block driver requires a file name{_at(opts)}")
         self._leftovers(opts, "file")
         assert item is not None
-        shown = _Shown(filename, [("filename", filename, (_bucket("filename"), item.order))])
+        shown = _Shown(filename, [("filename", filename, (bucket("filename"), item.order))])
         return FileNode(node_name, filename), shown
 
     def _probe(self, opts: _Opts, node_name: str) -> tuple[ProbeNode, _Shown]:
@@ -1021,9 +984,9 @@ class _Parser:
                 f'Option \'backing\' needs the node\'s format: give "driver": "qcow2"{_at(opts)}'
             )
         self._leftovers(opts, "probe")
-        shown = _Shown(file_shown.exact, [("file", file_shown, (_bucket("file"), 0))])
+        shown = _Shown(file_shown.exact, [("file", file_shown, (bucket("file"), 0))])
         shown.probed = node_name
-        shown.members.append(("driver", "probe", (_bucket("driver"), 0)))
+        shown.members.append(("driver", "probe", (bucket("driver"), 0)))
         self.shown[node_name] = shown
         return ProbeNode(node_name, file), shown
 
@@ -1033,7 +996,7 @@ class _Parser:
         if driver == "qcow2":
             backing = self._backing(opts)
         self._leftovers(opts, driver)
-        shown = _Shown(file_shown.exact, [("file", file_shown, (_bucket("file"), 0))])
+        shown = _Shown(file_shown.exact, [("file", file_shown, (bucket("file"), 0))])
         if isinstance(file, BlkdebugNode):
             # QEMU's raw -> blkdebug -> file is blkdebug -> raw -> file: raw passes
             # offsets through unchanged. The node at this place keeps this place's name.
@@ -1111,11 +1074,11 @@ class _Parser:
             children.append(child)
             shown_children.append(shown)
         self._leftovers(opts, "quorum")
-        shown = _Shown(None, [("children", shown_children, (_bucket("children"), 0))])
+        shown = _Shown(None, [("children", shown_children, (bucket("children"), 0))])
         for key, item in given.items():
             if item is not None:
                 value = None if isinstance(item.value, _Empty) else item.value
-                shown.members.append((key, value, (_bucket(key), item.order)))
+                shown.members.append((key, value, (bucket(key), item.order)))
         quorum = QuorumNode(node_name, tuple(children), threshold, blkverify, rewrite, pattern)
         return quorum, shown
 
@@ -1137,10 +1100,10 @@ class _Parser:
         exact = None
         if not rules_given and image_shown.exact is not None:
             exact = f"blkdebug::{image_shown.exact}"
-        shown = _Shown(exact, [("image", image_shown, (_bucket("image"), 0))])
+        shown = _Shown(exact, [("image", image_shown, (bucket("image"), 0))])
         for key, item in rules_given.items():
             value = None if isinstance(item.value, _Empty) else item.value
-            shown.members.append((key, value, (_bucket(key), item.order)))
+            shown.members.append((key, value, (bucket(key), item.order)))
         return BlkdebugNode(node_name, image, tuple(rules)), shown
 
     def _rule(self, opts: _Opts) -> BlkdebugRule:
