@@ -4,6 +4,7 @@
 
 pub mod blkdebug;
 pub mod file;
+pub mod nbd;
 pub mod open;
 pub mod quorum;
 pub mod raw;

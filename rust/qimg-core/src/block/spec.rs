@@ -7,6 +7,7 @@
 //! an error naming it, never ignored) and builds the nodes.
 
 use super::blkdebug::{BlkdebugNode, DebugEvent, InjectError, IoType};
+use super::nbd::{NbdNode, NbdOptions, NbdServer};
 use super::open::{open_image, open_qcow2_over, OpenOptions};
 use super::quorum::{Child, QuorumNode, QuorumOptions, ReadPattern};
 use super::raw::RawNode;
@@ -106,10 +107,35 @@ fn open_node(
             let file = open_file(node.str("filename")?, opts)?;
             Ok(Arc::new(RawNode::protocol(Arc::new(file))))
         }
+        "nbd" => Ok(Arc::new(open_nbd(&node, opts, "nbd")?)),
         "raw" => {
             node.only(&["driver", "node-name", "file"])?;
+            if let Some(nbd) = nbd_child(&node)? {
+                // raw passes the export's bytes through: the nbd node is the image.
+                return Ok(Arc::new(open_nbd(&nbd, opts, "raw")?));
+            }
             let file = open_file(file_name(&node)?, opts)?;
             Ok(Arc::new(RawNode::new(Arc::new(file), false)))
+        }
+        "probe" if nbd_child(&node)?.is_some() => {
+            node.only(&["driver", "node-name", "file"])?;
+            let Some(nbd) = nbd_child(&node)? else {
+                return Err(bad(path, "lost its nbd child"));
+            };
+            let export = open_nbd(&nbd, opts, "raw")?;
+            let mut head = vec![0u8; export.size().min(512) as usize];
+            export.read_at(&mut head, 0)?;
+            match crate::probe::probe(&head) {
+                Ok(Format::Raw) => Ok(Arc::new(export)),
+                Ok(Format::Qcow2) => Err(Error::invalid(format!(
+                    "'{}' holds a qcow2 image, and qimg cannot read qcow2 over NBD yet: serve it with 'qemu-nbd -f qcow2' (which exports its guest contents) and open it as raw",
+                    export.filename()
+                ))),
+                Err(fmt) => Err(Error::invalid(format!(
+                    "'{}' holds a {fmt} image, which qimg does not read",
+                    export.filename()
+                ))),
+            }
         }
         "probe" | "qcow2" => {
             let format = if driver == "qcow2" {
@@ -164,12 +190,71 @@ fn open_node(
     }
 }
 
+/// The `file` child of a format node when it is an nbd node.
+fn nbd_child<'a>(node: &Node<'a, '_>) -> Result<Option<Node<'a, 'static>>> {
+    match node.map.get("file") {
+        Some(v @ Value::Object(m)) if m.get("driver").and_then(Value::as_str) == Some("nbd") => {
+            Ok(Some(Node::new(v, "file")?))
+        }
+        _ => Ok(None),
+    }
+}
+
+fn open_nbd(node: &Node<'_, '_>, opts: SpecOptions, format: &'static str) -> Result<NbdNode> {
+    node.only(&["driver", "node-name", "server", "export", "timeout"])?;
+    let server_path = child_path(node.path, "server");
+    let server = Node::new(node.get("server")?, &server_path)?;
+    let server = match server.str("type")? {
+        "inet" => {
+            server.only(&["type", "host", "port"])?;
+            NbdServer::Inet {
+                host: server.str("host")?.to_string(),
+                port: server.str("port")?.to_string(),
+            }
+        }
+        "unix" => {
+            server.only(&["type", "path"])?;
+            NbdServer::Unix {
+                path: server.str("path")?.to_string(),
+            }
+        }
+        other => return Err(bad(&server_path, &format!("has an unknown type '{other}'"))),
+    };
+    let export = match node.map.get("export") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => return Err(bad(node.path, "'export' must be a string")),
+    };
+    let timeout = match node.map.get("timeout") {
+        None | Some(Value::Null) => 30,
+        Some(v) => v
+            .as_u64()
+            .filter(|t| (1..=86_400).contains(t))
+            .ok_or_else(|| bad(node.path, "'timeout' must be 1 to 86400 seconds"))?,
+    };
+    NbdNode::open(
+        NbdOptions {
+            server,
+            export,
+            timeout: std::time::Duration::from_secs(timeout),
+        },
+        opts.writable,
+        format,
+    )
+}
+
 fn file_name<'a>(node: &Node<'a, '_>) -> Result<&'a str> {
     let path = child_path(node.path, "file");
     let file = Node::new(node.get("file")?, &path)?;
     file.only(&["driver", "node-name", "filename"])?;
-    if file.str("driver")? != "file" {
-        return Err(bad(&path, "must use the 'file' driver"));
+    match file.str("driver")? {
+        "file" => {}
+        "nbd" => {
+            return Err(Error::invalid(
+                "qimg cannot read qcow2 over NBD yet: serve the image with 'qemu-nbd -f qcow2' (which exports its guest contents) and open it as raw",
+            ))
+        }
+        _ => return Err(bad(&path, "must use the 'file' driver")),
     }
     file.str("filename")
 }
