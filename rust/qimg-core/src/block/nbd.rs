@@ -85,6 +85,9 @@ const MAX_PAYLOAD: u32 = MAX_REQUEST + 4096;
 const MAX_OPTION_REPLY: u32 = 64 << 10;
 /// Connections opened to a multi-conn export.
 const MULTI_CONN: usize = 4;
+/// Reads are cut into requests of this size, sent together: the server
+/// works on several at once and the replies stream back while it does.
+const READ_PIECE: u64 = 512 << 10;
 
 /// Where the server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -766,9 +769,11 @@ impl NbdNode {
         self.wait(conn, rx, |_| Ok(()))
     }
 
-    /// Splits `[offset, offset + len)` into requests the server accepts.
-    fn pieces(&self, offset: u64, len: u64) -> Vec<(u64, u32)> {
-        let max = u64::from(self.export.max_request.max(self.export.min_block));
+    /// Splits `[offset, offset + len)` into requests of at most `limit`
+    /// bytes that the server accepts.
+    fn pieces(&self, offset: u64, len: u64, limit: u64) -> Vec<(u64, u32)> {
+        let max = u64::from(self.export.max_request.max(self.export.min_block))
+            .min(limit.next_multiple_of(u64::from(self.export.min_block)));
         let mut out = Vec::new();
         let mut at = offset;
         while at < offset + len {
@@ -821,7 +826,7 @@ impl BlockDev for NbdNode {
         }
         // Every piece is sent before any reply is awaited: pipelining.
         let mut sent = Vec::new();
-        for (at, n) in self.pieces(offset, buf.len() as u64) {
+        for (at, n) in self.pieces(offset, buf.len() as u64, READ_PIECE) {
             let conn = self.conn();
             let rx = conn
                 .send(CMD_READ, 0, at, n, &[])
@@ -916,7 +921,7 @@ impl BlockDev for NbdNode {
         self.check_writable()?;
         check_request(self, offset, buf.len() as u64)?;
         let mut sent = Vec::new();
-        for (at, n) in self.pieces(offset, buf.len() as u64) {
+        for (at, n) in self.pieces(offset, buf.len() as u64, u64::MAX) {
             let from = (at - offset) as usize;
             let conn = self.conn();
             let rx = conn
@@ -947,7 +952,7 @@ impl BlockDev for NbdNode {
             return Ok(());
         }
         let flags = if unmap { 0 } else { CMDF_NO_HOLE };
-        for (at, n) in self.pieces(offset, len) {
+        for (at, n) in self.pieces(offset, len, u64::MAX) {
             self.command(CMD_WRITE_ZEROES, flags, at, n, &[])
                 .map_err(|e| self.error("Write zeroes failed", e))?;
         }
@@ -961,7 +966,7 @@ impl BlockDev for NbdNode {
         if self.export.flags & TF_SEND_TRIM == 0 {
             return Ok(());
         }
-        for (at, n) in self.pieces(offset, len) {
+        for (at, n) in self.pieces(offset, len, u64::MAX) {
             self.command(CMD_TRIM, 0, at, n, &[])
                 .map_err(|e| self.error("Discard failed", e))?;
         }
