@@ -28,6 +28,7 @@ from qimg.spec import (
     BACKING_DEFAULT,
     BlkdebugNode,
     FileNode,
+    NbdNode,
     Node,
     NodeSpec,
     ProbeNode,
@@ -390,7 +391,11 @@ def probed_formats(spec: NodeSpec) -> dict[str, str]:
     (for printing the tree as qemu-img does, with the formats it found)."""
     found: dict[str, str] = {}
     for node in spec.probe_nodes():
-        found[node.node_name] = _core.open_image(node.file.filename, None, no_backing=True).format
+        if isinstance(node.file, FileNode):
+            core = _core.open_image(node.file.filename, None, no_backing=True)
+        else:  # an NBD export: probe it over the network, as opening it did
+            core = _core.open_spec(NodeSpec(node).to_core_json())
+        found[node.node_name] = core.format
     return found
 
 
@@ -481,6 +486,9 @@ def _tree_info(
     filename = spec.display_name_of(node.node_name, probed)
     if isinstance(node, FileNode):
         return _protocol_info(core, filename)
+    if isinstance(node, NbdNode):
+        # qemu-img knows neither a disk size nor a dirty flag of an export.
+        return {"filename": filename, "format": "nbd", "virtual-size": core.size, "children": []}
     if isinstance(node, RawNode | Qcow2Node | ProbeNode):
         info = image_info(core)
         info["filename"] = filename
@@ -573,7 +581,7 @@ def _info_lines(info: dict[str, Any], pad: str, path: str) -> list[str]:
         c = child["info"]
         child_path = f"{path}/{child['name']}"
         lines.append(f"{pad}Child node '{child_path}':")
-        if c["format"] != "file":
+        if c["format"] not in ("file", "nbd"):
             lines.extend(_info_lines(c, pad + "    ", child_path))
             continue
         lines.append(f"{pad}    filename: {c['filename']}")
@@ -581,5 +589,7 @@ def _info_lines(info: dict[str, Any], pad: str, path: str) -> list[str]:
         lines.append(
             f"{pad}    file length: {size_to_str(c['virtual-size'])} ({c['virtual-size']} bytes)"
         )
-        lines.append(f"{pad}    disk size: {size_to_str(c['actual-size'])}")
+        child_actual = c.get("actual-size")
+        shown = "unavailable" if child_actual is None else size_to_str(child_actual)
+        lines.append(f"{pad}    disk size: {shown}")
     return lines

@@ -6,6 +6,10 @@ over a *protocol* node (``file``), a ``quorum`` over its ``children``, a ``blkde
 filter over its ``image``. The same tree has three spellings, and this module reads
 all of them the way qemu-img 10 does:
 
+- an ``nbd://host[:port]/export`` or ``nbd+unix:///export?socket=/path`` URL
+  given as a file name: an export of an NBD server (``qemu-nbd``), the
+  ``nbd`` protocol node, under a probed format (``raw`` with ``-f raw``);
+
 - ``json:{"driver": "quorum", "vote-threshold": 2, "children": [{...}, {...}]}``;
   keys with dots inside it are expanded (``{"file.filename": "a.raw"}`` is
   ``{"file": {"filename": "a.raw"}}``), and JSON strings are accepted where
@@ -21,9 +25,11 @@ print as its file name (:meth:`NodeSpec.display_name`). :meth:`NodeSpec.to_core_
 is the canonical document the Rust core opens; every node in it has a ``node-name``
 (the user's, else its dotted path from the root, ``root`` for the root itself).
 
-Everything qimg does not implement is refused by name: other drivers (``nbd``,
+Everything qimg does not implement is refused by name: other drivers (``ssh``,
 ``null-co``, ``vvfat``, ...), and options such as qcow2's ``data-file`` and
-``encrypt``, raw's ``offset``, blkdebug's ``config`` and ``set-state``. Errors are
+``encrypt``, raw's ``offset``, blkdebug's ``config`` and ``set-state``, nbd's
+``tls-creds``; and qcow2 over an ``nbd`` node (serve the image with
+``qemu-nbd -f qcow2`` instead, which exports its guest contents). Errors are
 one line and name the option and the node they are about.
 """
 
@@ -33,7 +39,8 @@ import enum
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+import urllib.parse
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -46,7 +53,9 @@ __all__ = [
     "BlkdebugNode",
     "BlkdebugRule",
     "FileNode",
+    "InetAddress",
     "IoType",
+    "NbdNode",
     "Node",
     "NodeSpec",
     "ProbeNode",
@@ -54,6 +63,8 @@ __all__ = [
     "QuorumNode",
     "RawNode",
     "ReadPattern",
+    "UnixAddress",
+    "is_nbd_url",
     "is_plain_filename",
     "parse_image_opts",
     "parse_spec",
@@ -111,12 +122,51 @@ class FileNode:
     filename: str
 
 
+#: The port an NBD server listens on when none is given (IANA's port for NBD).
+NBD_DEFAULT_PORT = 10809
+
+#: Seconds an NBD request (or the connection) may take before it fails: qimg's own
+#: ``timeout`` option of the ``nbd`` node; QEMU's nbd driver has no such option.
+NBD_DEFAULT_TIMEOUT = 30
+
+#: Longest export name the NBD protocol allows, in bytes.
+NBD_MAX_EXPORT_NAME = 4096
+
+
 @dataclass(frozen=True)
-class RawNode:
-    """The ``raw`` format: guest bytes are the file's bytes."""
+class InetAddress:
+    """A TCP server: host name or address, and port."""
+
+    host: str
+    port: int = NBD_DEFAULT_PORT
+
+
+@dataclass(frozen=True)
+class UnixAddress:
+    """A server listening on a unix domain socket."""
+
+    path: str
+
+
+@dataclass(frozen=True)
+class NbdNode:
+    """An export of an NBD server (QEMU's ``nbd`` protocol driver): its bytes, as a
+    ``file`` node gives a file's."""
 
     node_name: str
-    file: FileNode
+    server: InetAddress | UnixAddress
+    export: str | None = None
+    """The export's name; None asks for the server's default export (as "" does)."""
+    timeout: int = NBD_DEFAULT_TIMEOUT
+    """Seconds before a connection attempt or a request fails (qimg's own option)."""
+
+
+@dataclass(frozen=True)
+class RawNode:
+    """The ``raw`` format: guest bytes are the file's (or the export's) bytes."""
+
+    node_name: str
+    file: FileNode | NbdNode
 
 
 @dataclass(frozen=True)
@@ -134,7 +184,7 @@ class ProbeNode:
     """A format node without a ``driver``: the format is probed from the file."""
 
     node_name: str
-    file: FileNode
+    file: FileNode | NbdNode
 
 
 @dataclass(frozen=True)
@@ -171,7 +221,7 @@ class BlkdebugNode:
     inject_error: tuple[BlkdebugRule, ...] = ()
 
 
-Node: TypeAlias = FileNode | RawNode | Qcow2Node | ProbeNode | QuorumNode | BlkdebugNode
+Node: TypeAlias = FileNode | NbdNode | RawNode | Qcow2Node | ProbeNode | QuorumNode | BlkdebugNode
 
 
 # --- what qemu-img prints as the image's name -------------------------------------------
@@ -293,6 +343,7 @@ class NodeSpec:
 def _driver_of(node: Node) -> str:
     return {
         FileNode: "file",
+        NbdNode: "nbd",
         RawNode: "raw",
         Qcow2Node: "qcow2",
         ProbeNode: "probe",
@@ -320,6 +371,13 @@ def _core_node(node: Node) -> dict[str, Any]:
     head: dict[str, Any] = {"driver": _driver_of(node), "node-name": node.node_name}
     if isinstance(node, FileNode):
         return {**head, "filename": node.filename}
+    if isinstance(node, NbdNode):
+        server: dict[str, str]
+        if isinstance(node.server, InetAddress):
+            server = {"type": "inet", "host": node.server.host, "port": str(node.server.port)}
+        else:
+            server = {"type": "unix", "path": node.server.path}
+        return {**head, "server": server, "export": node.export, "timeout": node.timeout}
     if isinstance(node, RawNode | ProbeNode):
         return {**head, "file": _core_node(node.file)}
     if isinstance(node, Qcow2Node):
@@ -374,6 +432,10 @@ def _node_as_dict(node: Node) -> dict[str, Any]:
                 continue
             if key == "backing" and value == "default":
                 continue
+            if obj.get("driver") == "nbd" and (
+                key == "timeout" or (key == "export" and value is None)
+            ):
+                continue
             if isinstance(value, dict):
                 out[key] = strip(value)
             elif key == "children":
@@ -409,10 +471,106 @@ class _Item:
 
 
 def is_plain_filename(spec: object) -> bool:
-    """Whether ``spec`` is a plain file name (not ``json:``, a mapping or a NodeSpec)."""
+    """Whether ``spec`` is a plain file name (not ``json:``, an ``nbd:`` URL, a
+    mapping or a NodeSpec)."""
     if isinstance(spec, os.PathLike):
         return True
-    return isinstance(spec, str) and not spec.startswith("json:")
+    return isinstance(spec, str) and not spec.startswith("json:") and not is_nbd_url(spec)
+
+
+#: ``nbd:``, or ``nbd+SOMETHING:`` (qemu-img takes such a prefix for a protocol name).
+_NBD_PREFIX_RE = re.compile(r"nbd(\+[^:/]*)?:")
+
+#: The URL schemes qimg reads, and the kind of server address each one names.
+_NBD_SCHEMES = {"nbd": "inet", "nbd+tcp": "inet", "nbd+unix": "unix"}
+
+
+def is_nbd_url(text: str) -> bool:
+    """Whether the file name ``text`` names an NBD export (``nbd://...``,
+    ``nbd+unix://...``; other ``nbd...:`` prefixes too, to be refused by name)."""
+    return _NBD_PREFIX_RE.match(text) is not None
+
+
+def _url_host_port(authority: str) -> tuple[str, str]:
+    """``HOST[:PORT]`` or ``[IPV6][:PORT]`` -> (host, port text, maybe empty)."""
+    if authority.startswith("["):
+        host, close, after = authority[1:].partition("]")
+        port_text = after[1:]
+        ok = bool(close) and (not after or after.startswith(":"))
+    else:
+        host, _, port_text = authority.partition(":")
+        ok = ":" not in port_text
+    if not ok or not host or "%" in host:
+        raise InvalidOptionError(
+            f"No valid host in NBD URL (given '{authority}'): write nbd://HOST[:PORT]/EXPORT, "
+            "with an IPv6 address in brackets"
+        )
+    return host, port_text
+
+
+def _nbd_url_options(url: str) -> dict[str, Any]:
+    """The ``nbd`` node options an NBD URL stands for: ``nbd://HOST[:PORT][/EXPORT]``
+    (also ``nbd+tcp://``; IPv6 hosts in brackets) or
+    ``nbd+unix://[/EXPORT]?socket=PATH``. The export and the socket path are
+    percent-decoded; a user name and a ``#fragment`` are ignored, as qemu-img does."""
+    m = _NBD_PREFIX_RE.match(url)
+    assert m is not None
+    scheme = m.group(0)[:-1]
+    rest = url[m.end() :]
+    kind = _NBD_SCHEMES.get(scheme)
+    if kind is None:
+        why = " (TLS is not supported)" if scheme == "nbd+tls" else ""
+        raise InvalidOptionError(
+            f"Unknown protocol '{scheme}'{why}: qimg reads nbd://HOST[:PORT]/EXPORT, "
+            "nbd+tcp://... and nbd+unix:///EXPORT?socket=PATH"
+        )
+    if not rest.startswith("//"):
+        raise InvalidOptionError(
+            f"The {scheme}:HOST:PORT form is not supported by qimg: write "
+            "nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH"
+        )
+    rest = rest[2:].split("#", 1)[0]
+    rest, _, query = rest.partition("?")
+    authority, slash, path = rest.partition("/")
+    authority = authority.rpartition("@")[2]
+    export = urllib.parse.unquote(path, errors="strict") if slash and path else None
+    socket: str | None = None
+    for pair in query.split("&"):
+        if not pair:
+            continue
+        key, eq, value = pair.partition("=")
+        if key != "socket" or not eq:
+            raise InvalidOptionError(
+                f"Unknown query parameter '{key}' in NBD URL (only socket=PATH, with nbd+unix://)"
+            )
+        if kind != "unix":
+            raise InvalidOptionError(f"socket= needs an nbd+unix:// URL, not {scheme}://")
+        socket = urllib.parse.unquote(value, errors="strict")
+    options: dict[str, Any] = {"driver": "nbd"}
+    if kind == "unix":
+        if authority:
+            raise InvalidOptionError(
+                f"An nbd+unix:// URL has no host (given '{authority}'): write "
+                "nbd+unix:///EXPORT?socket=PATH"
+            )
+        if not socket:
+            raise InvalidOptionError(
+                "An nbd+unix:// URL needs the socket's path: nbd+unix:///EXPORT?socket=PATH"
+            )
+        options["server"] = {"type": "unix", "path": socket}
+    else:
+        host, port_text = _url_host_port(authority)
+        port = NBD_DEFAULT_PORT
+        if port_text:
+            if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+                raise InvalidOptionError(
+                    f"Invalid port '{port_text}' in NBD URL (a number from 1 to 65535)"
+                )
+            port = int(port_text)
+        options["server"] = {"type": "inet", "host": host, "port": str(port)}
+    if export is not None:
+        options["export"] = export
+    return options
 
 
 def parse_image_opts(text: str) -> dict[str, str]:
@@ -573,7 +731,7 @@ class _Opts:
 
 # --- QEMU's drivers and options, and what qimg does with them ------------------------------
 
-_SUPPORTED_DRIVERS = ("file", "raw", "qcow2", "quorum", "blkdebug")
+_SUPPORTED_DRIVERS = ("file", "nbd", "raw", "qcow2", "quorum", "blkdebug")
 
 #: Drivers qemu-img 10 knows that qimg does not implement.
 _QEMU_DRIVERS = frozenset(
@@ -597,7 +755,6 @@ _QEMU_DRIVERS = frozenset(
         "iscsi",
         "iser",
         "luks",
-        "nbd",
         "nfs",
         "null-aio",
         "null-co",
@@ -651,6 +808,9 @@ _UNSUPPORTED_OPTIONS: dict[str, frozenset[str]] = {
         }
     ),
     "quorum": frozenset(),
+    "nbd": frozenset(
+        {"tls-creds", "tls-hostname", "x-dirty-bitmap", "reconnect-delay", "open-timeout"}
+    ),
     "blkdebug": frozenset(
         {
             "config",
@@ -672,9 +832,33 @@ _WHY_UNSUPPORTED = {
     "encrypt": "encrypted images",
     "config": "blkdebug configuration files",
     "set-state": "blkdebug states",
+    "tls-creds": "TLS connections",
+    "tls-hostname": "TLS connections",
+    "x-dirty-bitmap": "dirty bitmap exports",
+    "reconnect-delay": "reconnections",
 }
 
-_PROTOCOLS = frozenset({"file", "blkdebug"})
+_PROTOCOLS = frozenset({"file", "blkdebug", "nbd"})
+
+#: The server options of QEMU's socket addresses qimg does not implement, by type.
+_NBD_SERVER_UNSUPPORTED = {
+    "inet": frozenset(
+        {
+            "numeric",
+            "to",
+            "ipv4",
+            "ipv6",
+            "keep-alive",
+            "keep-alive-count",
+            "keep-alive-idle",
+            "keep-alive-interval",
+            "mptcp",
+        }
+    ),
+    "unix": frozenset({"abstract", "tight"}),
+}
+_NBD_SERVER_KEYS = {"inet": ("type", "host", "port"), "unix": ("type", "path")}
+_NBD_LEGACY_KEYS = ("host", "port", "path")
 
 #: Every blkdebug event QEMU 10 defines; qimg fires the ones in :class:`BlkdebugEvent`.
 _QEMU_BLKDEBUG_EVENTS = frozenset(
@@ -784,6 +968,46 @@ def _boolean(item: _Item | None, name: str, where: str) -> bool | None:
     raise InvalidOptionError(f"Parameter '{name}' expects 'on' or 'off'{where}")
 
 
+_NBD_SERVER_HINT = (
+    'give "server": {"type": "inet", "host": HOST, "port": PORT} or {"type": "unix", "path": PATH}'
+)
+
+#: Largest ``timeout`` of an nbd node, in seconds.
+_MAX_TIMEOUT = 0xFFFF_FFFF
+
+
+def _port(item: _Item, name: str, where: str) -> tuple[int, str]:
+    """A TCP port: a JSON number or a string of decimal digits (QEMU would also look
+    up service names such as "nbd"; qimg takes numbers only). Returns the number and
+    the text qemu-img prints for it."""
+    value = item.value
+    number: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, float | str) and _is_whole(value):
+        number = int(value)
+    if number is None or not 1 <= number <= 65535:
+        given = value.value if isinstance(value, _Empty) else _json_scalar(value)
+        raise InvalidOptionError(
+            f"Parameter '{name}' expects a port number from 1 to 65535, not {given}{where}"
+        )
+    return number, value if isinstance(value, str) else str(number)
+
+
+def _is_whole(value: float | str) -> bool:
+    """An integral float, or a string of ASCII decimal digits."""
+    if isinstance(value, float):
+        return value.is_integer()
+    return value.isascii() and value.isdigit()
+
+
+def _nonempty(item: _Item, name: str, where: str) -> str:
+    text = _text(item, name, where)
+    if not text:
+        raise InvalidOptionError(f"Parameter '{name}' must not be empty{where}")
+    return text
+
+
 def _text(item: _Item | None, name: str, where: str) -> str | None:
     if item is None or item.value is None:
         return None
@@ -819,7 +1043,9 @@ class _Parser:
 
     # -- one node --
 
-    def node(self, opts: _Opts, default_name: str, fmt: str | None = None) -> tuple[Node, _Shown]:
+    def node(
+        self, opts: _Opts, default_name: str, fmt: str | None = None, *, under_format: bool = False
+    ) -> tuple[Node, _Shown]:
         where = _at(opts)
         driver_item = opts.take("driver")
         driver = _text(driver_item, "driver", where)
@@ -843,6 +1069,8 @@ class _Parser:
         node: Node
         if driver == "file":
             node, shown = self._file(opts, node_name)
+        elif driver == "nbd":
+            node, shown = self._nbd(opts, node_name, under_format)
         elif driver in ("raw", "qcow2"):
             node, shown = self._format(opts, node_name, driver)
         elif driver == "quorum":
@@ -936,23 +1164,35 @@ class _Parser:
             return None
         return opts.sub(key)
 
-    def _file_child(self, opts: _Opts, driver: str) -> tuple[FileNode | BlkdebugNode, _Shown]:
-        """The ``file`` child of a format node: a file node, or for raw a blkdebug node
-        (over a file node)."""
+    def _file_child(
+        self, opts: _Opts, driver: str
+    ) -> tuple[FileNode | NbdNode | BlkdebugNode, _Shown]:
+        """The ``file`` child of a format node: a file node, an nbd node (not under
+        qcow2), or for raw a blkdebug node (over a file or nbd node)."""
         sub = self._child(opts, "file")
         if sub is None:
             raise InvalidOptionError(f'A block device must be specified for "file"{_at(opts)}')
         if "driver" not in sub.items:
             # A protocol node without a driver is a file (qimg has no other protocol).
             sub.items["driver"] = _Item("file", 0)
-        node, shown = self.node(sub, sub.path)
+        node, shown = self.node(sub, sub.path, under_format=True)
         if isinstance(node, FileNode):
             return node, shown
-        if isinstance(node, BlkdebugNode) and driver == "raw":
-            if not isinstance(node.image, FileNode):
+        if isinstance(node, NbdNode | BlkdebugNode) and driver == "qcow2":
+            inner = node.image if isinstance(node, BlkdebugNode) else node
+            if isinstance(inner, NbdNode):
                 raise InvalidOptionError(
-                    "The image of a blkdebug node under a raw node must be a 'file' node, "
-                    f"not '{_driver_of(node.image)}'{_at(sub)}"
+                    f"qcow2 over an nbd node is not supported by qimg{_at(sub)}: serve the "
+                    "image with 'qemu-nbd -f qcow2', which exports its guest contents, and "
+                    "open the export as raw"
+                )
+        if isinstance(node, NbdNode):
+            return node, shown
+        if isinstance(node, BlkdebugNode) and driver == "raw":
+            if not isinstance(node.image, FileNode | NbdNode):
+                raise InvalidOptionError(
+                    "The image of a blkdebug node under a raw node must be a 'file' or "
+                    f"'nbd' node, not '{_driver_of(node.image)}'{_at(sub)}"
                 )
             return node, shown
         if isinstance(node, BlkdebugNode):
@@ -963,7 +1203,7 @@ class _Parser:
             )
         what = "a node without a driver" if driver == "probe" else f"a {driver} node"
         raise InvalidOptionError(
-            f"The file of {what} must be a 'file' node, not '{_driver_of(node)}'{_at(sub)}"
+            f"The file of {what} must be a 'file' or 'nbd' node, not '{_driver_of(node)}'{_at(sub)}"
         )
 
     def _file(self, opts: _Opts, node_name: str) -> tuple[FileNode, _Shown]:
@@ -976,9 +1216,138 @@ class _Parser:
         shown = _Shown(filename, [("filename", filename, (bucket("filename"), item.order))])
         return FileNode(node_name, filename), shown
 
+    def _nbd(self, opts: _Opts, node_name: str, under_format: bool) -> tuple[NbdNode, _Shown]:
+        """An NBD export: ``server`` (``{"type": "inet", "host", "port"}`` or
+        ``{"type": "unix", "path"}``) or QEMU's older flat ``host``/``port``/``path``,
+        and ``export``."""
+        where = _at(opts)
+        members: list[tuple[str, _ShownValue, tuple[int, int]]] = []
+
+        def show(key: str, item: _Item, order: int | None = None) -> None:
+            value = None if isinstance(item.value, _Empty) else item.value
+            members.append((key, value, (bucket(key), item.order if order is None else order)))
+
+        legacy = {k: item for k in _NBD_LEGACY_KEYS if (item := opts.take(k)) is not None}
+        server_item = opts.items.get("server")
+        if server_item is not None or any(k.startswith("server.") for k in opts.items):
+            if legacy:
+                raise InvalidOptionError(
+                    f"Cannot use 'server' and path/host/port at the same time{where}"
+                )
+            if server_item is not None and server_item.value is not _Empty.OBJECT:
+                raise InvalidOptionError(
+                    f"Parameter 'server' expects an object{where}: {_NBD_SERVER_HINT}"
+                )
+            opts.take("server")
+            server, port_text = self._nbd_server(opts.sub("server"), where, under_format, show)
+        else:
+            if "filename" in opts.items:
+                raise InvalidOptionError(
+                    f"NBD server address missing{where}: a json: or --image-opts 'filename' is "
+                    f"not read as an nbd:// URL (give the URL as the file name itself, or "
+                    f"{_NBD_SERVER_HINT})"
+                )
+            server, port_text = self._nbd_legacy(legacy, where, show)
+        export_item = opts.take("export")
+        export = None
+        if export_item is not None:
+            export = _text(export_item, "export", where)
+            if export is not None and len(export.encode()) > NBD_MAX_EXPORT_NAME:
+                raise InvalidOptionError(
+                    f"Export name too long{where} (at most {NBD_MAX_EXPORT_NAME} bytes)"
+                )
+            show("export", export_item)
+        # qimg's own option (QEMU's nbd driver has none like it): seconds before a
+        # connection attempt or a request fails. Not shown, like a node name.
+        timeout = _number(opts.take("timeout"), "timeout", where)
+        if timeout is not None and not 1 <= timeout <= _MAX_TIMEOUT:
+            raise InvalidOptionError(
+                f"Parameter 'timeout' expects a number of seconds from 1 to {_MAX_TIMEOUT}, "
+                f"not {timeout}{where}"
+            )
+        self._leftovers(opts, "nbd")
+        tail = "" if export is None else f"/{export}"
+        if isinstance(server, InetAddress):
+            exact = f"nbd://{server.host}:{port_text}{tail}"
+        else:
+            exact = f"nbd+unix://{tail}?socket={server.path}"
+        node = NbdNode(
+            node_name, server, export, NBD_DEFAULT_TIMEOUT if timeout is None else timeout
+        )
+        return node, _Shown(exact, members)
+
+    def _nbd_server(
+        self,
+        sub: _Opts,
+        where: str,
+        under_format: bool,
+        show: Callable[[str, _Item, int | None], None],
+    ) -> tuple[InetAddress | UnixAddress, str]:
+        type_item = sub.take("type")
+        kind = _text(type_item, "server.type", where)
+        if kind is None:
+            raise InvalidOptionError(f"Parameter 'server.type' is missing{where}")
+        if kind in ("fd", "vsock"):
+            raise InvalidOptionError(
+                f"NBD server type '{kind}' is not supported by qimg{where} (use inet or unix)"
+            )
+        if kind not in _NBD_SERVER_KEYS:
+            raise InvalidOptionError(
+                f"Parameter 'server.type' does not accept value '{kind}'{where} (inet or unix)"
+            )
+        assert type_item is not None
+        show("server.type", type_item, None)
+        given = {k: sub.take(k) for k in _NBD_SERVER_KEYS[kind][1:]}
+        for key in sub.items:
+            top = key.split(".", 1)[0]
+            if top in _NBD_SERVER_UNSUPPORTED[kind]:
+                raise InvalidOptionError(
+                    f"Option 'server.{top}' of driver 'nbd' is not supported by qimg{where}"
+                )
+            raise InvalidOptionError(f"Parameter 'server.{key}' is unexpected{where}")
+        for key, item in given.items():
+            if item is None or item.value is None:
+                raise InvalidOptionError(f"Parameter 'server.{key}' is missing{where}")
+        if kind == "unix":
+            path_item = given["path"]
+            assert path_item is not None
+            show("server.path", path_item, None)
+            return UnixAddress(_nonempty(path_item, "server.path", where)), ""
+        host_item, port_item = given["host"], given["port"]
+        assert host_item is not None and port_item is not None
+        # qemu-img prints server.host and server.port (which share a bucket) in one
+        # order under a format node and in the other elsewhere, whatever the input's.
+        show("server.host", host_item, 0 if under_format else 1)
+        show("server.port", port_item, 1 if under_format else 0)
+        port, port_text = _port(port_item, "server.port", where)
+        return InetAddress(_nonempty(host_item, "server.host", where), port), port_text
+
+    def _nbd_legacy(
+        self,
+        legacy: dict[str, _Item],
+        where: str,
+        show: Callable[[str, _Item, int | None], None],
+    ) -> tuple[InetAddress | UnixAddress, str]:
+        """QEMU's older spelling: ``host`` (and ``port``, default 10809) or ``path``."""
+        for key, item in legacy.items():
+            show(key, item, None)
+        if "path" in legacy and "host" in legacy:
+            raise InvalidOptionError(f"path and host may not be used at the same time{where}")
+        if "path" in legacy:
+            if "port" in legacy:
+                raise InvalidOptionError(f"port may not be used without host{where}")
+            return UnixAddress(_nonempty(legacy["path"], "path", where)), ""
+        if "host" not in legacy:
+            raise InvalidOptionError(f"NBD server address missing{where}: {_NBD_SERVER_HINT}")
+        host = _nonempty(legacy["host"], "host", where)
+        if "port" not in legacy:
+            return InetAddress(host), str(NBD_DEFAULT_PORT)
+        port, port_text = _port(legacy["port"], "port", where)
+        return InetAddress(host, port), port_text
+
     def _probe(self, opts: _Opts, node_name: str) -> tuple[ProbeNode, _Shown]:
         file, file_shown = self._file_child(opts, "probe")
-        assert isinstance(file, FileNode)
+        assert isinstance(file, FileNode | NbdNode)
         if opts.has_sub("backing"):
             raise InvalidOptionError(
                 f'Option \'backing\' needs the node\'s format: give "driver": "qcow2"{_at(opts)}'
@@ -1000,11 +1369,12 @@ class _Parser:
         if isinstance(file, BlkdebugNode):
             # QEMU's raw -> blkdebug -> file is blkdebug -> raw -> file: raw passes
             # offsets through unchanged. The node at this place keeps this place's name.
-            assert isinstance(file.image, FileNode)
+            assert isinstance(file.image, FileNode | NbdNode)
             inner = RawNode(file.node_name, file.image)
             return BlkdebugNode(node_name, inner, file.inject_error), shown
         if driver == "raw":
             return RawNode(node_name, file), shown
+        assert isinstance(file, FileNode)
         return Qcow2Node(node_name, file, backing), shown
 
     def _backing(self, opts: _Opts) -> Node | _BackingDefault | None:
@@ -1200,11 +1570,31 @@ def parse_spec(
         flat = _flatten(spec)
     elif is_plain_filename(spec):
         return _plain(os.fspath(spec), fmt)
+    elif isinstance(spec, str) and is_nbd_url(spec):
+        return _nbd_url(spec, fmt)
     else:
         assert isinstance(spec, str)
         flat = _flatten(_load_json(spec.removeprefix("json:")))
     parser = _Parser()
     root, _ = parser.parse_root(_Opts.from_flat(flat), fmt)
+    return NodeSpec(root, _shown=parser.shown)
+
+
+def _nbd_url(url: str, fmt: str | None) -> NodeSpec:
+    """An NBD URL given as a file name: the export under a probed format, or under
+    ``-f raw``; ``-f nbd`` opens the export itself."""
+    if fmt == "file":
+        # As qemu-img -f file does: the name is a path, whatever it looks like.
+        return _plain(url, fmt)
+    if fmt not in (None, "raw", "qcow2", "nbd"):
+        return _plain(url, fmt)  # refuses the format by name
+    nbd = _nbd_url_options(url)
+    tree: dict[str, Any] = nbd if fmt == "nbd" else {"file": nbd}
+    parser = _Parser()
+    try:
+        root, _ = parser.parse_root(_Opts.from_flat(_flatten(tree)), fmt if fmt != "nbd" else None)
+    except UnicodeDecodeError:
+        raise InvalidOptionError("NBD URL has percent-escapes that are not UTF-8") from None
     return NodeSpec(root, _shown=parser.shown)
 
 
@@ -1222,6 +1612,11 @@ def _plain(filename: str, fmt: str | None) -> NodeSpec:
     elif fmt in ("quorum", "blkdebug"):
         raise InvalidOptionError(
             f"A {fmt} node needs a json: or --image-opts specification, not a file name"
+        )
+    elif fmt == "nbd":
+        raise InvalidOptionError(
+            "An nbd node needs an nbd:// or nbd+unix:// URL, or a json: or --image-opts "
+            "specification, not a file name"
         )
     elif fmt in _QEMU_DRIVERS:
         raise InvalidOptionError(f"Driver '{fmt}' is not supported by qimg")

@@ -3,17 +3,25 @@
 QEMU's ``qemu-img`` / ``qemu-io`` are looked up on PATH. When they are missing, the tests that
 need them are skipped on a developer machine and fail when the ``CI`` environment variable is
 set (CI must never silently lose its oracle). Tests that need QEMU carry ``@pytest.mark.qemu``.
+
+``nbd_servers`` starts real ``qemu-nbd`` servers (skipped or failed the same way when
+``qemu-nbd`` is missing) and kills every one of them when the test ends, pass or fail.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
-from collections.abc import Callable
-from typing import TypeAlias
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeAlias
 
 import pytest
 
@@ -110,3 +118,136 @@ def seek_data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
         ranges.append((start, end))
         pos = end
     return ranges
+
+
+# --- qemu-nbd servers ----------------------------------------------------------------------
+
+#: How long a starting qemu-nbd may take to accept connections.
+NBD_START_TIMEOUT_S = 20
+
+
+@dataclass
+class NbdServer:
+    """One running ``qemu-nbd`` exporting ``image`` as ``export``, on loopback TCP
+    (``port``) or on the unix socket ``socket_path``."""
+
+    process: subprocess.Popen[bytes]
+    image: Path
+    export: str
+    port: int | None = None
+    socket_path: Path | None = None
+    log: Path = field(default_factory=Path)
+
+    @property
+    def url(self) -> str:
+        if self.socket_path is not None:
+            return f"nbd+unix:///{self.export}?socket={self.socket_path}"
+        return f"nbd://127.0.0.1:{self.port}/{self.export}"
+
+    def node(self) -> dict[str, Any]:
+        """The ``nbd`` node of this export, as a json: spec spells it."""
+        server: dict[str, Any]
+        if self.socket_path is not None:
+            server = {"type": "unix", "path": str(self.socket_path)}
+        else:
+            server = {"type": "inet", "host": "127.0.0.1", "port": str(self.port)}
+        return {"driver": "nbd", "server": server, "export": self.export}
+
+    @property
+    def json(self) -> str:
+        return "json:" + json.dumps(self.node())
+
+    @property
+    def image_opts(self) -> str:
+        if self.socket_path is not None:
+            where = f"server.type=unix,server.path={self.socket_path}"
+        else:
+            where = f"server.type=inet,server.host=127.0.0.1,server.port={self.port}"
+        return f"driver=nbd,{where},export={self.export}"
+
+    def kill(self) -> None:
+        """Kills the server at once (SIGKILL), as a crash would."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=30)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _accepts(server: NbdServer) -> bool:
+    family = socket.AF_UNIX if server.socket_path is not None else socket.AF_INET
+    address: Any = str(server.socket_path) if server.socket_path else ("127.0.0.1", server.port)
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(1)
+        try:
+            s.connect(address)
+        except OSError:
+            return False
+        # The server's greeting: qemu-nbd has set the export up.
+        try:
+            return s.recv(8) == b"NBDMAGIC"
+        except OSError:
+            return False
+
+
+#: ``nbd_servers(image, fmt="raw", export="x", unix=False, read_only=False)`` starts one.
+StartNbd: TypeAlias = Callable[..., NbdServer]
+
+
+@pytest.fixture
+def nbd_servers(tmp_path: Path) -> Iterator[StartNbd]:
+    """Starts ``qemu-nbd`` servers for one test and kills them all afterwards."""
+    qemu_nbd = _require_tool("qemu-nbd")
+    started: list[NbdServer] = []
+
+    def start(
+        image: Path,
+        *,
+        fmt: str = "raw",
+        export: str = "x",
+        unix: bool = False,
+        read_only: bool = False,
+    ) -> NbdServer:
+        index = len(started)
+        log = tmp_path / f"qemu-nbd.{index}.log"
+        for _attempt in range(5):
+            argv = [qemu_nbd, "-f", fmt, "-x", export, "--persistent", "--shared=16"]
+            port: int | None = None
+            sock: Path | None = None
+            if unix:
+                sock = tmp_path / f"nbd.{index}.sock"
+                argv += ["-k", str(sock)]
+            else:
+                port = _free_port()
+                argv += ["-b", "127.0.0.1", "-p", str(port)]
+            if read_only:
+                argv.append("-r")
+            argv.append(str(image))
+            with open(log, "ab") as out:
+                process = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+                )
+            server = NbdServer(process, image, export, port, sock, log)
+            started.append(server)
+            deadline = time.monotonic() + NBD_START_TIMEOUT_S
+            while process.poll() is None and time.monotonic() < deadline:
+                if _accepts(server):
+                    return server
+                time.sleep(0.02)
+            server.kill()
+            if unix:
+                break  # a socket in tmp_path cannot be taken by someone else
+        pytest.fail(f"qemu-nbd did not start: {log.read_text(errors='replace')}")
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.kill()
+            if server.socket_path is not None and server.socket_path.exists():
+                server.socket_path.unlink()
