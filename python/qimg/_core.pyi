@@ -111,7 +111,7 @@ def scrub(
     image: Image,
     *,
     repair: bool = False,
-    workers: int = 2,
+    workers: int | None = None,
     progress: Callable[[int, int], object] | None = None,
 ) -> dict[str, Any]: ...
 def compare_images(

@@ -85,6 +85,19 @@ pub fn default_workers() -> usize {
         .clamp(2, MAX_WORKERS)
 }
 
+/// Workers waiting on a network: enough to keep several requests in flight
+/// whatever the core count (qemu-img's default of 8 coroutines).
+pub const REMOTE_WORKERS: usize = 8;
+
+/// The default worker count for copying `sources`.
+pub fn default_workers_for(sources: &[Arc<dyn BlockDev>]) -> usize {
+    if sources.iter().any(|s| s.is_remote()) {
+        default_workers().max(REMOTE_WORKERS)
+    } else {
+        default_workers()
+    }
+}
+
 /// Read buffers handed back after their bytes are written, so that every
 /// piece does not fault in fresh memory (on a virtual machine, memory the
 /// guest gave back can cost more to touch again than the copy itself).

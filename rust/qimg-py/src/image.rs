@@ -463,9 +463,13 @@ pub fn convert(
         zero_init,
         top_only,
         in_order,
-        workers: workers.unwrap_or_else(engine::default_workers),
+        workers: 0,
     };
     let nodes: Vec<Arc<dyn BlockDev>> = sources.iter().map(|s| Arc::clone(&s.node)).collect();
+    let opts = engine::ConvertOptions {
+        workers: workers.unwrap_or_else(|| engine::default_workers_for(&nodes)),
+        ..opts
+    };
     let dst = Arc::clone(&target.node);
     let p = Progress::new(progress);
     py.detach(|| engine::convert(&nodes, dst.as_ref(), &opts, &|d, t| p.report(d, t)))

@@ -4,7 +4,7 @@ use crate::image::{Image, Progress};
 use crate::to_py;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
-use qimg_core::block::{self, SpecOptions};
+use qimg_core::block::{self, BlockDev, SpecOptions};
 use qimg_core::quorum::events::{Event, EventData, EventLog};
 use qimg_core::quorum::scrub as engine;
 use qimg_core::Error;
@@ -92,12 +92,12 @@ fn error_ranges<'py>(py: Python<'py>, r: &[(u64, u64, String)]) -> PyResult<Boun
 /// each child got wrong; with `repair` (image open for writing) the losers
 /// and failed reads are rewritten with the winning bytes.
 #[pyfunction]
-#[pyo3(signature = (image, *, repair=false, workers=2, progress=None))]
+#[pyo3(signature = (image, *, repair=false, workers=None, progress=None))]
 pub fn scrub<'py>(
     py: Python<'py>,
     image: PyRef<'_, Image>,
     repair: bool,
-    workers: usize,
+    workers: Option<usize>,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let node = Arc::clone(&image.node);
@@ -108,6 +108,9 @@ pub fn scrub<'py>(
             node.format_name()
         ))));
     };
+    // Two pieces at a time keep two cores busy on local replicas; remote
+    // ones need more requests in flight.
+    let workers = workers.unwrap_or(if q.is_remote() { 8 } else { 2 });
     let p = Progress::new(progress);
     let report = py
         .detach(|| engine::scrub(q, repair, workers, &|d, t| p.report(d, t)))

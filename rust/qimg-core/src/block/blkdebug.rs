@@ -137,6 +137,10 @@ impl BlockDev for BlkdebugNode {
         "blkdebug"
     }
 
+    fn is_remote(&self) -> bool {
+        self.image.is_remote()
+    }
+
     fn filename(&self) -> &str {
         &self.display
     }

@@ -87,6 +87,12 @@ pub trait BlockDev: Send + Sync {
         None
     }
 
+    /// Requests wait on a network rather than on local memory or disk, so
+    /// readers gain from having many in flight.
+    fn is_remote(&self) -> bool {
+        false
+    }
+
     /// Writes `buf` at `offset`; the range must lie inside the node.
     fn write_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
         Err(read_only(self.filename()))

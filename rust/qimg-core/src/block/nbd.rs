@@ -909,6 +909,10 @@ impl BlockDev for NbdNode {
         self.format
     }
 
+    fn is_remote(&self) -> bool {
+        true
+    }
+
     fn filename(&self) -> &str {
         &self.display
     }

@@ -487,6 +487,10 @@ impl BlockDev for QuorumNode {
         Some(self)
     }
 
+    fn is_remote(&self) -> bool {
+        self.children.iter().any(|c| c.node.is_remote())
+    }
+
     fn filename(&self) -> &str {
         &self.display
     }
