@@ -478,6 +478,11 @@ def _protocol_info(core: _core.Image, filename: str) -> dict[str, JsonValue]:
     return {**info, "filename": filename}
 
 
+def _nbd_info(filename: str, size: int) -> dict[str, JsonValue]:
+    # qemu-img knows neither a disk size nor a dirty flag of an export.
+    return {"filename": filename, "format": "nbd", "virtual-size": size, "children": []}
+
+
 def _tree_info(
     spec: NodeSpec, node: Node, core: _core.Image, probed: Mapping[str, str]
 ) -> dict[str, JsonValue]:
@@ -487,8 +492,7 @@ def _tree_info(
     if isinstance(node, FileNode):
         return _protocol_info(core, filename)
     if isinstance(node, NbdNode):
-        # qemu-img knows neither a disk size nor a dirty flag of an export.
-        return {"filename": filename, "format": "nbd", "virtual-size": core.size, "children": []}
+        return _nbd_info(filename, core.size)
     if isinstance(node, RawNode | Qcow2Node | ProbeNode):
         info = image_info(core)
         info["filename"] = filename
@@ -503,6 +507,11 @@ def _tree_info(
                 backing_info = _tree_info(spec, backing_node, below, probed)
             children.append({"name": "backing", "info": backing_info})
         children.extend(info.get("children", []))  # type: ignore[arg-type]
+        if isinstance(node, RawNode | ProbeNode) and isinstance(node.file, NbdNode):
+            # An export has no dirty flag to report (qemu-img leaves it out).
+            info.pop("dirty-flag", None)
+            export = spec.display_name_of(node.file.node_name, probed)
+            children.append({"name": "file", "info": _nbd_info(export, core.size)})
         info["children"] = children
         return info
     details = core.details()
