@@ -130,11 +130,6 @@ def _is_nbd_root(args: list[str]) -> bool:
     return args[-1].startswith(("driver=nbd,", 'json:{"driver": "nbd"'))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Rust bug: map of an nbd node opened as the image itself (json/--image-opts "
-    "driver=nbd, -f nbd) reports no host offsets; qemu-img reports offset == start",
-)
 @pytest.mark.parametrize("unix", [False, True], ids=["tcp", "unix"])
 def test_map_of_an_nbd_node_by_itself(
     run_qimg: RunCommand,
@@ -278,12 +273,6 @@ def test_writes_to_a_read_only_export_fail_cleanly(
     assert raw_image.read_bytes() == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Rust bug: Image.writable is False for images opened writable from an nbd spec, "
-    "so Image.close() skips the core close and no NBD flush is sent: qemu-nbd's qcow2 "
-    "metadata is still in its cache when the server dies",
-)
 def test_writes_through_a_served_qcow2_reach_the_guest_view(
     run_qimg: RunCommand,
     run_qemu_img: RunCommand,

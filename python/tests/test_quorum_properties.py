@@ -880,7 +880,8 @@ def random_rules(
     rng: random.Random, kind: str, size: int, events: Sequence[str]
 ) -> tuple[Rule, ...] | None:
     """blkdebug rules for one child (None: no blkdebug node). One errno per child: runs of
-    errors of one child are merged only when their errors agree (see the xfail above)."""
+    errors of one child merge only when their errors agree, which
+    test_failed_pieces_with_different_errors_are_reported_apart covers."""
     if kind == "none":
         return None
     errno = rng.choice(ERRNOS)

@@ -206,7 +206,7 @@ impl Image {
 
     #[getter]
     fn writable(&self) -> bool {
-        self.node.file().is_some_and(|f| f.is_writable())
+        self.node.is_writable()
     }
 
     /// `length` bytes of guest data at `offset`.

@@ -141,6 +141,10 @@ impl BlockDev for BlkdebugNode {
         self.image.is_remote()
     }
 
+    fn is_writable(&self) -> bool {
+        self.image.is_writable()
+    }
+
     fn filename(&self) -> &str {
         &self.display
     }

@@ -87,6 +87,11 @@ pub trait BlockDev: Send + Sync {
         None
     }
 
+    /// The node was opened for writing.
+    fn is_writable(&self) -> bool {
+        self.file().is_some_and(|f| f.is_writable())
+    }
+
     /// Requests wait on a network rather than on local memory or disk, so
     /// readers gain from having many in flight.
     fn is_remote(&self) -> bool {

@@ -868,7 +868,7 @@ impl BlockDev for NbdNode {
         let whole = Status {
             len,
             data: true,
-            offset: (self.format == "raw").then_some(offset),
+            offset: Some(offset),
             ..Status::default()
         };
         if self.export.allocation.is_none() {
@@ -896,8 +896,8 @@ impl BlockDev for NbdNode {
                     len: u64::from(n).min(len),
                     data: !zero,
                     zero,
-                    // A raw image over the export: guest and export offsets agree.
-                    offset: (self.format == "raw").then_some(offset),
+                    // The export's own offsets (also a raw image's over it).
+                    offset: Some(offset),
                     ..Status::default()
                 })
             }
@@ -911,6 +911,10 @@ impl BlockDev for NbdNode {
 
     fn is_remote(&self) -> bool {
         true
+    }
+
+    fn is_writable(&self) -> bool {
+        self.writable
     }
 
     fn filename(&self) -> &str {

@@ -491,6 +491,10 @@ impl BlockDev for QuorumNode {
         self.children.iter().any(|c| c.node.is_remote())
     }
 
+    fn is_writable(&self) -> bool {
+        self.writable
+    }
+
     fn filename(&self) -> &str {
         &self.display
     }
