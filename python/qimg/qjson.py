@@ -34,7 +34,8 @@ def member_order(obj: Mapping[str, JsonValue]) -> list[str]:
 
 def json_string(s: str) -> str:
     """``s`` as a JSON string the way QEMU writes it: non-ASCII and control
-    characters as upper-case ``\\uXXXX`` escapes (surrogate pairs beyond the BMP)."""
+    characters as ``\\u`` escapes with four upper-case hex digits (surrogate pairs
+    beyond the BMP)."""
     out = ['"']
     for ch in s:
         code = ord(ch)
