@@ -445,12 +445,33 @@ struct Pending {
     offset: u64,
 }
 
+/// Read buffers passed from the reader thread to requests and back, so that
+/// replies do not fault in fresh memory every time.
+#[derive(Default)]
+struct Pool(Mutex<Vec<Vec<u8>>>);
+
+impl Pool {
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut b = lock(&self.0).pop().unwrap_or_default();
+        b.resize(len, 0);
+        b
+    }
+
+    fn put(&self, b: Vec<u8>) {
+        let mut bufs = lock(&self.0);
+        if bufs.len() < 32 {
+            bufs.push(b);
+        }
+    }
+}
+
 /// One connection: a writer lock for requests, a reader thread for replies.
 struct Conn {
     writer: Mutex<Stream>,
     pending: Arc<Mutex<HashMap<u64, Pending>>>,
     dead: Arc<AtomicBool>,
     cookies: AtomicU64,
+    pool: Arc<Pool>,
 }
 
 impl Conn {
@@ -462,12 +483,14 @@ impl Conn {
         let reader = s.try_clone()?;
         let pending: Arc<Mutex<HashMap<u64, Pending>>> = Arc::new(Mutex::new(HashMap::new()));
         let dead = Arc::new(AtomicBool::new(false));
+        let pool = Arc::new(Pool::default());
         {
-            let (pending, dead) = (Arc::clone(&pending), Arc::clone(&dead));
+            let (pending, dead, pool) =
+                (Arc::clone(&pending), Arc::clone(&dead), Arc::clone(&pool));
             let structured = export.structured;
             std::thread::Builder::new()
                 .name("qimg-nbd-reader".into())
-                .spawn(move || read_replies(reader, &pending, &dead, structured))?;
+                .spawn(move || read_replies(reader, &pending, &dead, &pool, structured))?;
         }
         Ok((
             Conn {
@@ -475,6 +498,7 @@ impl Conn {
                 pending,
                 dead,
                 cookies: AtomicU64::new(1),
+                pool,
             },
             export,
         ))
@@ -539,10 +563,11 @@ fn read_replies(
     mut s: Stream,
     pending: &Mutex<HashMap<u64, Pending>>,
     dead: &AtomicBool,
+    pool: &Pool,
     structured: bool,
 ) {
     let err = loop {
-        if let Err(e) = read_one(&mut s, pending, structured) {
+        if let Err(e) = read_one(&mut s, pending, pool, structured) {
             break e;
         }
     };
@@ -562,6 +587,7 @@ fn read_replies(
 fn read_one(
     s: &mut Stream,
     pending: &Mutex<HashMap<u64, Pending>>,
+    pool: &Pool,
     structured: bool,
 ) -> io::Result<()> {
     let magic = read_u32(s)?;
@@ -577,7 +603,11 @@ fn read_one(
                     p.tx.send(Ok(Part::Failed(server_errno(errno), String::new())));
             } else {
                 if p.read_len > 0 {
-                    let data = read_vec(s, p.read_len, MAX_PAYLOAD)?;
+                    if p.read_len > MAX_PAYLOAD {
+                        return Err(proto("a read reply larger than any request"));
+                    }
+                    let mut data = pool.take(p.read_len as usize);
+                    s.read_exact(&mut data)?;
                     let _ = p.tx.send(Ok(Part::Data(p.offset, data)));
                 }
             }
@@ -589,7 +619,21 @@ fn read_one(
             let kind = read_u16(s)?;
             let cookie = read_u64(s)?;
             let len = read_u32(s)?;
-            let payload = read_vec(s, len, MAX_PAYLOAD)?;
+            if len > MAX_PAYLOAD {
+                return Err(proto(format!("server sent a {len}-byte reply chunk")));
+            }
+            // Read data goes straight into a pooled buffer; other chunks are small.
+            let (data_at, payload) = if kind == CHUNK_OFFSET_DATA {
+                if len < 8 {
+                    return Err(proto("short data chunk"));
+                }
+                let at = read_u64(s)?;
+                let mut data = pool.take((len - 8) as usize);
+                s.read_exact(&mut data)?;
+                (at, data)
+            } else {
+                (0, read_vec(s, len, MAX_PAYLOAD)?)
+            };
             let done = flags & CHUNK_DONE != 0;
             let mut map = lock(pending);
             let p = map
@@ -597,10 +641,7 @@ fn read_one(
                 .ok_or_else(|| proto(format!("reply to unknown request {cookie}")))?;
             let part = match kind {
                 CHUNK_NONE => None,
-                CHUNK_OFFSET_DATA => {
-                    let off = be64(&payload, 0).ok_or_else(|| proto("short data chunk"))?;
-                    Some(Part::Data(off, payload[8..].to_vec()))
-                }
+                CHUNK_OFFSET_DATA => Some(Part::Data(data_at, payload)),
                 CHUNK_OFFSET_HOLE => {
                     let (Some(off), Some(n)) = (be64(&payload, 0), be32(&payload, 8)) else {
                         return Err(proto("short hole chunk"));
@@ -849,7 +890,10 @@ impl BlockDev for NbdNode {
                     .ok_or_else(|| proto("the server sent data outside the request"))?;
                 let dst = &mut piece[inside as usize..(inside + len) as usize];
                 match part {
-                    Part::Data(_, d) => dst.copy_from_slice(&d),
+                    Part::Data(_, d) => {
+                        dst.copy_from_slice(&d);
+                        conn.pool.put(d);
+                    }
                     _ => dst.fill(0),
                 }
                 Ok(())
