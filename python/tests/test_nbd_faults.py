@@ -231,19 +231,9 @@ def test_quorum_outvotes_one_faulty_child_and_reports_it(
     assert proxy.faulted >= 1
 
 
-#: The quorum's block status asks every child and gives up on the first error
-#: (``QuorumNode::status`` in rust/qimg-core/src/block/quorum.rs propagates it with ``?``), so
-#: convert, which starts from block status, fails on one faulty child instead of voting on.
-QUORUM_STATUS_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="quorum block status fails on the first child's error instead of reporting the "
-    "child bad and going on with the others (QuorumNode::status)",
-)
-
-
 @pytest.mark.parametrize(
     "fault",
-    [*(pytest.param(f, marks=QUORUM_STATUS_BUG) for f in ERROR_FAULTS), Fault.CORRUPT_DATA],
+    [*ERROR_FAULTS, Fault.CORRUPT_DATA],
     ids=lambda f: f.value,
 )
 def test_quorum_convert_outvotes_one_faulty_child_and_reports_it(

@@ -463,13 +463,19 @@ impl BlockDev for QuorumNode {
     }
 
     fn status(&self, offset: u64, len: u64) -> Result<Status> {
-        // Zero only where every child reads as zeroes.
+        // Zero only where every child reads as zeroes. A child that cannot
+        // say counts as data: the read that follows votes without it and
+        // reports it, as any failing child.
         let mut n = len;
         let mut zero = true;
         for c in &self.children {
-            let e = status_above(c.node.as_ref(), offset, n)?;
-            n = e.length.clamp(1, n);
-            zero &= e.zero;
+            match status_above(c.node.as_ref(), offset, n) {
+                Ok(e) => {
+                    n = e.length.clamp(1, n);
+                    zero &= e.zero;
+                }
+                Err(_) => zero = false,
+            }
         }
         Ok(Status {
             len: n,
