@@ -195,7 +195,8 @@ def _accepts(server: NbdServer) -> bool:
             return False
 
 
-#: ``nbd_servers(image, fmt="raw", export="x", unix=False, read_only=False)`` starts one.
+#: ``nbd_servers(image, fmt="raw", export="x", unix=False, read_only=False, shared=16)``
+#: starts one (``shared``: how many clients qemu-nbd serves at once).
 StartNbd: TypeAlias = Callable[..., NbdServer]
 
 
@@ -212,11 +213,12 @@ def nbd_servers(tmp_path: Path) -> Iterator[StartNbd]:
         export: str = "x",
         unix: bool = False,
         read_only: bool = False,
+        shared: int = 16,
     ) -> NbdServer:
         index = len(started)
         log = tmp_path / f"qemu-nbd.{index}.log"
         for _attempt in range(5):
-            argv = [qemu_nbd, "-f", fmt, "-x", export, "--persistent", "--shared=16"]
+            argv = [qemu_nbd, "-f", fmt, "-x", export, "--persistent", f"--shared={shared}"]
             port: int | None = None
             sock: Path | None = None
             if unix:

@@ -417,3 +417,24 @@ def test_a_server_killed_during_convert_is_a_clean_failure(
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1
+
+
+@pytest.mark.qemu
+def test_a_server_that_takes_one_client_at_a_time_is_shared_within_a_command(
+    tmp_path: Path, run_qimg: RunCommand, nbd_servers: StartNbd
+) -> None:
+    # qemu-nbd's default serves one client at a time yet advertises multi-conn:
+    # info (which probes the export, then opens it) and compare of the export with
+    # itself must reuse one connection instead of waiting on a second.
+    image = tmp_path / "one.raw"
+    image.write_bytes(bytes(range(256)) * 4096)
+    server = nbd_servers(image, unix=True, shared=1)
+    info = run_qimg("info", "--output=json", server.url)
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["virtual-size"] == 1 << 20
+    same = run_qimg("compare", server.url, server.url)
+    assert same.returncode == 0, same.stderr
+    out = tmp_path / "out.raw"
+    copy = run_qimg("convert", "-O", "raw", server.url, out)
+    assert copy.returncode == 0, copy.stderr
+    assert out.read_bytes() == image.read_bytes()

@@ -22,7 +22,7 @@ use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -699,10 +699,81 @@ fn server_errno(e: u32) -> i32 {
     }
 }
 
-pub struct NbdNode {
+/// The connections to one export. Nodes of one process opening the same
+/// export share them: many servers (qemu-nbd by default) take one client at
+/// a time, and a second connection from the same process would wait forever.
+struct Session {
+    server: NbdServer,
+    name: String,
     conns: Vec<Conn>,
-    next: AtomicUsize,
     export: Export,
+}
+
+static SESSIONS: Mutex<Vec<Weak<Session>>> = Mutex::new(Vec::new());
+
+/// How long an extra connection to a multi-conn export may take to open:
+/// servers that advertise multi-conn but take one client at a time never
+/// answer it, and it is only an optimisation.
+const EXTRA_CONN_TIMEOUT: Duration = Duration::from_millis(500);
+
+impl Session {
+    fn get(opts: &NbdOptions) -> io::Result<Arc<Session>> {
+        let mut sessions = lock(&SESSIONS);
+        sessions.retain(|w| w.strong_count() > 0);
+        let live = sessions.iter().filter_map(Weak::upgrade).find(|s| {
+            s.server == opts.server
+                && s.name == opts.export
+                && !s.conns.iter().all(|c| c.dead.load(Ordering::SeqCst))
+        });
+        if let Some(s) = live {
+            return Ok(s);
+        }
+        let (first, export) = Conn::open(opts)?;
+        let mut conns = vec![first];
+        if export.flags & TF_CAN_MULTI_CONN != 0 {
+            let quick = NbdOptions {
+                timeout: opts.timeout.min(EXTRA_CONN_TIMEOUT),
+                ..opts.clone()
+            };
+            let extra: Vec<Conn> = std::thread::scope(|sc| {
+                let handles: Vec<_> = (1..MULTI_CONN)
+                    .map(|_| sc.spawn(|| Conn::open(&quick)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .filter_map(|h| h.join().ok()?.ok())
+                    .map(|(c, _)| c)
+                    .collect()
+            });
+            conns.extend(extra);
+        }
+        let session = Arc::new(Session {
+            server: opts.server.clone(),
+            name: opts.export.clone(),
+            conns,
+            export,
+        });
+        sessions.push(Arc::downgrade(&session));
+        Ok(session)
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        for conn in &self.conns {
+            if !conn.dead.load(Ordering::SeqCst) {
+                // A polite goodbye; no reply comes to it.
+                let _ = conn.send(CMD_DISC, 0, 0, 0, &[]);
+                lock(&conn.pending).clear();
+            }
+            conn.kill();
+        }
+    }
+}
+
+pub struct NbdNode {
+    session: Arc<Session>,
+    next: AtomicUsize,
     opts: NbdOptions,
     display: String,
     format: &'static str,
@@ -716,26 +787,16 @@ impl NbdNode {
     pub fn open(opts: NbdOptions, writable: bool, format: &'static str) -> Result<NbdNode> {
         let url = opts.url();
         let fail = |e: io::Error| Error::io(format!("Could not open '{url}'"), e);
-        let (first, export) = Conn::open(&opts).map_err(fail)?;
-        if writable && export.flags & TF_READ_ONLY != 0 {
+        let session = Session::get(&opts).map_err(fail)?;
+        if writable && session.export.flags & TF_READ_ONLY != 0 {
             return Err(Error::io(
                 format!("Could not open '{url}' for writing: the export is read-only"),
                 io::Error::from_raw_os_error(libc::EACCES),
             ));
         }
-        let mut conns = vec![first];
-        if export.flags & TF_CAN_MULTI_CONN != 0 {
-            for _ in 1..MULTI_CONN {
-                match Conn::open(&opts) {
-                    Ok((c, _)) => conns.push(c),
-                    Err(_) => break,
-                }
-            }
-        }
         Ok(NbdNode {
-            conns,
+            session,
             next: AtomicUsize::new(0),
-            export,
             display: url,
             opts,
             format,
@@ -744,8 +805,8 @@ impl NbdNode {
     }
 
     fn conn(&self) -> &Conn {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
-        &self.conns[i]
+        let conns = &self.session.conns;
+        &conns[self.next.fetch_add(1, Ordering::Relaxed) % conns.len()]
     }
 
     fn error(&self, what: &str, e: io::Error) -> Error {
@@ -813,8 +874,13 @@ impl NbdNode {
     /// Splits `[offset, offset + len)` into requests of at most `limit`
     /// bytes that the server accepts.
     fn pieces(&self, offset: u64, len: u64, limit: u64) -> Vec<(u64, u32)> {
-        let max = u64::from(self.export.max_request.max(self.export.min_block))
-            .min(limit.next_multiple_of(u64::from(self.export.min_block)));
+        let max = u64::from(
+            self.session
+                .export
+                .max_request
+                .max(self.session.export.min_block),
+        )
+        .min(limit.next_multiple_of(u64::from(self.session.export.min_block)));
         let mut out = Vec::new();
         let mut at = offset;
         while at < offset + len {
@@ -837,14 +903,14 @@ impl NbdNode {
     }
 
     fn aligned(&self, offset: u64, len: u64) -> bool {
-        let a = u64::from(self.export.min_block);
+        let a = u64::from(self.session.export.min_block);
         offset % a == 0 && len % a == 0
     }
 }
 
 impl BlockDev for NbdNode {
     fn size(&self) -> u64 {
-        self.export.size
+        self.session.export.size
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -854,7 +920,7 @@ impl BlockDev for NbdNode {
         }
         if !self.aligned(offset, buf.len() as u64) {
             // Widen to the server's block size.
-            let a = u64::from(self.export.min_block);
+            let a = u64::from(self.session.export.min_block);
             let start = offset / a * a;
             let end = (offset + buf.len() as u64)
                 .next_multiple_of(a)
@@ -915,10 +981,10 @@ impl BlockDev for NbdNode {
             offset: Some(offset),
             ..Status::default()
         };
-        if self.export.allocation.is_none() {
+        if self.session.export.allocation.is_none() {
             return Ok(whole);
         }
-        let len32 = len.min(u64::from(self.export.max_request)) as u32;
+        let len32 = len.min(u64::from(self.session.export.max_request)) as u32;
         let conn = self.conn();
         let rx = conn
             .send(CMD_BLOCK_STATUS, CMDF_REQ_ONE, offset, len32, &[])
@@ -993,8 +1059,8 @@ impl BlockDev for NbdNode {
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         self.check_writable()?;
         check_request(self, offset, len)?;
-        if self.export.flags & TF_SEND_WRITE_ZEROES == 0 {
-            let zeroes = vec![0u8; len.min(u64::from(self.export.max_request)) as usize];
+        if self.session.export.flags & TF_SEND_WRITE_ZEROES == 0 {
+            let zeroes = vec![0u8; len.min(u64::from(self.session.export.max_request)) as usize];
             let mut at = offset;
             while at < offset + len {
                 let n = (offset + len - at).min(zeroes.len() as u64) as usize;
@@ -1015,7 +1081,7 @@ impl BlockDev for NbdNode {
         self.check_writable()?;
         check_request(self, offset, len)?;
         // Discarding is advice: a server that takes none ignores it.
-        if self.export.flags & TF_SEND_TRIM == 0 {
+        if self.session.export.flags & TF_SEND_TRIM == 0 {
             return Ok(());
         }
         for (at, n) in self.pieces(offset, len, u64::MAX) {
@@ -1026,10 +1092,10 @@ impl BlockDev for NbdNode {
     }
 
     fn flush(&self) -> Result<()> {
-        if !self.writable || self.export.flags & TF_SEND_FLUSH == 0 {
+        if !self.writable || self.session.export.flags & TF_SEND_FLUSH == 0 {
             return Ok(());
         }
-        for conn in &self.conns {
+        for conn in &self.session.conns {
             let rx = conn
                 .send(CMD_FLUSH, 0, 0, 0, &[])
                 .map_err(|e| self.error("Flush failed", e))?;
@@ -1037,18 +1103,5 @@ impl BlockDev for NbdNode {
                 .map_err(|e| self.error("Flush failed", e))?;
         }
         Ok(())
-    }
-}
-
-impl Drop for NbdNode {
-    fn drop(&mut self) {
-        for conn in &self.conns {
-            if !conn.dead.load(Ordering::SeqCst) {
-                // A polite goodbye; no reply comes to it.
-                let _ = conn.send(CMD_DISC, 0, 0, 0, &[]);
-                lock(&conn.pending).clear();
-            }
-            conn.kill();
-        }
     }
 }
