@@ -23,6 +23,7 @@ __all__ = [
     "parse_number",
     "parse_option_lists",
     "parse_size",
+    "split_items",
 ]
 
 HELP_WORDS = frozenset({"help", "?"})
@@ -55,7 +56,9 @@ def _check_list(text: str) -> None:
         raise UsageError(f"Invalid option list: {text}")
 
 
-def _split(text: str) -> list[OptionItem]:
+def split_items(text: str) -> list[OptionItem]:
+    """The items of one QEMU option string, in order: ``,,`` is a literal comma in a
+    value; a ``key`` without ``=`` gives a None value."""
     items: list[OptionItem] = []
     i, n = 0, len(text)
     while i < n:
@@ -87,7 +90,7 @@ def parse_option_lists(lists: list[str]) -> list[OptionItem]:
     """All items of the given ``-o`` lists, in order (duplicates kept)."""
     for text in lists:
         _check_list(text)
-    return _split(",".join(lists)) if lists else []
+    return split_items(",".join(lists)) if lists else []
 
 
 def escape_value(value: str) -> str:

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 from qimg.errors import InvalidOptionError, UsageError
+from qimg.options import split_items
 from qimg.qjson import bucket, json_string
 
 __all__ = [
@@ -576,37 +577,21 @@ def _nbd_url_options(url: str) -> dict[str, Any]:
 def parse_image_opts(text: str) -> dict[str, str]:
     """The ``key=value`` items of an ``--image-opts`` string (``,,`` is a literal comma,
     a later duplicate key wins), in the order they were given."""
-    items: dict[str, str] = {}
-    i, n = 0, len(text)
     if not text:
         raise InvalidOptionError("Must specify either driver or file")
-    while i < n:
-        j = i
-        while j < n and text[j] not in "=,":
-            j += 1
-        key = text[i:j]
-        if j >= n or text[j] != "=":
-            if not key:
+    items: dict[str, str] = {}
+    for item in split_items(text):
+        if item.value is None:
+            if not item.key:
                 raise InvalidOptionError(f"Invalid --image-opts string '{text}': empty item")
             raise InvalidOptionError(
-                f"Option '{key}' of --image-opts has no value (write {key}=on or {key}=VALUE)"
+                f"Option '{item.key}' of --image-opts has no value "
+                f"(write {item.key}=on or {item.key}=VALUE)"
             )
-        if not key:
+        if not item.key:
             raise InvalidOptionError(f"Invalid --image-opts string '{text}': empty option name")
-        chars: list[str] = []
-        k = j + 1
-        while k < n:
-            if text[k] == ",":
-                if k + 1 < n and text[k + 1] == ",":
-                    chars.append(",")
-                    k += 2
-                    continue
-                break
-            chars.append(text[k])
-            k += 1
-        items.pop(key, None)
-        items[key] = "".join(chars)
-        i = k + 1
+        items.pop(item.key, None)
+        items[item.key] = item.value
     return items
 
 
