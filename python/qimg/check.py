@@ -190,7 +190,13 @@ def repair_image(image: Image, mode: str) -> RepairResult:
     if image.format != "qcow2":
         raise _nothing_to_check(image)
     filename, fmt = image.filename, image.format
-    out = _core.repair_image(filename, checked_mode)
+    details = image._img.details()
+    if details["file_format"] != "file":
+        raise UsageError(
+            f"Cannot repair '{filename}': its bytes are not in a local file "
+            f"({details['file_format']}); run 'check -r' where the image is stored"
+        )
+    out = _core.repair_image(details["file_filename"], checked_mode)
     leaks_fixed: int = out["leaks_fixed"]
     corruptions_fixed: int = out["corruptions_fixed"]
     first: dict[str, Any] = out["repair"]

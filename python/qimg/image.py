@@ -333,6 +333,8 @@ def open_image(
     root = node_spec.root
     if not backing and isinstance(root, Qcow2Node) and root.backing is BACKING_DEFAULT:
         node_spec = replace(node_spec, root=replace(root, backing=None))
+    if not backing and isinstance(root, ProbeNode):
+        node_spec = replace(node_spec, root=replace(root, open_backing=False))
     core = _core.open_spec(node_spec.to_core_json(), writable=writable, unsafe_cache=unsafe)
     return Image(core, spec=node_spec, events=events)
 
@@ -404,6 +406,8 @@ CACHE_MODES = ("writeback", "unsafe")
 
 
 def _file_child(d: dict[str, Any]) -> dict[str, JsonValue]:
+    if d["file_format"] == "nbd":
+        return {"name": "file", "info": _nbd_info(d["file_filename"], d["file_length"])}
     # Members in QAPI order; the printer reorders them as qemu-img does.
     return {
         "name": "file",
@@ -433,7 +437,8 @@ def image_info(core: _core.Image) -> dict[str, JsonValue]:
         info["cluster-size"] = d["cluster_size"]
     if "backing_filename" in d:
         info["backing-filename"] = d["backing_filename"]
-        info["full-backing-filename"] = d["full_backing_filename"]
+        if d["full_backing_filename"] is not None:
+            info["full-backing-filename"] = d["full_backing_filename"]
         if d.get("backing_format") is not None:
             info["backing-filename-format"] = d["backing_format"]
     if "snapshots" in d:
@@ -506,12 +511,14 @@ def _tree_info(
                 assert not isinstance(backing_node, type(BACKING_DEFAULT))
                 backing_info = _tree_info(spec, backing_node, below, probed)
             children.append({"name": "backing", "info": backing_info})
-        children.extend(info.get("children", []))  # type: ignore[arg-type]
-        if isinstance(node, RawNode | ProbeNode) and isinstance(node.file, NbdNode):
-            # An export has no dirty flag to report (qemu-img leaves it out).
-            info.pop("dirty-flag", None)
+        if isinstance(node.file, NbdNode):
+            if info["format"] == "raw":
+                # qemu-img shows no dirty flag for a raw image over an export.
+                info.pop("dirty-flag", None)
             export = spec.display_name_of(node.file.node_name, probed)
-            children.append({"name": "file", "info": _nbd_info(export, core.size)})
+            length = core.details()["file_length"]
+            info["children"] = [{"name": "file", "info": _nbd_info(export, length)}]
+        children.extend(info.get("children", []))  # type: ignore[arg-type]
         info["children"] = children
         return info
     details = core.details()
@@ -574,8 +581,12 @@ def _info_lines(info: dict[str, Any], pad: str, path: str) -> list[str]:
     if "cluster-size" in info:
         lines.append(f"cluster_size: {info['cluster-size']}")
     if "backing-filename" in info:
-        name, full = info["backing-filename"], info["full-backing-filename"]
-        lines.append(f"backing file: {name}" + (f" (actual path: {full})" if full != name else ""))
+        name, full = info["backing-filename"], info.get("full-backing-filename")
+        if full is None:
+            lines.append(f"backing file: {name} (cannot determine actual path)")
+        else:
+            where = f" (actual path: {full})" if full != name else ""
+            lines.append(f"backing file: {name}{where}")
         if "backing-filename-format" in info:
             lines.append(f"backing file format: {info['backing-filename-format']}")
     if info.get("dirty-flag"):

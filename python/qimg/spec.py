@@ -8,7 +8,8 @@ all of them the way qemu-img 10 does:
 
 - an ``nbd://host[:port]/export`` or ``nbd+unix:///export?socket=/path`` URL
   given as a file name: an export of an NBD server (``qemu-nbd``), the
-  ``nbd`` protocol node, under a probed format (``raw`` with ``-f raw``);
+  ``nbd`` protocol node, under a probed format (``raw`` or ``qcow2``, or the
+  one ``-f`` names);
 
 - ``json:{"driver": "quorum", "vote-threshold": 2, "children": [{...}, {...}]}``;
   keys with dots inside it are expanded (``{"file.filename": "a.raw"}`` is
@@ -28,9 +29,7 @@ is the canonical document the Rust core opens; every node in it has a ``node-nam
 Everything qimg does not implement is refused by name: other drivers (``ssh``,
 ``null-co``, ``vvfat``, ...), and options such as qcow2's ``data-file`` and
 ``encrypt``, raw's ``offset``, blkdebug's ``config`` and ``set-state``, nbd's
-``tls-creds``; and qcow2 over an ``nbd`` node (serve the image with
-``qemu-nbd -f qcow2`` instead, which exports its guest contents). Errors are
-one line and name the option and the node they are about.
+``tls-creds``. Errors are one line and name the option and the node they are about.
 """
 
 from __future__ import annotations
@@ -172,10 +171,10 @@ class RawNode:
 
 @dataclass(frozen=True)
 class Qcow2Node:
-    """The ``qcow2`` format over a file, with its backing node."""
+    """The ``qcow2`` format over a file (or an export), with its backing node."""
 
     node_name: str
-    file: FileNode
+    file: FileNode | NbdNode
     backing: Node | _BackingDefault | None = BACKING_DEFAULT
     """:data:`BACKING_DEFAULT` (the header's chain), None (no backing file), or a node."""
 
@@ -186,6 +185,9 @@ class ProbeNode:
 
     node_name: str
     file: FileNode | NbdNode
+    open_backing: bool = True
+    """False leaves the backing file of a probed qcow2 image closed (``info`` names it
+    without opening it); not an option of the spellings."""
 
 
 @dataclass(frozen=True)
@@ -379,6 +381,8 @@ def _core_node(node: Node) -> dict[str, Any]:
         else:
             server = {"type": "unix", "path": node.server.path}
         return {**head, "server": server, "export": node.export, "timeout": node.timeout}
+    if isinstance(node, ProbeNode) and not node.open_backing:
+        return {**head, "file": _core_node(node.file), "backing": None}
     if isinstance(node, RawNode | ProbeNode):
         return {**head, "file": _core_node(node.file)}
     if isinstance(node, Qcow2Node):
@@ -431,7 +435,9 @@ def _node_as_dict(node: Node) -> dict[str, Any]:
         for key, value in obj.items():
             if key == "driver" and value == "probe":
                 continue
-            if key == "backing" and value == "default":
+            if key == "backing" and (
+                value == "default" or (value is None and obj.get("driver") == "probe")
+            ):
                 continue
             if obj.get("driver") == "nbd" and (
                 key == "timeout" or (key == "export" and value is None)
@@ -1152,26 +1158,16 @@ class _Parser:
     def _file_child(
         self, opts: _Opts, driver: str
     ) -> tuple[FileNode | NbdNode | BlkdebugNode, _Shown]:
-        """The ``file`` child of a format node: a file node, an nbd node (not under
-        qcow2), or for raw a blkdebug node (over a file or nbd node)."""
+        """The ``file`` child of a format node: a file node, an nbd node, or for raw a
+        blkdebug node (over a file or nbd node)."""
         sub = self._child(opts, "file")
         if sub is None:
             raise InvalidOptionError(f'A block device must be specified for "file"{_at(opts)}')
         if "driver" not in sub.items:
-            # A protocol node without a driver is a file (qimg has no other protocol).
+            # A protocol node without a driver is a file, as QEMU takes it.
             sub.items["driver"] = _Item("file", 0)
         node, shown = self.node(sub, sub.path, under_format=True)
-        if isinstance(node, FileNode):
-            return node, shown
-        if isinstance(node, NbdNode | BlkdebugNode) and driver == "qcow2":
-            inner = node.image if isinstance(node, BlkdebugNode) else node
-            if isinstance(inner, NbdNode):
-                raise InvalidOptionError(
-                    f"qcow2 over an nbd node is not supported by qimg{_at(sub)}: serve the "
-                    "image with 'qemu-nbd -f qcow2', which exports its guest contents, and "
-                    "open the export as raw"
-                )
-        if isinstance(node, NbdNode):
+        if isinstance(node, FileNode | NbdNode):
             return node, shown
         if isinstance(node, BlkdebugNode) and driver == "raw":
             if not isinstance(node.image, FileNode | NbdNode):
@@ -1359,7 +1355,6 @@ class _Parser:
             return BlkdebugNode(node_name, inner, file.inject_error), shown
         if driver == "raw":
             return RawNode(node_name, file), shown
-        assert isinstance(file, FileNode)
         return Qcow2Node(node_name, file, backing), shown
 
     def _backing(self, opts: _Opts) -> Node | _BackingDefault | None:

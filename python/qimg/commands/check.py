@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 from qimg import qjson
 from qimg.check import CheckReport, check_image, parse_repair_mode, repair_image, repair_summary
@@ -77,8 +78,11 @@ def check_failed(filename: str, err: QimgError) -> int:
 def show(report: CheckReport, filename: str, mode: str, quiet: bool) -> int:
     """The report's lines, the report, and the exit status."""
     print_lines(report.messages)
-    if not quiet:
-        print(qjson.dumps(report.as_json()) if mode == "json" else report.human())
+    if not quiet and mode == "json":
+        # qemu-img names the image as it was typed (a json: spec stays one).
+        print(qjson.dumps(replace(report, filename=filename).as_json()))
+    elif not quiet:
+        print(report.human())
     if report.check_errors:
         print(f"qimg: {filename}: Check failed", file=sys.stderr)
     return report.exit_status

@@ -217,7 +217,6 @@ fn open(s: &Server, export: &str, writable: bool) -> qimg_core::Result<NbdNode> 
             timeout: Duration::from_secs(1),
         },
         writable,
-        "raw",
     )
 }
 

@@ -316,9 +316,11 @@ impl Image {
         d.set_item("format", node.format_name())?;
         d.set_item("virtual_size", node.size())?;
         if let Some(file) = node.file() {
-            let actual = py.detach(|| file.allocated_bytes()).map_err(to_py)?;
-            d.set_item("actual_size", actual)?;
+            if let Some(actual) = py.detach(|| file.allocated_bytes()).map_err(to_py)? {
+                d.set_item("actual_size", actual)?;
+            }
             d.set_item("file_filename", file.filename())?;
+            d.set_item("file_format", file.format_name())?;
             d.set_item("file_length", file.size())?;
         }
         let Some(q) = node.as_qcow2() else {

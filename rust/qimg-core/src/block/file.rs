@@ -1,8 +1,12 @@
-//! The `file` protocol node: a local file read with positioned reads, its
-//! holes found with SEEK_DATA/SEEK_HOLE.
+//! The node in QEMU's `file` role: the bytes a format driver reads and
+//! writes. They live in a local file (positioned reads, holes found with
+//! SEEK_DATA/SEEK_HOLE) or in an NBD export (so a qcow2 image served by
+//! `qemu-nbd -f raw` reads as it does on disk).
 
+use super::nbd::NbdNode;
 use super::{BlockDev, Status};
 use crate::error::{Error, Result};
+use crate::prealloc::Prealloc;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -15,8 +19,7 @@ use std::sync::Arc;
 pub const MAX_REQUEST_END: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
 
 pub struct FileNode {
-    file: File,
-    path: PathBuf,
+    io: Io,
     name: String,
     /// The real length of the file in bytes (grows as writes extend it).
     len: AtomicU64,
@@ -24,6 +27,12 @@ pub struct FileNode {
     /// Flushes reach the disk (fdatasync); with the "unsafe" cache mode they
     /// are skipped, as qemu-img convert does by default.
     durable: bool,
+}
+
+/// Where the bytes are.
+enum Io {
+    Local { file: File, path: PathBuf },
+    Nbd(NbdNode),
 }
 
 impl FileNode {
@@ -68,8 +77,10 @@ impl FileNode {
                 .map_err(|e| Error::open(path, e))?
         };
         Ok(FileNode {
-            file,
-            path: path.to_path_buf(),
+            io: Io::Local {
+                file,
+                path: path.to_path_buf(),
+            },
             name: path.display().to_string(),
             len: AtomicU64::new(len),
             writable,
@@ -77,8 +88,23 @@ impl FileNode {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The bytes of an NBD export (writable if the node is).
+    pub fn nbd(export: NbdNode) -> FileNode {
+        FileNode {
+            name: export.filename().to_string(),
+            len: AtomicU64::new(export.size()),
+            writable: export.is_writable(),
+            durable: true,
+            io: Io::Nbd(export),
+        }
+    }
+
+    /// The local file's path; None for an NBD export.
+    pub fn path(&self) -> Option<&Path> {
+        match &self.io {
+            Io::Local { path, .. } => Some(path),
+            Io::Nbd(_) => None,
+        }
     }
 
     /// The real length of the file (the node's size is this rounded up to 512).
@@ -90,10 +116,16 @@ impl FileNode {
         self.writable
     }
 
-    /// Bytes the file occupies on disk (st_blocks * 512), as `disk size` shows.
-    pub fn allocated_bytes(&self) -> Result<u64> {
-        let meta = self.file.metadata().map_err(|e| self.error("stat", e))?;
-        Ok(meta.blocks() * 512)
+    /// Bytes the file occupies on disk (st_blocks * 512), as `disk size`
+    /// shows; None for an export, whose server does not say.
+    pub fn allocated_bytes(&self) -> Result<Option<u64>> {
+        match &self.io {
+            Io::Local { file, .. } => {
+                let meta = file.metadata().map_err(|e| self.error("stat", e))?;
+                Ok(Some(meta.blocks() * 512))
+            }
+            Io::Nbd(_) => Ok(None),
+        }
     }
 
     pub fn error(&self, what: &str, err: io::Error) -> Error {
@@ -103,13 +135,21 @@ impl FileNode {
     /// Reads exactly `buf.len()` bytes at `offset`; bytes past the end of the
     /// file read as zeroes, as a sparse tail would.
     pub fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let file = match &self.io {
+            Io::Local { file, .. } => file,
+            Io::Nbd(export) => {
+                let inside = self.file_len().saturating_sub(offset).min(buf.len() as u64) as usize;
+                buf[inside..].fill(0);
+                return export.read_at(&mut buf[..inside], offset);
+            }
+        };
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
             if pos >= self.file_len() {
                 break;
             }
-            match self.file.read_at(&mut buf[done..], pos) {
+            match file.read_at(&mut buf[done..], pos) {
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -134,19 +174,24 @@ impl FileNode {
         Ok(buf)
     }
 
-    pub fn raw_file(&self) -> &File {
-        &self.file
-    }
-
     /// Writes all of `buf` at `offset`, extending the file as needed.
     pub fn pwrite(&self, buf: &[u8], offset: u64) -> Result<()> {
         let end = offset
             .checked_add(buf.len() as u64)
             .filter(|&end| end <= MAX_REQUEST_END)
             .ok_or_else(|| self.error("write", io::Error::from_raw_os_error(libc::EFBIG)))?;
-        self.file
-            .write_all_at(buf, offset)
-            .map_err(|e| self.error("write", e))?;
+        match &self.io {
+            Io::Local { file, .. } => file
+                .write_all_at(buf, offset)
+                .map_err(|e| self.error("write", e))?,
+            Io::Nbd(export) => {
+                // An export cannot grow: a write past its end is out of space.
+                if end > self.file_len() {
+                    return Err(self.error("write", io::Error::from_raw_os_error(libc::ENOSPC)));
+                }
+                export.write_at(buf, offset)?
+            }
+        }
         self.len.fetch_max(end, Ordering::AcqRel);
         Ok(())
     }
@@ -156,16 +201,59 @@ impl FileNode {
         if !self.durable {
             return Ok(());
         }
-        self.file.sync_data().map_err(|e| self.error("flush", e))
+        match &self.io {
+            Io::Local { file, .. } => file.sync_data().map_err(|e| self.error("flush", e)),
+            Io::Nbd(export) => export.flush(),
+        }
     }
 
-    /// Sets the file's length.
+    /// Sets the file's length. An export keeps the size its server gave
+    /// it: only that size is accepted.
     pub fn truncate(&self, len: u64) -> Result<()> {
-        self.file
-            .set_len(len)
-            .map_err(|e| self.error("resize", e))?;
+        match &self.io {
+            Io::Local { file, .. } => file.set_len(len).map_err(|e| self.error("resize", e))?,
+            Io::Nbd(_) if len == self.file_len() => {}
+            Io::Nbd(_) => {
+                return Err(Error::invalid(format!(
+                    "Cannot resize '{}': an NBD export keeps the size its server gives it",
+                    self.name
+                )))
+            }
+        }
         self.len.store(len, Ordering::Release);
         Ok(())
+    }
+
+    /// Allocates `[offset, offset + len)` as `mode` says (falloc or full),
+    /// growing the file to cover it.
+    pub fn preallocate(&self, offset: u64, len: u64, mode: Prealloc) -> Result<()> {
+        let err = |e| self.error("preallocate", e);
+        match (&self.io, mode) {
+            (_, Prealloc::Off | Prealloc::Metadata) => Ok(()),
+            (Io::Local { file, .. }, Prealloc::Falloc) => {
+                crate::file::fallocate(file, offset, len).map_err(err)?;
+                self.len.fetch_max(offset + len, Ordering::AcqRel);
+                Ok(())
+            }
+            (Io::Local { file, path }, Prealloc::Full) => {
+                crate::file::write_zeroes(file, path, offset, len).map_err(err)?;
+                self.len.fetch_max(offset + len, Ordering::AcqRel);
+                Ok(())
+            }
+            // An export's space is the server's: zeroes written with holes
+            // refused are the closest request.
+            (Io::Nbd(_), Prealloc::Falloc | Prealloc::Full) => self.zero_range(offset, len, false),
+        }
+    }
+
+    /// Releases `[offset, offset + len)`: a hole punched in a local file
+    /// (reading zeroes), a trim request to an export (reading what its
+    /// server decides).
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        match &self.io {
+            Io::Local { .. } => self.zero_range(offset, len, true),
+            Io::Nbd(export) => export.discard(offset, len),
+        }
     }
 
     /// Makes `[offset, offset + len)` read as zeroes: a hole where the file
@@ -175,11 +263,11 @@ impl FileNode {
         let inside = end.min(self.file_len());
         if inside > offset {
             let n = inside - offset;
-            let res = if unmap {
-                crate::file::punch_zeroes(&self.file, offset, n)
-            } else {
-                crate::file::zero_in_place(&self.file, offset, n)
-                    .or_else(|_| crate::file::write_zeroes(&self.file, &self.path, offset, n))
+            let res = match &self.io {
+                Io::Local { file, .. } if unmap => crate::file::punch_zeroes(file, offset, n),
+                Io::Local { file, path } => crate::file::zero_in_place(file, offset, n)
+                    .or_else(|_| crate::file::write_zeroes(file, path, offset, n)),
+                Io::Nbd(export) => return export.write_zeroes(offset, len, unmap),
             };
             res.map_err(|e| self.error("write", e))?;
         }
@@ -193,7 +281,10 @@ impl FileNode {
 
 impl BlockDev for FileNode {
     fn size(&self) -> u64 {
-        self.file_len().div_ceil(512) * 512
+        match &self.io {
+            Io::Local { .. } => self.file_len().div_ceil(512) * 512,
+            Io::Nbd(export) => export.size(),
+        }
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -201,6 +292,9 @@ impl BlockDev for FileNode {
     }
 
     fn status(&self, offset: u64, len: u64) -> Result<Status> {
+        if let Io::Nbd(export) = &self.io {
+            return export.status(offset, len);
+        }
         let (data, n) = self.extent_at(offset, len)?;
         Ok(Status {
             len: n,
@@ -212,7 +306,18 @@ impl BlockDev for FileNode {
     }
 
     fn format_name(&self) -> &'static str {
-        "file"
+        match &self.io {
+            Io::Local { .. } => "file",
+            Io::Nbd(export) => export.format_name(),
+        }
+    }
+
+    fn is_remote(&self) -> bool {
+        matches!(self.io, Io::Nbd(_))
+    }
+
+    fn is_writable(&self) -> bool {
+        self.writable
     }
 
     fn filename(&self) -> &str {
@@ -232,7 +337,10 @@ impl FileNode {
         if offset >= file_len {
             return Ok((false, len));
         }
-        let fd = self.file.as_raw_fd();
+        let fd = match &self.io {
+            Io::Local { file, .. } => file.as_raw_fd(),
+            Io::Nbd(_) => return Ok((true, len)),
+        };
         let seek = |pos: u64, whence| -> io::Result<u64> {
             let off = libc::off_t::try_from(pos)
                 .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;

@@ -95,7 +95,7 @@ pub trait BlockDev: Send + Sync {
     /// Requests wait on a network rather than on local memory or disk, so
     /// readers gain from having many in flight.
     fn is_remote(&self) -> bool {
-        false
+        self.file().is_some_and(|f| f.is_remote()) || self.backing().is_some_and(|b| b.is_remote())
     }
 
     /// Writes `buf` at `offset`; the range must lie inside the node.

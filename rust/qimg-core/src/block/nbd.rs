@@ -776,15 +776,12 @@ pub struct NbdNode {
     next: AtomicUsize,
     opts: NbdOptions,
     display: String,
-    format: &'static str,
     writable: bool,
 }
 
 impl NbdNode {
     /// Connects to the export; with `writable`, a read-only export is refused.
-    /// `format` is the name the node shows (`nbd`, or `raw` when it stands
-    /// for a raw image over the export).
-    pub fn open(opts: NbdOptions, writable: bool, format: &'static str) -> Result<NbdNode> {
+    pub fn open(opts: NbdOptions, writable: bool) -> Result<NbdNode> {
         let url = opts.url();
         let fail = |e: io::Error| Error::io(format!("Could not open '{url}'"), e);
         let session = Session::get(&opts).map_err(fail)?;
@@ -799,7 +796,6 @@ impl NbdNode {
             next: AtomicUsize::new(0),
             display: url,
             opts,
-            format,
             writable,
         })
     }
@@ -1016,7 +1012,7 @@ impl BlockDev for NbdNode {
     }
 
     fn format_name(&self) -> &'static str {
-        self.format
+        "nbd"
     }
 
     fn is_remote(&self) -> bool {

@@ -35,19 +35,34 @@ struct Layer {
 
 /// Opens `path` and, unless told not to, its whole backing chain.
 pub fn open_image(path: &str, opts: &OpenOptions) -> Result<Arc<dyn BlockDev>> {
+    let file = open_local(path, opts.writable)?;
+    open_chain(file, path, opts)
+}
+
+/// Opens the image whose bytes `file` holds (a local file or an NBD
+/// export opened by the caller) and, unless told not to, its backing chain.
+pub fn open_image_on(file: FileNode, opts: &OpenOptions) -> Result<Arc<dyn BlockDev>> {
+    let name = file.filename().to_string();
+    open_chain(file, &name, opts)
+}
+
+fn open_chain(top: FileNode, path: &str, opts: &OpenOptions) -> Result<Arc<dyn BlockDev>> {
     let mut layers: Vec<Layer> = Vec::new();
     let mut seen: HashSet<PathBuf> = HashSet::new();
     let mut name = path.to_string();
     let mut format = opts.format;
+    let mut top = Some(top);
     loop {
-        let top = layers.is_empty();
-        let opened = open_layer(&name, format, &mut seen, opts.writable && top).map(|l| {
-            if top && opts.unsafe_cache {
-                l.without_flushes()
-            } else {
-                l
-            }
-        });
+        let opened = match top.take() {
+            Some(file) => layer_of(file, &name, format, &mut seen).map(|l| {
+                if opts.unsafe_cache {
+                    l.without_flushes()
+                } else {
+                    l
+                }
+            }),
+            None => open_local(&name, false).and_then(|f| layer_of(f, &name, format, &mut seen)),
+        };
         let layer = match (opened, layers.last()) {
             (Ok(l), _) => l,
             (Err(e), None) => return Err(e),
@@ -60,19 +75,28 @@ pub fn open_image(path: &str, opts: &OpenOptions) -> Result<Arc<dyn BlockDev>> {
         };
         let next = match &layer.header {
             Some(h) => h.backing_file.as_ref().map(|b| {
-                let resolved = resolve_backing(&name, b);
-                (resolved, h.backing_format.clone())
+                let resolved = backing_path(&layer.file, &name, b);
+                (b.clone(), resolved, h.backing_format.clone())
             }),
             None => None,
         };
         layers.push(layer);
-        let Some((resolved, fmt)) = next else { break };
+        let Some((stored, resolved, fmt)) = next else {
+            break;
+        };
         if let Some(last) = layers.last_mut() {
-            last.backing_path = Some(resolved.clone());
+            last.backing_path.clone_from(&resolved);
         }
         if opts.no_backing {
             break;
         }
+        let resolved = resolved.ok_or_else(|| {
+            // QEMU would look for it on the same server, by a URL made from
+            // the export's name; qimg opens backing files only as local files.
+            Error::InvalidImage(format!(
+                "Could not open '{name}': its backing file name '{stored}' is relative, and an NBD export has no directory to find it in; give the backing node in a json: spec (or \"backing\": null)"
+            ))
+        })?;
         format = match fmt.as_deref() {
             None => None,
             Some(f) => Some(Format::from_name(f).ok_or_else(|| {
@@ -101,15 +125,26 @@ pub fn open_image(path: &str, opts: &OpenOptions) -> Result<Arc<dyn BlockDev>> {
     below.ok_or_else(|| Error::InvalidImage(format!("Could not open '{path}'")))
 }
 
-/// Opens the qcow2 image `path` over `backing`, a node opened by the
+/// The name the backing file `backing` of the image in `file` (opened as
+/// `name`) is opened by; None when a relative name has nothing to be
+/// relative to (the image is an NBD export).
+fn backing_path(file: &FileNode, name: &str, backing: &str) -> Option<String> {
+    if file.path().is_none() && !backing.starts_with('/') {
+        return None;
+    }
+    Some(resolve_backing(name, backing))
+}
+
+/// Opens the qcow2 image in `file` over `backing`, a node opened by the
 /// caller, instead of the backing file its header names.
 pub fn open_qcow2_over(
-    path: &str,
+    file: FileNode,
     backing: Arc<dyn BlockDev>,
     opts: &OpenOptions,
 ) -> Result<Arc<dyn BlockDev>> {
+    let path = file.filename().to_string();
     let mut seen = HashSet::new();
-    let mut layer = open_layer(path, Some(Format::Qcow2), &mut seen, opts.writable)?;
+    let mut layer = layer_of(file, &path, Some(Format::Qcow2), &mut seen)?;
     if opts.unsafe_cache {
         layer = layer.without_flushes();
     }
@@ -135,32 +170,38 @@ impl Layer {
     }
 }
 
-fn open_layer(
-    name: &str,
-    format: Option<Format>,
-    seen: &mut HashSet<PathBuf>,
-    writable: bool,
-) -> Result<Layer> {
+/// Opens the local file `name`.
+fn open_local(name: &str, writable: bool) -> Result<FileNode> {
     if name.contains("://") || name.starts_with("json:") {
         return Err(Error::InvalidImage(format!(
             "Could not open '{name}': protocols and json: specifications are not supported here yet; give a local file name"
         )));
     }
     let path = Path::new(name);
-    let file = if writable {
-        FileNode::open_rw(path)?
+    if writable {
+        FileNode::open_rw(path)
     } else {
-        FileNode::open(path)?
+        FileNode::open(path)
+    }
+}
+
+/// Reads the format and header of the image in `file`, opened as `name`.
+fn layer_of(
+    file: FileNode,
+    name: &str,
+    format: Option<Format>,
+    seen: &mut HashSet<PathBuf>,
+) -> Result<Layer> {
+    let identity = match file.path() {
+        Some(path) => std::fs::canonicalize(path).map_err(|e| Error::open(path, e))?,
+        None => PathBuf::from(file.filename()),
     };
-    let canonical = std::fs::canonicalize(path).map_err(|e| Error::open(path, e))?;
-    if !seen.insert(canonical) {
+    if !seen.insert(identity) {
         return Err(Error::InvalidImage(format!(
             "Could not open '{name}': the backing chain loops back to this file"
         )));
     }
-    let cs_max = 1usize << crate::qcow2::ClusterSize::MAX_BITS;
-    let mut head = vec![0u8; (file.file_len() as usize).min(cs_max)];
-    file.pread(&mut head, 0)?;
+    let head = read_head(&file)?;
     let probed = format.is_none();
     let format = match format {
         Some(f) => f,
@@ -170,27 +211,28 @@ fn open_layer(
             ))
         })?,
     };
+    let parse = |head: &[u8], file: &FileNode| {
+        ImageHeader::parse(head, file.file_len())
+            .map_err(|e| e.context(&format!("Could not open '{name}'")))
+    };
     let mut header = match format {
         Format::Raw => None,
-        Format::Qcow2 => Some(
-            ImageHeader::parse(&head, file.file_len())
-                .map_err(|e| e.context(&format!("Could not open '{name}'")))?,
-        ),
+        Format::Qcow2 => Some(parse(&head, &file)?),
     };
     let mut file = file;
-    if writable && header.as_ref().is_some_and(|h| h.dirty()) {
+    if file.is_writable() && header.as_ref().is_some_and(|h| h.dirty()) {
         // An image with lazy refcounts left dirty by a writer that never
         // closed it: its refcounts are rebuilt before anything writes, as
         // QEMU does on open.
+        let Some(path) = file.path().map(Path::to_path_buf) else {
+            return Err(Error::InvalidImage(format!(
+                "Could not open '{name}' for writing: a writer left its refcounts dirty (lazy refcounts), and qimg rebuilds them only in local files; run 'qemu-img check -r all' on the image where it is stored, or open it read-only"
+            )));
+        };
         drop(file);
-        crate::qcow2::repair::rebuild_if_dirty(path)?;
-        file = FileNode::open_rw(path)?;
-        let mut head = vec![0u8; (file.file_len() as usize).min(cs_max)];
-        file.pread(&mut head, 0)?;
-        header = Some(
-            ImageHeader::parse(&head, file.file_len())
-                .map_err(|e| e.context(&format!("Could not open '{name}'")))?,
-        );
+        crate::qcow2::repair::rebuild_if_dirty(&path)?;
+        file = FileNode::open_rw(&path)?;
+        header = Some(parse(&read_head(&file)?, &file)?);
     }
     Ok(Layer {
         file: Arc::new(file),
@@ -198,6 +240,14 @@ fn open_layer(
         probed,
         backing_path: None,
     })
+}
+
+/// The start of the image: enough for any qcow2 header with its extensions.
+fn read_head(file: &FileNode) -> Result<Vec<u8>> {
+    let cs_max = 1u64 << crate::qcow2::ClusterSize::MAX_BITS;
+    let mut head = vec![0u8; file.file_len().min(cs_max) as usize];
+    file.pread(&mut head, 0)?;
+    Ok(head)
 }
 
 /// Resolves a backing file name stored in `overlay` the way QEMU does:

@@ -11,7 +11,7 @@ pub struct RawNode {
     /// The format was probed, not given: writes must not make the image
     /// look like another format (which a later probe would then trust).
     probed: bool,
-    /// Opened as the bare `file` protocol node (`"driver": "file"`).
+    /// Opened as the bare protocol node (`"driver": "file"` or `"nbd"`).
     protocol: bool,
 }
 
@@ -80,7 +80,7 @@ impl BlockDev for RawNode {
 
     fn format_name(&self) -> &'static str {
         if self.protocol {
-            "file"
+            self.file.format_name()
         } else {
             "raw"
         }
@@ -107,7 +107,7 @@ impl BlockDev for RawNode {
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         check_request(self, offset, len)?;
-        self.file.zero_range(offset, len, true)
+        self.file.discard(offset, len)
     }
 
     fn flush(&self) -> Result<()> {
@@ -132,21 +132,7 @@ impl BlockDev for RawNode {
         }
         self.file.truncate(new_size)?;
         if new_size > old {
-            let err = |e| self.file.error("preallocate", e);
-            match prealloc {
-                Prealloc::Falloc => {
-                    crate::file::fallocate(self.file.raw_file(), old, new_size - old)
-                        .map_err(err)?
-                }
-                Prealloc::Full => crate::file::write_zeroes(
-                    self.file.raw_file(),
-                    self.file.path(),
-                    old,
-                    new_size - old,
-                )
-                .map_err(err)?,
-                Prealloc::Off | Prealloc::Metadata => {}
-            }
+            self.file.preallocate(old, new_size - old, prealloc)?;
         }
         self.file.sync()
     }

@@ -8,7 +8,7 @@
 
 use super::blkdebug::{BlkdebugNode, DebugEvent, InjectError, IoType};
 use super::nbd::{NbdNode, NbdOptions, NbdServer};
-use super::open::{open_image, open_qcow2_over, OpenOptions};
+use super::open::{open_image_on, open_qcow2_over, OpenOptions};
 use super::quorum::{Child, QuorumNode, QuorumOptions, ReadPattern};
 use super::raw::RawNode;
 use super::{BlockDev, FileNode};
@@ -107,45 +107,28 @@ fn open_node(
             let file = open_file(node.str("filename")?, opts)?;
             Ok(Arc::new(RawNode::protocol(Arc::new(file))))
         }
-        "nbd" => Ok(Arc::new(open_nbd(&node, opts, "nbd")?)),
+        "nbd" => {
+            let export = FileNode::nbd(open_nbd(&node, opts)?);
+            Ok(Arc::new(RawNode::protocol(Arc::new(export))))
+        }
         "raw" => {
             node.only(&["driver", "node-name", "file"])?;
-            if let Some(nbd) = nbd_child(&node)? {
-                // raw passes the export's bytes through: the nbd node is the image.
-                return Ok(Arc::new(open_nbd(&nbd, opts, "raw")?));
-            }
-            let file = open_file(file_name(&node)?, opts)?;
+            let file = open_file_child(&node, opts)?;
             Ok(Arc::new(RawNode::new(Arc::new(file), false)))
-        }
-        "probe" if nbd_child(&node)?.is_some() => {
-            node.only(&["driver", "node-name", "file"])?;
-            let Some(nbd) = nbd_child(&node)? else {
-                return Err(bad(path, "lost its nbd child"));
-            };
-            let export = open_nbd(&nbd, opts, "raw")?;
-            let mut head = vec![0u8; export.size().min(512) as usize];
-            export.read_at(&mut head, 0)?;
-            match crate::probe::probe(&head) {
-                Ok(Format::Raw) => Ok(Arc::new(export)),
-                Ok(Format::Qcow2) => Err(Error::invalid(format!(
-                    "'{}' holds a qcow2 image, and qimg cannot read qcow2 over NBD yet: serve it with 'qemu-nbd -f qcow2' (which exports its guest contents) and open it as raw",
-                    export.filename()
-                ))),
-                Err(fmt) => Err(Error::invalid(format!(
-                    "'{}' holds a {fmt} image, which qimg does not read",
-                    export.filename()
-                ))),
-            }
         }
         "probe" | "qcow2" => {
             let format = if driver == "qcow2" {
                 node.only(&["driver", "node-name", "file", "backing"])?;
                 Some(Format::Qcow2)
             } else {
-                node.only(&["driver", "node-name", "file"])?;
+                // A probe node's backing is its header's, or null to leave it closed.
+                node.only(&["driver", "node-name", "file", "backing"])?;
+                if !matches!(node.map.get("backing"), None | Some(Value::Null)) {
+                    return Err(bad(path, "'backing' of a probed node can only be null"));
+                }
                 None
             };
-            let filename = file_name(&node)?;
+            let file = open_file_child(&node, opts)?;
             let backing = node.map.get("backing");
             let open_opts = OpenOptions {
                 format,
@@ -154,8 +137,8 @@ fn open_node(
                 unsafe_cache: opts.unsafe_cache,
             };
             match backing {
-                None | Some(Value::Null) => open_image(filename, &open_opts),
-                Some(Value::String(s)) if s == "default" => open_image(filename, &open_opts),
+                None | Some(Value::Null) => open_image_on(file, &open_opts),
+                Some(Value::String(s)) if s == "default" => open_image_on(file, &open_opts),
                 Some(b @ Value::Object(_)) => {
                     let below = open_node(
                         b,
@@ -166,7 +149,7 @@ fn open_node(
                         },
                         log,
                     )?;
-                    open_qcow2_over(filename, below, &open_opts)
+                    open_qcow2_over(file, below, &open_opts)
                 }
                 Some(_) => Err(bad(path, "'backing' must be \"default\", null or a node")),
             }
@@ -190,17 +173,7 @@ fn open_node(
     }
 }
 
-/// The `file` child of a format node when it is an nbd node.
-fn nbd_child<'a>(node: &Node<'a, '_>) -> Result<Option<Node<'a, 'static>>> {
-    match node.map.get("file") {
-        Some(v @ Value::Object(m)) if m.get("driver").and_then(Value::as_str) == Some("nbd") => {
-            Ok(Some(Node::new(v, "file")?))
-        }
-        _ => Ok(None),
-    }
-}
-
-fn open_nbd(node: &Node<'_, '_>, opts: SpecOptions, format: &'static str) -> Result<NbdNode> {
+fn open_nbd(node: &Node<'_, '_>, opts: SpecOptions) -> Result<NbdNode> {
     node.only(&["driver", "node-name", "server", "export", "timeout"])?;
     let server_path = child_path(node.path, "server");
     let server = Node::new(node.get("server")?, &server_path)?;
@@ -239,24 +212,28 @@ fn open_nbd(node: &Node<'_, '_>, opts: SpecOptions, format: &'static str) -> Res
             timeout: std::time::Duration::from_secs(timeout),
         },
         opts.writable,
-        format,
     )
 }
 
-fn file_name<'a>(node: &Node<'a, '_>) -> Result<&'a str> {
+/// The `file` child of a format node, opened: a local file or an NBD export.
+fn open_file_child(node: &Node<'_, '_>, opts: SpecOptions) -> Result<FileNode> {
     let path = child_path(node.path, "file");
     let file = Node::new(node.get("file")?, &path)?;
-    file.only(&["driver", "node-name", "filename"])?;
     match file.str("driver")? {
-        "file" => {}
-        "nbd" => {
-            return Err(Error::invalid(
-                "qimg cannot read qcow2 over NBD yet: serve the image with 'qemu-nbd -f qcow2' (which exports its guest contents) and open it as raw",
-            ))
+        "file" => {
+            file.only(&["driver", "node-name", "filename"])?;
+            open_file(file.str("filename")?, opts)
         }
-        _ => return Err(bad(&path, "must use the 'file' driver")),
+        "nbd" => {
+            let export = FileNode::nbd(open_nbd(&file, opts)?);
+            Ok(if opts.unsafe_cache {
+                export.without_flushes()
+            } else {
+                export
+            })
+        }
+        _ => Err(bad(&path, "must use the 'file' or 'nbd' driver")),
     }
-    file.str("filename")
 }
 
 fn open_file(name: &str, opts: SpecOptions) -> Result<FileNode> {

@@ -337,7 +337,11 @@ impl Qcow2Node {
     /// and "allocated" data clusters may be holes that read as zeroes.
     fn detect_metadata_preallocation(&self) -> Result<bool> {
         let cs = self.header.cluster_size.bytes();
-        let real_clusters = self.file.allocated_bytes()? / cs;
+        // An export's allocation is unknown: as in QEMU, no preallocation is assumed.
+        let Some(real) = self.file.allocated_bytes()? else {
+            return Ok(false);
+        };
+        let real_clusters = real / cs;
         let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
         let refcounts = super::refcount_reader::RefcountReader::new(&self.file, &self.header)?;
         let end = self.file.file_len().div_ceil(cs);

@@ -127,14 +127,12 @@ impl Qcow2Node {
                         self.file.truncate(host + bytes)?;
                     }
                 }
-                Prealloc::Falloc => crate::file::fallocate(self.file.raw_file(), host, bytes)
-                    .map_err(|e| self.file.error("preallocate", e))?,
+                Prealloc::Falloc => self.file.preallocate(host, bytes, mode)?,
                 Prealloc::Full => {
                     if self.file.file_len() < host + bytes {
                         self.file.truncate(host + bytes)?;
                     }
-                    crate::file::write_zeroes(self.file.raw_file(), self.file.path(), host, bytes)
-                        .map_err(|e| self.file.error("preallocate", e))?;
+                    self.file.preallocate(host, bytes, mode)?;
                 }
             }
             self.edit_l2(table_off, l1_index, |t| {

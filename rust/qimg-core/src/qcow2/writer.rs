@@ -665,9 +665,9 @@ impl Qcow2Node {
                 self.file.sync()?;
             }
             // No table refers to these clusters any more: their space goes
-            // back to the file system (a failure to punch loses nothing).
+            // back to the file system or the server (a failure loses nothing).
             for cluster in holes {
-                let _ = crate::file::punch_zeroes(self.file.raw_file(), cluster * cs, cs);
+                let _ = self.file.discard(cluster * cs, cs);
             }
         }
         Ok(())
