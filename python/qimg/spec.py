@@ -38,6 +38,7 @@ import enum
 import json
 import os
 import re
+import socket
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -968,19 +969,25 @@ _MAX_TIMEOUT = 0xFFFF_FFFF
 
 
 def _port(item: _Item, name: str, where: str) -> tuple[int, str]:
-    """A TCP port: a JSON number or a string of decimal digits (QEMU would also look
-    up service names such as "nbd"; qimg takes numbers only). Returns the number and
-    the text qemu-img prints for it."""
+    """A TCP port: a JSON number, a string of decimal digits, or a service name the
+    system knows (``"nbd"``, from /etc/services), as QEMU looks ports up. Returns the
+    number and the text qemu-img prints for it."""
     value = item.value
     number: int | None = None
     if isinstance(value, int) and not isinstance(value, bool):
         number = value
     elif isinstance(value, float | str) and _is_whole(value):
         number = int(value)
+    elif isinstance(value, str) and value.strip() == value and value:
+        try:
+            number = socket.getservbyname(value, "tcp")
+        except OSError:
+            number = None
     if number is None or not 1 <= number <= 65535:
         given = value.value if isinstance(value, _Empty) else _json_scalar(value)
         raise InvalidOptionError(
-            f"Parameter '{name}' expects a port number from 1 to 65535, not {given}{where}"
+            f"Parameter '{name}' expects a port number from 1 to 65535 or a known TCP "
+            f"service name, not {given}{where}"
         )
     return number, value if isinstance(value, str) else str(number)
 

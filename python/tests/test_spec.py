@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -1229,6 +1230,23 @@ def test_nbd_urls_are_an_export_under_a_probed_format(
     assert spec.display_name({"root": "raw"}) == shown
 
 
+def test_nbd_ports_may_be_service_names() -> None:
+    text = 'json:{"driver": "nbd", "server": {"type": "inet", "host": "h", "port": "nbd"}}'
+    try:
+        expected = socket.getservbyname("nbd", "tcp")
+    except OSError:
+        # A system without the name refuses it, as QEMU's lookup would fail.
+        with pytest.raises(InvalidOptionError, match='known TCP service name, not "nbd"'):
+            parse_spec(text)
+        return
+    spec = parse_spec(text)
+    assert spec.root == NbdNode("root", InetAddress("h", expected))
+    # qemu-img shows the port as it was given.
+    assert spec.display_name() == "nbd://h:nbd"
+    with pytest.raises(InvalidOptionError, match='known TCP service name, not "no-such-svc"'):
+        parse_spec(text.replace('"nbd"}', '"no-such-svc"}'))
+
+
 def test_nbd_url_formats() -> None:
     url = "nbd://127.0.0.1:10809/x"
     assert parse_spec(url, fmt="raw").core_dict() == {
@@ -1483,11 +1501,13 @@ NBD_REFUSED_JSON: list[tuple[str, str]] = [
     ),
     (
         '{"driver": "nbd", "server": {"type": "inet", "host": "127.0.0.1", "port": "abc"}}',
-        "Parameter 'server.port' expects a port number from 1 to 65535, not \"abc\"",
+        "Parameter 'server.port' expects a port number from 1 to 65535 or a known TCP service "
+        'name, not "abc"',
     ),
     (
         '{"driver": "nbd", "server": {"type": "inet", "host": "127.0.0.1", "port": true}}',
-        "Parameter 'server.port' expects a port number from 1 to 65535, not true",
+        "Parameter 'server.port' expects a port number from 1 to 65535 or a known TCP service "
+        "name, not true",
     ),
     (
         '{"driver": "nbd", "server": {"type": "inet", "host": "", "port": "1"}}',
