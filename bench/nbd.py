@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     size = 128 * MiB if args.quick else 1 * GiB
     repeat = args.repeat or (1 if args.quick else 5)
     qimg = qimg_command(args.qimg)
+    if args.dir:
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
     print(facts_line(machine_facts(Path(args.dir or tempfile.gettempdir()))), flush=True)
     with contextlib.ExitStack() as stack:
         workdir = (

@@ -133,6 +133,9 @@ NBD_DEFAULT_TIMEOUT = 30
 #: Longest export name the NBD protocol allows, in bytes.
 NBD_MAX_EXPORT_NAME = 4096
 
+#: Most connections qimg opens to one export (its ``connections`` option).
+NBD_MAX_CONNECTIONS = 16
+
 
 @dataclass(frozen=True)
 class InetAddress:
@@ -160,6 +163,9 @@ class NbdNode:
     """The export's name; None asks for the server's default export (as "" does)."""
     timeout: int = NBD_DEFAULT_TIMEOUT
     """Seconds before a connection attempt or a request fails (qimg's own option)."""
+    connections: int | None = None
+    """Connections to open when the server allows several (multi-conn); None: one per
+    two cores, at most four (qimg's own option)."""
 
 
 @dataclass(frozen=True)
@@ -381,7 +387,13 @@ def _core_node(node: Node) -> dict[str, Any]:
             server = {"type": "inet", "host": node.server.host, "port": str(node.server.port)}
         else:
             server = {"type": "unix", "path": node.server.path}
-        return {**head, "server": server, "export": node.export, "timeout": node.timeout}
+        return {
+            **head,
+            "server": server,
+            "export": node.export,
+            "timeout": node.timeout,
+            "connections": node.connections,
+        }
     if isinstance(node, ProbeNode) and not node.open_backing:
         return {**head, "file": _core_node(node.file), "backing": None}
     if isinstance(node, RawNode | ProbeNode):
@@ -441,7 +453,7 @@ def _node_as_dict(node: Node) -> dict[str, Any]:
             ):
                 continue
             if obj.get("driver") == "nbd" and (
-                key == "timeout" or (key == "export" and value is None)
+                key == "timeout" or (key in ("export", "connections") and value is None)
             ):
                 continue
             if isinstance(value, dict):
@@ -1253,6 +1265,13 @@ class _Parser:
                 f"Parameter 'timeout' expects a number of seconds from 1 to {_MAX_TIMEOUT}, "
                 f"not {timeout}{where}"
             )
+        # qimg's own too: how many connections to open to a multi-conn export.
+        connections = _number(opts.take("connections"), "connections", where)
+        if connections is not None and not 1 <= connections <= NBD_MAX_CONNECTIONS:
+            raise InvalidOptionError(
+                f"Parameter 'connections' expects a number from 1 to {NBD_MAX_CONNECTIONS}, "
+                f"not {connections}{where}"
+            )
         self._leftovers(opts, "nbd")
         tail = "" if export is None else f"/{export}"
         if isinstance(server, InetAddress):
@@ -1260,7 +1279,11 @@ class _Parser:
         else:
             exact = f"nbd+unix://{tail}?socket={server.path}"
         node = NbdNode(
-            node_name, server, export, NBD_DEFAULT_TIMEOUT if timeout is None else timeout
+            node_name,
+            server,
+            export,
+            NBD_DEFAULT_TIMEOUT if timeout is None else timeout,
+            connections,
         )
         return node, _Shown(exact, members)
 

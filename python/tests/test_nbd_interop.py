@@ -438,3 +438,42 @@ def test_a_server_that_takes_one_client_at_a_time_is_shared_within_a_command(
     copy = run_qimg("convert", "-O", "raw", server.url, out)
     assert copy.returncode == 0, copy.stderr
     assert out.read_bytes() == image.read_bytes()
+
+
+def _client_connections(port: int) -> int:
+    """Established TCP connections from this machine to 127.0.0.1:``port``."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        remote, state = fields[2], fields[3]
+        if state == "01" and int(remote.split(":")[1], 16) == port:
+            count += 1
+    return count
+
+
+@pytest.mark.parametrize("connections", [1, 3])
+def test_the_connections_option_sets_how_many_a_multi_conn_export_gets(
+    nbd_servers: StartNbd, raw_image: Path, connections: int
+) -> None:
+    server = nbd_servers(raw_image, read_only=True)
+    assert server.port is not None
+    image = qimg.open({"driver": "raw", "file": {**server.node(), "connections": connections}})
+    try:
+        assert _client_connections(server.port) == connections
+        # Requests spread over them and come back whole.
+        assert image.read(0, SIZE) == raw_image.read_bytes()
+    finally:
+        image.close()
+    assert _client_connections(server.port) == 0
+
+
+def test_extra_connections_a_server_never_answers_are_given_up(
+    run_qimg: RunCommand, nbd_servers: StartNbd, raw_image: Path
+) -> None:
+    # One client at a time, yet multi-conn advertised: the extra connections wait in the
+    # server's backlog; qimg gives up on them and works over the first.
+    server = nbd_servers(raw_image, read_only=True, shared=1)
+    spec = "json:" + json.dumps({"driver": "raw", "file": {**server.node(), "connections": 4}})
+    info = run_qimg("info", "--output=json", spec)
+    assert (info.returncode, info.stderr) == (0, "")
+    assert json.loads(info.stdout)["virtual-size"] == SIZE

@@ -1165,7 +1165,11 @@ def test_api_errors_name_the_spec() -> None:
 
 
 def nbd_core(
-    name: str, server: dict[str, str], export: str | None = "x", timeout: int = 30
+    name: str,
+    server: dict[str, str],
+    export: str | None = "x",
+    timeout: int = 30,
+    connections: int | None = None,
 ) -> dict[str, Any]:
     return {
         "driver": "nbd",
@@ -1173,6 +1177,7 @@ def nbd_core(
         "server": server,
         "export": export,
         "timeout": timeout,
+        "connections": connections,
     }
 
 
@@ -1277,6 +1282,24 @@ def test_nbd_typed_tree() -> None:
         NbdNode("children.0", InetAddress("h", 7), None, 5),
         RawNode("children.1", NbdNode("children.1.file", UnixAddress("/s"), "e")),
     )
+
+
+def test_nbd_connections_is_qimgs_own_option() -> None:
+    base = '{"driver": "nbd", "server": {"type": "inet", "host": "h", "port": 7}, "export": "x"'
+    spec = parse_spec("json:" + base + ', "connections": 3}')
+    assert spec.root == NbdNode("root", InetAddress("h", 7), "x", 30, 3)
+    assert json.loads(spec.to_core_json())["connections"] == 3
+    # Like the timeout, it is not part of the name qemu-img would print.
+    assert spec.display_name() == "nbd://h:7/x"
+    opts = "driver=nbd,server.type=inet,server.host=h,server.port=7,connections=2"
+    assert parse_spec(opts, image_opts=True).root == NbdNode(
+        "root", InetAddress("h", 7), None, 30, 2
+    )
+    shown = NodeSpec(QuorumNode("q", (NbdNode("n", InetAddress("h", 7), "x", 30, 4),), 1))
+    assert "connections" not in shown.display_name()
+    for bad in ("0", "17", '"many"', "true"):
+        with pytest.raises(InvalidOptionError, match="'connections' expects a number"):
+            parse_spec("json:" + base + f', "connections": {bad}}}')
 
 
 def test_nbd_tree_built_in_python_round_trips() -> None:

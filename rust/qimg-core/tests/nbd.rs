@@ -215,6 +215,7 @@ fn open(s: &Server, export: &str, writable: bool) -> qimg_core::Result<NbdNode> 
             },
             export: export.to_string(),
             timeout: Duration::from_secs(1),
+            connections: None,
         },
         writable,
     )

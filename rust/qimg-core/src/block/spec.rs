@@ -174,7 +174,14 @@ fn open_node(
 }
 
 fn open_nbd(node: &Node<'_, '_>, opts: SpecOptions) -> Result<NbdNode> {
-    node.only(&["driver", "node-name", "server", "export", "timeout"])?;
+    node.only(&[
+        "driver",
+        "node-name",
+        "server",
+        "export",
+        "timeout",
+        "connections",
+    ])?;
     let server_path = child_path(node.path, "server");
     let server = Node::new(node.get("server")?, &server_path)?;
     let server = match server.str("type")? {
@@ -205,11 +212,21 @@ fn open_nbd(node: &Node<'_, '_>, opts: SpecOptions) -> Result<NbdNode> {
             .filter(|t| (1..=86_400).contains(t))
             .ok_or_else(|| bad(node.path, "'timeout' must be 1 to 86400 seconds"))?,
     };
+    let connections = match node.map.get("connections") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_u64()
+                .filter(|n| (1..=16).contains(n))
+                .map(|n| n as usize)
+                .ok_or_else(|| bad(node.path, "'connections' must be 1 to 16"))?,
+        ),
+    };
     NbdNode::open(
         NbdOptions {
             server,
             export,
             timeout: std::time::Duration::from_secs(timeout),
+            connections,
         },
         opts.writable,
     )
