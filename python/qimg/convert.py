@@ -99,14 +99,14 @@ class ConvertRequest:
             )
         if self.target_is_spec and not self.existing:
             raise UsageError(
-                "A target given as json: or with --target-image-opts must exist: use -n "
-                "(qimg creates targets only from file names)"
+                "A target given as an NBD URL, as json: or with --target-image-opts must "
+                "exist: use -n (qimg creates targets only from file names)"
             )
         if self.target_is_spec and (self.compress or self.backing_file is not None):
             flag = "-c" if self.compress else "-B"
             raise UsageError(
-                f"{flag} describes a new qcow2 target; it cannot be used with a json: or "
-                "--target-image-opts target"
+                f"{flag} describes a new qcow2 target; it cannot be used with an NBD URL, "
+                "json: or --target-image-opts target"
             )
 
 

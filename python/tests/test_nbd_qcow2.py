@@ -313,3 +313,37 @@ def test_quorum_of_three_qcow2_exports_votes_a_corrupted_one_down(
     assert [name for name, c in children.items() if c["bad-bytes"]] == ["children.1"]
     (bad,) = children["children.1"]["bad-ranges"]
     assert bad["offset"] <= 1 << 20 < bad["offset"] + bad["length"]
+
+
+def test_convert_n_writes_an_image_into_exports(
+    run_qimg: RunCommand,
+    run_qemu_img: RunCommand,
+    nbd_servers: StartNbd,
+    tmp_path: Path,
+) -> None:
+    source = _guest(tmp_path / "src.raw")
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(b"\xff" * SIZE)
+    qcow2 = tmp_path / "disk.qcow2"
+    _ok(run_qemu_img("create", "-f", "qcow2", qcow2, str(SIZE)))
+    with open(qcow2, "r+b") as f:
+        f.truncate(SIZE + (1 << 20))  # room for the clusters the copy allocates
+    raw_export = nbd_servers(disk, fmt="raw", unix=True)
+    qcow2_export = nbd_servers(qcow2, fmt="raw")
+    # Without -n there is nothing qimg could create at a URL: one line, nothing written.
+    refused = run_qimg("convert", "-O", "raw", source, raw_export.url)
+    assert (refused.returncode, refused.stdout) == (1, "")
+    assert refused.stderr == (
+        "qimg: A target given as an NBD URL, as json: or with --target-image-opts must exist: "
+        "use -n (qimg creates targets only from file names)\n"
+    )
+    assert disk.read_bytes() == b"\xff" * SIZE
+    for export, fmt in ((raw_export, "raw"), (qcow2_export, "qcow2")):
+        proc = run_qimg("convert", "-n", "-O", fmt, source, export.url)
+        assert (proc.returncode, proc.stderr) == (0, ""), fmt
+        export.kill()
+    assert disk.read_bytes() == source.read_bytes()
+    check = run_qemu_img("check", qcow2)
+    assert check.returncode == 0, check.stdout
+    same = run_qemu_img("compare", "-f", "raw", "-F", "qcow2", source, qcow2)
+    assert same.returncode == 0, same.stdout
