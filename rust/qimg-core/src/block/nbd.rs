@@ -439,12 +439,9 @@ fn checked_export(e: Export) -> io::Result<Export> {
     Ok(e)
 }
 
-/// A reply, as the reader thread hands it over.
+/// A reply, as the reader thread hands it over. (Read data never passes
+/// here: the reader thread puts it straight into the caller's buffer.)
 enum Part {
-    /// Data for `[offset, offset + len)` of the request.
-    Data(u64, Vec<u8>),
-    /// Zeroes for `[offset, offset + len)`.
-    Hole(u64, u32),
     /// Block status descriptors (length, flags) of the allocation context.
     Extents(Vec<(u32, u32)>),
     /// The request failed on the server with this errno.
@@ -455,13 +452,85 @@ enum Part {
 
 struct Pending {
     tx: Sender<io::Result<Part>>,
-    /// For simple replies to reads: how many data bytes follow.
+    /// For reads: the request's length (a simple reply's data is this long).
     read_len: u32,
     offset: u64,
+    /// For reads: where the data goes.
+    sink: Option<Arc<SinkSlot>>,
 }
 
-/// Read buffers passed from the reader thread to requests and back, so that
-/// replies do not fault in fresh memory every time.
+/// The caller's buffer for one read request, lent to the reader thread of
+/// the connection: it writes the reply's data (and zeroes for holes)
+/// straight into it, with no copy in between.
+struct Sink {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: a Sink is only a lent region of a caller's buffer. The reader
+// thread writes through it only while holding the slot's lock and only
+// while the slot still holds it; the caller empties the slot (waiting for
+// the lock) before it uses or frees the buffer again.
+unsafe impl Send for Sink {}
+
+/// A lent buffer, or None once the caller has taken it back.
+struct SinkSlot(Mutex<Option<Sink>>);
+
+/// The bytes a reply puts into a lent buffer.
+enum Bytes<'a> {
+    /// The next bytes of the connection.
+    Stream(&'a mut Stream, &'a Pool),
+    /// Zeroes (a hole).
+    Zeroes,
+}
+
+impl SinkSlot {
+    /// Lends `len` bytes at `base + at`, a region of a buffer the caller
+    /// leaves alone until it calls `revoke`.
+    fn lend(base: *mut u8, at: usize, len: usize) -> Arc<SinkSlot> {
+        Arc::new(SinkSlot(Mutex::new(Some(Sink {
+            ptr: base.wrapping_add(at),
+            len,
+        }))))
+    }
+
+    /// Takes the buffer back: no write into it happens after this returns.
+    fn revoke(&self) {
+        *lock(&self.0) = None;
+    }
+
+    /// Puts `bytes` into `[at, at + len)` of the lent buffer (a range the
+    /// caller checked against the request); bytes from the stream are
+    /// read and dropped when the buffer was taken back.
+    fn put(&self, at: usize, len: usize, bytes: Bytes<'_>) -> io::Result<()> {
+        let slot = lock(&self.0);
+        let dst = match slot.as_ref() {
+            Some(sink) if at.checked_add(len).is_some_and(|end| end <= sink.len) => {
+                // SAFETY: the region lies inside the lent buffer (checked
+                // just above), which stays valid and untouched by its owner
+                // while the slot holds it; the lock keeps `revoke` waiting
+                // until this write is over.
+                unsafe { std::slice::from_raw_parts_mut(sink.ptr.add(at), len) }
+            }
+            _ => {
+                return match bytes {
+                    Bytes::Stream(s, pool) => skip(s, len, pool),
+                    Bytes::Zeroes => Ok(()),
+                }
+            }
+        };
+        match bytes {
+            Bytes::Stream(s, _) => s.read_exact(dst),
+            Bytes::Zeroes => {
+                dst.fill(0);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Scratch buffers for the reader thread, for reply bytes that have no
+/// buffer to go to (a caller that gave up waiting, data outside a request).
 #[derive(Default)]
 struct Pool(Mutex<Vec<Vec<u8>>>);
 
@@ -486,7 +555,6 @@ struct Conn {
     pending: Arc<Mutex<HashMap<u64, Pending>>>,
     dead: Arc<AtomicBool>,
     cookies: AtomicU64,
-    pool: Arc<Pool>,
 }
 
 impl Conn {
@@ -498,10 +566,9 @@ impl Conn {
         let reader = s.try_clone()?;
         let pending: Arc<Mutex<HashMap<u64, Pending>>> = Arc::new(Mutex::new(HashMap::new()));
         let dead = Arc::new(AtomicBool::new(false));
-        let pool = Arc::new(Pool::default());
         {
-            let (pending, dead, pool) =
-                (Arc::clone(&pending), Arc::clone(&dead), Arc::clone(&pool));
+            let (pending, dead) = (Arc::clone(&pending), Arc::clone(&dead));
+            let pool = Pool::default();
             let structured = export.structured;
             std::thread::Builder::new()
                 .name("qimg-nbd-reader".into())
@@ -513,7 +580,6 @@ impl Conn {
                 pending,
                 dead,
                 cookies: AtomicU64::new(1),
-                pool,
             },
             export,
         ))
@@ -527,6 +593,19 @@ impl Conn {
         offset: u64,
         len: u32,
         data: &[u8],
+    ) -> io::Result<Receiver<io::Result<Part>>> {
+        self.send_to(cmd, flags, offset, len, data, None)
+    }
+
+    /// Sends one request, with `sink` receiving a read's data.
+    fn send_to(
+        &self,
+        cmd: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+        sink: Option<Arc<SinkSlot>>,
     ) -> io::Result<Receiver<io::Result<Part>>> {
         if self.dead.load(Ordering::SeqCst) {
             return Err(io::Error::new(
@@ -543,6 +622,7 @@ impl Conn {
                 tx,
                 read_len,
                 offset,
+                sink,
             },
         );
         let mut m = Vec::with_capacity(28 + data.len());
@@ -616,14 +696,14 @@ fn read_one(
             if errno != 0 {
                 let _ =
                     p.tx.send(Ok(Part::Failed(server_errno(errno), String::new())));
-            } else {
-                if p.read_len > 0 {
-                    if p.read_len > MAX_PAYLOAD {
-                        return Err(proto("a read reply larger than any request"));
-                    }
-                    let mut data = pool.take(p.read_len as usize);
-                    s.read_exact(&mut data)?;
-                    let _ = p.tx.send(Ok(Part::Data(p.offset, data)));
+            } else if p.read_len > 0 {
+                if p.read_len > MAX_PAYLOAD {
+                    return Err(proto("a read reply larger than any request"));
+                }
+                let n = p.read_len as usize;
+                match &p.sink {
+                    Some(sink) => sink.put(0, n, Bytes::Stream(s, pool))?,
+                    None => skip(s, n, pool)?,
                 }
             }
             let _ = p.tx.send(Ok(Part::Done));
@@ -637,59 +717,71 @@ fn read_one(
             if len > MAX_PAYLOAD {
                 return Err(proto(format!("server sent a {len}-byte reply chunk")));
             }
-            // Read data goes straight into a pooled buffer; other chunks are small.
-            let (data_at, payload) = if kind == CHUNK_OFFSET_DATA {
-                if len < 8 {
-                    return Err(proto("short data chunk"));
-                }
-                let at = read_u64(s)?;
-                let mut data = pool.take((len - 8) as usize);
-                s.read_exact(&mut data)?;
-                (at, data)
-            } else {
-                (0, read_vec(s, len, MAX_PAYLOAD)?)
+            let (tx, sink, base, request_len) = {
+                let map = lock(pending);
+                let p = map
+                    .get(&cookie)
+                    .ok_or_else(|| proto(format!("reply to unknown request {cookie}")))?;
+                (
+                    p.tx.clone(),
+                    p.sink.clone(),
+                    p.offset,
+                    u64::from(p.read_len),
+                )
             };
-            let done = flags & CHUNK_DONE != 0;
-            let mut map = lock(pending);
-            let p = map
-                .get(&cookie)
-                .ok_or_else(|| proto(format!("reply to unknown request {cookie}")))?;
+            // Where `[at, at + n)` lies in the request's buffer, if inside it.
+            let inside = |at: u64, n: u64| {
+                at.checked_sub(base)
+                    .filter(|rel| rel.checked_add(n).is_some_and(|end| end <= request_len))
+                    .and_then(|rel| usize::try_from(rel).ok())
+            };
+            let outside = || {
+                Part::Failed(
+                    libc::EIO,
+                    "the server sent data outside the request".to_string(),
+                )
+            };
             let part = match kind {
-                CHUNK_NONE => None,
-                CHUNK_OFFSET_DATA => Some(Part::Data(data_at, payload)),
+                CHUNK_OFFSET_DATA => {
+                    if len < 8 {
+                        return Err(proto("short data chunk"));
+                    }
+                    let at = read_u64(s)?;
+                    let n = len - 8;
+                    match (&sink, inside(at, u64::from(n))) {
+                        (Some(sink), Some(rel)) => {
+                            sink.put(rel, n as usize, Bytes::Stream(s, pool))?;
+                            None
+                        }
+                        _ => {
+                            skip(s, n as usize, pool)?;
+                            Some(outside())
+                        }
+                    }
+                }
                 CHUNK_OFFSET_HOLE => {
-                    let (Some(off), Some(n)) = (be64(&payload, 0), be32(&payload, 8)) else {
+                    let payload = read_vec(s, len, MAX_PAYLOAD)?;
+                    let (Some(at), Some(n)) = (be64(&payload, 0), be32(&payload, 8)) else {
                         return Err(proto("short hole chunk"));
                     };
-                    Some(Part::Hole(off, n))
+                    match (&sink, inside(at, u64::from(n))) {
+                        (Some(sink), Some(rel)) => {
+                            sink.put(rel, n as usize, Bytes::Zeroes)?;
+                            None
+                        }
+                        _ => Some(outside()),
+                    }
                 }
-                CHUNK_BLOCK_STATUS => {
-                    let body = payload
-                        .get(4..)
-                        .ok_or_else(|| proto("short status chunk"))?;
-                    let extents = body
-                        .chunks_exact(8)
-                        .filter_map(|c| Some((be32(c, 0)?, be32(c, 4)?)))
-                        .collect();
-                    Some(Part::Extents(extents))
+                _ => {
+                    let payload = read_vec(s, len, MAX_PAYLOAD)?;
+                    other_chunk(kind, &payload)?
                 }
-                CHUNK_ERROR | CHUNK_ERROR_OFFSET => {
-                    let errno = be32(&payload, 0).ok_or_else(|| proto("short error chunk"))?;
-                    let mlen = be16(&payload, 4).unwrap_or(0) as usize;
-                    let msg = payload
-                        .get(6..6 + mlen)
-                        .map(|m| String::from_utf8_lossy(m).into_owned())
-                        .unwrap_or_default();
-                    Some(Part::Failed(server_errno(errno), msg))
-                }
-                k if k & 0x8000 != 0 => Some(Part::Failed(libc::EIO, format!("error chunk {k}"))),
-                _ => None,
             };
             if let Some(part) = part {
-                let _ = p.tx.send(Ok(part));
+                let _ = tx.send(Ok(part));
             }
-            if done {
-                if let Some(p) = map.remove(&cookie) {
+            if flags & CHUNK_DONE != 0 {
+                if let Some(p) = lock(pending).remove(&cookie) {
                     let _ = p.tx.send(Ok(Part::Done));
                 }
             }
@@ -697,6 +789,47 @@ fn read_one(
         }
         _ => Err(proto(format!("bad reply magic {magic:#x}"))),
     }
+}
+
+/// What a structured chunk other than data or a hole says.
+fn other_chunk(kind: u16, payload: &[u8]) -> io::Result<Option<Part>> {
+    Ok(match kind {
+        CHUNK_NONE => None,
+        CHUNK_BLOCK_STATUS => {
+            let body = payload
+                .get(4..)
+                .ok_or_else(|| proto("short status chunk"))?;
+            let extents = body
+                .chunks_exact(8)
+                .filter_map(|c| Some((be32(c, 0)?, be32(c, 4)?)))
+                .collect();
+            Some(Part::Extents(extents))
+        }
+        CHUNK_ERROR | CHUNK_ERROR_OFFSET => {
+            let errno = be32(payload, 0).ok_or_else(|| proto("short error chunk"))?;
+            let mlen = be16(payload, 4).unwrap_or(0) as usize;
+            let msg = payload
+                .get(6..6 + mlen)
+                .map(|m| String::from_utf8_lossy(m).into_owned())
+                .unwrap_or_default();
+            Some(Part::Failed(server_errno(errno), msg))
+        }
+        k if k & 0x8000 != 0 => Some(Part::Failed(libc::EIO, format!("error chunk {k}"))),
+        _ => None,
+    })
+}
+
+/// Reads and drops `n` bytes of a reply nobody waits for any more.
+fn skip(s: &mut Stream, n: usize, pool: &Pool) -> io::Result<()> {
+    let mut scratch = pool.take(n.min(1 << 20));
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(scratch.len());
+        s.read_exact(&mut scratch[..k])?;
+        left -= k;
+    }
+    pool.put(scratch);
+    Ok(())
 }
 
 /// NBD's error numbers are Linux's for the few it names.
@@ -943,39 +1076,27 @@ impl BlockDev for NbdNode {
             buf.copy_from_slice(&wide[from..from + buf.len()]);
             return Ok(());
         }
-        // Every piece is sent before any reply is awaited: pipelining.
+        // Every piece is sent before any reply is awaited: pipelining. The
+        // reader threads write each reply's data straight into its region
+        // of `buf`, which is not touched here until every region is taken
+        // back.
+        let base = buf.as_mut_ptr();
         let mut sent = Vec::new();
-        for (at, n) in self.pieces(offset, buf.len() as u64, READ_PIECE) {
-            let conn = self.conn();
-            let rx = conn
-                .send(CMD_READ, 0, at, n, &[])
-                .map_err(|e| self.error("Read failed", e))?;
-            sent.push((conn, rx, at, n));
-        }
         let mut first_err: Option<Error> = None;
-        for (conn, rx, at, n) in sent {
-            let base = (at - offset) as usize;
-            let piece = &mut buf[base..base + n as usize];
-            let r = self.wait(conn, rx, |part| {
-                let (off, len) = match &part {
-                    Part::Data(o, d) => (*o, d.len() as u64),
-                    Part::Hole(o, l) => (*o, u64::from(*l)),
-                    _ => return Ok(()),
-                };
-                let inside = off
-                    .checked_sub(at)
-                    .filter(|rel| rel + len <= u64::from(n))
-                    .ok_or_else(|| proto("the server sent data outside the request"))?;
-                let dst = &mut piece[inside as usize..(inside + len) as usize];
-                match part {
-                    Part::Data(_, d) => {
-                        dst.copy_from_slice(&d);
-                        conn.pool.put(d);
-                    }
-                    _ => dst.fill(0),
+        for (at, n) in self.pieces(offset, buf.len() as u64, READ_PIECE) {
+            let slot = SinkSlot::lend(base, (at - offset) as usize, n as usize);
+            let conn = self.conn();
+            match conn.send_to(CMD_READ, 0, at, n, &[], Some(Arc::clone(&slot))) {
+                Ok(rx) => sent.push((conn, rx, slot)),
+                Err(e) => {
+                    first_err = Some(self.error("Read failed", e));
+                    break;
                 }
-                Ok(())
-            });
+            }
+        }
+        for (conn, rx, slot) in sent {
+            let r = self.wait(conn, rx, |_| Ok(()));
+            slot.revoke();
             if let Err(e) = r {
                 first_err.get_or_insert(self.error("Read failed", e));
             }
