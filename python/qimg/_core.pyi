@@ -131,6 +131,7 @@ def convert(
     top_only: bool = False,
     in_order: bool = True,
     workers: int | None = None,
+    copy_offload: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> None: ...
 def check_image(image: Image) -> dict[str, Any] | None: ...

@@ -24,6 +24,9 @@ __all__ = ["ConvertRequest", "convert"]
 MAX_WORKERS = 16
 MAX_SPARSE_SIZE = 16 << 20
 
+#: ``-S`` when it is not given: 4 KiB blocks of zeroes become holes.
+DEFAULT_SPARSE_SIZE = 4096
+
 
 @dataclass
 class ConvertRequest:
@@ -40,9 +43,12 @@ class ConvertRequest:
     backing_fmt: str | None = None
     existing: bool = False
     target_is_zero: bool = False
-    sparse_size: int = 4096
+    sparse_size: int = DEFAULT_SPARSE_SIZE
     workers: int | None = None
     in_order: bool = True
+    copy_offload: bool = False
+    """``-C``: data lying plainly in local files goes into a raw local target by an
+    in-kernel copy (copy_file_range), without ``-S`` zero detection."""
     cache: str = "unsafe"
     """Cache mode of the target; like qemu-img convert, flushes are skipped by default."""
     image_opts: bool = False
@@ -89,6 +95,10 @@ class ConvertRequest:
             )
         if self.backing_file is not None and self.out_fmt == "raw":
             raise InvalidOptionError(f"Backing file not supported for file format '{self.out_fmt}'")
+        if self.copy_offload and self.compress:
+            raise UsageError("Cannot enable copy offloading when -c is used")
+        if self.copy_offload and self.sparse_size != DEFAULT_SPARSE_SIZE:
+            raise UsageError("Cannot enable copy offloading when -S is used")
         if self.compress and self.out_fmt != "qcow2":
             raise InvalidOptionError(
                 f"Compression not supported for this file format ({self.out_fmt})"
@@ -226,6 +236,7 @@ def _copy(
             top_only=top_only,
             in_order=request.in_order,
             workers=request.workers,
+            copy_offload=request.copy_offload,
             progress=with_events(images, progress),
         )
     finally:
@@ -261,6 +272,7 @@ def convert(
     sparse_size: int = 4096,
     workers: int | None = None,
     in_order: bool = True,
+    copy_offload: bool = False,
     cache: str = "unsafe",
     progress: Callable[[int, int], None] | None = None,
     image_opts: bool = False,
@@ -294,6 +306,7 @@ def convert(
         sparse_size=sparse_size,
         workers=workers,
         in_order=in_order,
+        copy_offload=copy_offload,
         cache=cache,
         image_opts=image_opts,
         target_image_opts=target_image_opts,

@@ -50,12 +50,15 @@ def _argv(args: tuple[Arg, ...]) -> list[str]:
     return [str(a) if isinstance(a, int) else os.fspath(a) for a in args]
 
 
-def _require_tool(name: str) -> str:
+def _require_tool(name: str, package: str = "qemu-utils") -> str:
     path = shutil.which(name)
     if path is None:
-        reason = f"{name} (QEMU) is not installed; it is the reference these tests compare with"
+        if package == "qemu-utils":
+            reason = f"{name} (QEMU) is not installed; it is the reference these tests compare with"
+        else:
+            reason = f"{name} is not installed; these tests watch qimg's system calls with it"
         if os.environ.get("CI"):
-            pytest.fail(f"{reason}, and CI is set: install QEMU's tools (Debian: qemu-utils)")
+            pytest.fail(f"{reason}, and CI is set: install it (Debian: {package})")
         pytest.skip(reason)
     return path
 
@@ -64,6 +67,12 @@ def _require_tool(name: str) -> str:
 def qemu_img() -> str:
     """Path of QEMU's qemu-img (skips when missing, or fails when CI is set)."""
     return _require_tool("qemu-img")
+
+
+@pytest.fixture(scope="session")
+def strace() -> str:
+    """Path of strace (skips when missing, or fails when CI is set)."""
+    return _require_tool("strace", "strace")
 
 
 @pytest.fixture(scope="session")

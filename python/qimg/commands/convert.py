@@ -1,6 +1,7 @@
 """``qimg convert [-f fmt | --image-opts] [-O fmt] [-o options] [-c]
-[-B backing_file [-F backing_fmt]] [-n [--target-image-opts] [--target-is-zero]] [-S sparse_size]
-[-m num] [-W] [-p] [-q] [-U] [--events FILE] filename [filename2 [...]] output``
+[-B backing_file [-F backing_fmt]] [-n [--target-image-opts] [--target-is-zero]]
+[-S sparse_size | -C] [-m num] [-W] [-p] [-q] [-U] [--events FILE]
+filename [filename2 [...]] output``
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ UNSUPPORTED_VALUE = (
     ("--object", "objects"),
 )
 UNSUPPORTED_FLAG = (
-    ("-C", "copy offloading"),
     ("--salvage", "salvaging unreadable sources"),
     ("--bitmaps", "copying persistent bitmaps"),
 )
@@ -57,8 +57,17 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "-S",
         dest="sparse",
-        default="4k",
         help="zero runs at least this long become holes (default 4k; 0 writes all data)",
+    )
+    p.add_argument(
+        "-C",
+        "--copy-range-offloading",
+        dest="copy_offload",
+        action="store_true",
+        help=(
+            "copy data that lies plainly in local files into a raw local output inside the "
+            "kernel (copy_file_range); no zero detection in it, so not with -S"
+        ),
     )
     p.add_argument("-n", dest="existing", action="store_true", help="write into an existing image")
     p.add_argument(
@@ -126,11 +135,15 @@ def run(args: argparse.Namespace) -> int:
         backing_fmt=args.backing_fmt,
         existing=args.existing,
         target_is_zero=args.target_is_zero,
-        sparse_size=parse_size(args.sparse, "-S"),
+        sparse_size=parse_size("4k" if args.sparse is None else args.sparse, "-S"),
         workers=workers,
         in_order=not args.out_of_order,
         cache=args.cache,
+        copy_offload=args.copy_offload,
     )
+    if args.copy_offload and args.sparse is not None and not args.compress:
+        # Even "-S 4k", the default: zero detection needs the data read.
+        raise UsageError("Cannot enable copy offloading when -S is used")
     if args.target_image_opts and not args.existing:
         raise UsageError("--target-image-opts requires use of -n flag")
     progress = Progress(args.progress and not args.quiet)

@@ -8,7 +8,7 @@
 //! new qcow2 image gets its clusters laid out sequentially; workers may run
 //! ahead of it by a bounded window only.
 
-use crate::block::{block_status, status_above, BlockDev};
+use crate::block::{block_status, status_above, BlockDev, FileNode};
 use crate::error::{Error, Result};
 use crate::qcow2::compress::compress;
 use crate::qcow2::CompressionType;
@@ -64,6 +64,10 @@ pub struct ConvertOptions {
     pub in_order: bool,
     /// Worker threads (`-m`).
     pub workers: usize,
+    /// `-C`: data that lies plainly in a local file goes into a raw local
+    /// target by copy_file_range, inside the kernel, without being read
+    /// (so without `-S` zero detection); the rest is copied as usual.
+    pub copy_offload: bool,
 }
 
 impl Default for ConvertOptions {
@@ -75,6 +79,7 @@ impl Default for ConvertOptions {
             top_only: false,
             in_order: true,
             workers: default_workers(),
+            copy_offload: false,
         }
     }
 }
@@ -143,6 +148,12 @@ enum Seg {
     Compressed(Vec<u8>),
     /// Left to the target's backing file (or its zero initialisation).
     Skip(u64),
+    /// `len` bytes at `offset` of a local file, copied in the kernel.
+    Copy {
+        file: Arc<FileNode>,
+        offset: u64,
+        len: u64,
+    },
 }
 
 struct Piece {
@@ -305,6 +316,7 @@ fn seg_len(s: &Seg) -> u64 {
     match s {
         Seg::Data(d) => d.len() as u64,
         Seg::Zero(n) | Seg::Skip(n) => *n,
+        Seg::Copy { len, .. } => *len,
         Seg::Compressed(_) => 0,
     }
 }
@@ -333,9 +345,58 @@ fn apply(
                 Some(q) => q.write_compressed_packed(&packed, offset)?,
                 None => return Err(Error::invalid("compressed output needs a qcow2 target")),
             },
+            Seg::Copy {
+                file,
+                offset: from,
+                len,
+            } => {
+                let copied = match dst.copy_target() {
+                    Some(out) => file.copy_range_to(out, from, offset, len)?,
+                    None => 0,
+                };
+                // What the kernel did not copy (the end of the file, a
+                // target it cannot copy into) is read and written.
+                let mut done = copied;
+                while done < len {
+                    let n = (len - done).min(PIECE);
+                    let mut buf = pool.get(n as usize);
+                    file.pread(&mut buf, from + done)?;
+                    dst.write_at(&buf, offset + done)?;
+                    pool.put(buf);
+                    done += n;
+                }
+            }
         }
     }
     Ok(())
+}
+
+/// Where `[offset, offset + len)` of `top` (a prefix of it) lies plainly in
+/// a local file: the file, the offset there and the length. None when the
+/// range is not plain data (zeroes, compressed, a quorum, an export, ...).
+/// With `top_only`, only `top` itself is asked, not its backing chain.
+fn plain_run(
+    top: &dyn BlockDev,
+    offset: u64,
+    len: u64,
+    top_only: bool,
+) -> Result<Option<(Arc<FileNode>, u64, u64)>> {
+    let mut node = top;
+    loop {
+        let s = block_status(node, offset, len)?;
+        if s.data && !s.zero && !s.compressed {
+            return Ok(match (s.offset, node.file()) {
+                (Some(host), Some(file)) if file.path().is_some() => {
+                    Some((Arc::clone(file), host, s.len.clamp(1, len)))
+                }
+                _ => None,
+            });
+        }
+        match node.backing() {
+            Some(b) if !s.zero && !top_only => node = b.as_ref(),
+            _ => return Ok(None),
+        }
+    }
 }
 
 /// Writes `n` zero bytes at `offset` as data.
@@ -410,6 +471,8 @@ fn prepare(
                 } else {
                     push_zero(&mut segs, at, n);
                 }
+            } else if let Some(copied) = offload(src.as_ref(), local + pos, n, at, opts, cluster)? {
+                segs.extend(copied);
             } else {
                 let mut buf = pool.get(n as usize);
                 src.read_at(&mut buf, local + pos)?;
@@ -422,6 +485,32 @@ fn prepare(
         Some(c) => compress_clusters(sources, segs, start, end, c, opts.sparse),
         None => Ok(segs),
     }
+}
+
+/// With `-C`, the data range `[local, local + n)` of `src` (target offset
+/// `at`) as in-kernel copies, when all of it lies plainly in local files.
+fn offload(
+    src: &dyn BlockDev,
+    local: u64,
+    n: u64,
+    at: u64,
+    opts: &ConvertOptions,
+    cluster: Option<(u64, CompressionType)>,
+) -> Result<Option<Vec<(u64, Seg)>>> {
+    if !opts.copy_offload || cluster.is_some() {
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    while pos < n {
+        let Some((file, offset, len)) = plain_run(src, local + pos, n - pos, opts.top_only)? else {
+            return Ok(None);
+        };
+        let len = len.min(n - pos);
+        out.push((at + pos, Seg::Copy { file, offset, len }));
+        pos += len;
+    }
+    Ok(Some(out))
 }
 
 fn push_zero(segs: &mut Vec<(u64, Seg)>, at: u64, n: u64) {
@@ -505,8 +594,13 @@ fn compress_clusters(
             continue;
         }
         match seg {
-            Seg::Data(d) => {
-                bytes[from as usize..(from + n) as usize].copy_from_slice(d);
+            Seg::Data(_) | Seg::Copy { .. } => {
+                let dst = &mut bytes[from as usize..(from + n) as usize];
+                match seg {
+                    Seg::Copy { file, offset, .. } => file.pread(dst, *offset)?,
+                    Seg::Data(d) => dst.copy_from_slice(d),
+                    _ => {}
+                }
                 for c in from / cs..=(from + n - 1) / cs {
                     has_data[c as usize] = true;
                 }

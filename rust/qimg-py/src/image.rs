@@ -440,12 +440,12 @@ pub fn compare_images(
     }
 }
 
-/// Copies `src` into the raw file `dst` (`existing`: `-n`).
 /// Copies the guest contents of `sources` (concatenated) into `target`,
 /// which must be open for writing.
 #[pyfunction]
 #[pyo3(signature = (sources, target, *, sparse_size=4096, compress=false, zero_init=true,
-                    top_only=false, in_order=true, workers=None, progress=None))]
+                    top_only=false, in_order=true, workers=None, copy_offload=false,
+                    progress=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn convert(
     py: Python<'_>,
@@ -457,6 +457,7 @@ pub fn convert(
     top_only: bool,
     in_order: bool,
     workers: Option<usize>,
+    copy_offload: bool,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<()> {
     let opts = engine::ConvertOptions {
@@ -466,6 +467,7 @@ pub fn convert(
         top_only,
         in_order,
         workers: 0,
+        copy_offload,
     };
     let nodes: Vec<Arc<dyn BlockDev>> = sources.iter().map(|s| Arc::clone(&s.node)).collect();
     let opts = engine::ConvertOptions {

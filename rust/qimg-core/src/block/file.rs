@@ -246,6 +246,64 @@ impl FileNode {
         }
     }
 
+    /// Copies up to `len` bytes at `offset` into `dst` at `dst_offset`
+    /// inside the kernel (copy_file_range), with no pass through user
+    /// memory. Returns how many bytes were copied: fewer than `len` at the
+    /// end of this file, and 0 where the kernel cannot copy between the two
+    /// (an export, another file system), which the caller copies itself.
+    pub fn copy_range_to(
+        &self,
+        dst: &FileNode,
+        offset: u64,
+        dst_offset: u64,
+        len: u64,
+    ) -> Result<u64> {
+        use std::os::fd::AsRawFd;
+        let (Io::Local { file: src, .. }, Io::Local { file: out, .. }) = (&self.io, &dst.io) else {
+            return Ok(0);
+        };
+        let mut done = 0u64;
+        while done < len {
+            let (Ok(mut off_in), Ok(mut off_out)) = (
+                libc::loff_t::try_from(offset + done),
+                libc::loff_t::try_from(dst_offset + done),
+            ) else {
+                break;
+            };
+            let want = usize::try_from(len - done)
+                .unwrap_or(usize::MAX)
+                .min(1 << 30);
+            // SAFETY: both descriptors are open files owned by these nodes,
+            // and the offsets are locals the call updates.
+            let n = unsafe {
+                libc::copy_file_range(
+                    src.as_raw_fd(),
+                    &mut off_in,
+                    out.as_raw_fd(),
+                    &mut off_out,
+                    want,
+                    0,
+                )
+            };
+            if n > 0 {
+                done += n as u64;
+                continue;
+            }
+            if n == 0 {
+                break; // the end of this file
+            }
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                // No in-kernel copy between these two: the caller copies.
+                Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => break,
+                _ => return Err(dst.error("write", err)),
+            }
+        }
+        dst.len.fetch_max(dst_offset + done, Ordering::AcqRel);
+        Ok(done)
+    }
+
     /// Releases `[offset, offset + len)`: a hole punched in a local file
     /// (reading zeroes), a trim request to an export (reading what its
     /// server decides).
@@ -366,5 +424,36 @@ impl FileNode {
             // No SEEK_DATA support: everything is data.
             Err(_) => Ok((true, len)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_range_to_copies_in_the_kernel_and_stops_at_the_end_of_the_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (src_path, dst_path) = (dir.path().join("src"), dir.path().join("dst"));
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&src_path, &data).expect("write source");
+        std::fs::write(&dst_path, b"").expect("create target");
+        let src = FileNode::open(&src_path).expect("open source");
+        let dst = FileNode::open_rw(&dst_path).expect("open target");
+        assert_eq!(
+            src.copy_range_to(&dst, 1000, 4096, 50_000).expect("copy"),
+            50_000
+        );
+        // Past the end of the source only what is there is copied.
+        assert_eq!(
+            src.copy_range_to(&dst, 90_000, 60_000, 20_000)
+                .expect("copy"),
+            10_000
+        );
+        assert_eq!(dst.file_len(), 70_000);
+        let out = std::fs::read(&dst_path).expect("read target");
+        assert!(out[4096..54_096] == data[1000..51_000]);
+        assert!(out[60_000..70_000] == data[90_000..]);
+        assert!(out[..4096].iter().all(|&b| b == 0));
     }
 }

@@ -87,6 +87,12 @@ pub trait BlockDev: Send + Sync {
         None
     }
 
+    /// The local file this node writes guest bytes into unchanged, at the
+    /// same offsets, so that a copy may go into it inside the kernel.
+    fn copy_target(&self) -> Option<&Arc<FileNode>> {
+        None
+    }
+
     /// The node was opened for writing.
     fn is_writable(&self) -> bool {
         self.file().is_some_and(|f| f.is_writable())

@@ -94,6 +94,13 @@ impl BlockDev for RawNode {
         Some(&self.file)
     }
 
+    fn copy_target(&self) -> Option<&Arc<FileNode>> {
+        // A probed image keeps its first sector from turning into another
+        // format's header: its writes go through `write_at` and its check.
+        (!self.probed && self.file.is_writable() && self.file.path().is_some())
+            .then_some(&self.file)
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         check_request(self, offset, buf.len() as u64)?;
         self.guard_probe(buf, offset)?;
