@@ -12,9 +12,11 @@ Inputs (full run), built once per run in the work dir and deleted afterwards:
   compressed  2 GiB zlib-compressed qcow2 (qemu-img convert -c) of text-like data -> -O raw
   to-qcow2    4 GiB raw file, half random data, half holes -> -O qcow2
   to-qcow2-c  1 GiB raw file of text-like data (5% holes) -> -O qcow2 -c
+  allocated-C the allocated input again, with -C (copy offloading) for both tools
 
 Targets (throughput = qemu-img time / qimg time): >= 1.5x for the -O raw inputs and for
--O qcow2 -c, >= 1.2x for plain -O qcow2. Outputs must be byte-identical to qemu-img's,
+-O qcow2 -c, >= 1.2x for plain -O qcow2; -C has no target of its own beyond >= 1x
+(both tools leave the copy to the kernel). Outputs must be byte-identical to qemu-img's,
 except compressed qcow2 output (another deflate implementation): that must pass
 `qemu-img check` and compare equal to qemu-img's with `qemu-img compare`.
 Speedup is the median of the per-round ratios. CPU utilisation is (user+sys)/wall of
@@ -23,7 +25,8 @@ The bench reports and never gates: exit status is 0 unless a command fails or th
 outputs differ.
 
     python bench/convert.py [--quick] [--repeat N] [--dir DIR] [--qimg PATH]
-                            [--only allocated|compressed|to-qcow2|to-qcow2-c]... [--json FILE|-]
+                            [--only allocated|compressed|to-qcow2|to-qcow2-c|allocated-C]...
+                            [--json FILE|-]
 """
 
 from __future__ import annotations
@@ -86,6 +89,8 @@ class Case:
     target: str = "raw"
     """Output format: raw (the source is qcow2) or qcow2 (the source is raw)."""
     compress_output: bool = False
+    copy_offload: bool = False
+    """Both tools run with -C (copy_file_range for plain data)."""
     min_speedup: float = MIN_SPEEDUP
 
     @property
@@ -108,7 +113,7 @@ ALLOCATED_HOLES = (
 COMPRESSED_HOLES = ((0.25, 0.02), (0.70, 0.03))
 HALF_HOLES = ((0.05, 0.15), (0.30, 0.10), (0.50, 0.20), (0.85, 0.05))
 MIN_SPEEDUP_QCOW2 = 1.2
-CASE_KEYS = ("allocated", "compressed", "to-qcow2", "to-qcow2-c")
+CASE_KEYS = ("allocated", "compressed", "to-qcow2", "to-qcow2-c", "allocated-C")
 
 
 def cases(quick: bool) -> list[Case]:
@@ -132,6 +137,9 @@ def cases(quick: bool) -> list[Case]:
             compressed=True,
             target="qcow2",
             compress_output=True,
+        ),
+        Case(
+            "allocated-C", a, ALLOCATED_HOLES, compressed=False, copy_offload=True, min_speedup=1.0
         ),
     ]
 
@@ -422,6 +430,7 @@ def run_case(case: Case, qimg: list[str], workdir: Path, repeat: int) -> Result:
     r_out = workdir / f"{case.key}.qemu.{case.target}"
     src = workdir / f"{case.key}.src.{case.source_fmt}"
     opts = ["-f", case.source_fmt, "-O", case.target, *(["-c"] if case.compress_output else [])]
+    opts += ["-C"] if case.copy_offload else []
     q_cmd = [*qimg, "convert", *opts, str(src), str(q_out)]
     r_cmd = ["qemu-img", "convert", *opts, str(src), str(r_out)]
     res.commands = {"qimg": quote(q_cmd), "qemu-img": quote(r_cmd)}
