@@ -424,7 +424,11 @@ def _file_child(d: dict[str, Any]) -> dict[str, JsonValue]:
 
 
 def image_info(core: _core.Image) -> dict[str, JsonValue]:
-    d = core.details()
+    return _info_of(core.details())
+
+
+def _info_of(d: dict[str, Any]) -> dict[str, JsonValue]:
+    """The ImageInfo object of a node, from the facts ``details()`` gives."""
     info: dict[str, JsonValue] = {
         "filename": d["filename"],
         "format": d["format"],
@@ -499,7 +503,8 @@ def _tree_info(
     if isinstance(node, NbdNode):
         return _nbd_info(filename, core.size)
     if isinstance(node, RawNode | Qcow2Node | ProbeNode):
-        info = image_info(core)
+        details = core.details()
+        info = _info_of(details)
         info["filename"] = filename
         children: list[JsonValue] = []
         below = core.backing()
@@ -516,8 +521,7 @@ def _tree_info(
                 # qemu-img shows no dirty flag for a raw image over an export.
                 info.pop("dirty-flag", None)
             export = spec.display_name_of(node.file.node_name, probed)
-            length = core.details()["file_length"]
-            info["children"] = [{"name": "file", "info": _nbd_info(export, length)}]
+            info["children"] = [{"name": "file", "info": _nbd_info(export, details["file_length"])}]
         children.extend(info.get("children", []))  # type: ignore[arg-type]
         info["children"] = children
         return info
