@@ -488,3 +488,88 @@ def test_an_export_on_another_host_is_read_over_a_veth_link(
         "timeout": TIMEOUT_S,
     }
     _assert_one_line_error(run_qimg("info", _spec(spec)), "Could not open")
+
+
+# --- one replica corrupted and another dying mid-way --------------------------------------------
+
+BIG = 64 << 20
+#: 64 KiB blocks of the second replica that hold other bytes than the other two.
+CORRUPT_BLOCKS = (1 << 20, 60 << 20)
+BLOCK = 64 << 10
+
+
+def _replicas(tmp_path: Path) -> list[Path]:
+    data = os.urandom(BIG)
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"big{i}.raw"
+        path.write_bytes(data)
+        paths.append(path)
+    return paths
+
+
+def _three(
+    nbd_servers: StartNbd, proxies: StartProxy, paths: list[Path], after: int
+) -> tuple[str, FaultyNbdProxy]:
+    """The quorum spec: replicas 0 and 1 served directly, replica 2 through a proxy that
+    drops its connection from its ``after``-th reply on (the server dies mid-way)."""
+    direct = [_direct_node(nbd_servers(p, read_only=True)) for p in paths[:2]]
+    proxy = proxies(nbd_servers(paths[2], read_only=True), Fault.DROP, after=after)
+    tree = {"driver": "quorum", "vote-threshold": 2, "children": [*direct, _node(proxy)]}
+    return _spec(tree), proxy
+
+
+def test_a_replica_dying_mid_convert_leaves_the_surviving_majority(
+    run_qimg: RunCommand, nbd_servers: StartNbd, proxies: StartProxy, tmp_path: Path
+) -> None:
+    paths = _replicas(tmp_path)
+    spec, proxy = _three(nbd_servers, proxies, paths, after=40)
+    out, events = tmp_path / "out.raw", tmp_path / "events.jsonl"
+    proc = run_qimg("convert", "--events", events, "-O", "raw", spec, out)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert out.read_bytes() == paths[0].read_bytes()
+    records = _events(events)
+    assert {(r["event"], r["data"]["node-name"]) for r in records} == {
+        ("QUORUM_REPORT_BAD", "children.2")
+    }
+    assert all("error" in r["data"] for r in records)
+    assert proxy.faulted >= 1 and proxy.replies >= 40
+
+
+def test_scrub_with_one_replica_corrupted_and_another_dying_mid_scrub(
+    run_qimg: RunCommand, nbd_servers: StartNbd, proxies: StartProxy, tmp_path: Path
+) -> None:
+    paths = _replicas(tmp_path)
+    with open(paths[1], "r+b") as f:
+        for at in CORRUPT_BLOCKS:
+            f.seek(at + 100)
+            f.write(b"\xee" * 512)
+    spec, proxy = _three(nbd_servers, proxies, paths, after=40)
+    events = tmp_path / "events.jsonl"
+    proc = run_qimg("scrub", "--output=json", "--events", events, spec)
+    assert "Traceback" not in proc.stderr
+    report = json.loads(proc.stdout)
+    children = {c["node-name"]: c for c in report["children"]}
+    # The replica that died: its failed reads are in the report and the events.
+    assert children["children.2"]["read-errors"], report
+    assert proxy.faulted >= 1
+    records = _events(events)
+    dead = [r for r in records if r["data"].get("node-name") == "children.2"]
+    assert dead and all("error" in r["data"] for r in dead)
+    # The first replica agrees with whatever vote there was.
+    assert children["children.0"]["bad-ranges"] == []
+    assert children["children.0"]["read-errors"] == []
+    # Each corrupted block was outvoted while three replicas answered, or had no
+    # majority once only two were left; nothing else is bad or unvoted.
+    bad = {(r["offset"], r["length"]) for r in children["children.1"]["bad-ranges"]}
+    unvoted = {(r["offset"], r["length"]) for r in report["unvoted-ranges"]}
+    assert bad | unvoted == {(at, BLOCK) for at in CORRUPT_BLOCKS}, report
+    assert not bad & unvoted
+    if unvoted:
+        assert (proc.returncode, report["verdict"]) == (3, "no-quorum")
+        assert "QUORUM_FAILURE" in {r["event"] for r in records}
+    else:
+        assert (proc.returncode, report["verdict"]) == (2, "bad")
+    # Once only the two disagreeing replicas answer, a copy fails cleanly.
+    again = run_qimg("convert", "-O", "raw", spec, tmp_path / "out.raw")
+    _assert_one_line_error(again)
