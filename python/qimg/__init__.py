@@ -26,6 +26,8 @@ Node trees (a quorum of replicas, ...) open from QEMU's ``json:`` strings,
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from qimg._core import __version__
@@ -87,6 +89,22 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(home), _RENAMED.get(name, name))
     globals()[name] = value
     return value
+
+
+class _Package(types.ModuleType):
+    """The package module. check, convert, create, measure and scrub are functions that
+    share their name with the module they live in; importing such a module (which qimg
+    does internally) would set the package attribute to the module, so that
+    ``qimg.create`` became a module. Those assignments are dropped: the name resolves to
+    the function, and the module stays in ``sys.modules``."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _HOMES.get(name) == f"{__name__}.{name}":
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __dir__() -> list[str]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,20 @@ def test_measure_raw_source_counts_clusters_with_data(tmp_path: Path) -> None:
     assert m.required == empty.required + 65536
     assert m.fully_allocated == empty.fully_allocated
     assert os.path.getsize(src) == 16 << 20
+
+
+def test_public_functions_stay_functions_whatever_is_imported_first() -> None:
+    # check, convert, create, measure and scrub share their names with their modules;
+    # importing a module first (qimg.convert imports qimg.create) must not turn the
+    # package's function into the module. A fresh interpreter, to control the order.
+    code = (
+        "import qimg, qimg.convert, qimg.scrub, qimg.measure, qimg.check\n"
+        "from qimg.create import create\n"
+        "assert qimg.create is create, qimg.create\n"
+        "from qimg import convert, check, measure, scrub\n"
+        "assert all(callable(f) and f.__module__ == 'qimg.' + f.__name__\n"
+        "           for f in (convert, check, measure, scrub, qimg.create))\n"
+        "import sys; assert sys.modules['qimg.create'].create is create\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert (proc.returncode, proc.stderr) == (0, "")
