@@ -508,12 +508,17 @@ def _tree_info(
         info["filename"] = filename
         children: list[JsonValue] = []
         below = core.backing()
+        backing_node = node.backing if isinstance(node, Qcow2Node) else None
+        # The image named at the top takes its backing file from its header only
+        # with --backing-chain, which lists that file by itself, not as a child.
+        from_header = backing_node is None or backing_node is BACKING_DEFAULT
+        if from_header and node is spec.root:
+            below = None
         if isinstance(node, Qcow2Node | ProbeNode) and below is not None:
-            backing_node = node.backing if isinstance(node, Qcow2Node) else None
-            if backing_node is None or backing_node is BACKING_DEFAULT:
+            if from_header:
                 backing_info = image_info(below)
             else:
-                assert not isinstance(backing_node, type(BACKING_DEFAULT))
+                assert isinstance(backing_node, Node)
                 backing_info = _tree_info(spec, backing_node, below, probed)
             children.append({"name": "backing", "info": backing_info})
         if isinstance(node.file, NbdNode):

@@ -58,14 +58,6 @@ def run(args: argparse.Namespace) -> int:
     ):
         chain = image.chain() if args.backing_chain else [image]
         infos = [img.info() for img in chain]
-    if args.backing_chain:
-        # The chain lists each backing image by itself, not again as a child.
-        for info in infos:
-            kids = info.get("children")
-            if isinstance(kids, list):
-                info["children"] = [
-                    c for c in kids if not (isinstance(c, dict) and c.get("name") == "backing")
-                ]
     if mode == "json":
         print(qjson.dumps(infos if args.backing_chain else infos[0]))
     else:
