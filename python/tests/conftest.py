@@ -31,6 +31,12 @@ Arg: TypeAlias = str | os.PathLike[str] | int
 #: (text mode, stdout and stderr captured, never raising on a non-zero exit status).
 RunCommand: TypeAlias = Callable[..., subprocess.CompletedProcess[str]]
 
+
+def assert_ok(proc: subprocess.CompletedProcess[str]) -> None:
+    """Fails the test, showing the command's output, unless it exited 0."""
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 #: Upper bound for one tool invocation: a hang must fail the test, not stall CI.
 COMMAND_TIMEOUT_S = 300
 

@@ -17,16 +17,12 @@ from pathlib import Path
 import pytest
 
 import qimg
-from conftest import RunCommand
+from conftest import RunCommand, assert_ok
 from qimg.errors import UsageError
 
 pytestmark = pytest.mark.qemu
 
 MiB = 1 << 20
-
-
-def _ok(proc: subprocess.CompletedProcess[str]) -> None:
-    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def _raw(tmp: Path, qemu_img: RunCommand, qemu_io: RunCommand) -> Path:
@@ -44,8 +40,8 @@ def _raw(tmp: Path, qemu_img: RunCommand, qemu_io: RunCommand) -> Path:
 
 def _qcow2(tmp: Path, qemu_img: RunCommand, qemu_io: RunCommand) -> Path:
     path = tmp / "src.qcow2"
-    _ok(qemu_img("create", "-f", "qcow2", path, str(32 * MiB)))
-    _ok(
+    assert_ok(qemu_img("create", "-f", "qcow2", path, str(32 * MiB)))
+    assert_ok(
         qemu_io(
             *("-f", "qcow2"),
             *("-c", "write -P 0x21 1M 3M"),
@@ -60,27 +56,29 @@ def _qcow2(tmp: Path, qemu_img: RunCommand, qemu_io: RunCommand) -> Path:
 
 def _backed(tmp: Path, qemu_img: RunCommand, qemu_io: RunCommand) -> Path:
     base = tmp / "base.qcow2"
-    _ok(qemu_img("create", "-f", "qcow2", base, str(32 * MiB)))
-    _ok(qemu_io("-f", "qcow2", "-c", "write -P 0x44 0 6M", base))
+    assert_ok(qemu_img("create", "-f", "qcow2", base, str(32 * MiB)))
+    assert_ok(qemu_io("-f", "qcow2", "-c", "write -P 0x44 0 6M", base))
     top = tmp / "top.qcow2"
-    _ok(qemu_img("create", "-f", "qcow2", "-b", base, "-F", "qcow2", top))
-    _ok(qemu_io("-f", "qcow2", "-c", "write -P 0x55 2M 1M", "-c", "write -z 4M 64k", top))
+    assert_ok(qemu_img("create", "-f", "qcow2", "-b", base, "-F", "qcow2", top))
+    assert_ok(qemu_io("-f", "qcow2", "-c", "write -P 0x55 2M 1M", "-c", "write -z 4M 64k", top))
     return top
 
 
 def _compressed(tmp: Path, qemu_img: RunCommand, qemu_io: RunCommand) -> Path:
     plain = _qcow2(tmp, qemu_img, qemu_io)
     path = tmp / "src.c.qcow2"
-    _ok(qemu_img("convert", "-c", "-O", "qcow2", plain, path))
+    assert_ok(qemu_img("convert", "-c", "-O", "qcow2", plain, path))
     # Half plain, half compressed.
-    _ok(qemu_io("-f", "qcow2", "-c", "write -P 0x66 12M 2M", path))
+    assert_ok(qemu_io("-f", "qcow2", "-c", "write -P 0x66 12M 2M", path))
     return path
 
 
 def _extended_l2(tmp: Path, qemu_img: RunCommand, qemu_io: RunCommand) -> Path:
     path = tmp / "src.l2.qcow2"
-    _ok(qemu_img("create", "-f", "qcow2", "-o", "extended_l2=on", path, str(32 * MiB)))
-    _ok(qemu_io("-f", "qcow2", "-c", "write -P 0x77 2052k 6k", "-c", "write -P 0x78 9M 1M", path))
+    assert_ok(qemu_img("create", "-f", "qcow2", "-o", "extended_l2=on", path, str(32 * MiB)))
+    assert_ok(
+        qemu_io("-f", "qcow2", "-c", "write -P 0x77 2052k 6k", "-c", "write -P 0x78 9M 1M", path)
+    )
     return path
 
 
@@ -110,8 +108,8 @@ def test_the_output_is_qemu_imgs(
 ) -> None:
     source = SOURCES[kind](tmp_path, run_qemu_img, run_qemu_io)
     ours, theirs = tmp_path / f"ours.{out_fmt}", tmp_path / f"theirs.{out_fmt}"
-    _ok(run_qimg("convert", "-C", "-O", out_fmt, source, ours))
-    _ok(run_qemu_img("convert", "-C", "-O", out_fmt, source, theirs))
+    assert_ok(run_qimg("convert", "-C", "-O", out_fmt, source, ours))
+    assert_ok(run_qemu_img("convert", "-C", "-O", out_fmt, source, theirs))
     same = run_qemu_img("compare", "-f", out_fmt, "-F", out_fmt, ours, theirs)
     assert same.returncode == 0, same.stdout
     if out_fmt == "raw":
@@ -138,14 +136,14 @@ def test_data_goes_through_copy_file_range(
         text=True,
         check=False,
     )
-    _ok(proc)
+    assert_ok(proc)
     # Calls finish on one line, or (between threads) as "<... copy_file_range resumed>".
     done = re.findall(r"copy_file_range(?:\(.*\)| resumed>\))\s*= (\d+)", log.read_text())
     copied = [int(n) for n in done]
     # 3 MiB + 1 MiB of zeroes + 64 KiB of data clusters, all copied in the kernel.
     assert sum(copied) == 4 * MiB + 64 * 1024, log.read_text()[-2000:]
     without = tmp_path / "plain.raw"
-    _ok(run_qemu_img("convert", "-O", "raw", source, without))
+    assert_ok(run_qemu_img("convert", "-O", "raw", source, without))
     assert out.read_bytes() == without.read_bytes()
 
 
@@ -173,7 +171,7 @@ def test_into_an_existing_raw_image(
     source = _qcow2(tmp_path, run_qemu_img, run_qemu_io)
     target = tmp_path / "disk.raw"
     target.write_bytes(b"\xff" * (32 * MiB))
-    _ok(run_qimg("convert", "-C", "-n", "-O", "raw", source, target))
+    assert_ok(run_qimg("convert", "-C", "-n", "-O", "raw", source, target))
     same = run_qemu_img("compare", "-f", "raw", "-F", "qcow2", target, source)
     assert same.returncode == 0, same.stdout
 

@@ -8,34 +8,16 @@ export cannot do (grow, be repaired in place) is refused in one line.
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from test_nbd_interop import PATTERN, SIZE
+from test_nbd_interop import _make_raw as _guest
 
-from conftest import NbdServer, RunCommand, StartNbd
+from conftest import NbdServer, RunCommand, StartNbd, assert_ok
 
 pytestmark = pytest.mark.qemu
-
-SIZE = 4 << 20
-
-#: (offset, length, byte) the guest sees; the rest reads as zeroes.
-PATTERN = [(0, 64 << 10, 0x5A), (1 << 20, 4096, 0x11), (3 << 20, 192 << 10, 0xC3)]
-
-
-def _guest(path: Path) -> Path:
-    with open(path, "wb") as f:
-        f.truncate(SIZE)
-        for offset, length, byte in PATTERN:
-            f.seek(offset)
-            f.write(bytes([byte]) * length)
-    return path
-
-
-def _ok(proc: subprocess.CompletedProcess[str]) -> None:
-    assert proc.returncode == 0, proc.stderr
-
 
 Maker = Callable[[Path, RunCommand, RunCommand], Path]
 
@@ -43,7 +25,9 @@ Maker = Callable[[Path, RunCommand, RunCommand], Path]
 def _converted(*options: str) -> Maker:
     def make(tmp: Path, qemu_img: RunCommand, qemu_io: RunCommand) -> Path:
         out = tmp / "image.qcow2"
-        _ok(qemu_img("convert", "-f", "raw", "-O", "qcow2", *options, _guest(tmp / "g.raw"), out))
+        assert_ok(
+            qemu_img("convert", "-f", "raw", "-O", "qcow2", *options, _guest(tmp / "g.raw"), out)
+        )
         return out
 
     return make
@@ -51,12 +35,12 @@ def _converted(*options: str) -> Maker:
 
 def _extended_l2(tmp: Path, qemu_img: RunCommand, qemu_io: RunCommand) -> Path:
     out = tmp / "image.qcow2"
-    _ok(qemu_img("create", "-f", "qcow2", "-o", "extended_l2=on", out, str(SIZE)))
+    assert_ok(qemu_img("create", "-f", "qcow2", "-o", "extended_l2=on", out, str(SIZE)))
     for offset, length, byte in PATTERN:
-        _ok(qemu_io("-f", "qcow2", "-c", f"write -P {byte:#x} {offset} {length}", out))
+        assert_ok(qemu_io("-f", "qcow2", "-c", f"write -P {byte:#x} {offset} {length}", out))
     # Subclusters: 2 KiB of one 64 KiB cluster, and a zeroed subcluster inside data.
-    _ok(qemu_io("-f", "qcow2", "-c", "write -P 0x3c 2101248 2048", out))
-    _ok(qemu_io("-f", "qcow2", "-c", "write -z 4096 2048", out))
+    assert_ok(qemu_io("-f", "qcow2", "-c", "write -P 0x3c 2101248 2048", out))
+    assert_ok(qemu_io("-f", "qcow2", "-c", "write -z 4096 2048", out))
     return out
 
 
@@ -64,9 +48,9 @@ def _with_backing(tmp: Path, qemu_img: RunCommand, qemu_io: RunCommand) -> Path:
     base = _guest(tmp / "base.raw")
     out = tmp / "image.qcow2"
     # An absolute backing name: the overlay over NBD finds it as a local file.
-    _ok(qemu_img("create", "-f", "qcow2", "-b", str(base.resolve()), "-F", "raw", out))
-    _ok(qemu_io("-f", "qcow2", "-c", "write -P 0x77 1048576 65536", out))
-    _ok(qemu_io("-f", "qcow2", "-c", "write -z 3145728 65536", out))
+    assert_ok(qemu_img("create", "-f", "qcow2", "-b", str(base.resolve()), "-F", "raw", out))
+    assert_ok(qemu_io("-f", "qcow2", "-c", "write -P 0x77 1048576 65536", out))
+    assert_ok(qemu_io("-f", "qcow2", "-c", "write -z 3145728 65536", out))
     return out
 
 
@@ -108,7 +92,7 @@ def test_every_reading_command_agrees_with_qemu_img(
     image = IMAGES[kind](tmp_path, run_qemu_img, run_qemu_io)
     server = nbd_servers(image, fmt="raw", unix=unix, read_only=True)
     local = tmp_path / "local.raw"
-    _ok(run_qemu_img("convert", "-O", "raw", image, local))
+    assert_ok(run_qemu_img("convert", "-O", "raw", image, local))
     for i, args in enumerate(_spellings(server)):
         for command in (
             ["info", "--output=human"],
@@ -144,17 +128,17 @@ def test_a_relative_backing_name_is_shown_but_not_followed(
 ) -> None:
     _guest(tmp_path / "base.raw")
     image = tmp_path / "top.qcow2"
-    _ok(run_qemu_img("create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", image))
+    assert_ok(run_qemu_img("create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", image))
     server = nbd_servers(image, fmt="raw", unix=True, read_only=True)
     # info names the backing file without opening it, and cannot say where it is.
+    shown = {}
     for output in ("human", "json"):
         theirs = run_qemu_img("info", f"--output={output}", server.url)
         ours = run_qimg("info", f"--output={output}", server.url)
         assert theirs.returncode == 0, theirs.stderr
         assert (ours.returncode, ours.stdout) == (0, theirs.stdout)
-    assert "backing file: base.raw (cannot determine actual path)" in ours_human(
-        run_qimg, server.url
-    )
+        shown[output] = ours.stdout
+    assert "backing file: base.raw (cannot determine actual path)" in shown["human"]
     # Reading needs the backing file: both tools refuse, in one line.
     for command in (["map"], ["check"], ["convert", "-O", "raw"]):
         extra = [str(tmp_path / "out.raw")] if command[0] == "convert" else []
@@ -178,12 +162,6 @@ def test_a_relative_backing_name_is_shown_but_not_followed(
     ours = run_qimg(*args)
     assert theirs.returncode == 0, theirs.stderr
     assert (ours.returncode, ours.stdout) == (0, theirs.stdout), ours.stderr
-
-
-def ours_human(run_qimg: RunCommand, url: str) -> str:
-    proc = run_qimg("info", url)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
 
 
 def test_writes_land_in_the_served_file_and_qemu_img_accepts_it(
@@ -241,7 +219,7 @@ def test_a_write_past_the_end_of_the_export_fails_and_corrupts_nothing(
     check = run_qemu_img("check", image)
     assert check.returncode in (0, 3), check.stdout  # leaked clusters at most
     local = tmp_path / "after.raw"
-    _ok(run_qemu_img("convert", "-O", "raw", image, local))
+    assert_ok(run_qemu_img("convert", "-O", "raw", image, local))
     assert local.read_bytes() == (tmp_path / "g.raw").read_bytes()
 
 
@@ -280,7 +258,7 @@ def test_quorum_of_three_qcow2_exports_votes_a_corrupted_one_down(
     images = []
     for i in range(3):
         out = tmp_path / f"r{i}.qcow2"
-        _ok(run_qemu_img("convert", "-f", "raw", "-O", "qcow2", guest, out))
+        assert_ok(run_qemu_img("convert", "-f", "raw", "-O", "qcow2", guest, out))
         images.append(out)
     # Corrupt guest data of the second replica where its file holds it.
     mapped = json.loads(run_qemu_img("map", "--output=json", images[1]).stdout)
@@ -305,7 +283,7 @@ def test_quorum_of_three_qcow2_exports_votes_a_corrupted_one_down(
     records = [json.loads(line) for line in events.read_text().splitlines()]
     assert {r["data"]["node-name"] for r in records} == {"children.1"}
     theirs = tmp_path / "theirs.raw"
-    _ok(run_qemu_img("convert", "-O", "raw", spec, theirs))
+    assert_ok(run_qemu_img("convert", "-O", "raw", spec, theirs))
     assert theirs.read_bytes() == out.read_bytes()
     scrub = run_qimg("scrub", "--output=json", spec)
     assert scrub.returncode == 2, scrub.stderr
@@ -325,7 +303,7 @@ def test_convert_n_writes_an_image_into_exports(
     disk = tmp_path / "disk.raw"
     disk.write_bytes(b"\xff" * SIZE)
     qcow2 = tmp_path / "disk.qcow2"
-    _ok(run_qemu_img("create", "-f", "qcow2", qcow2, str(SIZE)))
+    assert_ok(run_qemu_img("create", "-f", "qcow2", qcow2, str(SIZE)))
     with open(qcow2, "r+b") as f:
         f.truncate(SIZE + (1 << 20))  # room for the clusters the copy allocates
     raw_export = nbd_servers(disk, fmt="raw", unix=True)
