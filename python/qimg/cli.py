@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -34,6 +35,14 @@ COMMANDS = (
 
 def _command(name: str) -> ModuleType:
     return importlib.import_module(f"qimg.commands.{name}")
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like Ctrl-C, so that clean-up runs."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -80,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 1
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         status: int = args.run(args)
     except QimgError as err:
@@ -88,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Terminated:
+        return 128 + signal.SIGTERM
     except BrokenPipeError:
         # Output went to a closed pipe (`qimg ... | head`): nothing left to say.
         sys.stderr.close()
@@ -100,6 +112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "(please report it; QIMG_DEBUG=1 shows the traceback)",
             file=sys.stderr,
         )
+        return 1
+    except BaseException as err:
+        # A panic in the core arrives as pyo3's PanicException, which is no
+        # Exception; anything else of this kind (SystemExit) goes on.
+        if type(err).__name__ != "PanicException" or os.environ.get("QIMG_DEBUG"):
+            raise
+        print(f"qimg: internal error: {err} (please report it)", file=sys.stderr)
         return 1
     return status
 

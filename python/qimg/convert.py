@@ -249,9 +249,9 @@ def _removed_on_failure(path: str) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        # A half-written new image is worse than none; an existing file that
-        # creation replaced is gone either way.
-        if not existed or os.path.exists(path):
+        # A half-written new image is worse than none. A file or device that
+        # was there before is the user's: it stays (as qemu-img leaves it).
+        if not existed:
             with contextlib.suppress(OSError):
                 os.unlink(path)
         raise

@@ -7,11 +7,19 @@ the image name where one is involved) and nothing else.
 from __future__ import annotations
 
 __all__ = [
+    "CancelledError",
     "ImageIOError",
+    "ImageIsADirectoryError",
+    "ImageLockedError",
+    "ImageNotFoundError",
+    "ImagePermissionError",
     "ImageTooLargeError",
     "InvalidImageError",
     "InvalidOptionError",
+    "NoSpaceError",
     "QimgError",
+    "ReadOnlyError",
+    "UnsupportedError",
     "UsageError",
 ]
 
@@ -60,3 +68,39 @@ class ImageIOError(QimgError, OSError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class ImageNotFoundError(ImageIOError, FileNotFoundError):
+    """The image (or a file it names) does not exist."""
+
+
+class ImagePermissionError(ImageIOError, PermissionError):
+    """The operating system denied access to the image."""
+
+
+class ImageIsADirectoryError(ImageIOError, IsADirectoryError):
+    """A directory was given where an image file was expected."""
+
+
+class ReadOnlyError(ImageIOError):
+    """The image lies on a read-only file system or device."""
+
+
+class NoSpaceError(ImageIOError):
+    """The file system (or quota) holding the image is full."""
+
+
+class ImageLockedError(QimgError, BlockingIOError):
+    """Another process (a VM, qemu-nbd, qemu-img) holds the image with
+    permissions this open conflicts with; ``force_share`` reads it anyway."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class UnsupportedError(QimgError, NotImplementedError):
+    """The request is valid, but qimg cannot carry it out on this image."""
+
+
+class CancelledError(QimgError):
+    """The operation was stopped before it finished."""

@@ -8,6 +8,7 @@
 
 use crate::block::{status_above, BlockDev, MapExtent};
 use crate::error::Result;
+use crate::progress::Progress;
 
 /// Largest piece read from each image at once.
 const CHUNK: u64 = 2 << 20;
@@ -56,12 +57,13 @@ fn flags(e: &MapExtent, eof: bool) -> (bool, bool, bool, bool, bool, bool) {
     )
 }
 
-/// Compares `a` and `b`; `progress` is called with the bytes done so far.
+/// Compares `a` and `b`; `progress` is called with the bytes done so far
+/// (an error from it stops the comparison and is returned).
 pub fn compare(
     a: &dyn BlockDev,
     b: &dyn BlockDev,
     strict: bool,
-    progress: &mut dyn FnMut(u64, u64),
+    progress: Progress<'_>,
 ) -> std::result::Result<CompareResult, CompareError> {
     let (size_a, size_b) = (a.size(), b.size());
     let size_mismatch = size_a != size_b;
@@ -116,7 +118,7 @@ pub fn compare(
             }
         }
         offset += chunk;
-        progress(offset, total);
+        progress(offset, total).map_err(on(0))?;
     }
 
     if size_mismatch {
@@ -140,7 +142,7 @@ pub fn compare(
                 }
             }
             offset += chunk;
-            progress(offset, total);
+            progress(offset, total).map_err(on(0))?;
         }
     }
     done(Outcome::Identical)

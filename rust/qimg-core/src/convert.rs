@@ -10,15 +10,19 @@
 
 use crate::block::{block_status, status_above, BlockDev, FileNode};
 use crate::error::{Error, Result};
+use crate::progress::Progress;
 use crate::qcow2::compress::compress;
 use crate::qcow2::CompressionType;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::sync_channel;
+use std::sync::mpsc::{sync_channel, RecvTimeoutError};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 /// Work handed to one worker at a time (a multiple of every cluster size).
 const PIECE: u64 = 2 << 20;
+/// How often the writer asks `progress` whether to go on while it waits for
+/// pieces (a stalled source must not make the copy deaf to cancellation).
+const TICK: std::time::Duration = std::time::Duration::from_millis(100);
 /// How many pieces workers may be ahead of the writer, per worker.
 const AHEAD_PER_WORKER: u64 = 4;
 /// qemu-img's limit for `-m`.
@@ -165,12 +169,14 @@ struct Piece {
 }
 
 /// Copies the sources, one after the other, into `dst` from offset 0.
-/// `progress(done, total)` is called from the writing thread.
+/// `progress(done, total)` is called from the writing thread after each
+/// piece and at least every [`TICK`] while it waits; an error it returns
+/// stops the copy (every thread ends) and is returned.
 pub fn convert(
     sources: &[Arc<dyn BlockDev>],
     dst: &dyn BlockDev,
     opts: &ConvertOptions,
-    progress: &(dyn Fn(u64, u64) + Sync),
+    progress: Progress<'_>,
 ) -> Result<()> {
     let total: u64 = sources.iter().map(|s| s.size()).sum();
     if dst.size() < total {
@@ -263,10 +269,18 @@ pub fn convert(
         let mut pending: BTreeMap<u64, (u64, Vec<(u64, Seg)>)> = BTreeMap::new();
         let mut next_write = 0u64;
         let mut done_bytes = 0u64;
-        for piece in rx.iter() {
-            if failed.load(Ordering::SeqCst) {
-                break;
-            }
+        while !failed.load(Ordering::SeqCst) {
+            let piece = match rx.recv_timeout(TICK) {
+                Ok(piece) => piece,
+                Err(RecvTimeoutError::Timeout) => {
+                    if let Err(e) = progress(done_bytes, total) {
+                        fail(next_write, e);
+                    }
+                    continue;
+                }
+                // Every worker has ended: all pieces are in, or one failed.
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
             pending.insert(piece.index, (piece.bytes, piece.segs));
             loop {
                 let key = if opts.in_order {
@@ -288,9 +302,15 @@ pub fn convert(
                 done_bytes += bytes;
                 *written.0.lock().unwrap_or_else(PoisonError::into_inner) = next_write;
                 written.1.notify_all();
-                progress(done_bytes, total);
+                if let Err(e) = progress(done_bytes, total) {
+                    fail(key, e);
+                    break;
+                }
             }
         }
+        // Workers blocked sending into a full channel get an error once the
+        // receiver is gone, so none is left waiting when the scope joins.
+        drop(rx);
         // Unblock workers waiting on the window after an error.
         written.1.notify_all();
     });

@@ -15,6 +15,16 @@ pub enum Error {
     /// An existing image (or backing file) is not what it claims to be.
     #[error("{0}")]
     InvalidImage(String),
+    /// Another process holds the image with permissions this open needs
+    /// (QEMU's image locks).
+    #[error("{0}")]
+    Busy(String),
+    /// The request is valid but qimg (or this kind of node) cannot do it.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The caller stopped the work: a signal, or a callback that failed.
+    #[error("{0}")]
+    Cancelled(String),
     /// The operating system refused an I/O operation.
     #[error("{context}: {}", strerror(.source))]
     Io {
@@ -25,6 +35,25 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// What kind of failure an error is, for callers that react differently
+/// to each (the Python binding maps these to built-in exception classes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    InvalidArgument,
+    TooLarge,
+    InvalidImage,
+    NotFound,
+    Permission,
+    IsADirectory,
+    ReadOnly,
+    Busy,
+    NoSpace,
+    Unsupported,
+    Cancelled,
+    /// Any other failure of the operating system (EIO, ...).
+    Io,
+}
 
 impl Error {
     pub fn invalid(msg: impl Into<String>) -> Self {
@@ -42,6 +71,9 @@ impl Error {
     /// The same error with `prefix: ` in front of its message (same kind, same errno).
     pub fn context(self, prefix: &str) -> Self {
         match self {
+            Error::Busy(m) => Error::Busy(format!("{prefix}: {m}")),
+            Error::Unsupported(m) => Error::Unsupported(format!("{prefix}: {m}")),
+            Error::Cancelled(m) => Error::Cancelled(m),
             Error::InvalidArgument(m) => Error::InvalidArgument(format!("{prefix}: {m}")),
             Error::TooLarge(m) => Error::TooLarge(format!("{prefix}: {m}")),
             Error::InvalidImage(m) => Error::InvalidImage(format!("{prefix}: {m}")),
@@ -54,6 +86,69 @@ impl Error {
 
     pub fn open(path: &Path, source: io::Error) -> Self {
         Error::io(format!("Could not open '{}'", path.display()), source)
+    }
+
+    /// The work was stopped by its caller.
+    pub fn cancelled() -> Self {
+        Error::Cancelled("Operation cancelled".into())
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
+            Error::TooLarge(_) => ErrorKind::TooLarge,
+            Error::InvalidImage(_) => ErrorKind::InvalidImage,
+            Error::Busy(_) => ErrorKind::Busy,
+            Error::Unsupported(_) => ErrorKind::Unsupported,
+            Error::Cancelled(_) => ErrorKind::Cancelled,
+            Error::Io { source, .. } => match source.raw_os_error() {
+                Some(libc::ENOENT) => ErrorKind::NotFound,
+                Some(libc::EACCES | libc::EPERM) => ErrorKind::Permission,
+                Some(libc::EISDIR) => ErrorKind::IsADirectory,
+                Some(libc::EROFS) => ErrorKind::ReadOnly,
+                Some(libc::ENOSPC | libc::EDQUOT) => ErrorKind::NoSpace,
+                Some(libc::ENOTSUP | libc::ENOSYS) => ErrorKind::Unsupported,
+                _ => ErrorKind::Io,
+            },
+        }
+    }
+
+    /// The errno behind the error; EIO for errors that carry none.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            Error::Busy(_) => libc::EAGAIN,
+            Error::Cancelled(_) => libc::ECANCELED,
+            _ => libc::EIO,
+        }
+    }
+
+    /// The system's wording for I/O errors (as QEMU's events and check
+    /// lines have it); the whole message otherwise.
+    pub fn short_text(&self) -> String {
+        match self {
+            Error::Io { source, .. } => strerror(source),
+            other => other.to_string(),
+        }
+    }
+
+    /// The same error again (errors hold an `io::Error`, which cannot be cloned).
+    pub fn duplicate(&self) -> Error {
+        match self {
+            Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
+            Error::TooLarge(m) => Error::TooLarge(m.clone()),
+            Error::InvalidImage(m) => Error::InvalidImage(m.clone()),
+            Error::Busy(m) => Error::Busy(m.clone()),
+            Error::Unsupported(m) => Error::Unsupported(m.clone()),
+            Error::Cancelled(m) => Error::Cancelled(m.clone()),
+            Error::Io { context, source } => Error::io(
+                context.clone(),
+                match source.raw_os_error() {
+                    Some(errno) => io::Error::from_raw_os_error(errno),
+                    None => io::Error::new(source.kind(), source.to_string()),
+                },
+            ),
+        }
     }
 }
 

@@ -11,9 +11,10 @@ pub mod file;
 pub mod measure;
 pub mod prealloc;
 pub mod probe;
+pub mod progress;
 pub mod qcow2;
 pub mod quorum;
 pub mod raw;
 
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 pub use prealloc::Prealloc;

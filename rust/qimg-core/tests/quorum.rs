@@ -273,7 +273,7 @@ fn scrub_finds_every_bad_block_and_repair_makes_the_set_clean() {
     corrupt(&set.files[0], SIZE - 1, 1);
     let (q, log) = open(&set, &plain(2), true);
     let node = q.as_quorum().expect("quorum");
-    let report = scrub(node, true, 2, &|_, _| {}).expect("scrub");
+    let report = scrub(node, true, 2, &qimg_core::progress::ignore).expect("scrub");
     assert_eq!(report.children[0].bad, vec![(SIZE - BLOCK, BLOCK)]);
     assert!(report.children[1].bad.is_empty());
     assert_eq!(
@@ -282,7 +282,7 @@ fn scrub_finds_every_bad_block_and_repair_makes_the_set_clean() {
     );
     assert_eq!(report.children[2].repaired_bytes, 3 * BLOCK);
     assert_eq!(log.take().len(), 3);
-    let again = scrub(node, false, 2, &|_, _| {}).expect("second scrub");
+    let again = scrub(node, false, 2, &qimg_core::progress::ignore).expect("second scrub");
     assert!(again.clean(), "{again:?}");
     q.close().expect("close");
     for f in &set.files {

@@ -1,6 +1,7 @@
 //! Open images as Python objects: reads, map, the facts `info` shows,
 //! compare and convert. Every call that touches the disk releases the GIL.
 
+use crate::long::run_long;
 use crate::to_py;
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList};
@@ -14,7 +15,6 @@ use qimg_core::qcow2::image_header::AUTOCLEAR_BITMAPS;
 use qimg_core::qcow2::{snapshot, ClusterSize, Compat, RefcountOrder};
 use qimg_core::quorum::events::EventLog;
 use qimg_core::Error;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// An open image (format node with its backing chain).
@@ -52,9 +52,7 @@ pub fn open_image(
         writable,
         unsafe_cache,
     };
-    let node = py
-        .detach(|| block::open_image(&path, &opts))
-        .map_err(to_py)?;
+    let node = run_long(py, None, move |_| block::open_image(&path, &opts))?.map_err(to_py)?;
     Ok(Image { node, events: None })
 }
 
@@ -137,7 +135,8 @@ impl Image {
                 "Invalid preallocation mode '{preallocation}'"
             )))
         })?;
-        py.detach(|| self.node.resize(size, mode)).map_err(to_py)
+        let node = Arc::clone(&self.node);
+        run_long(py, None, move |_| node.resize(size, mode))?.map_err(to_py)
     }
 
     /// Changes qcow2 options in place (see `qimg amend`); None keeps a value.
@@ -150,7 +149,7 @@ impl Image {
         refcount_bits: Option<u64>,
         size: Option<u64>,
     ) -> PyResult<()> {
-        let q = self.node.as_qcow2().ok_or_else(|| {
+        self.node.as_qcow2().ok_or_else(|| {
             to_py(Error::invalid(format!(
                 "Format driver '{}' does not support option amendment",
                 self.node.format_name()
@@ -176,7 +175,12 @@ impl Image {
             refcount_order,
             size,
         };
-        py.detach(|| q.amend(&spec)).map_err(to_py)
+        let node = Arc::clone(&self.node);
+        run_long(py, None, move |_| match node.as_qcow2() {
+            Some(q) => q.amend(&spec),
+            None => Err(Error::invalid("not a qcow2 image")),
+        })?
+        .map_err(to_py)
     }
 
     /// Flushes and leaves the image clean on disk.
@@ -266,9 +270,11 @@ impl Image {
         )>,
     > {
         let len = length.unwrap_or(u64::MAX);
-        let extents = py
-            .detach(|| block::map_extents(self.node.as_ref(), start, len))
-            .map_err(to_py)?;
+        let node = Arc::clone(&self.node);
+        let extents = run_long(py, None, move |_| {
+            block::map_extents(node.as_ref(), start, len)
+        })?
+        .map_err(to_py)?;
         Ok(extents
             .into_iter()
             .map(|e| {
@@ -378,34 +384,6 @@ impl Image {
     }
 }
 
-/// Calls a Python progress callback with a percentage, at most once per
-/// whole percent, from whichever thread makes progress.
-pub(crate) struct Progress {
-    callback: Option<Py<PyAny>>,
-    last: AtomicU64,
-}
-
-impl Progress {
-    pub(crate) fn new(callback: Option<Py<PyAny>>) -> Progress {
-        Progress {
-            callback,
-            last: AtomicU64::new(u64::MAX),
-        }
-    }
-
-    pub(crate) fn report(&self, done: u64, total: u64) {
-        let Some(cb) = &self.callback else { return };
-        let percent = done.saturating_mul(100).checked_div(total).unwrap_or(100);
-        if self.last.swap(percent, Ordering::Relaxed) == percent {
-            return;
-        }
-        Python::attach(|py| {
-            // A failing progress callback must not abort the copy.
-            let _ = cb.call1(py, (done, total));
-        });
-    }
-}
-
 /// Compares two images: ("identical"|"mismatch"|"size-mismatch"|"status-mismatch",
 /// offset or None, sizes differ). A read error names the image (0 or 1).
 #[pyfunction]
@@ -418,9 +396,9 @@ pub fn compare_images(
     progress: Option<Py<PyAny>>,
 ) -> PyResult<(&'static str, Option<u64>, bool)> {
     let (na, nb) = (Arc::clone(&a.node), Arc::clone(&b.node));
-    let p = Progress::new(progress);
-    let r = py
-        .detach(|| compare::compare(na.as_ref(), nb.as_ref(), strict, &mut |d, t| p.report(d, t)));
+    let r = run_long(py, progress, move |p| {
+        compare::compare(na.as_ref(), nb.as_ref(), strict, p)
+    })?;
     match r {
         Ok(r) => Ok(match r.outcome {
             Outcome::Identical => ("identical", None, r.size_mismatch),
@@ -475,9 +453,10 @@ pub fn convert(
         ..opts
     };
     let dst = Arc::clone(&target.node);
-    let p = Progress::new(progress);
-    py.detach(|| engine::convert(&nodes, dst.as_ref(), &opts, &|d, t| p.report(d, t)))
-        .map_err(to_py)
+    run_long(py, progress, move |p| {
+        engine::convert(&nodes, dst.as_ref(), &opts, p)
+    })?
+    .map_err(to_py)
 }
 
 /// Runs the qcow2 consistency check on `image`; None for formats without one.
@@ -490,11 +469,10 @@ pub fn check_image<'py>(
     if node.as_qcow2().is_none() {
         return Ok(None);
     }
-    let report = py
-        .detach(|| match node.as_qcow2() {
-            Some(q) => qimg_core::qcow2::check::check(q),
-            None => Err(Error::invalid("not a qcow2 image")),
-        })
-        .map_err(to_py)?;
+    let report = run_long(py, None, move |_| match node.as_qcow2() {
+        Some(q) => qimg_core::qcow2::check::check(q),
+        None => Err(Error::invalid("not a qcow2 image")),
+    })?
+    .map_err(to_py)?;
     crate::repair::report_dict(py, &report).map(Some)
 }

@@ -7,10 +7,11 @@ use qimg_core::file::FileOptions;
 use qimg_core::measure::{self, Qcow2Target};
 use qimg_core::qcow2::layout::CreateLayout;
 use qimg_core::qcow2::{self, BackingSpec, ClusterSize, Compat, CompressionType, RefcountOrder};
-use qimg_core::{Error, Prealloc};
+use qimg_core::{Error, ErrorKind, Prealloc};
 use std::path::PathBuf;
 
 mod image;
+mod long;
 mod quorum;
 mod repair;
 
@@ -19,6 +20,14 @@ mod errors {
     pyo3::import_exception!(qimg.errors, ImageTooLargeError);
     pyo3::import_exception!(qimg.errors, InvalidImageError);
     pyo3::import_exception!(qimg.errors, ImageIOError);
+    pyo3::import_exception!(qimg.errors, ImageNotFoundError);
+    pyo3::import_exception!(qimg.errors, ImagePermissionError);
+    pyo3::import_exception!(qimg.errors, ImageIsADirectoryError);
+    pyo3::import_exception!(qimg.errors, ReadOnlyError);
+    pyo3::import_exception!(qimg.errors, NoSpaceError);
+    pyo3::import_exception!(qimg.errors, ImageLockedError);
+    pyo3::import_exception!(qimg.errors, UnsupportedError);
+    pyo3::import_exception!(qimg.errors, CancelledError);
 }
 
 /// The single mapping from core errors to Python exceptions.
@@ -28,8 +37,19 @@ pub(crate) fn to_py(err: Error) -> PyErr {
         Error::InvalidArgument(_) => errors::InvalidOptionError::new_err(msg),
         Error::TooLarge(_) => errors::ImageTooLargeError::new_err(msg),
         Error::InvalidImage(_) => errors::InvalidImageError::new_err(msg),
-        Error::Io { source, .. } => {
-            errors::ImageIOError::new_err((msg, source.raw_os_error().unwrap_or(0)))
+        Error::Busy(_) => errors::ImageLockedError::new_err(msg),
+        Error::Unsupported(_) => errors::UnsupportedError::new_err(msg),
+        Error::Cancelled(_) => errors::CancelledError::new_err(msg),
+        Error::Io { ref source, .. } => {
+            let errno = source.raw_os_error().unwrap_or(0);
+            match err.kind() {
+                ErrorKind::NotFound => errors::ImageNotFoundError::new_err((msg, errno)),
+                ErrorKind::Permission => errors::ImagePermissionError::new_err((msg, errno)),
+                ErrorKind::IsADirectory => errors::ImageIsADirectoryError::new_err((msg, errno)),
+                ErrorKind::ReadOnly => errors::ReadOnlyError::new_err((msg, errno)),
+                ErrorKind::NoSpace => errors::NoSpaceError::new_err((msg, errno)),
+                _ => errors::ImageIOError::new_err((msg, errno)),
+            }
         }
     }
 }
@@ -142,7 +162,8 @@ impl Qcow2Spec {
         extent_size_hint: Option<u64>,
     ) -> PyResult<()> {
         let opts = file_options(nocow, extent_size_hint);
-        py.detach(|| qcow2::create(&path, &self.spec, opts))
+        let spec = self.spec.clone();
+        long::run_long(py, None, move |_| qcow2::create(&path, &spec, opts))?
             .map(|_| ())
             .map_err(to_py)
     }
@@ -160,8 +181,10 @@ fn create_raw(
 ) -> PyResult<()> {
     let mode = prealloc(preallocation)?;
     let opts = file_options(nocow, extent_size_hint);
-    py.detach(|| qimg_core::raw::create(&path, size, mode, opts))
-        .map_err(to_py)
+    long::run_long(py, None, move |_| {
+        qimg_core::raw::create(&path, size, mode, opts)
+    })?
+    .map_err(to_py)
 }
 
 /// Where backing file name `backing` of image `overlay` points (qemu's rule).

@@ -1,6 +1,7 @@
 //! Node trees from specs, quorum events and scrub, as Python objects.
 
-use crate::image::{Image, Progress};
+use crate::image::Image;
+use crate::long::run_long;
 use crate::to_py;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
@@ -24,9 +25,11 @@ pub fn open_spec(
         writable,
         unsafe_cache,
     };
-    let node = py
-        .detach(|| block::open_spec(&spec_json, opts, &log))
-        .map_err(to_py)?;
+    let opened = Arc::clone(&log);
+    let node = run_long(py, None, move |_| {
+        block::open_spec(&spec_json, opts, &opened)
+    })?
+    .map_err(to_py)?;
     Ok(Image {
         node,
         events: Some(log),
@@ -111,10 +114,11 @@ pub fn scrub<'py>(
     // Two pieces at a time keep two cores busy on local replicas; remote
     // ones need more requests in flight.
     let workers = workers.unwrap_or(if q.is_remote() { 8 } else { 2 });
-    let p = Progress::new(progress);
-    let report = py
-        .detach(|| engine::scrub(q, repair, workers, &|d, t| p.report(d, t)))
-        .map_err(to_py)?;
+    let report = run_long(py, progress, move |p| match node.as_quorum() {
+        Some(q) => engine::scrub(q, repair, workers, p),
+        None => Err(Error::invalid("not a quorum")),
+    })?
+    .map_err(to_py)?;
     let out = PyDict::new(py);
     out.set_item("size", report.size)?;
     out.set_item("bytes-compared", report.bytes_compared)?;

@@ -1,5 +1,6 @@
 //! `check -r`: repairing a qcow2 image in place, then checking it again.
 
+use crate::long::run_long;
 use crate::to_py;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -43,7 +44,7 @@ pub fn repair_image<'py>(
             "--repair (-r) expects 'leaks' or 'all' not '{mode}'"
         )))
     })?;
-    let outcome = py.detach(|| repair::repair(&path, mode)).map_err(to_py)?;
+    let outcome = run_long(py, None, move |_| repair::repair(&path, mode))?.map_err(to_py)?;
     let d = PyDict::new(py);
     d.set_item("repair", report_dict(py, &outcome.repair)?)?;
     d.set_item("leaks_fixed", outcome.leaks_fixed)?;

@@ -3,7 +3,7 @@
 //! and succeed when enough of them do. Bad children are reported as events.
 
 use super::{check_request, status_above, BlockDev, FileNode, Status};
-use crate::error::{strerror, Error, Result};
+use crate::error::{Error, Result};
 use crate::quorum::events::{EventData, EventLog, OpType};
 use crate::quorum::vote::{vote, Ballot, Verdict};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -543,17 +543,7 @@ impl BlockDev for QuorumNode {
 /// The error text of an event: the system's wording for I/O errors, as
 /// QEMU's events have it; the whole message otherwise.
 pub fn event_error(e: &Error) -> String {
-    match e {
-        Error::Io { source, .. } => strerror(source),
-        other => other.to_string(),
-    }
-}
-
-fn errno_of(e: &Error) -> i32 {
-    match e {
-        Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-        _ => libc::EIO,
-    }
+    e.short_text()
 }
 
 /// The error most children failed with (a copy of the first such child's
@@ -563,33 +553,17 @@ fn most_common(failures: &[(usize, Error)]) -> Error {
     for (_, e) in failures {
         let n = failures
             .iter()
-            .filter(|(_, x)| errno_of(x) == errno_of(e))
+            .filter(|(_, x)| x.errno() == e.errno())
             .count();
         if best.is_none_or(|(_, m)| n > m) {
             best = Some((e, n));
         }
     }
     match best {
-        Some((e, _)) => duplicate(e),
+        Some((e, _)) => e.duplicate(),
         None => Error::io(
             "Too few quorum children answered",
             std::io::Error::from_raw_os_error(libc::EIO),
-        ),
-    }
-}
-
-/// The same error again (errors hold an `io::Error`, which cannot be cloned).
-fn duplicate(e: &Error) -> Error {
-    match e {
-        Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
-        Error::TooLarge(m) => Error::TooLarge(m.clone()),
-        Error::InvalidImage(m) => Error::InvalidImage(m.clone()),
-        Error::Io { context, source } => Error::io(
-            context.clone(),
-            match source.raw_os_error() {
-                Some(errno) => std::io::Error::from_raw_os_error(errno),
-                None => std::io::Error::new(source.kind(), source.to_string()),
-            },
         ),
     }
 }
@@ -634,7 +608,7 @@ fn push_error(
     if let Some(run) = runs
         .iter_mut()
         .rev()
-        .find(|(c, o, l, x)| *c == child && *o + *l == offset && errno_of(x) == errno_of(&e))
+        .find(|(c, o, l, x)| *c == child && *o + *l == offset && x.errno() == e.errno())
     {
         run.2 += len;
         return;

@@ -181,22 +181,6 @@ fn check_failed(preface: &str, errno: i32) -> Error {
     Error::io(context, io::Error::from_raw_os_error(errno))
 }
 
-/// The text strerror gives for a failed read.
-fn read_error_text(err: &Error) -> String {
-    match err {
-        Error::Io { source, .. } => strerror(source),
-        other => other.to_string(),
-    }
-}
-
-/// The errno of a failed read (EIO when the error carries none).
-fn errno_of(err: &Error) -> i32 {
-    match err {
-        Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-        _ => libc::EIO,
-    }
-}
-
 /// C's `%#x`: `0x` before non-zero values only.
 fn alt_hex(v: u64) -> String {
     if v == 0 {
@@ -353,10 +337,10 @@ impl<'a> StoredRefcounts<'a> {
         let mut buf = vec![0u8; self.cluster_size as usize];
         self.file
             .pread(&mut buf, offset)
-            .map_err(|e| StoredError::Read(read_error_text(&e)))?;
+            .map_err(|e| StoredError::Read(e.short_text()))?;
         if self.cache.len() >= STORED_CACHE_BLOCKS {
             self.flush()
-                .map_err(|e| StoredError::Read(read_error_text(&e)))?;
+                .map_err(|e| StoredError::Read(e.short_text()))?;
             self.cache.clear();
         }
         let block = Rc::new(buf);
@@ -751,7 +735,7 @@ impl<'a> Checker<'a> {
         self.reference(l1_offset, entries * 8)?;
         let table = self
             .read(l1_offset, entries * 8)
-            .map_err(|e| check_failed("ERROR: I/O error in check_refcounts_l1", errno_of(&e)))?;
+            .map_err(|e| check_failed("ERROR: I/O error in check_refcounts_l1", e.errno()))?;
         for chunk in table.chunks_exact(8) {
             let entry = be64(chunk, 0);
             if entry == 0 {
@@ -780,7 +764,7 @@ impl<'a> Checker<'a> {
         let cs = self.cluster_size;
         let table = self
             .read(l2_offset, cs)
-            .map_err(|e| check_failed("ERROR: I/O error in check_refcounts_l2", errno_of(&e)))?;
+            .map_err(|e| check_failed("ERROR: I/O error in check_refcounts_l2", e.errno()))?;
         let stride = if self.extended_l2 { 16 } else { 8 };
         let bits = self.cluster_bits;
         let csize_shift = 62 - (bits - 8);
@@ -1157,8 +1141,8 @@ impl<'a> Checker<'a> {
                 let mut table = self.read(l2_offset, cs).map_err(|e| {
                     self.report.check_errors += 1;
                     check_failed(
-                        &format!("ERROR: Could not read L2 table: {}", read_error_text(&e)),
-                        errno_of(&e),
+                        &format!("ERROR: Could not read L2 table: {}", e.short_text()),
+                        e.errno(),
                     )
                 })?;
                 let mut changed = 0;

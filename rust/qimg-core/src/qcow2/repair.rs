@@ -56,7 +56,7 @@ use super::types::{ClusterSize, Compat};
 use super::MAX_REFTABLE_BYTES;
 use crate::block::file::MAX_REQUEST_END;
 use crate::block::FileNode;
-use crate::error::{strerror, Error, Result};
+use crate::error::{Error, Result};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -777,7 +777,7 @@ impl<'a> Checker<'a> {
         if let Err(e) = written {
             self.say(format!(
                 "ERROR: Failed to overwrite L2 table entry: {}",
-                error_text(&e)
+                e.short_text()
             ));
             self.report.check_errors += 1;
             return Ok(ZeroFix::Failed);
@@ -878,7 +878,7 @@ impl<'a> Checker<'a> {
         if let Err(e) = self.writer().and_then(|w| w.write_at(table, l2_offset)) {
             self.say(format!(
                 "ERROR: Could not write L2 table: {}",
-                error_text(&e)
+                e.short_text()
             ));
             self.report.check_errors += 1;
             return Err(e);
@@ -972,8 +972,8 @@ impl<'a> Checker<'a> {
             if let Err(e) = self.writer()?.write_at(&block, offset) {
                 self.report.check_errors += 1;
                 return Err(Error::io(
-                    format!("ERROR writing refblock: {}\nCheck failed", error_text(&e)),
-                    io::Error::from_raw_os_error(errno_of(&e)),
+                    format!("ERROR writing refblock: {}\nCheck failed", e.short_text()),
+                    io::Error::from_raw_os_error(e.errno()),
                 ));
             }
             cluster = block_start + (1 << block_bits);
@@ -1013,8 +1013,8 @@ impl<'a> Checker<'a> {
         let w = self.writer()?;
         let failed = |what: &str, e: &Error| {
             Error::io(
-                format!("{what}: {}\nCheck failed", error_text(e)),
-                io::Error::from_raw_os_error(errno_of(e)),
+                format!("{what}: {}\nCheck failed", e.short_text()),
+                io::Error::from_raw_os_error(e.errno()),
             )
         };
         w.write_at(&table, table_offset)
@@ -1028,21 +1028,6 @@ impl<'a> Checker<'a> {
             .and_then(|()| w.sync())
             .map_err(|e| failed("ERROR setting reftable", &e))?;
         Ok(())
-    }
-}
-
-/// An error's strerror text (the whole message for errors without errno).
-fn error_text(err: &Error) -> String {
-    match err {
-        Error::Io { source, .. } => strerror(source),
-        other => other.to_string(),
-    }
-}
-
-fn errno_of(err: &Error) -> i32 {
-    match err {
-        Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-        _ => libc::EIO,
     }
 }
 

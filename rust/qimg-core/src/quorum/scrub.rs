@@ -4,6 +4,7 @@
 use crate::block::quorum::{Findings, QuorumNode, Rewrite, MAX_PIECE};
 use crate::block::{block_status, BlockDev};
 use crate::error::Result;
+use crate::progress::Progress;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -63,7 +64,7 @@ pub fn scrub(
     q: &QuorumNode,
     repair: bool,
     workers: usize,
-    progress: &(dyn Fn(u64, u64) + Sync),
+    progress: Progress<'_>,
 ) -> Result<ScrubReport> {
     let size = q.size();
     let pieces = size.div_ceil(MAX_PIECE);
@@ -101,17 +102,20 @@ pub fn scrub(
                     }
                     let start = index * MAX_PIECE;
                     let end = (start + MAX_PIECE).min(size);
-                    match scrub_piece(q, start, end, rewrite, &mut buf) {
-                        Ok(result) => {
+                    let outcome =
+                        scrub_piece(q, start, end, rewrite, &mut buf).and_then(|result| {
                             let mut guard = ordered.lock().unwrap_or_else(PoisonError::into_inner);
                             let (next_report, pending, report) = &mut *guard;
                             pending.insert(index, result);
                             while let Some(r) = pending.remove(next_report) {
                                 absorb(q, report, r);
                                 *next_report += 1;
-                                progress((*next_report * MAX_PIECE).min(size), size);
+                                progress((*next_report * MAX_PIECE).min(size), size)?;
                             }
-                        }
+                            Ok(())
+                        });
+                    match outcome {
+                        Ok(()) => {}
                         Err(e) => {
                             failed.store(true, Ordering::SeqCst);
                             let mut slot =
