@@ -1,5 +1,5 @@
 """``python -m qimg``."""
 
-from qimg.cli import main
+from qimg.cli import entry
 
-raise SystemExit(main())
+entry()

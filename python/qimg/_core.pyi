@@ -92,6 +92,7 @@ class Image:
         size: int | None = None,
     ) -> None: ...
     def close(self) -> None: ...
+    def release_locks(self) -> None: ...
 
 def open_image(
     path: str,
@@ -100,12 +101,16 @@ def open_image(
     no_backing: bool = False,
     writable: bool = False,
     unsafe_cache: bool = False,
+    force_share: bool = False,
+    purpose: str = "read",
 ) -> Image: ...
 def open_spec(
     spec_json: str,
     *,
     writable: bool = False,
     unsafe_cache: bool = False,
+    force_share: bool = False,
+    purpose: str = "read",
 ) -> Image: ...
 def scrub(
     image: Image,

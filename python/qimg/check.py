@@ -166,9 +166,8 @@ def _report(filename: str, fmt: str, result: dict[str, Any], **extra: Any) -> Ch
 
 
 def _nothing_to_check(image: Image) -> UsageError:
-    error = UsageError(f"{image.format} images have no metadata to check")
-    error.about(image.filename)
-    return error
+    # qemu-img's words; the format is named for API callers who opened several.
+    return UsageError(f"This image format does not support checks ({image.format})")
 
 
 def check_image(image: Image) -> CheckReport:
@@ -196,6 +195,9 @@ def repair_image(image: Image, mode: str) -> RepairResult:
             f"Cannot repair '{filename}': its bytes are not in a local file "
             f"({details['file_format']}); run 'check -r' where the image is stored"
         )
+    # The repair opens the file for writing itself and takes a writer's locks
+    # there; this open (locked for the repair, so nobody got in) lets go first.
+    image._img.release_locks()
     out = _core.repair_image(details["file_filename"], checked_mode)
     leaks_fixed: int = out["leaks_fixed"]
     corruptions_fixed: int = out["corruptions_fixed"]
@@ -236,7 +238,7 @@ def check(
     if repair is None:
         with open_image(path, format, image_opts=image_opts) as image:
             return check_image(image)
-    with open_image(path, format, image_opts=image_opts) as image:
+    with open_image(path, format, image_opts=image_opts, purpose="repair") as image:
         result = repair_image(image, repair)
     problem = result.failure or result.recheck_failure
     if problem is not None:

@@ -89,7 +89,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 1
-    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         status: int = args.run(args)
     except QimgError as err:
@@ -124,4 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> NoReturn:
+    """The ``qimg`` program (console script and ``python -m qimg``): SIGTERM
+    unwinds like Ctrl-C, so a new output file is removed either way."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
     sys.exit(main())

@@ -6,10 +6,11 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from qimg import _core
 from qimg.create import OptionValue, option_items, plan_create
+from qimg.devices import is_block_device, resolve_host_device
 from qimg.errors import InvalidOptionError, UsageError
 from qimg.events import EventCallback
 from qimg.image import CACHE_MODES, Image, ImageSpec, drain_events, open_image, with_events
@@ -57,6 +58,8 @@ class ConvertRequest:
     """The target is an ``--image-opts`` option string (needs ``existing``)."""
     events: EventCallback | None = None
     """Receives the events of the sources and the target as the copy goes."""
+    force_share: bool = False
+    """``-U``: read the sources even while another process writes them."""
 
     @property
     def target_is_spec(self) -> bool:
@@ -93,7 +96,9 @@ class ConvertRequest:
                 "Having a backing file for the target makes no sense when concatenating "
                 "multiple input images"
             )
-        if self.backing_file is not None and self.out_fmt == "raw":
+        if self.out_fmt == "host_device" and isinstance(self.target, str):
+            resolve_host_device(self.out_fmt, self.target)  # a block device, or refused
+        if self.backing_file is not None and self.out_fmt in ("raw", "host_device"):
             raise InvalidOptionError(f"Backing file not supported for file format '{self.out_fmt}'")
         if self.copy_offload and self.compress:
             raise UsageError("Cannot enable copy offloading when -c is used")
@@ -124,10 +129,19 @@ def run(request: ConvertRequest, progress: Callable[[int, int], None] | None = N
     """Carries out ``request``; a target created here is removed again if
     the conversion fails."""
     request.validate()
+    if request.out_fmt == "host_device":
+        request = replace(request, out_fmt="raw")
     with contextlib.ExitStack() as stack:
         sources = [
             stack.enter_context(
-                open_image(s, request.fmt, image_opts=request.image_opts, events=request.events)
+                open_image(
+                    s,
+                    request.fmt,
+                    image_opts=request.image_opts,
+                    events=request.events,
+                    force_share=request.force_share,
+                    purpose="copy-source",
+                )
             )
             for s in request.sources
         ]
@@ -184,8 +198,9 @@ def run(request: ConvertRequest, progress: Callable[[int, int], None] | None = N
                     target,
                     request,
                     # A new image reads as zeroes wherever it is not written
-                    # and its backing file (if any) does not reach.
-                    zero_init=True,
+                    # and its backing file (if any) does not reach; raw bytes
+                    # on a block device are whatever the device held.
+                    zero_init=not (request.out_fmt == "raw" and is_block_device(request.target)),
                     top_only=backing is not None,
                     progress=progress,
                 )
@@ -278,6 +293,7 @@ def convert(
     image_opts: bool = False,
     target_image_opts: bool = False,
     events: EventCallback | None = None,
+    force_share: bool = False,
 ) -> None:
     """Copies the guest contents of ``source`` (or several sources, one after
     the other) into ``target``, like ``qemu-img convert``.
@@ -286,6 +302,7 @@ def convert(
     ``--image-opts`` strings with ``image_opts=True``); an ``existing`` target
     may be one too. ``progress(done, total)`` is called with byte counts as the
     copy advances; ``events`` with every event the sources and the target record.
+    ``force_share`` (``-U``) reads sources that another process has open for writing.
     """
     sources: list[ImageSpec]
     if isinstance(source, str | os.PathLike | Mapping | NodeSpec):
@@ -311,5 +328,6 @@ def convert(
         image_opts=image_opts,
         target_image_opts=target_image_opts,
         events=events,
+        force_share=force_share,
     )
     run(request, progress)

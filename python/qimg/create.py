@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qimg import _core
+from qimg.devices import resolve_host_device
 from qimg.errors import InvalidOptionError, QimgError, UsageError
 from qimg.formats import (
     FormatInfo,
@@ -35,9 +36,12 @@ class CreatePlan:
     size: int
     qcow2: _core.Qcow2Spec | None
     prealloc: PreallocMode
+    shown_format: str | None = None
+    """The format as the user named it, when that is not the table's (host_device)."""
 
     def formatting_line(self) -> str:
-        return f"Formatting '{self.filename}', fmt={self.info.name} {self.info.echo(self.options)}"
+        fmt = self.shown_format or self.info.name
+        return f"Formatting '{self.filename}', fmt={fmt} {self.info.echo(self.options)}"
 
     def run(self) -> None:
         nocow = bool(option_value(self.options, "nocow", False))
@@ -66,8 +70,10 @@ def plan_create(
     unsafe: bool = False,
 ) -> CreatePlan:
     """Validates a creation request completely, touching no file but reading
-    the backing image (unless ``unsafe``)."""
-    info = format_info(fmt)
+    the backing image (unless ``unsafe``). On a block device the image is written
+    in place: the device must be large enough, and is never resized."""
+    shown = fmt if fmt == "host_device" else None
+    info = format_info(resolve_host_device(fmt, filename))
     parsed = dict(info.parse(options))
     if backing_file is not None:
         parsed["backing_file"] = ParsedValue(backing_file, backing_file)
@@ -86,7 +92,8 @@ def plan_create(
     if info.name == "raw":
         if "size" not in parsed:
             raise InvalidOptionError("Image creation needs a size parameter")
-        return CreatePlan(filename, info, parsed, int(parsed["size"].value), None, prealloc)
+        size_value = int(parsed["size"].value)
+        return CreatePlan(filename, info, parsed, size_value, None, prealloc, shown)
 
     backing = option_text(parsed, "backing_file")
     bfmt = option_text(parsed, "backing_fmt")

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 from qimg import _core
 from qimg.errors import QimgError, UsageError
@@ -300,9 +300,20 @@ def open_image(
     cache: str = "writeback",
     image_opts: bool = False,
     events: EventCallback | None = None,
+    force_share: bool = False,
+    purpose: Purpose = "read",
 ) -> Image:
     """Opens an image (read-only unless ``writable``; its backing chain is
     always read-only); ``format`` None probes it as qemu-img does.
+
+    The open takes QEMU's image locks, so that qimg, qemu-img, qemu-io,
+    qemu-nbd and running VMs exclude each other: an image another process
+    writes cannot be opened (:class:`~qimg.errors.ImageLockedError`), and while
+    this one is open for writing nobody else reads or writes it. ``force_share``
+    (qemu-img's ``-U``) opens read-only images anyway, sharing everything.
+    ``purpose`` picks the permissions qemu-img takes for the same job:
+    ``"inspect"`` (info), ``"read"``, ``"copy-source"`` (convert: nobody may
+    write the source meanwhile), ``"resize"`` or ``"repair"`` (check -r).
 
     ``spec`` is a file name, a ``json:{...}`` string, an ``--image-opts`` string
     (with ``image_opts=True``), a mapping such as ``{"driver": "quorum",
@@ -321,22 +332,41 @@ def open_image(
         raise UsageError(
             f"Cache mode '{cache}' is not supported by qimg (use {' or '.join(CACHE_MODES)})"
         )
-    unsafe = cache == "unsafe"
+    if force_share and writable:
+        raise UsageError("force-share=on can only be used with read-only images")
+    locks = _Locks(unsafe=cache == "unsafe", force_share=force_share, purpose=purpose)
     if not image_opts and is_plain_filename(spec):
         assert isinstance(spec, str | os.PathLike)
-        return _open_plain(os.fspath(spec), format, backing, writable, unsafe, events)
+        return _open_plain(os.fspath(spec), format, backing, writable, locks, events)
     node_spec = parse_image_spec(spec, image_opts=image_opts, fmt=format)
     if node_spec.plain_filename is not None:
         return _open_plain(
-            node_spec.plain_filename, node_spec.plain_format, backing, writable, unsafe, events
+            node_spec.plain_filename, node_spec.plain_format, backing, writable, locks, events
         )
     root = node_spec.root
     if not backing and isinstance(root, Qcow2Node) and root.backing is BACKING_DEFAULT:
         node_spec = replace(node_spec, root=replace(root, backing=None))
     if not backing and isinstance(root, ProbeNode):
         node_spec = replace(node_spec, root=replace(root, open_backing=False))
-    core = _core.open_spec(node_spec.to_core_json(), writable=writable, unsafe_cache=unsafe)
+    core = _core.open_spec(
+        node_spec.to_core_json(),
+        writable=writable,
+        unsafe_cache=locks.unsafe,
+        force_share=locks.force_share,
+        purpose=locks.purpose,
+    )
     return Image(core, spec=node_spec, events=events)
+
+
+#: Why an image is opened; it decides QEMU's image locks (see :func:`open_image`).
+Purpose = Literal["inspect", "read", "copy-source", "resize", "repair"]
+
+
+@dataclass(frozen=True)
+class _Locks:
+    unsafe: bool
+    force_share: bool
+    purpose: Purpose
 
 
 def _open_plain(
@@ -344,11 +374,17 @@ def _open_plain(
     format: str | None,
     backing: bool,
     writable: bool,
-    unsafe: bool,
+    locks: _Locks,
     events: EventCallback | None,
 ) -> Image:
     core = _core.open_image(
-        path, format, no_backing=not backing, writable=writable, unsafe_cache=unsafe
+        path,
+        format,
+        no_backing=not backing,
+        writable=writable,
+        unsafe_cache=locks.unsafe,
+        force_share=locks.force_share,
+        purpose=locks.purpose,
     )
     return Image(core, events=events)
 

@@ -81,9 +81,12 @@ def add_output_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_share_arg(p: argparse.ArgumentParser) -> None:
-    # qimg opens images read-only and never takes qemu's image locks, so
-    # "force share" is what it always does; accepted for qemu-img command lines.
-    p.add_argument("-U", "--force-share", action="store_true", help="accepted; qimg never locks")
+    p.add_argument(
+        "-U",
+        "--force-share",
+        action="store_true",
+        help="open read-only images even while another process writes them (QEMU's locks)",
+    )
 
 
 def output_mode(args: argparse.Namespace) -> str:

@@ -102,13 +102,14 @@ def run(args: argparse.Namespace) -> int:
         if repair is not None:
             return run_repair(args, repair, mode, events)
         with open_image(
-            args.filename, args.fmt, image_opts=args.image_opts, events=events
+            args.filename,
+            args.fmt,
+            image_opts=args.image_opts,
+            events=events,
+            force_share=args.force_share,
         ) as image:
             if image.format != "qcow2":
-                print(
-                    f"qimg: {args.filename}: {image.format} images have no metadata to check",
-                    file=sys.stderr,
-                )
+                print("qimg: This image format does not support checks", file=sys.stderr)
                 return NO_CHECK
             try:
                 report = check_image(image)
@@ -121,12 +122,11 @@ def run_repair(
     args: argparse.Namespace, repair: str, mode: str, events: EventCallback | None
 ) -> int:
     filename, quiet = args.filename, args.quiet
-    with open_image(filename, args.fmt, image_opts=args.image_opts, events=events) as image:
+    with open_image(
+        filename, args.fmt, image_opts=args.image_opts, events=events, purpose="repair"
+    ) as image:
         if image.format != "qcow2":
-            print(
-                f"qimg: {filename}: {image.format} images have no metadata to check",
-                file=sys.stderr,
-            )
+            print("qimg: This image format does not support checks", file=sys.stderr)
             return NO_CHECK
         result = repair_image(image, repair)
     if result.failure is not None:

@@ -66,9 +66,21 @@ def run(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace, name1: str, name2: str, events: EventCallback | None) -> int:
     say = (lambda text: None) if args.quiet else print
     try:
-        img1 = open_image(name1, args.fmt1, image_opts=args.image_opts, events=events)
+        img1 = open_image(
+            name1,
+            args.fmt1,
+            image_opts=args.image_opts,
+            events=events,
+            force_share=args.force_share,
+        )
         try:
-            img2 = open_image(name2, args.fmt2, image_opts=args.image_opts, events=events)
+            img2 = open_image(
+                name2,
+                args.fmt2,
+                image_opts=args.image_opts,
+                events=events,
+                force_share=args.force_share,
+            )
         except BaseException:
             img1.close()
             raise

@@ -140,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         in_order=not args.out_of_order,
         cache=args.cache,
         copy_offload=args.copy_offload,
+        force_share=args.force_share,
     )
     if args.copy_offload and args.sparse is not None and not args.compress:
         # Even "-S 4k", the default: zero detection needs the data read.
@@ -151,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
         request.image_opts = args.image_opts
         request.target_image_opts = args.target_image_opts
         request.events = events
+        # Every refusal of the command line comes before any output.
+        request.validate()
         progress.start()
         try:
             run_convert(request, progress)

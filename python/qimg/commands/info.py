@@ -54,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
             backing=args.backing_chain,
             image_opts=args.image_opts,
             events=events,
+            force_share=args.force_share,
+            purpose="inspect",
         ) as image,
     ):
         chain = image.chain() if args.backing_chain else [image]

@@ -20,7 +20,7 @@ from qemu-io 10.0, on purpose:
   buffered stdout can land after its stderr).
 - A failed ``flush`` says so on stderr (qemu-io only sets the exit status); an image that is
   damaged is explained on stderr before the ``... failed: Input/output error`` line.
-- ``-U`` is accepted: qimg takes no image locks.
+- ``-U`` opens a read-only image (``-r``) whatever other processes hold, as in qemu-io.
 """
 
 from __future__ import annotations
@@ -153,8 +153,18 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, events: EventCallback | None) -> int:
     writable = not args.read_only
+    if args.force_share and writable:
+        raise UsageError(
+            f"can't open device {args.filename}: "
+            "force-share=on can only be used with read-only images"
+        )
     image = open_image(
-        args.filename, args.fmt, writable=writable, image_opts=args.image_opts, events=events
+        args.filename,
+        args.fmt,
+        writable=writable,
+        image_opts=args.image_opts,
+        events=events,
+        force_share=args.force_share,
     )
     if writable and args.fmt is None and image.spec is None and image.format == "raw":
         print(

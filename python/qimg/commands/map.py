@@ -65,7 +65,13 @@ def run(args: argparse.Namespace) -> int:
     length = parse_size(args.length, "max-length") if args.length is not None else None
     with (
         event_hub(args) as events,
-        open_image(args.filename, args.fmt, image_opts=args.image_opts, events=events) as image,
+        open_image(
+            args.filename,
+            args.fmt,
+            image_opts=args.image_opts,
+            events=events,
+            force_share=args.force_share,
+        ) as image,
     ):
         extents = image.map(start, length)
     if mode == "json":

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
                 "be resized; resize each child image instead)"
             )
         image_spec, fmt = spec, None
-    with open_image(image_spec, fmt, writable=True) as image:
+    with open_image(image_spec, fmt, writable=True, purpose="resize") as image:
         current = image.size
         new_size = current + amount if sign == "+" else current - amount if sign else amount
         if new_size <= 0:

@@ -1,5 +1,6 @@
 //! The `file` protocol: creating image files, preallocating, finding data.
 
+use crate::block::lock::{self, LockRequest, Perms};
 use crate::error::{Error, Result};
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -27,27 +28,57 @@ pub struct NewFile<'p> {
     path: &'p Path,
     existed: bool,
     finished: bool,
+    /// The size of the block device the image is created on, which is
+    /// written in place and never resized; None for a file.
+    device_len: Option<u64>,
 }
 
 impl<'p> NewFile<'p> {
     /// Creates (or truncates) `path` with mode 0644, applying the file options
     /// while it is still empty, which is when filesystems accept them.
     pub fn create(path: &'p Path, opts: FileOptions) -> Result<Self> {
+        use std::os::unix::fs::FileTypeExt;
         let existed = path.exists();
+        let device = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+        // Not truncated at open: a file another process uses (a running VM's
+        // image) is refused by its locks first, and stays whole.
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .mode(0o644)
             .open(path)
             .map_err(|e| Error::open(path, e))?;
+        let device_len = if device {
+            use std::io::Seek;
+            let mut f = &file;
+            Some(
+                f.seek(io::SeekFrom::End(0))
+                    .map_err(|e| Error::open(path, e))?,
+            )
+        } else {
+            None
+        };
         let new = NewFile {
             file,
             path,
             existed,
             finished: false,
+            device_len,
         };
+        // What qemu-img create holds while it writes the new file.
+        let creator = LockRequest {
+            held: Perms::WRITE.union(Perms::RESIZE),
+            unshared: Perms::RESIZE,
+        };
+        let name = path.display().to_string();
+        lock::apply(&new.file, &name, LockRequest::default(), creator)?;
+        if device_len.is_none() {
+            new.file
+                .set_len(0)
+                .map_err(|e| new.io_error("Could not truncate", e))?;
+        }
         // Both hints are advisory, exactly as in qemu-img: filesystems that
         // do not know them (anything but btrfs / XFS) simply keep defaults.
         if opts.nocow {
@@ -64,6 +95,24 @@ impl<'p> NewFile<'p> {
 
     pub fn path(&self) -> &Path {
         self.path
+    }
+
+    /// Whether the image is being created on a block device.
+    pub fn is_device(&self) -> bool {
+        self.device_len.is_some()
+    }
+
+    /// Makes the new file `len` bytes long. A block device keeps its size:
+    /// it must be large enough already, as qemu-img requires.
+    pub fn set_len(&self, len: u64) -> Result<()> {
+        match self.device_len {
+            Some(have) if len > have => Err(Error::Unsupported("Cannot grow device files".into())),
+            Some(_) => Ok(()),
+            None => self
+                .file
+                .set_len(len)
+                .map_err(|e| self.io_error("Could not resize", e)),
+        }
     }
 
     pub fn io_error(&self, what: &str, err: io::Error) -> Error {

@@ -20,17 +20,30 @@ pub fn create(path: &Path, size: u64, prealloc: Prealloc, file_opts: FileOptions
     }
     let size = size.div_ceil(512) * 512;
     let new = NewFile::create(path, file_opts)?;
+    if new.is_device() {
+        // A device is the image already: its size is checked, and only its
+        // first sector is zeroed (as qemu-img does, so that an old format
+        // header there is not probed again); the rest stays as it was.
+        new.set_len(size)?;
+        return match prealloc {
+            Prealloc::Off => {
+                new.file
+                    .write_all_at(&[0u8; 512], 0)
+                    .map_err(|e| new.io_error("Could not write to", e))?;
+                new.finish()
+            }
+            other => Err(Error::Unsupported(format!(
+                "Preallocation mode '{other}' is not supported on block device '{}'",
+                path.display()
+            ))),
+        };
+    }
     match prealloc {
-        Prealloc::Off | Prealloc::Metadata => new
-            .file
-            .set_len(size)
-            .map_err(|e| new.io_error("Could not resize", e))?,
+        Prealloc::Off | Prealloc::Metadata => new.set_len(size)?,
         Prealloc::Falloc => fallocate(&new.file, 0, size)
             .map_err(|e| new.io_error("Could not preallocate new data for", e))?,
         Prealloc::Full => {
-            new.file
-                .set_len(size)
-                .map_err(|e| new.io_error("Could not resize", e))?;
+            new.set_len(size)?;
             write_zeroes(&new.file, new.path(), 0, size)
                 .map_err(|e| new.io_error("Could not write zeros for preallocation to", e))?;
         }

@@ -79,6 +79,7 @@ fn open(set: &Set, o: &Opts<'_>, writable: bool) -> (Arc<dyn BlockDev>, Arc<Even
         SpecOptions {
             writable,
             unsafe_cache: true,
+            ..SpecOptions::default()
         },
         &log,
     )

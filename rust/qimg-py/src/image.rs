@@ -5,6 +5,7 @@ use crate::long::run_long;
 use crate::to_py;
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList};
+use qimg_core::block::lock::{LockRequest, Purpose, Sharing};
 use qimg_core::block::{self, BlockDev, OpenOptions};
 use qimg_core::compare::{self, Outcome};
 use qimg_core::convert::{self as engine, Sparse};
@@ -37,7 +38,9 @@ fn parse_format(name: Option<&str>) -> PyResult<Option<Format>> {
 }
 
 #[pyfunction]
-#[pyo3(signature = (path, format=None, *, no_backing=false, writable=false, unsafe_cache=false))]
+#[pyo3(signature = (path, format=None, *, no_backing=false, writable=false, unsafe_cache=false,
+                    force_share=false, purpose="read"))]
+#[allow(clippy::too_many_arguments)]
 pub fn open_image(
     py: Python<'_>,
     path: String,
@@ -45,15 +48,28 @@ pub fn open_image(
     no_backing: bool,
     writable: bool,
     unsafe_cache: bool,
+    force_share: bool,
+    purpose: &str,
 ) -> PyResult<Image> {
     let opts = OpenOptions {
         format: parse_format(format.as_deref())?,
         no_backing,
         writable,
         unsafe_cache,
+        sharing: sharing(force_share, purpose)?,
     };
     let node = run_long(py, None, move |_| block::open_image(&path, &opts))?.map_err(to_py)?;
     Ok(Image { node, events: None })
+}
+
+/// The lock intent of an open: `purpose` is one of `lock::Purpose`'s names.
+pub(crate) fn sharing(force_share: bool, purpose: &str) -> PyResult<Sharing> {
+    let purpose = Purpose::from_name(purpose)
+        .ok_or_else(|| to_py(Error::invalid(format!("Unknown open purpose '{purpose}'"))))?;
+    Ok(Sharing {
+        purpose,
+        force_share,
+    })
 }
 
 /// Runs `f` on the contents of a `bytes` (without copying) or a `bytearray`
@@ -181,6 +197,15 @@ impl Image {
             None => Err(Error::invalid("not a qcow2 image")),
         })?
         .map_err(to_py)
+    }
+
+    /// Gives up QEMU's image locks this image's file holds (before another
+    /// open of the same file in this process takes them, as `check -r` does).
+    fn release_locks(&self) -> PyResult<()> {
+        match self.node.file() {
+            Some(f) => f.lock(LockRequest::default()).map_err(to_py),
+            None => Ok(()),
+        }
     }
 
     /// Flushes and leaves the image clean on disk.

@@ -13,17 +13,21 @@ use std::sync::Arc;
 
 /// Opens the canonical node tree `spec_json` (made by `qimg.spec`).
 #[pyfunction]
-#[pyo3(signature = (spec_json, *, writable=false, unsafe_cache=false))]
+#[pyo3(signature = (spec_json, *, writable=false, unsafe_cache=false, force_share=false,
+                    purpose="read"))]
 pub fn open_spec(
     py: Python<'_>,
     spec_json: String,
     writable: bool,
     unsafe_cache: bool,
+    force_share: bool,
+    purpose: &str,
 ) -> PyResult<Image> {
     let log = EventLog::new();
     let opts = SpecOptions {
         writable,
         unsafe_cache,
+        sharing: crate::image::sharing(force_share, purpose)?,
     };
     let opened = Arc::clone(&log);
     let node = run_long(py, None, move |_| {

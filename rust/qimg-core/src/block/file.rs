@@ -3,16 +3,17 @@
 //! SEEK_DATA/SEEK_HOLE) or in an NBD export (so a qcow2 image served by
 //! `qemu-nbd -f raw` reads as it does on disk).
 
+use super::lock::{self, LockRequest};
 use super::nbd::NbdNode;
 use super::{BlockDev, Status};
 use crate::error::{Error, Result};
 use crate::prealloc::Prealloc;
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 
 /// Largest request end QEMU's block layer accepts (INT64_MAX aligned down
 /// to 1 GiB); reads beyond it fail with EIO, as in QEMU.
@@ -20,10 +21,14 @@ pub const MAX_REQUEST_END: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
 
 pub struct FileNode {
     io: Io,
+    /// QEMU's image locks this open holds on a local file.
+    locks: std::sync::Mutex<LockRequest>,
     name: String,
     /// The real length of the file in bytes (grows as writes extend it).
     len: AtomicU64,
     writable: bool,
+    /// A block device: written in place, never resized.
+    device: bool,
     /// Flushes reach the disk (fdatasync); with the "unsafe" cache mode they
     /// are skipped, as qemu-img convert does by default.
     durable: bool,
@@ -81,6 +86,8 @@ impl FileNode {
                 file,
                 path: path.to_path_buf(),
             },
+            locks: std::sync::Mutex::new(LockRequest::default()),
+            device: meta.file_type().is_block_device(),
             name: path.display().to_string(),
             len: AtomicU64::new(len),
             writable,
@@ -91,12 +98,27 @@ impl FileNode {
     /// The bytes of an NBD export (writable if the node is).
     pub fn nbd(export: NbdNode) -> FileNode {
         FileNode {
+            locks: std::sync::Mutex::new(LockRequest::default()),
+            device: false,
             name: export.filename().to_string(),
             len: AtomicU64::new(export.size()),
             writable: export.is_writable(),
             durable: true,
             io: Io::Nbd(export),
         }
+    }
+
+    /// Takes QEMU's image locks for `want` (dropping what it held beyond
+    /// them), refusing what another process does not share. An export's
+    /// server keeps its own exclusion: nothing to take here.
+    pub fn lock(&self, want: LockRequest) -> Result<()> {
+        let Io::Local { file, .. } = &self.io else {
+            return Ok(());
+        };
+        let mut held = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
+        lock::apply(file, &self.name, *held, want)?;
+        *held = want;
+        Ok(())
     }
 
     /// The local file's path; None for an NBD export.
@@ -211,6 +233,11 @@ impl FileNode {
     /// it: only that size is accepted.
     pub fn truncate(&self, len: u64) -> Result<()> {
         match &self.io {
+            // A block device has the size it has (qemu-img's words).
+            Io::Local { .. } if self.device && len != self.file_len() => {
+                return Err(Error::Unsupported("Cannot resize device files".into()))
+            }
+            Io::Local { .. } if self.device => {}
             Io::Local { file, .. } => file.set_len(len).map_err(|e| self.error("resize", e))?,
             Io::Nbd(_) if len == self.file_len() => {}
             Io::Nbd(_) => {

@@ -4,6 +4,7 @@
 
 pub mod blkdebug;
 pub mod file;
+pub mod lock;
 pub mod nbd;
 pub mod open;
 pub mod quorum;

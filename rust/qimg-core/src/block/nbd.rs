@@ -554,6 +554,9 @@ struct Conn {
     writer: Mutex<Stream>,
     pending: Arc<Mutex<HashMap<u64, Pending>>>,
     dead: Arc<AtomicBool>,
+    /// Why this side gave the connection up (a reply that never came): what
+    /// every request still waiting on it then fails with.
+    given_up: Arc<Mutex<Option<String>>>,
     cookies: AtomicU64,
 }
 
@@ -566,19 +569,24 @@ impl Conn {
         let reader = s.try_clone()?;
         let pending: Arc<Mutex<HashMap<u64, Pending>>> = Arc::new(Mutex::new(HashMap::new()));
         let dead = Arc::new(AtomicBool::new(false));
+        let given_up = Arc::new(Mutex::new(None));
         {
             let (pending, dead) = (Arc::clone(&pending), Arc::clone(&dead));
+            let given_up = Arc::clone(&given_up);
             let pool = Pool::default();
             let structured = export.structured;
             std::thread::Builder::new()
                 .name("qimg-nbd-reader".into())
-                .spawn(move || read_replies(reader, &pending, &dead, &pool, structured))?;
+                .spawn(move || {
+                    read_replies(reader, &pending, &dead, &given_up, &pool, structured)
+                })?;
         }
         Ok((
             Conn {
                 writer: Mutex::new(s),
                 pending,
                 dead,
+                given_up,
                 cookies: AtomicU64::new(1),
             },
             export,
@@ -608,9 +616,10 @@ impl Conn {
         sink: Option<Arc<SinkSlot>>,
     ) -> io::Result<Receiver<io::Result<Part>>> {
         if self.dead.load(Ordering::SeqCst) {
+            let why = lock(&self.given_up).clone();
             return Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
-                "the connection to the NBD server is lost",
+                why.unwrap_or_else(|| "the connection to the NBD server is lost".into()),
             ));
         }
         let cookie = self.cookies.fetch_add(1, Ordering::SeqCst);
@@ -646,6 +655,13 @@ impl Conn {
         self.dead.store(true, Ordering::SeqCst);
         lock(&self.writer).shutdown();
     }
+
+    /// Gives the connection up because of `why`, which every request still
+    /// waiting on it reports (rather than the closed connection that follows).
+    fn give_up(&self, why: String) {
+        lock(&self.given_up).get_or_insert(why);
+        self.kill();
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -658,6 +674,7 @@ fn read_replies(
     mut s: Stream,
     pending: &Mutex<HashMap<u64, Pending>>,
     dead: &AtomicBool,
+    given_up: &Mutex<Option<String>>,
     pool: &Pool,
     structured: bool,
 ) {
@@ -668,7 +685,9 @@ fn read_replies(
     };
     dead.store(true, Ordering::SeqCst);
     s.shutdown();
-    let text = if err.kind() == io::ErrorKind::UnexpectedEof {
+    let text = if let Some(why) = lock(given_up).clone() {
+        why
+    } else if err.kind() == io::ErrorKind::UnexpectedEof {
         "the NBD server closed the connection".to_string()
     } else {
         format!("NBD connection failed: {err}")
@@ -986,14 +1005,12 @@ impl NbdNode {
                 Err(RecvTimeoutError::Timeout) => {
                     // The reply may still come, but nothing can wait for it
                     // any longer: the connection is given up.
-                    conn.kill();
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!(
-                            "the NBD server did not answer within {} s",
-                            self.opts.timeout.as_secs()
-                        ),
-                    ));
+                    let why = format!(
+                        "the NBD server did not answer within {} s",
+                        self.opts.timeout.as_secs()
+                    );
+                    conn.give_up(why.clone());
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, why));
                 }
                 Err(RecvTimeoutError::Disconnected) => {
                     return Err(io::Error::new(

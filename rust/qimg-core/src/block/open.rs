@@ -1,6 +1,7 @@
 //! Opening an image: probing its format, reading its header, and opening
 //! its backing chain, bottom up, with loops refused.
 
+use super::lock::{self, Sharing};
 use super::raw::RawNode;
 use super::{BlockDev, FileNode};
 use crate::error::{Error, Result};
@@ -22,6 +23,8 @@ pub struct OpenOptions {
     pub writable: bool,
     /// Skip flushes to the disk (qemu's `cache=unsafe`).
     pub unsafe_cache: bool,
+    /// Which of QEMU's image locks to take, and whether to share all (`-U`).
+    pub sharing: Sharing,
 }
 
 struct Layer {
@@ -47,6 +50,11 @@ pub fn open_image_on(file: FileNode, opts: &OpenOptions) -> Result<Arc<dyn Block
 }
 
 fn open_chain(top: FileNode, path: &str, opts: &OpenOptions) -> Result<Arc<dyn BlockDev>> {
+    if opts.sharing.force_share && opts.writable {
+        return Err(Error::invalid(
+            "force-share=on can only be used with read-only images",
+        ));
+    }
     let mut layers: Vec<Layer> = Vec::new();
     let mut seen: HashSet<PathBuf> = HashSet::new();
     let mut name = path.to_string();
@@ -54,14 +62,15 @@ fn open_chain(top: FileNode, path: &str, opts: &OpenOptions) -> Result<Arc<dyn B
     let mut top = Some(top);
     loop {
         let opened = match top.take() {
-            Some(file) => layer_of(file, &name, format, &mut seen).map(|l| {
+            Some(file) => layer_of(file, &name, format, &mut seen, opts.sharing, true).map(|l| {
                 if opts.unsafe_cache {
                     l.without_flushes()
                 } else {
                     l
                 }
             }),
-            None => open_local(&name, false).and_then(|f| layer_of(f, &name, format, &mut seen)),
+            None => open_local(&name, false)
+                .and_then(|f| layer_of(f, &name, format, &mut seen, opts.sharing, false)),
         };
         let layer = match (opened, layers.last()) {
             (Ok(l), _) => l,
@@ -144,7 +153,19 @@ pub fn open_qcow2_over(
 ) -> Result<Arc<dyn BlockDev>> {
     let path = file.filename().to_string();
     let mut seen = HashSet::new();
-    let mut layer = layer_of(file, &path, Some(Format::Qcow2), &mut seen)?;
+    if opts.sharing.force_share && opts.writable {
+        return Err(Error::invalid(
+            "force-share=on can only be used with read-only images",
+        ));
+    }
+    let mut layer = layer_of(
+        file,
+        &path,
+        Some(Format::Qcow2),
+        &mut seen,
+        opts.sharing,
+        true,
+    )?;
     if opts.unsafe_cache {
         layer = layer.without_flushes();
     }
@@ -185,12 +206,15 @@ fn open_local(name: &str, writable: bool) -> Result<FileNode> {
     }
 }
 
-/// Reads the format and header of the image in `file`, opened as `name`.
+/// Reads the format and header of the image in `file`, opened as `name`,
+/// and takes QEMU's locks for it (`top`: the image itself, not a backing file).
 fn layer_of(
     file: FileNode,
     name: &str,
     format: Option<Format>,
     seen: &mut HashSet<PathBuf>,
+    sharing: Sharing,
+    top: bool,
 ) -> Result<Layer> {
     let identity = match file.path() {
         Some(path) => std::fs::canonicalize(path).map_err(|e| Error::open(path, e))?,
@@ -234,6 +258,9 @@ fn layer_of(
         file = FileNode::open_rw(&path)?;
         header = Some(parse(&read_head(&file)?, &file)?);
     }
+    let want = lock::request(sharing, header.is_some(), file.is_writable(), top);
+    file.lock(want)
+        .map_err(|e| e.context(&format!("Could not open '{name}'")))?;
     Ok(Layer {
         file: Arc::new(file),
         header,

@@ -7,6 +7,7 @@
 //! an error naming it, never ignored) and builds the nodes.
 
 use super::blkdebug::{BlkdebugNode, DebugEvent, InjectError, IoType};
+use super::lock::{self, Sharing};
 use super::nbd::{NbdNode, NbdOptions, NbdServer};
 use super::open::{open_image_on, open_qcow2_over, OpenOptions};
 use super::quorum::{Child, QuorumNode, QuorumOptions, ReadPattern};
@@ -26,10 +27,17 @@ pub struct SpecOptions {
     pub writable: bool,
     /// Skip flushes to the disk (qemu's `cache=unsafe`).
     pub unsafe_cache: bool,
+    /// Which of QEMU's image locks to take, and whether to share all (`-U`).
+    pub sharing: Sharing,
 }
 
 /// Opens the tree described by `json`; quorum events go to `log`.
 pub fn open_spec(json: &str, opts: SpecOptions, log: &Arc<EventLog>) -> Result<Arc<dyn BlockDev>> {
+    if opts.sharing.force_share && opts.writable {
+        return Err(Error::invalid(
+            "force-share=on can only be used with read-only images",
+        ));
+    }
     let value: Value = serde_json::from_str(json)
         .map_err(|e| Error::invalid(format!("Invalid node specification: {e}")))?;
     open_node(&value, "root", opts, log)
@@ -105,6 +113,7 @@ fn open_node(
         "file" => {
             node.only(&["driver", "node-name", "filename"])?;
             let file = open_file(node.str("filename")?, opts)?;
+            lock_raw(&file, opts)?;
             Ok(Arc::new(RawNode::protocol(Arc::new(file))))
         }
         "nbd" => {
@@ -114,6 +123,7 @@ fn open_node(
         "raw" => {
             node.only(&["driver", "node-name", "file"])?;
             let file = open_file_child(&node, opts)?;
+            lock_raw(&file, opts)?;
             Ok(Arc::new(RawNode::new(Arc::new(file), false)))
         }
         "probe" | "qcow2" => {
@@ -135,6 +145,7 @@ fn open_node(
                 no_backing: matches!(backing, Some(Value::Null)),
                 writable: opts.writable,
                 unsafe_cache: opts.unsafe_cache,
+                sharing: opts.sharing,
             };
             match backing {
                 None | Some(Value::Null) => open_image_on(file, &open_opts),
@@ -251,6 +262,13 @@ fn open_file_child(node: &Node<'_, '_>, opts: SpecOptions) -> Result<FileNode> {
         }
         _ => Err(bad(&path, "must use the 'file' or 'nbd' driver")),
     }
+}
+
+/// Takes QEMU's locks for a file read as raw bytes.
+fn lock_raw(file: &FileNode, opts: SpecOptions) -> Result<()> {
+    let want = lock::request(opts.sharing, false, opts.writable, true);
+    file.lock(want)
+        .map_err(|e| e.context(&format!("Could not open '{}'", file.filename())))
 }
 
 fn open_file(name: &str, opts: SpecOptions) -> Result<FileNode> {

@@ -155,16 +155,11 @@ pub fn create(path: &Path, spec: &CreateSpec, file_opts: FileOptions) -> Result<
     let data_len = layout.data.bytes(layout.cluster_size);
     match spec.prealloc {
         Prealloc::Off => {}
-        Prealloc::Metadata => new
-            .file
-            .set_len(layout.file_len)
-            .map_err(|e| new.io_error("Could not resize", e))?,
+        Prealloc::Metadata => new.set_len(layout.file_len)?,
         Prealloc::Falloc => fallocate(&new.file, layout.data.offset, data_len)
             .map_err(|e| new.io_error("Could not preallocate data for", e))?,
         Prealloc::Full => {
-            new.file
-                .set_len(layout.file_len)
-                .map_err(|e| new.io_error("Could not resize", e))?;
+            new.set_len(layout.file_len)?;
             write_zeroes(&new.file, new.path(), layout.data.offset, data_len)
                 .map_err(|e| new.io_error("Could not write zeros for preallocation to", e))?;
         }

@@ -55,6 +55,7 @@ use super::refcount_reader::REFT_OFFSET_MASK;
 use super::types::{ClusterSize, Compat};
 use super::MAX_REFTABLE_BYTES;
 use crate::block::file::MAX_REQUEST_END;
+use crate::block::lock::{self, LockRequest, Sharing};
 use crate::block::FileNode;
 use crate::error::{Error, Result};
 use std::fs::{File, OpenOptions};
@@ -416,14 +417,6 @@ pub(crate) struct ImageWriter {
     name: String,
 }
 
-/// QEMU's image locks (file-posix): one byte per permission at 100 + bit
-/// for holders of it, at 200 + bit for those that do not share it.
-const LOCK_PERM_BASE: u64 = 100;
-const LOCK_SHARED_BASE: u64 = 200;
-const PERM_CONSISTENT_READ: u64 = 0;
-const PERM_WRITE: u64 = 1;
-const PERM_RESIZE: u64 = 3;
-
 impl ImageWriter {
     pub(crate) fn open(path: &Path) -> Result<ImageWriter> {
         let file = OpenOptions::new()
@@ -488,73 +481,13 @@ impl ImageWriter {
         };
     }
 
-    /// Whether another open file holds a QEMU lock on `byte`.
-    fn locked_elsewhere(&self, byte: u64) -> io::Result<bool> {
-        // SAFETY: `flock` is plain data; all zeroes is a valid value.
-        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-        fl.l_type = libc::F_WRLCK as libc::c_short;
-        fl.l_whence = libc::SEEK_SET as libc::c_short;
-        fl.l_start = byte as libc::off_t;
-        fl.l_len = 1;
-        // SAFETY: F_OFD_GETLK reads and fills the `flock` we pass, which outlives the call.
-        if unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
-    }
-
-    fn take_lock(&self, byte: u64) -> io::Result<()> {
-        // SAFETY: as in `locked_elsewhere`.
-        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-        fl.l_type = libc::F_RDLCK as libc::c_short;
-        fl.l_whence = libc::SEEK_SET as libc::c_short;
-        fl.l_start = byte as libc::off_t;
-        fl.l_len = 1;
-        // SAFETY: F_OFD_SETLK only reads the `flock` we pass.
-        if unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// Takes QEMU's image locks for a writer that shares neither writing
-    /// nor resizing, so that a running QEMU neither is written under nor
-    /// starts writing during the repair. The locks go with the file.
-    /// Where the file system has no such locks, there is nothing to take.
+    /// Takes QEMU's image locks of a qcow2 writer, so that a running QEMU
+    /// neither is written under nor starts writing during the repair. The
+    /// locks go with the file.
     pub(crate) fn lock(&self) -> Result<()> {
-        let busy = || {
-            Error::InvalidImage(format!(
-                "Could not open '{}': Failed to get \"write\" lock (is another process using the image?)",
-                self.name
-            ))
-        };
-        let wanted = [
-            LOCK_PERM_BASE + PERM_CONSISTENT_READ,
-            LOCK_PERM_BASE + PERM_WRITE,
-            LOCK_SHARED_BASE + PERM_WRITE,
-            LOCK_SHARED_BASE + PERM_RESIZE,
-        ];
-        // Someone who does not share writing, or someone writing or resizing.
-        let conflicts = [
-            LOCK_SHARED_BASE + PERM_WRITE,
-            LOCK_PERM_BASE + PERM_WRITE,
-            LOCK_PERM_BASE + PERM_RESIZE,
-        ];
-        for byte in conflicts {
-            match self.locked_elsewhere(byte) {
-                Ok(true) => return Err(busy()),
-                Ok(false) => {}
-                Err(_) => return Ok(()),
-            }
-        }
-        for byte in wanted {
-            match self.take_lock(byte) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Err(busy()),
-                Err(_) => return Ok(()),
-            }
-        }
-        Ok(())
+        let want = lock::request(Sharing::default(), true, true, true);
+        lock::apply(&self.file, &self.name, LockRequest::default(), want)
+            .map_err(|e| e.context(&format!("Could not open '{}'", self.name)))
     }
 }
 
