@@ -97,7 +97,8 @@ class ConvertRequest:
                 "multiple input images"
             )
         if self.out_fmt == "host_device" and isinstance(self.target, str):
-            resolve_host_device(self.out_fmt, self.target)  # a block device, or refused
+            # A block device, or refused.
+            resolve_host_device(self.out_fmt, _core.local_path(self.target))
         if self.backing_file is not None and self.out_fmt in ("raw", "host_device"):
             raise InvalidOptionError(f"Backing file not supported for file format '{self.out_fmt}'")
         if self.copy_offload and self.compress:
@@ -188,7 +189,8 @@ def run(request: ConvertRequest, progress: Callable[[int, int], None] | None = N
         )
         if request.compress and plan.prealloc is not PreallocMode.OFF:
             raise InvalidOptionError("Compression and preallocation not supported at the same time")
-        with _removed_on_failure(request.target):
+        local = _core.local_path(request.target)
+        with _removed_on_failure(local):
             plan.run()
             with open_image(
                 request.target, request.out_fmt, writable=True, cache=request.cache
@@ -200,7 +202,7 @@ def run(request: ConvertRequest, progress: Callable[[int, int], None] | None = N
                     # A new image reads as zeroes wherever it is not written
                     # and its backing file (if any) does not reach; raw bytes
                     # on a block device are whatever the device held.
-                    zero_init=not (request.out_fmt == "raw" and is_block_device(request.target)),
+                    zero_init=not (request.out_fmt == "raw" and is_block_device(local)),
                     top_only=backing is not None,
                     progress=progress,
                 )

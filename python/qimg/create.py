@@ -47,11 +47,12 @@ class CreatePlan:
         nocow = bool(option_value(self.options, "nocow", False))
         hint = self.options.get("extent_size_hint")
         hint_value = int(hint.value) if hint is not None else None
+        path = _core.local_path(self.filename)
         if self.qcow2 is not None:
-            self.qcow2.create(self.filename, nocow=nocow, extent_size_hint=hint_value)
+            self.qcow2.create(path, nocow=nocow, extent_size_hint=hint_value)
         else:
             _core.create_raw(
-                self.filename,
+                path,
                 self.size,
                 self.prealloc.value,
                 nocow=nocow,
@@ -73,7 +74,8 @@ def plan_create(
     the backing image (unless ``unsafe``). On a block device the image is written
     in place: the device must be large enough, and is never resized."""
     shown = fmt if fmt == "host_device" else None
-    info = format_info(resolve_host_device(fmt, filename))
+    path = _core.local_path(filename)  # a file: prefix is a protocol, not part of the name
+    info = format_info(resolve_host_device(fmt, path))
     parsed = dict(info.parse(options))
     if backing_file is not None:
         parsed["backing_file"] = ParsedValue(backing_file, backing_file)

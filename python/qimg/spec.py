@@ -623,10 +623,44 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _single_quotes_to_json(text: str) -> str:
+    """QEMU's JSON parser also takes strings in single quotes (``{'driver': 'raw'}``, with
+    ``\\'`` for a quote inside): those become ordinary JSON strings here. Double-quoted
+    strings and everything outside strings pass unchanged."""
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == '"':  # copy a double-quoted string whole
+            j = i + 1
+            while j < n and text[j] != '"':
+                j += 2 if text[j] == "\\" else 1
+            out.append(text[i : j + 1])
+            i = j + 1
+        elif c == "'":
+            chars: list[str] = []
+            j = i + 1
+            while j < n and text[j] != "'":
+                if text[j] == "\\" and j + 1 < n:
+                    escaped = text[j + 1]
+                    # \' is a quote; other escapes mean what they mean in JSON.
+                    chars.append("'" if escaped == "'" else "\\" + escaped)
+                    j += 2
+                    continue
+                chars.append('\\"' if text[j] == '"' else text[j])
+                j += 1
+            out.append('"' + "".join(chars) + '"')
+            i = j + 1
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
 def _load_json(text: str) -> dict[str, Any]:
     try:
         value = json.loads(
-            text,
+            _single_quotes_to_json(text),
             object_pairs_hook=_no_duplicates,
             parse_constant=lambda c: _reject_constant(c),
         )

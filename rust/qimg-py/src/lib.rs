@@ -187,6 +187,15 @@ fn create_raw(
     .map_err(to_py)
 }
 
+/// The local path file name `name` opens (`file:` and `host_device:`
+/// prefixes read as qemu-img reads them; other protocols refused).
+#[pyfunction]
+fn local_path(name: &str) -> PyResult<String> {
+    qimg_core::block::open::local_path(name)
+        .map(str::to_string)
+        .map_err(to_py)
+}
+
 /// Where backing file name `backing` of image `overlay` points (qemu's rule).
 #[pyfunction]
 fn resolve_backing(overlay: &str, backing: &str) -> String {
@@ -234,6 +243,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(repair::repair_image, m)?)?;
     m.add_function(wrap_pyfunction!(create_raw, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_backing, m)?)?;
+    m.add_function(wrap_pyfunction!(local_path, m)?)?;
     m.add_function(wrap_pyfunction!(measure_qcow2, m)?)?;
     m.add_function(wrap_pyfunction!(measure_raw, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

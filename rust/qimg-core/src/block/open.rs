@@ -191,14 +191,48 @@ impl Layer {
     }
 }
 
+/// QEMU's rule for a protocol prefix in a file name: `proto:rest`, where
+/// the ':' comes before any '/' (so `./a:b` is a plain name).
+pub fn protocol_prefix(name: &str) -> Option<(&str, &str)> {
+    let cut = name.find([':', '/'])?;
+    (name.as_bytes()[cut] == b':').then(|| (&name[..cut], &name[cut + 1..]))
+}
+
+/// The local path a file name opens, as qemu-img reads it: a `file:`
+/// prefix names the file after it, `host_device:` a block device; any
+/// other protocol is not a local file.
+pub fn local_path(name: &str) -> Result<&str> {
+    match protocol_prefix(name) {
+        None => Ok(name),
+        Some(("file", "")) => Err(Error::invalid(
+            "The 'file' block driver requires a file name",
+        )),
+        Some(("file", rest)) => Ok(rest),
+        Some((proto @ ("host_device" | "host_cdrom"), rest)) => {
+            use std::os::unix::fs::FileTypeExt;
+            let kind = std::fs::metadata(rest).map(|m| m.file_type());
+            if kind.is_ok_and(|t| t.is_block_device() || t.is_char_device()) {
+                Ok(rest)
+            } else {
+                Err(Error::invalid(format!(
+                    "'{proto}' driver requires '{rest}' to be either a character or block device"
+                )))
+            }
+        }
+        Some(("json", _)) => Err(Error::InvalidImage(
+            "a json: specification is not a local file name".into(),
+        )),
+        Some((proto, _)) if proto.starts_with("nbd") => Err(Error::InvalidImage(format!(
+            "'{proto}:' names an NBD export, not a local file"
+        ))),
+        Some((proto, _)) => Err(Error::invalid(format!("Unknown protocol '{proto}'"))),
+    }
+}
+
 /// Opens the local file `name`.
 fn open_local(name: &str, writable: bool) -> Result<FileNode> {
-    if name.contains("://") || name.starts_with("json:") {
-        return Err(Error::InvalidImage(format!(
-            "Could not open '{name}': protocols and json: specifications are not supported here yet; give a local file name"
-        )));
-    }
-    let path = Path::new(name);
+    let path =
+        Path::new(local_path(name).map_err(|e| e.context(&format!("Could not open '{name}'")))?);
     if writable {
         FileNode::open_rw(path)
     } else {
@@ -280,7 +314,8 @@ fn read_head(file: &FileNode) -> Result<Vec<u8>> {
 /// Resolves a backing file name stored in `overlay` the way QEMU does:
 /// absolute names stay, relative ones are taken from the overlay's directory.
 pub fn resolve_backing(overlay: &str, backing: &str) -> String {
-    if backing.starts_with('/') || backing.contains("://") || backing.starts_with("json:") {
+    // A name with a protocol prefix (file:, json:, nbd://) stands as it is.
+    if backing.starts_with('/') || protocol_prefix(backing).is_some() {
         return backing.to_string();
     }
     match overlay.rfind('/') {
@@ -299,5 +334,19 @@ mod tests {
         assert_eq!(resolve_backing("d/top.qcow2", "base.raw"), "d/base.raw");
         assert_eq!(resolve_backing("/a/b/top", "../c"), "/a/b/../c");
         assert_eq!(resolve_backing("d/top", "/abs/base"), "/abs/base");
+        assert_eq!(resolve_backing("d/top", "file:base"), "file:base");
+    }
+
+    #[test]
+    fn protocol_prefixes_are_read_as_qemu_reads_them() {
+        assert_eq!(local_path("file:x.qcow2").ok(), Some("x.qcow2"));
+        assert_eq!(local_path("./file:x").ok(), Some("./file:x"));
+        assert_eq!(local_path("dir/a:b").ok(), Some("dir/a:b"));
+        assert_eq!(
+            local_path("foo:bar").map_err(|e| e.to_string()),
+            Err("Unknown protocol 'foo'".to_string())
+        );
+        assert!(local_path("file:").is_err());
+        assert_eq!(protocol_prefix("nbd://h/x"), Some(("nbd", "//h/x")));
     }
 }

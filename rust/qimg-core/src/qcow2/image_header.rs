@@ -23,6 +23,18 @@ const KNOWN_INCOMPAT: u64 =
     INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
 /// The bitmaps autoclear bit: persistent dirty bitmaps are present.
 pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
+/// The raw-external-data autoclear bit.
+pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
+/// Offset of the autoclear feature bits in the header.
+pub const HEADER_AUTOCLEAR: u64 = 88;
+
+/// The autoclear bits a writer may leave set: the ones QEMU knows. The spec
+/// makes a writer clear every other one before it modifies the image (their
+/// meaning may depend on data it would not keep consistent), and QEMU does
+/// so whenever it opens an image for writing.
+pub fn kept_autoclear(bits: u64) -> u64 {
+    bits & (AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW)
+}
 /// Most snapshots QEMU accepts in one image.
 pub const MAX_SNAPSHOTS: u32 = 65536;
 /// Header extension payloads larger than this are not plausible.

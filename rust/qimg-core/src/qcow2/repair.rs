@@ -49,7 +49,7 @@
 
 use super::check::{check_opened, CheckReport, Checker, Counters, Fix, Fixed};
 use super::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
-use super::image_header::{be64, ImageHeader, AUTOCLEAR_BITMAPS};
+use super::image_header::{be64, kept_autoclear, ImageHeader, AUTOCLEAR_BITMAPS, HEADER_AUTOCLEAR};
 use super::reader::L1E_OFFSET_MASK;
 use super::refcount_reader::REFT_OFFSET_MASK;
 use super::types::{ClusterSize, Compat};
@@ -232,6 +232,11 @@ fn repair_pass(path: &Path, mode: RepairMode) -> Result<RepairOutcome> {
     writer.lock()?;
     // Refuse what is not a qcow2 image before anything is written.
     let first = Opened::open(path)?;
+    let kept = kept_autoclear(first.header.autoclear);
+    if kept != first.header.autoclear {
+        writer.write_at(&kept.to_be_bytes(), HEADER_AUTOCLEAR)?;
+        writer.sync()?;
+    }
     let fix = mode.fix();
     let mut carried = Carried::default();
     let result =

@@ -4,6 +4,7 @@
 
 use super::reader::Qcow2Node;
 use super::writer::{Release, WriteState};
+use super::Compat;
 use super::MAX_L1_BYTES;
 use super::OFLAG_COPIED;
 use crate::block::BlockDev;
@@ -33,6 +34,15 @@ impl Qcow2Node {
                 "Preallocation can only be used when growing an image",
             ));
         }
+        // A grown area must read as zeroes, not as what the backing file
+        // holds there (QEMU's rule: when the backing file reaches past the
+        // old end). That needs zero clusters, which v2 images do not have.
+        let hide_backing = new_size > old && self.backing.as_ref().is_some_and(|b| b.size() > old);
+        if hide_backing && self.header.compat == Compat::V2 {
+            return Err(Error::Unsupported(
+                "Failed to zero out new clusters: Operation not supported".into(),
+            ));
+        }
         self.begin_update(&mut st)?;
         if new_size > old {
             self.grow_l1(&mut st, new_size)?;
@@ -44,7 +54,17 @@ impl Qcow2Node {
             self.shrink(&mut st, new_size, old)?;
         }
         self.write_back(&mut st)?;
-        self.file.sync()
+        self.file.sync()?;
+        drop(st);
+        if hide_backing {
+            // Whole clusters get the zero flag; a partial one at the old end
+            // is copied up with zeroes after the old end.
+            super::writer::write_zeroes(self, old, new_size - old, false)?;
+            let mut st = self.state()?;
+            self.write_back(&mut st)?;
+            self.file.sync()?;
+        }
+        Ok(())
     }
 
     fn write_size(&self, new_size: u64) -> Result<()> {

@@ -16,7 +16,7 @@
 
 use super::allocator::Allocator;
 use super::compress::compress;
-use super::image_header::ImageHeader;
+use super::image_header::{kept_autoclear, ImageHeader, HEADER_AUTOCLEAR};
 use super::reader::{Qcow2Node, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO};
 use super::types::Compat;
 use super::OFLAG_COPIED;
@@ -86,6 +86,11 @@ impl WriteState {
             return refuse(
                 "writing to images with persistent dirty bitmaps is not supported by qimg",
             );
+        }
+        let kept = kept_autoclear(header.autoclear);
+        if kept != header.autoclear {
+            file.pwrite(&kept.to_be_bytes(), HEADER_AUTOCLEAR)?;
+            file.sync()?;
         }
         Ok(WriteState {
             alloc: Allocator::new(std::sync::Arc::clone(file), header)?,
