@@ -13,19 +13,22 @@ Inputs (full run), built once per run in the work dir and deleted afterwards:
   to-qcow2    4 GiB raw file, half random data, half holes -> -O qcow2
   to-qcow2-c  1 GiB raw file of text-like data (5% holes) -> -O qcow2 -c
   allocated-C the allocated input again, with -C (copy offloading) for both tools
+  allocated-t-none  the allocated input again, with -t none (O_DIRECT output) for both
 
 Targets (throughput = qemu-img time / qimg time): >= 1.5x for the -O raw inputs and for
 -O qcow2 -c, >= 1.2x for plain -O qcow2; -C has no target of its own beyond >= 1x
-(both tools leave the copy to the kernel). Outputs must be byte-identical to qemu-img's,
-except compressed qcow2 output (another deflate implementation): that must pass
-`qemu-img check` and compare equal to qemu-img's with `qemu-img compare`.
+(both tools leave the copy to the kernel), nor has -t none (the disk is the limit).
+Outputs must be byte-identical to qemu-img's, except compressed qcow2 output (another
+deflate implementation): that must pass `qemu-img check` and compare equal to
+qemu-img's with `qemu-img compare`.
 Speedup is the median of the per-round ratios. CPU utilisation is (user+sys)/wall of
 each run, as `top` shows it: 100% is one core busy.
 The bench reports and never gates: exit status is 0 unless a command fails or the
 outputs differ.
 
     python bench/convert.py [--quick] [--repeat N] [--dir DIR] [--qimg PATH]
-                            [--only allocated|compressed|to-qcow2|to-qcow2-c|allocated-C]...
+                            [--only allocated|compressed|to-qcow2|to-qcow2-c|allocated-C|
+                                    allocated-t-none]...
                             [--json FILE|-]
 """
 
@@ -91,6 +94,8 @@ class Case:
     compress_output: bool = False
     copy_offload: bool = False
     """Both tools run with -C (copy_file_range for plain data)."""
+    cache: str | None = None
+    """Both tools run with -t CACHE (none: O_DIRECT, around the page cache)."""
     min_speedup: float = MIN_SPEEDUP
 
     @property
@@ -113,7 +118,7 @@ ALLOCATED_HOLES = (
 COMPRESSED_HOLES = ((0.25, 0.02), (0.70, 0.03))
 HALF_HOLES = ((0.05, 0.15), (0.30, 0.10), (0.50, 0.20), (0.85, 0.05))
 MIN_SPEEDUP_QCOW2 = 1.2
-CASE_KEYS = ("allocated", "compressed", "to-qcow2", "to-qcow2-c", "allocated-C")
+CASE_KEYS = ("allocated", "compressed", "to-qcow2", "to-qcow2-c", "allocated-C", "allocated-t-none")
 
 
 def cases(quick: bool) -> list[Case]:
@@ -140,6 +145,10 @@ def cases(quick: bool) -> list[Case]:
         ),
         Case(
             "allocated-C", a, ALLOCATED_HOLES, compressed=False, copy_offload=True, min_speedup=1.0
+        ),
+        # O_DIRECT writes: the disk, not the page cache, is the limit for both tools.
+        Case(
+            "allocated-t-none", a, ALLOCATED_HOLES, compressed=False, cache="none", min_speedup=1.0
         ),
     ]
 
@@ -431,6 +440,7 @@ def run_case(case: Case, qimg: list[str], workdir: Path, repeat: int) -> Result:
     src = workdir / f"{case.key}.src.{case.source_fmt}"
     opts = ["-f", case.source_fmt, "-O", case.target, *(["-c"] if case.compress_output else [])]
     opts += ["-C"] if case.copy_offload else []
+    opts += ["-t", case.cache] if case.cache else []
     q_cmd = [*qimg, "convert", *opts, str(src), str(q_out)]
     r_cmd = ["qemu-img", "convert", *opts, str(src), str(r_out)]
     res.commands = {"qimg": quote(q_cmd), "qemu-img": quote(r_cmd)}

@@ -101,7 +101,7 @@ def open_image(
     *,
     no_backing: bool = False,
     writable: bool = False,
-    unsafe_cache: bool = False,
+    cache: str = "writeback",
     force_share: bool = False,
     purpose: str = "read",
 ) -> Image: ...
@@ -109,7 +109,7 @@ def open_spec(
     spec_json: str,
     *,
     writable: bool = False,
-    unsafe_cache: bool = False,
+    cache: str = "writeback",
     force_share: bool = False,
     purpose: str = "read",
 ) -> Image: ...

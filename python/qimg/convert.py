@@ -13,7 +13,7 @@ from qimg.create import OptionValue, option_items, plan_create
 from qimg.devices import is_block_device, resolve_host_device
 from qimg.errors import InvalidOptionError, UsageError
 from qimg.events import EventCallback
-from qimg.image import CACHE_MODES, Image, ImageSpec, drain_events, open_image, with_events
+from qimg.image import Image, ImageSpec, check_cache_mode, drain_events, open_image, with_events
 from qimg.options import OptionItem, parse_size
 from qimg.prealloc import PreallocMode
 from qimg.spec import NodeSpec, is_plain_filename
@@ -51,7 +51,9 @@ class ConvertRequest:
     """``-C``: data lying plainly in local files goes into a raw local target by an
     in-kernel copy (copy_file_range), without ``-S`` zero detection."""
     cache: str = "unsafe"
-    """Cache mode of the target; like qemu-img convert, flushes are skipped by default."""
+    """Cache mode of the target (``-t``); like qemu-img convert, flushes are skipped by default."""
+    source_cache: str = "writeback"
+    """Cache mode of the sources (``-T``)."""
     image_opts: bool = False
     """The sources are ``--image-opts`` option strings."""
     target_image_opts: bool = False
@@ -73,11 +75,8 @@ class ConvertRequest:
             raise UsageError(
                 f"Invalid number of coroutines specified. Must be between 1 and {MAX_WORKERS}."
             )
-        if self.cache not in CACHE_MODES:
-            raise UsageError(
-                f"Cache mode '{self.cache}' is not supported by qimg "
-                f"(use {' or '.join(CACHE_MODES)})"
-            )
+        check_cache_mode(self.cache)
+        check_cache_mode(self.source_cache, source=True)
         if self.sparse_size != 0 and (
             self.sparse_size % 512 != 0 or not 0 < self.sparse_size <= MAX_SPARSE_SIZE
         ):
@@ -140,6 +139,7 @@ def run(request: ConvertRequest, progress: Callable[[int, int], None] | None = N
                     request.fmt,
                     image_opts=request.image_opts,
                     events=request.events,
+                    cache=request.source_cache,
                     force_share=request.force_share,
                     purpose="copy-source",
                 )
@@ -291,6 +291,7 @@ def convert(
     in_order: bool = True,
     copy_offload: bool = False,
     cache: str = "unsafe",
+    source_cache: str = "writeback",
     progress: Callable[[int, int], None] | None = None,
     image_opts: bool = False,
     target_image_opts: bool = False,
@@ -305,6 +306,7 @@ def convert(
     may be one too. ``progress(done, total)`` is called with byte counts as the
     copy advances; ``events`` with every event the sources and the target record.
     ``force_share`` (``-U``) reads sources that another process has open for writing.
+    ``cache`` and ``source_cache`` are qemu-img's ``-t`` and ``-T`` (see :func:`qimg.open`).
     """
     sources: list[ImageSpec]
     if isinstance(source, str | os.PathLike | Mapping | NodeSpec):
@@ -327,6 +329,7 @@ def convert(
         in_order=in_order,
         copy_offload=copy_offload,
         cache=cache,
+        source_cache=source_cache,
         image_opts=image_opts,
         target_image_opts=target_image_opts,
         events=events,

@@ -321,20 +321,20 @@ def open_image(
     ``format`` is qemu-img's ``-f``: with a ``json:`` spec it replaces the root's driver.
     ``backing=False`` leaves the backing file of the top image closed.
 
-    ``cache`` is ``"writeback"`` (flushes reach the disk) or ``"unsafe"``
-    (flushes are skipped: faster, but a power failure may lose or reorder
-    writes; what qemu-img convert uses for its output by default).
+    ``cache`` is one of QEMU's cache modes: ``"writeback"`` (the page cache;
+    flushes reach the disk), ``"unsafe"`` (flushes are skipped: faster, but a
+    power failure may lose or reorder writes; what qemu-img convert uses for its
+    output by default), ``"none"`` (O_DIRECT: around the page cache),
+    ``"directsync"`` (O_DIRECT, and every write waits for the disk) or
+    ``"writethrough"`` (every write waits for the disk).
 
     ``events`` is called with every :class:`~qimg.events.Event` the image's nodes
     record, after the operation that caused it (an :class:`~qimg.events.EventStream`
     collects them for iteration); without it, :meth:`Image.events` returns them."""
-    if cache not in CACHE_MODES:
-        raise UsageError(
-            f"Cache mode '{cache}' is not supported by qimg (use {' or '.join(CACHE_MODES)})"
-        )
+    check_cache_mode(cache)
     if force_share and writable:
         raise UsageError("force-share=on can only be used with read-only images")
-    locks = _Locks(unsafe=cache == "unsafe", force_share=force_share, purpose=purpose)
+    locks = _Locks(cache=cache, force_share=force_share, purpose=purpose)
     if not image_opts and is_plain_filename(spec):
         assert isinstance(spec, str | os.PathLike)
         return _open_plain(os.fspath(spec), format, backing, writable, locks, events)
@@ -351,7 +351,7 @@ def open_image(
     core = _core.open_spec(
         node_spec.to_core_json(),
         writable=writable,
-        unsafe_cache=locks.unsafe,
+        cache=locks.cache,
         force_share=locks.force_share,
         purpose=locks.purpose,
     )
@@ -364,7 +364,7 @@ Purpose = Literal["inspect", "read", "copy-source", "resize", "repair"]
 
 @dataclass(frozen=True)
 class _Locks:
-    unsafe: bool
+    cache: str
     force_share: bool
     purpose: Purpose
 
@@ -382,7 +382,7 @@ def _open_plain(
         format,
         no_backing=not backing,
         writable=writable,
-        unsafe_cache=locks.unsafe,
+        cache=locks.cache,
         force_share=locks.force_share,
         purpose=locks.purpose,
     )
@@ -437,8 +437,18 @@ def probed_formats(spec: NodeSpec) -> dict[str, str]:
     return found
 
 
-#: The cache modes qimg implements (qemu's others are refused by name).
-CACHE_MODES = ("writeback", "unsafe")
+#: QEMU's cache modes: ``writeback`` (the page cache, flushed when asked), ``unsafe``
+#: (never flushed), ``none`` (O_DIRECT), ``directsync`` (O_DIRECT and O_DSYNC) and
+#: ``writethrough`` (O_DSYNC).
+CACHE_MODES = ("writeback", "unsafe", "none", "directsync", "writethrough")
+
+
+def check_cache_mode(mode: str, *, source: bool = False) -> str:
+    """``mode`` if it is one of QEMU's cache modes, else qemu-img's refusal (``source``:
+    of a ``-T`` value)."""
+    if mode in CACHE_MODES or mode == "off":
+        return "none" if mode == "off" else mode
+    raise UsageError(f"Invalid {'source ' if source else ''}cache option: {mode}")
 
 
 def _file_child(d: dict[str, Any]) -> dict[str, JsonValue]:

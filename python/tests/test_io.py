@@ -777,7 +777,8 @@ def test_commands_from_stdin(corpus: Corpus, run_qemu_io: RunCommand, qemu_io: s
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["-t", "none"], "qimg: qemu-io option '-t' (cache modes) is not supported by qimg io\n"),
+        (["-d", "unmap"], "qimg: qemu-io option '-d' (discard modes) is not supported by "
+         "qimg io\n"),
         (["--object", "secret,id=s0,data=x"], "qimg: qemu-io option '--object' (QEMU objects) is "
          "not supported by qimg io\n"),
         (["-s"], "qimg: qemu-io option '-s' (temporary snapshots) is not supported by qimg io\n"),

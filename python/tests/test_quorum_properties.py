@@ -127,7 +127,7 @@ class Replicas:
         )
 
     def open(self, *, writable: bool = False) -> _core.Image:
-        return _core.open_spec(self.spec(), writable=writable, unsafe_cache=True)
+        return _core.open_spec(self.spec(), writable=writable, cache="unsafe")
 
     def reference(self) -> Quorum:
         """The reference quorum over the files' current contents, with fresh rules."""

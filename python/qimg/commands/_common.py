@@ -12,12 +12,14 @@ from qimg.events import EventHub, open_sink
 
 __all__ = [
     "Progress",
+    "add_cache_arg",
     "add_events_arg",
     "add_format_arg",
     "add_image_opts_arg",
     "add_options_arg",
     "add_output_arg",
     "add_share_arg",
+    "add_source_cache_arg",
     "event_hub",
     "output_mode",
 ]
@@ -73,6 +75,27 @@ def add_options_arg(p: argparse.ArgumentParser, what: str) -> None:
         default=[],
         metavar="OPTIONS",
         help=f"{what}, comma separated key=value; '-o help' lists them",
+    )
+
+
+def add_cache_arg(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument(
+        "-t",
+        dest="cache",
+        default=default,
+        help=(
+            f"cache mode of the image written: writeback, unsafe, none (O_DIRECT), "
+            f"directsync or writethrough (default: {default})"
+        ),
+    )
+
+
+def add_source_cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-T",
+        dest="source_cache",
+        default="writeback",
+        help="cache mode of the images read (default: writeback)",
     )
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from qimg.commands._common import Progress, add_format_arg, add_image_opts_arg
+from qimg.commands._common import Progress, add_cache_arg, add_format_arg, add_image_opts_arg
 from qimg.errors import InvalidOptionError, UsageError
 from qimg.formats import amend_info, option_text, option_value
-from qimg.image import ImageSpec, open_image, parse_image_spec
+from qimg.image import ImageSpec, check_cache_mode, open_image, parse_image_spec
 from qimg.options import parse_option_lists
 from qimg.spec import BlkdebugNode, QuorumNode, is_plain_filename
 
@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--force", dest="unsupported_force", action="store_true", help="not supported")
     p.add_argument("--object", dest="unsupported_object", help="objects: not supported by qimg")
     add_image_opts_arg(p)
-    p.add_argument("-t", dest="unsupported_cache", help="cache modes: not supported by qimg")
+    add_cache_arg(p, "writeback")
     p.add_argument("filename", nargs="?")
     p.set_defaults(run=run)
 
@@ -47,10 +47,10 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (
         ("--force", args.unsupported_force),
         ("--object", args.unsupported_object),
-        ("-t", args.unsupported_cache),
     ):
         if value not in (None, False):
             raise UsageError(f"amend option {flag} is not supported by qimg")
+    check_cache_mode(args.cache)
     if not args.options:
         raise UsageError("Must specify options (-o)")
     items = parse_option_lists(args.options)
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("Expecting one image file name")
     progress = Progress(args.progress and not args.quiet)
     spec, fmt = _amendable(args)
-    with open_image(spec, fmt, writable=True) as image:
+    with open_image(spec, fmt, writable=True, cache=args.cache) as image:
         parsed = amend_info(image.format).parse_amend(items)
         # As qemu-img: naming either one means naming both; the pair must be what the
         # image already has (an option left out stands for "none").

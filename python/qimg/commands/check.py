@@ -15,12 +15,13 @@ from qimg.commands._common import (
     add_image_opts_arg,
     add_output_arg,
     add_share_arg,
+    add_source_cache_arg,
     event_hub,
     output_mode,
 )
 from qimg.errors import QimgError, UsageError
 from qimg.events import EventCallback
-from qimg.image import open_image
+from qimg.image import check_cache_mode, open_image
 
 NAME = "check"
 
@@ -43,6 +44,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_format_arg(p)
     add_output_arg(p)
     add_share_arg(p)
+    add_source_cache_arg(p)
     add_image_opts_arg(p)
     add_events_arg(p)
     p.add_argument("-q", dest="quiet", action="store_true", help="print nothing, just exit")
@@ -93,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     repair = None if args.repair is None else parse_repair_mode(args.repair)
     if args.filename is None:
         raise UsageError("Expecting one image file name")
+    check_cache_mode(args.source_cache, source=True)
     if repair is not None and args.force_share:
         raise UsageError(
             f"Could not open '{args.filename}': "
@@ -106,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
             args.fmt,
             image_opts=args.image_opts,
             events=events,
+            cache=args.source_cache,
             force_share=args.force_share,
         ) as image:
             if image.format != "qcow2":
@@ -123,7 +127,12 @@ def run_repair(
 ) -> int:
     filename, quiet = args.filename, args.quiet
     with open_image(
-        filename, args.fmt, image_opts=args.image_opts, events=events, purpose="repair"
+        filename,
+        args.fmt,
+        image_opts=args.image_opts,
+        events=events,
+        cache=args.source_cache,
+        purpose="repair",
     ) as image:
         if image.format != "qcow2":
             print("qimg: This image format does not support checks", file=sys.stderr)

@@ -12,11 +12,12 @@ from qimg.commands._common import (
     add_events_arg,
     add_image_opts_arg,
     add_share_arg,
+    add_source_cache_arg,
     event_hub,
 )
 from qimg.errors import QimgError, UsageError
 from qimg.events import EventCallback
-from qimg.image import drain_events, open_image, with_events
+from qimg.image import check_cache_mode, drain_events, open_image, with_events
 
 NAME = "compare"
 
@@ -43,6 +44,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "-s", dest="strict", action="store_true", help="strict: sizes and allocation must match too"
     )
     add_share_arg(p)
+    add_source_cache_arg(p)
     add_image_opts_arg(p, "each file name is")
     add_events_arg(p)
     p.add_argument("filenames", nargs="*")
@@ -59,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
     if len(args.filenames) != 2:
         raise UsageError("Expecting two image file names")
     name1, name2 = args.filenames
+    try:
+        check_cache_mode(args.source_cache, source=True)
+    except UsageError as err:
+        return _fail(err, OPEN_FAILED)  # qemu-img's status for it
     with event_hub(args) as events:
         return _compare(args, name1, name2, events)
 
@@ -71,6 +77,7 @@ def _compare(args: argparse.Namespace, name1: str, name2: str, events: EventCall
             args.fmt1,
             image_opts=args.image_opts,
             events=events,
+            cache=args.source_cache,
             force_share=args.force_share,
         )
         try:
@@ -79,6 +86,7 @@ def _compare(args: argparse.Namespace, name1: str, name2: str, events: EventCall
                 args.fmt2,
                 image_opts=args.image_opts,
                 events=events,
+                cache=args.source_cache,
                 force_share=args.force_share,
             )
         except BaseException:

@@ -10,10 +10,12 @@ import argparse
 
 from qimg.commands._common import (
     Progress,
+    add_cache_arg,
     add_events_arg,
     add_image_opts_arg,
     add_options_arg,
     add_share_arg,
+    add_source_cache_arg,
     event_hub,
 )
 from qimg.convert import ConvertRequest
@@ -26,7 +28,6 @@ NAME = "convert"
 
 # Options of qemu-img convert that qimg refuses by name rather than ignore.
 UNSUPPORTED_VALUE = (
-    ("-T", "cache modes for the sources"),
     ("-l", "snapshots as the source"),
     ("-r", "rate limits"),
     ("--object", "objects"),
@@ -77,12 +78,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("-m", dest="workers", help="parallel workers, 1 to 16 (default: one per core)")
     p.add_argument("-W", dest="out_of_order", action="store_true", help="allow out-of-order writes")
-    p.add_argument(
-        "-t",
-        dest="cache",
-        default="unsafe",
-        help="output cache mode: unsafe (default: no flushes to disk) or writeback",
-    )
+    add_cache_arg(p, "unsafe")
+    add_source_cache_arg(p)
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
     p.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
     add_share_arg(p)
@@ -139,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
         workers=workers,
         in_order=not args.out_of_order,
         cache=args.cache,
+        source_cache=args.source_cache,
         copy_offload=args.copy_offload,
         force_share=args.force_share,
     )

@@ -9,10 +9,11 @@ from qemu-io 10.0, on purpose:
   ``qimg io> ``. There is no line editing or history.
 - A filename is required (a ``json:{...}`` spec, or an option string with ``--image-opts``,
   opens a node tree such as a quorum; ``--events FILE`` writes its events as JSON lines as
-  soon as the request that caused them returns); ``--object`` and qemu-io's cache, AIO, snapshot,
-  copy-on-read, misalignment and trace options are refused by name, as are qemu-io commands
-  qimg does not implement (``readv``, ``truncate``, ``open``, ...) and the options ``read
-  -b/-r`` and ``write -b/-n/-r``. ``-c`` lines are checked before the image is opened, so
+  soon as the request that caused them returns); ``-t``/``-n`` take qemu-io's cache modes;
+  ``--object`` and qemu-io's discard, AIO, snapshot, copy-on-read, misalignment and trace
+  options are refused by name, as are qemu-io commands qimg does not implement
+  (``readv``, ``truncate``, ``open``, ...) and the options ``read -b/-r`` and
+  ``write -b/-n/-r``. ``-c`` lines are checked before the image is opened, so
   nothing runs; a refused line from standard input ends the run.
 - Usage lines and ``help`` texts are qimg's own words and list only what qimg implements.
 - Messages qemu-io starts with ``qemu-io:`` start with ``qimg:``. Standard output is flushed
@@ -39,7 +40,7 @@ from qimg.commands._common import (
 )
 from qimg.errors import UsageError
 from qimg.events import EventCallback
-from qimg.image import open_image
+from qimg.image import check_cache_mode, open_image
 from qimg.qemu_io import Interpreter, refusal
 
 NAME = "io"
@@ -48,12 +49,10 @@ NAME = "io"
 _REFUSED_OPTIONS: tuple[tuple[tuple[str, ...], bool, str], ...] = (
     (("--object",), True, "QEMU objects"),
     (("-s", "--snapshot"), False, "temporary snapshots"),
-    (("-n", "--nocache"), False, "cache=none"),
     (("-C", "--copy-on-read"), False, "copy-on-read"),
     (("-m", "--misalign"), False, "misaligned buffers"),
     (("-k", "--native-aio"), False, "native AIO"),
     (("-i", "--aio"), True, "AIO modes"),
-    (("-t", "--cache"), True, "cache modes"),
     (("-d", "--discard"), True, "discard modes"),
     (("-T", "--trace"), True, "tracing"),
 )
@@ -109,6 +108,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "-r", "--read-only", dest="read_only", action="store_true", help="open read-only"
     )
     add_share_arg(p)
+    p.add_argument(
+        "-t",
+        "--cache",
+        dest="cache",
+        default="writeback",
+        help="cache mode: writeback (default), unsafe, none, directsync or writethrough",
+    )
+    p.add_argument(
+        "-n", "--nocache", dest="cache", action="store_const", const="none", help="-t none"
+    )
     add_image_opts_arg(p)
     add_events_arg(p)
     for spellings, takes_value, _ in _REFUSED_OPTIONS:
@@ -153,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, events: EventCallback | None) -> int:
     writable = not args.read_only
+    cache = check_cache_mode(args.cache)
     if args.force_share and writable:
         raise UsageError(
             f"can't open device {args.filename}: "
@@ -164,6 +174,7 @@ def _run(args: argparse.Namespace, events: EventCallback | None) -> int:
         writable=writable,
         image_opts=args.image_opts,
         events=events,
+        cache=cache,
         force_share=args.force_share,
     )
     if writable and args.fmt is None and image.spec is None and image.format == "raw":

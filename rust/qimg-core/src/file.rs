@@ -246,9 +246,9 @@ pub fn zero_in_place(file: &File, offset: u64, len: u64) -> io::Result<()> {
     }
 }
 
-/// Makes `[offset, offset+len)` of an existing file read as zeroes,
-/// punching a hole where the filesystem can, writing zeroes where it cannot.
-pub fn punch_zeroes(file: &File, offset: u64, len: u64) -> io::Result<()> {
+/// Punches a hole over `[offset, offset+len)` (which then reads as
+/// zeroes); fails where the file system cannot.
+pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     };
@@ -262,6 +262,16 @@ pub fn punch_zeroes(file: &File, offset: u64, len: u64) -> io::Result<()> {
         )
     };
     if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Makes `[offset, offset+len)` of an existing file read as zeroes,
+/// punching a hole where the filesystem can, writing zeroes where it cannot.
+pub fn punch_zeroes(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    if punch_hole(file, offset, len).is_ok() {
         return Ok(());
     }
     let zeros = [0u8; ZERO_CHUNK as usize];

@@ -78,7 +78,7 @@ fn open(set: &Set, o: &Opts<'_>, writable: bool) -> (Arc<dyn BlockDev>, Arc<Even
         &spec,
         SpecOptions {
             writable,
-            unsafe_cache: true,
+            cache: qimg_core::block::cache::CacheMode::Unsafe,
             ..SpecOptions::default()
         },
         &log,

@@ -5,6 +5,7 @@ use crate::long::run_long;
 use crate::to_py;
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList};
+use qimg_core::block::cache::CacheMode;
 use qimg_core::block::lock::{LockRequest, Purpose, Sharing};
 use qimg_core::block::{self, BlockDev, OpenOptions};
 use qimg_core::compare::{self, Outcome};
@@ -38,7 +39,7 @@ fn parse_format(name: Option<&str>) -> PyResult<Option<Format>> {
 }
 
 #[pyfunction]
-#[pyo3(signature = (path, format=None, *, no_backing=false, writable=false, unsafe_cache=false,
+#[pyo3(signature = (path, format=None, *, no_backing=false, writable=false, cache="writeback",
                     force_share=false, purpose="read"))]
 #[allow(clippy::too_many_arguments)]
 pub fn open_image(
@@ -47,7 +48,7 @@ pub fn open_image(
     format: Option<String>,
     no_backing: bool,
     writable: bool,
-    unsafe_cache: bool,
+    cache: &str,
     force_share: bool,
     purpose: &str,
 ) -> PyResult<Image> {
@@ -55,11 +56,21 @@ pub fn open_image(
         format: parse_format(format.as_deref())?,
         no_backing,
         writable,
-        unsafe_cache,
+        cache: cache_mode(cache)?,
         sharing: sharing(force_share, purpose)?,
     };
     let node = run_long(py, None, move |_| block::open_image(&path, &opts))?.map_err(to_py)?;
     Ok(Image { node, events: None })
+}
+
+/// QEMU's cache mode named `name`.
+pub(crate) fn cache_mode(name: &str) -> PyResult<CacheMode> {
+    CacheMode::from_name(name).ok_or_else(|| {
+        to_py(Error::invalid(format!(
+            "Invalid cache option: {name} (use {})",
+            CacheMode::NAMES.join(", ")
+        )))
+    })
 }
 
 /// The lock intent of an open: `purpose` is one of `lock::Purpose`'s names.

@@ -13,20 +13,20 @@ use std::sync::Arc;
 
 /// Opens the canonical node tree `spec_json` (made by `qimg.spec`).
 #[pyfunction]
-#[pyo3(signature = (spec_json, *, writable=false, unsafe_cache=false, force_share=false,
+#[pyo3(signature = (spec_json, *, writable=false, cache="writeback", force_share=false,
                     purpose="read"))]
 pub fn open_spec(
     py: Python<'_>,
     spec_json: String,
     writable: bool,
-    unsafe_cache: bool,
+    cache: &str,
     force_share: bool,
     purpose: &str,
 ) -> PyResult<Image> {
     let log = EventLog::new();
     let opts = SpecOptions {
         writable,
-        unsafe_cache,
+        cache: crate::image::cache_mode(cache)?,
         sharing: crate::image::sharing(force_share, purpose)?,
     };
     let opened = Arc::clone(&log);

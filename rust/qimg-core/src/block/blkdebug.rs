@@ -76,24 +76,21 @@ impl InjectError {
     }
 }
 
-pub struct BlkdebugNode {
-    image: Arc<dyn BlockDev>,
+/// A set of `inject-error` rules: the one place that decides which request fails.
+#[derive(Debug, Default)]
+pub struct Faults {
     rules: Mutex<Vec<InjectError>>,
-    display: String,
 }
 
-impl BlkdebugNode {
-    pub fn new(image: Arc<dyn BlockDev>, rules: Vec<InjectError>) -> BlkdebugNode {
-        let display = format!("blkdebug:{}", image.filename());
-        BlkdebugNode {
-            image,
+impl Faults {
+    pub fn new(rules: Vec<InjectError>) -> Faults {
+        Faults {
             rules: Mutex::new(rules),
-            display,
         }
     }
 
-    /// Fails the request when a rule picks it.
-    fn check(&self, io: IoType, offset: u64, len: u64) -> Result<()> {
+    /// Fails the request on `name` when a rule picks it.
+    pub fn check(&self, io: IoType, offset: u64, len: u64, name: &str) -> Result<()> {
         let mut rules = self.rules.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(i) = rules.iter().position(|r| r.matches(io, offset, len)) else {
             return Ok(());
@@ -104,12 +101,32 @@ impl BlkdebugNode {
         }
         Err(Error::io(
             format!(
-                "blkdebug: injected error on {} of {len} bytes at offset {offset} of '{}'",
+                "blkdebug: injected error on {} of {len} bytes at offset {offset} of '{name}'",
                 io.name(),
-                self.image.filename()
             ),
             std::io::Error::from_raw_os_error(errno),
         ))
+    }
+}
+
+pub struct BlkdebugNode {
+    image: Arc<dyn BlockDev>,
+    faults: Faults,
+    display: String,
+}
+
+impl BlkdebugNode {
+    pub fn new(image: Arc<dyn BlockDev>, rules: Vec<InjectError>) -> BlkdebugNode {
+        let display = format!("blkdebug:{}", image.filename());
+        BlkdebugNode {
+            image,
+            faults: Faults::new(rules),
+            display,
+        }
+    }
+
+    fn check(&self, io: IoType, offset: u64, len: u64) -> Result<()> {
+        self.faults.check(io, offset, len, self.image.filename())
     }
 }
 

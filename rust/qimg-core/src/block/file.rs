@@ -3,6 +3,9 @@
 //! SEEK_DATA/SEEK_HOLE) or in an NBD export (so a qcow2 image served by
 //! `qemu-nbd -f raw` reads as it does on disk).
 
+use super::blkdebug::{Faults, IoType};
+use super::cache::CacheMode;
+use super::direct::DirectIo;
 use super::lock::{self, LockRequest};
 use super::nbd::NbdNode;
 use super::{BlockDev, Status};
@@ -32,6 +35,10 @@ pub struct FileNode {
     /// Flushes reach the disk (fdatasync); with the "unsafe" cache mode they
     /// are skipped, as qemu-img convert does by default.
     durable: bool,
+    /// The file is open with O_DIRECT (cache modes none, directsync).
+    direct: Option<DirectIo>,
+    /// A `blkdebug` node over this file: requests its rules pick fail.
+    faults: Option<Faults>,
 }
 
 /// Where the bytes are.
@@ -43,12 +50,27 @@ enum Io {
 impl FileNode {
     /// Opens `path` read-only. Directories and other non-files are refused.
     pub fn open(path: &Path) -> Result<FileNode> {
-        Self::open_mode(path, false)
+        Self::open_with(path, false, CacheMode::Writeback)
     }
 
     /// Opens `path` for reading and writing.
     pub fn open_rw(path: &Path) -> Result<FileNode> {
-        Self::open_mode(path, true)
+        Self::open_with(path, true, CacheMode::Writeback)
+    }
+
+    /// Puts a `blkdebug` node's rules over this file: the format driver
+    /// above sees the failures its requests meet (metadata and data alike).
+    pub fn with_faults(mut self, faults: Faults) -> FileNode {
+        self.faults = Some(faults);
+        self
+    }
+
+    /// Fails the request when the blkdebug rules over this file pick it.
+    fn fault(&self, io: IoType, offset: u64, len: u64) -> Result<()> {
+        match &self.faults {
+            Some(f) => f.check(io, offset, len, &self.name),
+            None => Ok(()),
+        }
     }
 
     /// Makes flushes no-ops (qemu's `cache=unsafe`): writes still reach the
@@ -59,10 +81,13 @@ impl FileNode {
         self
     }
 
-    fn open_mode(path: &Path, writable: bool) -> Result<FileNode> {
+    /// Opens `path` (for writing too if `writable`) in cache mode `cache`.
+    pub fn open_with(path: &Path, writable: bool, cache: CacheMode) -> Result<FileNode> {
+        use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(writable)
+            .custom_flags(cache.open_flags())
             .open(path)
             .map_err(|e| Error::open(path, e))?;
         let meta = file.metadata().map_err(|e| Error::open(path, e))?;
@@ -81,17 +106,21 @@ impl FileNode {
             f.seek(io::SeekFrom::End(0))
                 .map_err(|e| Error::open(path, e))?
         };
+        let device = meta.file_type().is_block_device();
+        let direct = cache.direct().then(|| DirectIo::probe(&file, device));
         Ok(FileNode {
             io: Io::Local {
                 file,
                 path: path.to_path_buf(),
             },
             locks: std::sync::Mutex::new(LockRequest::default()),
-            device: meta.file_type().is_block_device(),
+            device,
             name: path.display().to_string(),
             len: AtomicU64::new(len),
             writable,
-            durable: true,
+            durable: cache.flushes(),
+            direct,
+            faults: None,
         })
     }
 
@@ -104,6 +133,8 @@ impl FileNode {
             len: AtomicU64::new(export.size()),
             writable: export.is_writable(),
             durable: true,
+            direct: None,
+            faults: None,
             io: Io::Nbd(export),
         }
     }
@@ -157,6 +188,7 @@ impl FileNode {
     /// Reads exactly `buf.len()` bytes at `offset`; bytes past the end of the
     /// file read as zeroes, as a sparse tail would.
     pub fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.fault(IoType::Read, offset, buf.len() as u64)?;
         let file = match &self.io {
             Io::Local { file, .. } => file,
             Io::Nbd(export) => {
@@ -165,6 +197,13 @@ impl FileNode {
                 return export.read_at(&mut buf[..inside], offset);
             }
         };
+        if let Some(direct) = &self.direct {
+            let inside = self.file_len().saturating_sub(offset).min(buf.len() as u64) as usize;
+            buf[inside..].fill(0);
+            return direct
+                .read(file, &mut buf[..inside], offset)
+                .map_err(|e| self.error("read", e));
+        }
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -202,10 +241,20 @@ impl FileNode {
             .checked_add(buf.len() as u64)
             .filter(|&end| end <= MAX_REQUEST_END)
             .ok_or_else(|| self.error("write", io::Error::from_raw_os_error(libc::EFBIG)))?;
+        self.fault(IoType::Write, offset, buf.len() as u64)?;
         match &self.io {
-            Io::Local { file, .. } => file
-                .write_all_at(buf, offset)
-                .map_err(|e| self.error("write", e))?,
+            Io::Local { file, .. } => match &self.direct {
+                Some(direct) => {
+                    // The write may pad the file to a whole block, as QEMU's does.
+                    let on_disk = direct
+                        .write(file, buf, offset)
+                        .map_err(|e| self.error("write", e))?;
+                    self.len.fetch_max(on_disk, Ordering::AcqRel);
+                }
+                None => file
+                    .write_all_at(buf, offset)
+                    .map_err(|e| self.error("write", e))?,
+            },
             Io::Nbd(export) => {
                 // An export cannot grow: a write past its end is out of space.
                 if end > self.file_len() {
@@ -220,6 +269,7 @@ impl FileNode {
 
     /// Makes everything written so far durable (fdatasync).
     pub fn sync(&self) -> Result<()> {
+        self.fault(IoType::Flush, 0, 0)?;
         if !self.durable {
             return Ok(());
         }
@@ -254,6 +304,9 @@ impl FileNode {
     /// Allocates `[offset, offset + len)` as `mode` says (falloc or full),
     /// growing the file to cover it.
     pub fn preallocate(&self, offset: u64, len: u64, mode: Prealloc) -> Result<()> {
+        if mode != Prealloc::Off && mode != Prealloc::Metadata {
+            self.fault(IoType::WriteZeroes, offset, len)?;
+        }
         let err = |e| self.error("preallocate", e);
         match (&self.io, mode) {
             (_, Prealloc::Off | Prealloc::Metadata) => Ok(()),
@@ -261,6 +314,9 @@ impl FileNode {
                 crate::file::fallocate(file, offset, len).map_err(err)?;
                 self.len.fetch_max(offset + len, Ordering::AcqRel);
                 Ok(())
+            }
+            (Io::Local { .. }, Prealloc::Full) if self.direct.is_some() => {
+                self.write_zero_bytes(offset, len)
             }
             (Io::Local { file, path }, Prealloc::Full) => {
                 crate::file::write_zeroes(file, path, offset, len).map_err(err)?;
@@ -289,6 +345,8 @@ impl FileNode {
         let (Io::Local { file: src, .. }, Io::Local { file: out, .. }) = (&self.io, &dst.io) else {
             return Ok(0);
         };
+        self.fault(IoType::Read, offset, len)?;
+        dst.fault(IoType::Write, dst_offset, len)?;
         let mut done = 0u64;
         while done < len {
             let (Ok(mut off_in), Ok(mut off_out)) = (
@@ -335,6 +393,7 @@ impl FileNode {
     /// (reading zeroes), a trim request to an export (reading what its
     /// server decides).
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.fault(IoType::Discard, offset, len)?;
         match &self.io {
             Io::Local { .. } => self.zero_range(offset, len, true),
             Io::Nbd(export) => export.discard(offset, len),
@@ -344,21 +403,39 @@ impl FileNode {
     /// Makes `[offset, offset + len)` read as zeroes: a hole where the file
     /// system can punch one (`unmap`), zeroes written otherwise.
     pub fn zero_range(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.fault(IoType::WriteZeroes, offset, len)?;
         let end = offset.saturating_add(len);
         let inside = end.min(self.file_len());
         if inside > offset {
             let n = inside - offset;
             let res = match &self.io {
-                Io::Local { file, .. } if unmap => crate::file::punch_zeroes(file, offset, n),
-                Io::Local { file, path } => crate::file::zero_in_place(file, offset, n)
-                    .or_else(|_| crate::file::write_zeroes(file, path, offset, n)),
                 Io::Nbd(export) => return export.write_zeroes(offset, len, unmap),
+                Io::Local { file, .. } if unmap => crate::file::punch_hole(file, offset, n),
+                Io::Local { file, .. } => crate::file::zero_in_place(file, offset, n),
             };
-            res.map_err(|e| self.error("write", e))?;
+            if res.is_err() {
+                // The file system cannot: zeroes are written.
+                self.write_zero_bytes(offset, n)?;
+            }
         }
         if end > inside {
             // Past the end: growing the file gives zeroes.
             self.truncate(end)?;
+        }
+        Ok(())
+    }
+}
+
+impl FileNode {
+    /// Writes `len` zero bytes at `offset` as data.
+    fn write_zero_bytes(&self, offset: u64, len: u64) -> Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeroes = vec![0u8; len.min(CHUNK) as usize];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(CHUNK);
+            self.pwrite(&zeroes[..n as usize], offset + done)?;
+            done += n;
         }
         Ok(())
     }

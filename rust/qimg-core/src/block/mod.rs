@@ -3,6 +3,8 @@
 //! one trait so that commands work on any of them.
 
 pub mod blkdebug;
+pub mod cache;
+pub mod direct;
 pub mod file;
 pub mod lock;
 pub mod nbd;

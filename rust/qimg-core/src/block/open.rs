@@ -1,6 +1,7 @@
 //! Opening an image: probing its format, reading its header, and opening
 //! its backing chain, bottom up, with loops refused.
 
+use super::cache::CacheMode;
 use super::lock::{self, Sharing};
 use super::raw::RawNode;
 use super::{BlockDev, FileNode};
@@ -21,8 +22,9 @@ pub struct OpenOptions {
     pub no_backing: bool,
     /// Open the image (not its backing chain) for writing.
     pub writable: bool,
-    /// Skip flushes to the disk (qemu's `cache=unsafe`).
-    pub unsafe_cache: bool,
+    /// QEMU's cache mode for every file of the chain (flushes matter only
+    /// to the image opened for writing).
+    pub cache: CacheMode,
     /// Which of QEMU's image locks to take, and whether to share all (`-U`).
     pub sharing: Sharing,
 }
@@ -38,7 +40,7 @@ struct Layer {
 
 /// Opens `path` and, unless told not to, its whole backing chain.
 pub fn open_image(path: &str, opts: &OpenOptions) -> Result<Arc<dyn BlockDev>> {
-    let file = open_local(path, opts.writable)?;
+    let file = open_local(path, opts.writable, opts.cache)?;
     open_chain(file, path, opts)
 }
 
@@ -62,14 +64,9 @@ fn open_chain(top: FileNode, path: &str, opts: &OpenOptions) -> Result<Arc<dyn B
     let mut top = Some(top);
     loop {
         let opened = match top.take() {
-            Some(file) => layer_of(file, &name, format, &mut seen, opts.sharing, true).map(|l| {
-                if opts.unsafe_cache {
-                    l.without_flushes()
-                } else {
-                    l
-                }
-            }),
-            None => open_local(&name, false)
+            // The caller opened the top file in the cache mode asked for.
+            Some(file) => layer_of(file, &name, format, &mut seen, opts.sharing, true),
+            None => open_local(&name, false, opts.cache)
                 .and_then(|f| layer_of(f, &name, format, &mut seen, opts.sharing, false)),
         };
         let layer = match (opened, layers.last()) {
@@ -158,7 +155,7 @@ pub fn open_qcow2_over(
             "force-share=on can only be used with read-only images",
         ));
     }
-    let mut layer = layer_of(
+    let layer = layer_of(
         file,
         &path,
         Some(Format::Qcow2),
@@ -166,9 +163,6 @@ pub fn open_qcow2_over(
         opts.sharing,
         true,
     )?;
-    if opts.unsafe_cache {
-        layer = layer.without_flushes();
-    }
     let header = layer
         .header
         .ok_or_else(|| Error::InvalidImage(format!("Could not open '{path}'")))?;
@@ -177,18 +171,6 @@ pub fn open_qcow2_over(
         Qcow2Node::open(layer.file, header, Some(backing), Some(name))
             .map_err(|e| e.context(&format!("Could not open '{path}'")))?,
     ))
-}
-
-impl Layer {
-    fn without_flushes(self) -> Layer {
-        match Arc::try_unwrap(self.file) {
-            Ok(file) => Layer {
-                file: Arc::new(file.without_flushes()),
-                ..self
-            },
-            Err(file) => Layer { file, ..self },
-        }
-    }
 }
 
 /// QEMU's rule for a protocol prefix in a file name: `proto:rest`, where
@@ -230,14 +212,10 @@ pub fn local_path(name: &str) -> Result<&str> {
 }
 
 /// Opens the local file `name`.
-fn open_local(name: &str, writable: bool) -> Result<FileNode> {
+fn open_local(name: &str, writable: bool, cache: CacheMode) -> Result<FileNode> {
     let path =
         Path::new(local_path(name).map_err(|e| e.context(&format!("Could not open '{name}'")))?);
-    if writable {
-        FileNode::open_rw(path)
-    } else {
-        FileNode::open(path)
-    }
+    FileNode::open_with(path, writable, cache)
 }
 
 /// Reads the format and header of the image in `file`, opened as `name`,

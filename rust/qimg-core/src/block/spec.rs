@@ -6,7 +6,8 @@
 //! type. This module reads that document strictly (anything unexpected is
 //! an error naming it, never ignored) and builds the nodes.
 
-use super::blkdebug::{BlkdebugNode, DebugEvent, InjectError, IoType};
+use super::blkdebug::{BlkdebugNode, DebugEvent, Faults, InjectError, IoType};
+use super::cache::CacheMode;
 use super::lock::{self, Sharing};
 use super::nbd::{NbdNode, NbdOptions, NbdServer};
 use super::open::{open_image_on, open_qcow2_over, OpenOptions};
@@ -25,8 +26,8 @@ use std::sync::Arc;
 pub struct SpecOptions {
     /// The top node takes writes (and so do the nodes under it that must).
     pub writable: bool,
-    /// Skip flushes to the disk (qemu's `cache=unsafe`).
-    pub unsafe_cache: bool,
+    /// QEMU's cache mode for the local files of the tree.
+    pub cache: CacheMode,
     /// Which of QEMU's image locks to take, and whether to share all (`-U`).
     pub sharing: Sharing,
 }
@@ -144,7 +145,7 @@ fn open_node(
                 format,
                 no_backing: matches!(backing, Some(Value::Null)),
                 writable: opts.writable,
-                unsafe_cache: opts.unsafe_cache,
+                cache: opts.cache,
                 sharing: opts.sharing,
             };
             match backing {
@@ -169,16 +170,7 @@ fn open_node(
         "blkdebug" => {
             node.only(&["driver", "node-name", "image", "inject-error"])?;
             let image = open_node(node.get("image")?, &child_path(path, "image"), opts, log)?;
-            let rules = match node.map.get("inject-error") {
-                None => Vec::new(),
-                Some(Value::Array(items)) => items
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| rule(v, &child_path(path, &format!("inject-error.{i}"))))
-                    .collect::<Result<Vec<_>>>()?,
-                Some(_) => return Err(bad(path, "'inject-error' must be a list")),
-            };
-            Ok(Arc::new(BlkdebugNode::new(image, rules)))
+            Ok(Arc::new(BlkdebugNode::new(image, rules_of(&node, path)?)))
         }
         other => Err(bad(path, &format!("has an unknown driver '{other}'"))),
     }
@@ -246,21 +238,37 @@ fn open_nbd(node: &Node<'_, '_>, opts: SpecOptions) -> Result<NbdNode> {
 /// The `file` child of a format node, opened: a local file or an NBD export.
 fn open_file_child(node: &Node<'_, '_>, opts: SpecOptions) -> Result<FileNode> {
     let path = child_path(node.path, "file");
-    let file = Node::new(node.get("file")?, &path)?;
+    open_protocol(&Node::new(node.get("file")?, &path)?, opts)
+}
+
+/// A node in the file role, opened: a local file or an NBD export, under
+/// any number of blkdebug nodes.
+fn open_protocol(file: &Node<'_, '_>, opts: SpecOptions) -> Result<FileNode> {
     match file.str("driver")? {
         "file" => {
             file.only(&["driver", "node-name", "filename"])?;
             open_file(file.str("filename")?, opts)
         }
         "nbd" => {
-            let export = FileNode::nbd(open_nbd(&file, opts)?);
-            Ok(if opts.unsafe_cache {
+            let export = FileNode::nbd(open_nbd(file, opts)?);
+            Ok(if !opts.cache.flushes() {
                 export.without_flushes()
             } else {
                 export
             })
         }
-        _ => Err(bad(&path, "must use the 'file' or 'nbd' driver")),
+        // blkdebug as the file layer: the format driver's own requests
+        // (header, tables, refcounts, data) meet its rules, as in QEMU.
+        "blkdebug" => {
+            file.only(&["driver", "node-name", "image", "inject-error"])?;
+            let image_path = child_path(file.path, "image");
+            let inner = open_protocol(&Node::new(file.get("image")?, &image_path)?, opts)?;
+            Ok(inner.with_faults(Faults::new(rules_of(file, file.path)?)))
+        }
+        _ => Err(bad(
+            file.path,
+            "must use the 'file', 'nbd' or 'blkdebug' driver",
+        )),
     }
 }
 
@@ -272,17 +280,7 @@ fn lock_raw(file: &FileNode, opts: SpecOptions) -> Result<()> {
 }
 
 fn open_file(name: &str, opts: SpecOptions) -> Result<FileNode> {
-    let path = Path::new(name);
-    let file = if opts.writable {
-        FileNode::open_rw(path)?
-    } else {
-        FileNode::open(path)?
-    };
-    Ok(if opts.unsafe_cache {
-        file.without_flushes()
-    } else {
-        file
-    })
+    FileNode::open_with(Path::new(name), opts.writable, opts.cache)
 }
 
 fn open_quorum(
@@ -341,6 +339,19 @@ fn open_quorum(
         opts.writable,
         Arc::clone(log),
     )?))
+}
+
+/// The `inject-error` rules of blkdebug node `node` (at `path`).
+fn rules_of(node: &Node<'_, '_>, path: &str) -> Result<Vec<InjectError>> {
+    match node.map.get("inject-error") {
+        None => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| rule(v, &child_path(path, &format!("inject-error.{i}"))))
+            .collect(),
+        Some(_) => Err(bad(path, "'inject-error' must be a list")),
+    }
 }
 
 fn rule(value: &Value, path: &str) -> Result<InjectError> {
