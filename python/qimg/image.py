@@ -111,6 +111,9 @@ class Image:
             if core.writable:
                 core.close()
         finally:
+            # The core object may outlive this call (an exception's traceback keeps it
+            # until Python collects it): its locks go now, so others can open the image.
+            core.release_locks()
             self._drain(core)
             self._core = None
 

@@ -178,10 +178,11 @@ class RawNode:
 
 @dataclass(frozen=True)
 class Qcow2Node:
-    """The ``qcow2`` format over a file (or an export), with its backing node."""
+    """The ``qcow2`` format over a file (or an export, or a blkdebug node over one of
+    them, whose rules then meet qcow2's own requests), with its backing node."""
 
     node_name: str
-    file: FileNode | NbdNode
+    file: FileNode | NbdNode | BlkdebugNode
     backing: Node | _BackingDefault | None = BACKING_DEFAULT
     """:data:`BACKING_DEFAULT` (the header's chain), None (no backing file), or a node."""
 
@@ -191,7 +192,7 @@ class ProbeNode:
     """A format node without a ``driver``: the format is probed from the file."""
 
     node_name: str
-    file: FileNode | NbdNode
+    file: FileNode | NbdNode | BlkdebugNode
     open_backing: bool = True
     """False leaves the backing file of a probed qcow2 image closed (``info`` names it
     without opening it); not an option of the spellings."""
@@ -1211,8 +1212,8 @@ class _Parser:
     def _file_child(
         self, opts: _Opts, driver: str
     ) -> tuple[FileNode | NbdNode | BlkdebugNode, _Shown]:
-        """The ``file`` child of a format node: a file node, an nbd node, or for raw a
-        blkdebug node (over a file or nbd node)."""
+        """The ``file`` child of a format node: a file node, an nbd node, or a blkdebug
+        node over one of them."""
         sub = self._child(opts, "file")
         if sub is None:
             raise InvalidOptionError(f'A block device must be specified for "file"{_at(opts)}')
@@ -1222,20 +1223,14 @@ class _Parser:
         node, shown = self.node(sub, sub.path, under_format=True)
         if isinstance(node, FileNode | NbdNode):
             return node, shown
-        if isinstance(node, BlkdebugNode) and driver == "raw":
+        what = "a node without a driver" if driver == "probe" else f"a {driver} node"
+        if isinstance(node, BlkdebugNode):
             if not isinstance(node.image, FileNode | NbdNode):
                 raise InvalidOptionError(
-                    "The image of a blkdebug node under a raw node must be a 'file' or "
+                    f"The image of a blkdebug node under {what} must be a 'file' or "
                     f"'nbd' node, not '{_driver_of(node.image)}'{_at(sub)}"
                 )
             return node, shown
-        if isinstance(node, BlkdebugNode):
-            what = "a node without a driver" if driver == "probe" else f"a {driver} node"
-            raise InvalidOptionError(
-                f"blkdebug under {what} is not supported by qimg{_at(sub)}: put the "
-                "blkdebug node on top (its offsets are then guest offsets)"
-            )
-        what = "a node without a driver" if driver == "probe" else f"a {driver} node"
         raise InvalidOptionError(
             f"The file of {what} must be a 'file' or 'nbd' node, not '{_driver_of(node)}'{_at(sub)}"
         )
@@ -1392,7 +1387,6 @@ class _Parser:
 
     def _probe(self, opts: _Opts, node_name: str) -> tuple[ProbeNode, _Shown]:
         file, file_shown = self._file_child(opts, "probe")
-        assert isinstance(file, FileNode | NbdNode)
         if opts.has_sub("backing"):
             raise InvalidOptionError(
                 f'Option \'backing\' needs the node\'s format: give "driver": "qcow2"{_at(opts)}'
@@ -1411,13 +1405,14 @@ class _Parser:
             backing = self._backing(opts)
         self._leftovers(opts, driver)
         shown = _Shown(file_shown.exact, [("file", file_shown, (bucket("file"), 0))])
-        if isinstance(file, BlkdebugNode):
+        if isinstance(file, BlkdebugNode) and driver == "raw":
             # QEMU's raw -> blkdebug -> file is blkdebug -> raw -> file: raw passes
             # offsets through unchanged. The node at this place keeps this place's name.
             assert isinstance(file.image, FileNode | NbdNode)
             inner = RawNode(file.node_name, file.image)
             return BlkdebugNode(node_name, inner, file.inject_error), shown
         if driver == "raw":
+            assert not isinstance(file, BlkdebugNode)
             return RawNode(node_name, file), shown
         return Qcow2Node(node_name, file, backing), shown
 

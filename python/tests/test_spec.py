@@ -616,15 +616,12 @@ REFUSED_ON_PURPOSE: list[tuple[str, str]] = [
         + "}",
         "blkverify=on needs read-pattern=quorum",
     ),
-    # qcow2 and probed nodes see host offsets under them: blkdebug belongs on top.
+    # blkdebug in the file role needs a file or an export below it.
     (
-        '{"driver": "qcow2", "file": {"driver": "blkdebug", "image": {"filename": "q.qcow2"}}}',
-        "blkdebug under a qcow2 node is not supported by qimg (at file): put the blkdebug node on "
-        "top",
-    ),
-    (
-        '{"file": {"driver": "blkdebug", "image": {"filename": "a.raw"}}}',
-        "blkdebug under a node without a driver is not supported by qimg",
+        '{"driver": "qcow2", "file": {"driver": "blkdebug", "image": {"driver": "raw", '
+        '"file": {"filename": "q.qcow2"}}}}',
+        "The image of a blkdebug node under a qcow2 node must be a 'file' or 'nbd' node, "
+        "not 'raw' (at file)",
     ),
     (
         '{"driver": "raw", "file": {"driver": "raw", "file": {"filename": "a.raw"}}}',
@@ -1631,10 +1628,14 @@ def test_nbd_under_blkdebug_and_raw_is_blkdebug_over_raw() -> None:
         RawNode("file", NbdNode("file.image", InetAddress("127.0.0.1", 10809))),
         (BlkdebugRule(BlkdebugEvent.READ_AIO),),
     )
-    with pytest.raises(InvalidOptionError, match="blkdebug under a qcow2 node is not supported"):
-        parse_spec(
-            f'json:{{"driver": "qcow2", "file": {{"driver": "blkdebug", "image": {{{NBD}}}}}}}'
-        )
+    # Under qcow2 it stays in the file role: qcow2's own requests meet its rules.
+    spec = parse_spec(
+        f'json:{{"driver": "qcow2", "file": {{"driver": "blkdebug", "image": {{{NBD}}}}}}}'
+    )
+    assert spec.root == Qcow2Node(
+        "root",
+        BlkdebugNode("file", NbdNode("file.image", InetAddress("127.0.0.1", 10809))),
+    )
 
 
 # --- nbd against qemu-img (live qemu-nbd servers) -----------------------------------------

@@ -210,13 +210,17 @@ impl Image {
         .map_err(to_py)
     }
 
-    /// Gives up QEMU's image locks this image's file holds (before another
-    /// open of the same file in this process takes them, as `check -r` does).
+    /// Gives up QEMU's image locks every file of the image holds: when it is
+    /// closed (this object may live on until Python collects it), or before
+    /// another open of the same file in this process takes them (`check -r`).
     fn release_locks(&self) -> PyResult<()> {
-        match self.node.file() {
-            Some(f) => f.lock(LockRequest::default()).map_err(to_py),
-            None => Ok(()),
-        }
+        let mut result = Ok(());
+        self.node.visit_files(&mut |f| {
+            if let Err(e) = f.lock(LockRequest::default()) {
+                result = Err(e);
+            }
+        });
+        result.map_err(to_py)
     }
 
     /// Flushes and leaves the image clean on disk.

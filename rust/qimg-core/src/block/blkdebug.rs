@@ -170,6 +170,10 @@ impl BlockDev for BlkdebugNode {
         None
     }
 
+    fn children(&self) -> Vec<&Arc<dyn BlockDev>> {
+        vec![&self.image]
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check(IoType::Write, offset, buf.len() as u64)?;
         self.image.write_at(buf, offset)

@@ -489,6 +489,10 @@ impl BlockDev for FileNode {
     fn file(&self) -> Option<&Arc<FileNode>> {
         None
     }
+
+    fn visit_files(&self, f: &mut dyn FnMut(&FileNode)) {
+        f(self);
+    }
 }
 
 impl FileNode {

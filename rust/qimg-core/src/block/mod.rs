@@ -69,6 +69,26 @@ pub trait BlockDev: Send + Sync {
     /// The protocol node holding this node's bytes, if any.
     fn file(&self) -> Option<&Arc<FileNode>>;
 
+    /// The nodes below this one other than its file and backing node (a
+    /// quorum's children, a filter's image).
+    fn children(&self) -> Vec<&Arc<dyn BlockDev>> {
+        Vec::new()
+    }
+
+    /// Calls `f` with every protocol node of the graph below (and at) this
+    /// node: what holds files, locks and connections.
+    fn visit_files(&self, f: &mut dyn FnMut(&FileNode)) {
+        if let Some(file) = self.file() {
+            f(file);
+        }
+        if let Some(b) = self.backing() {
+            b.visit_files(f);
+        }
+        for child in self.children() {
+            child.visit_files(f);
+        }
+    }
+
     /// The backing node, for formats that have one.
     fn backing(&self) -> Option<&Arc<dyn BlockDev>> {
         None

@@ -509,6 +509,10 @@ impl BlockDev for QuorumNode {
         None
     }
 
+    fn children(&self) -> Vec<&Arc<dyn BlockDev>> {
+        self.children.iter().map(|c| &c.node).collect()
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
         check_request(self, offset, buf.len() as u64)?;
