@@ -125,6 +125,56 @@ def test_a_signal_stops_a_stalled_command_within_a_second(
     assert image.stat().st_size == SIZE
 
 
+@pytest.mark.qemu
+@pytest.mark.parametrize(
+    ("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["INT", "TERM"]
+)
+def test_a_signal_stops_a_check_stalled_on_its_metadata(
+    nbd_servers: StartNbd,
+    run_qemu_img: RunCommand,
+    tmp_path: Path,
+    sig: signal.Signals,
+    status: int,
+) -> None:
+    """check reads only metadata: a qcow2 image of 512-byte clusters has hundreds of L2
+    tables to read over the stalled export."""
+    raw = tmp_path / "src.raw"
+    with open(raw, "wb") as f:
+        f.write(b"\x42" * (16 << 20))
+    image = tmp_path / "small-clusters.qcow2"
+    args = ["convert", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=512", raw, image]
+    assert run_qemu_img(*args).returncode == 0
+    server = nbd_servers(image, read_only=True)
+    assert server.port is not None
+    proxy = FaultyNbdProxy(
+        ("127.0.0.1", server.port), Fault.DELAY, after=STALL_AFTER, delay_s=STALL_S
+    )
+    try:
+        spec = _spec({"driver": "qcow2", "file": _node(proxy)})
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "qimg", "check", spec],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            _wait_for_stall(proxy, proc)
+            sent = time.monotonic()
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=30)
+            took = time.monotonic() - sent
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    finally:
+        proxy.close()
+    assert proc.returncode == status, err
+    assert took < STOP_WITHIN_S, f"check took {took:.2f} s to stop"
+    assert "Traceback" not in err
+
+
 def test_an_exception_from_the_progress_callback_stops_convert_and_is_raised(
     tmp_path: Path,
 ) -> None:
