@@ -117,6 +117,37 @@ def run_qemu_io(qemu_io: str) -> RunCommand:
     return run
 
 
+#: ``mount_tmpfs(size)`` mounts a tmpfs of that size (``8m``) in the test's temporary
+#: directory and returns its path; it is unmounted when the test ends.
+MountTmpfs: TypeAlias = Callable[[str], Path]
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path: Path) -> Iterator[MountTmpfs]:
+    """Private tmpfs mounts (a full file system, a file system with its own O_DIRECT
+    rules). They need root, which CI has: there a missing root fails, elsewhere it skips."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("CI runs as root: these tests mount a tmpfs of their own")
+        pytest.skip("mounting a tmpfs needs root")
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        mnt = tmp_path / f"tmpfs{len(mounted)}"
+        mnt.mkdir()
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], check=True
+        )
+        mounted.append(mnt)
+        return mnt
+
+    try:
+        yield mount
+    finally:
+        for mnt in mounted:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 def seek_data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
     """Byte ranges of the open file ``fd`` (of ``size`` bytes) that are not holes,
     as SEEK_DATA / SEEK_HOLE report them."""

@@ -13,12 +13,11 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import RunCommand, assert_ok
+from conftest import MountTmpfs, RunCommand, assert_ok
 
 pytestmark = pytest.mark.qemu
 
@@ -43,18 +42,8 @@ def sources(tmp_path: Path, run_qemu_img: RunCommand, run_qemu_io: RunCommand) -
 
 
 @pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("CI runs as root: the tmpfs cache-mode tests mount a tmpfs")
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+def tmpfs(mount_tmpfs: MountTmpfs) -> Path:
+    return mount_tmpfs("64m")
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -23,7 +23,7 @@ import pytest
 from nbd_proxy import Fault, FaultyNbdProxy
 
 import qimg
-from conftest import RunCommand, StartNbd
+from conftest import MountTmpfs, RunCommand, StartNbd
 from qimg import _core
 
 SIZE = 64 << 20
@@ -87,6 +87,30 @@ def _wait_for_stall(proxy: FaultyNbdProxy, proc: subprocess.Popen[str]) -> None:
     time.sleep(0.2)  # the command is now waiting for the held reply
 
 
+def _signal_when_stalled(
+    argv: list[str], proxy: FaultyNbdProxy, sig: signal.Signals
+) -> tuple[int, float, str]:
+    """Runs ``qimg ARGV``, sends ``sig`` once it waits on the stalled proxy; returns the
+    exit status, the seconds from the signal to the exit, and stderr."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qimg", *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for_stall(proxy, proc)
+        sent = time.monotonic()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+        return proc.returncode, time.monotonic() - sent, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.mark.qemu
 @pytest.mark.parametrize("command", ["convert", "compare", "scrub"])
 @pytest.mark.parametrize(
@@ -100,24 +124,8 @@ def test_a_signal_stops_a_stalled_command_within_a_second(
     status: int,
 ) -> None:
     proxy, image = stalled
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "qimg", *_argv(command, proxy, image, tmp_path)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        _wait_for_stall(proxy, proc)
-        sent = time.monotonic()
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=30)
-        took = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == status, (out, err)
+    returncode, took, err = _signal_when_stalled(_argv(command, proxy, image, tmp_path), proxy, sig)
+    assert returncode == status, err
     assert took < STOP_WITHIN_S, f"{command} took {took:.2f} s to stop"
     assert "Traceback" not in err
     # A new output is removed, as after any failure; the source is untouched.
@@ -151,26 +159,10 @@ def test_a_signal_stops_a_check_stalled_on_its_metadata(
     )
     try:
         spec = _spec({"driver": "qcow2", "file": _node(proxy)})
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "qimg", "check", spec],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            _wait_for_stall(proxy, proc)
-            sent = time.monotonic()
-            proc.send_signal(sig)
-            _, err = proc.communicate(timeout=30)
-            took = time.monotonic() - sent
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        returncode, took, err = _signal_when_stalled(["check", spec], proxy, sig)
     finally:
         proxy.close()
-    assert proc.returncode == status, err
+    assert returncode == status, err
     assert took < STOP_WITHIN_S, f"check took {took:.2f} s to stop"
     assert "Traceback" not in err
 
@@ -214,19 +206,9 @@ def test_keyboard_interrupt_from_a_callback_stops_compare(tmp_path: Path) -> Non
 
 
 @pytest.fixture
-def tiny_fs(tmp_path: Path) -> Iterator[Path]:
-    """An 8 MiB tmpfs of the test's own, unmounted afterwards (needs root, as CI is)."""
-    if os.geteuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("CI runs as root: the full-file-system tests mount a tmpfs")
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "full"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+def tiny_fs(mount_tmpfs: MountTmpfs) -> Path:
+    """An 8 MiB tmpfs of the test's own, unmounted afterwards."""
+    return mount_tmpfs("8m")
 
 
 #: Rounds of the ENOSPC convert: the old hang was a race seen in 4 of 20 runs.

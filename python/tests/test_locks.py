@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import qimg
-from conftest import COMMAND_TIMEOUT_S, RunCommand, StartNbd
+from conftest import COMMAND_TIMEOUT_S, RunCommand, StartNbd, _run
 
 pytestmark = pytest.mark.qemu
 
@@ -113,17 +113,6 @@ READERS = {
 def _argv(words: list[str], image: Path, raw: Path, out: Path) -> list[str]:
     names = {"IMG": str(image), "IMG2": str(image), "RAW": str(raw), "OUT": str(out)}
     return [names.get(w, w) for w in words]
-
-
-def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=COMMAND_TIMEOUT_S,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 def _qimg(argv: list[str]) -> subprocess.CompletedProcess[str]:

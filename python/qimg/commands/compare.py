@@ -17,7 +17,7 @@ from qimg.commands._common import (
 )
 from qimg.errors import QimgError, UsageError
 from qimg.events import EventCallback
-from qimg.image import check_cache_mode, drain_events, open_image, with_events
+from qimg.image import Image, check_cache_mode, drain_events, open_image, with_events
 
 NAME = "compare"
 
@@ -71,24 +71,21 @@ def run(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace, name1: str, name2: str, events: EventCallback | None) -> int:
     say = (lambda text: None) if args.quiet else print
-    try:
-        img1 = open_image(
-            name1,
-            args.fmt1,
+
+    def opened(name: str, fmt: str | None) -> Image:
+        return open_image(
+            name,
+            fmt,
             image_opts=args.image_opts,
             events=events,
             cache=args.source_cache,
             force_share=args.force_share,
         )
+
+    try:
+        img1 = opened(name1, args.fmt1)
         try:
-            img2 = open_image(
-                name2,
-                args.fmt2,
-                image_opts=args.image_opts,
-                events=events,
-                cache=args.source_cache,
-                force_share=args.force_share,
-            )
+            img2 = opened(name2, args.fmt2)
         except BaseException:
             img1.close()
             raise
