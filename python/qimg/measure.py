@@ -53,6 +53,7 @@ def measure_items(
     fmt: str | None = None,
     image_opts: bool = False,
     events: EventCallback | None = None,
+    force_share: bool = False,
 ) -> Measurement:
     """Measures for the target format ``out_fmt`` with ``-o`` items, either
     an empty image of ``size`` bytes or the data of image ``filename`` (a file
@@ -70,7 +71,9 @@ def measure_items(
 
     source: Image | None = None
     if filename is not None:
-        source = open_image(filename, fmt, image_opts=image_opts, events=events)
+        source = open_image(
+            filename, fmt, image_opts=image_opts, events=events, force_share=force_share
+        )
         virtual_size = source.size
     else:
         assert size is not None

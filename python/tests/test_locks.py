@@ -99,6 +99,7 @@ WRITERS = {
 #: Commands that only read the image; with -U they must succeed.
 READERS = {
     "info": (["info", "IMG"], ["qemu-img", "info", "IMG"]),
+    "measure": (["measure", "-O", "qcow2", "IMG"], ["qemu-img", "measure", "-O", "qcow2", "IMG"]),
     "map": (["map", "IMG"], ["qemu-img", "map", "IMG"]),
     "check": (["check", "IMG"], ["qemu-img", "check", "IMG"]),
     "compare": (["compare", "IMG", "IMG2"], ["qemu-img", "compare", "IMG", "IMG2"]),

@@ -1,12 +1,12 @@
 """``qimg measure [--output=ofmt] [-O fmt] [-o options]
-[--size N | [-f fmt | --image-opts] [--events FILE] filename]``"""
+[--size N | [-f fmt | --image-opts] [-U] [--events FILE] filename]``"""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from qimg.commands._common import add_events_arg, add_image_opts_arg, event_hub
+from qimg.commands._common import add_events_arg, add_image_opts_arg, add_share_arg, event_hub
 from qimg.errors import UsageError
 from qimg.formats import format_info
 from qimg.measure import measure_items
@@ -28,6 +28,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("-s", "--size", dest="size", help="measure an empty image of this size")
     p.add_argument("-f", dest="fmt", help="format of the source image (default: probe)")
     add_image_opts_arg(p)
+    add_share_arg(p)
     add_events_arg(p)
     p.add_argument("filename", nargs="?")
     p.set_defaults(run=run)
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
             fmt=args.fmt,
             image_opts=args.image_opts,
             events=events,
+            force_share=args.force_share,
         )
     if args.output == "json":
         print(json.dumps(result.as_json(), indent=4))
