@@ -32,6 +32,36 @@ Arg: TypeAlias = str | os.PathLike[str] | int
 RunCommand: TypeAlias = Callable[..., subprocess.CompletedProcess[str]]
 
 
+#: Byte strings longer than this get a short explanation when ``==`` fails.
+_LARGE_BYTES = 64 << 10
+
+
+def _first_difference(left: bytes | bytearray, right: bytes | bytearray) -> int:
+    """Where two byte strings first differ (the shorter length if one is a prefix)."""
+    lo, hi = 0, min(len(left), len(right))
+    while hi - lo > 4096:  # bisect on slices: memcmp does the work
+        mid = (lo + hi) // 2
+        if left[lo:mid] != right[lo:mid]:
+            hi = mid
+        else:
+            lo = mid
+    return next((i for i in range(lo, hi) if left[i] != right[i]), hi)
+
+
+def pytest_assertrepr_compare(op: str, left: object, right: object) -> list[str] | None:
+    """Large byte strings that differ are explained in two lines: pytest's own diff of
+    megabytes (disk images) takes many minutes and stalls the whole run."""
+    if op != "==" or not isinstance(left, bytes | bytearray):
+        return None
+    if not isinstance(right, bytes | bytearray) or max(len(left), len(right)) <= _LARGE_BYTES:
+        return None
+    at = _first_difference(left, right)
+    return [
+        f"{len(left)} bytes == {len(right)} bytes",
+        f"first difference at offset {at}: {left[at : at + 16]!r} != {right[at : at + 16]!r}",
+    ]
+
+
 def assert_ok(proc: subprocess.CompletedProcess[str]) -> None:
     """Fails the test, showing the command's output, unless it exited 0."""
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -20,6 +20,7 @@ import pytest
 
 import qimg
 from conftest import COMMAND_TIMEOUT_S, RunCommand, StartNbd, _run
+from qimg.errors import ImageLockedError
 
 pytestmark = pytest.mark.qemu
 
@@ -234,7 +235,7 @@ def test_the_api_raises_a_blocking_io_error_for_a_held_image(
     with _holding("qemu-nbd", qcow2, nbd_servers):
         with pytest.raises(BlockingIOError) as info:
             qimg.open(qcow2)
-        assert isinstance(info.value, qimg.errors.ImageLockedError)
+        assert isinstance(info.value, ImageLockedError)
         with qimg.open(qcow2, force_share=True) as img:
             assert img.read(0, 4) == b"\x5a" * 4
 
