@@ -139,6 +139,7 @@ impl NewFile<'_> {
 
 impl Drop for NewFile<'_> {
     fn drop(&mut self) {
+        lock::release(&self.file);
         if !self.finished && !self.existed {
             let _ = std::fs::remove_file(self.path);
         }

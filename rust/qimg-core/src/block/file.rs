@@ -426,6 +426,15 @@ impl FileNode {
     }
 }
 
+impl Drop for FileNode {
+    fn drop(&mut self) {
+        let held = *self.locks.lock().unwrap_or_else(PoisonError::into_inner);
+        if let (Io::Local { file, .. }, true) = (&self.io, held != LockRequest::default()) {
+            lock::release(file);
+        }
+    }
+}
+
 impl FileNode {
     /// Writes `len` zero bytes at `offset` as data.
     fn write_zero_bytes(&self, offset: u64, len: u64) -> Result<()> {

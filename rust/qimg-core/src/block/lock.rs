@@ -158,6 +158,14 @@ pub fn apply(file: &File, name: &str, had: LockRequest, want: LockRequest) -> Re
     }
 }
 
+/// Drops every lock byte `file`'s open file description holds. Closing the
+/// file does that too, but only once no process holds a copy of it: a child
+/// forked by another thread holds one until it executes its program, and
+/// the locks would outlive the close meanwhile.
+pub fn release(file: &File) {
+    let _ = set_bytes(file, LockRequest::default());
+}
+
 /// QEMU's message for a refused lock; `shared`: a permission we refuse to
 /// share is in use elsewhere.
 fn busy(name: &str, perms: Perms, shared: bool) -> Error {

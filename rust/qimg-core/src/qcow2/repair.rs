@@ -422,6 +422,12 @@ pub(crate) struct ImageWriter {
     name: String,
 }
 
+impl Drop for ImageWriter {
+    fn drop(&mut self) {
+        lock::release(&self.file);
+    }
+}
+
 impl ImageWriter {
     pub(crate) fn open(path: &Path) -> Result<ImageWriter> {
         let file = OpenOptions::new()
