@@ -1,8 +1,10 @@
 """Shared fixtures: the qimg CLI under test and QEMU's tools as the reference.
 
 QEMU's ``qemu-img`` / ``qemu-io`` are looked up on PATH. When they are missing, the tests that
-need them are skipped on a developer machine and fail when the ``CI`` environment variable is
-set (CI must never silently lose its oracle). Tests that need QEMU carry ``@pytest.mark.qemu``.
+need them are skipped on a developer machine and fail under CI (CI must never silently lose its
+oracle). scripts/test tells the tests they run under CI with ``QIMG_CI`` and runs pytest
+without ``CI``: with ``CI`` set, pytest diffs the whole of two unequal values, and diffing two
+disk images takes many minutes. Tests that need QEMU carry ``@pytest.mark.qemu``.
 
 ``nbd_servers`` starts real ``qemu-nbd`` servers (skipped or failed the same way when
 ``qemu-nbd`` is missing) and kills every one of them when the test ends, pass or fail.
@@ -93,7 +95,7 @@ def _require_tool(name: str, package: str = "qemu-utils") -> str:
             reason = f"{name} (QEMU) is not installed; it is the reference these tests compare with"
         else:
             reason = f"{name} is not installed; these tests watch qimg's system calls with it"
-        if os.environ.get("CI"):
+        if os.environ.get("QIMG_CI"):
             pytest.fail(f"{reason}, and CI is set: install it (Debian: {package})")
         pytest.skip(reason)
     return path
@@ -157,7 +159,7 @@ def mount_tmpfs(tmp_path: Path) -> Iterator[MountTmpfs]:
     """Private tmpfs mounts (a full file system, a file system with its own O_DIRECT
     rules). They need root, which CI has: there a missing root fails, elsewhere it skips."""
     if os.geteuid() != 0:
-        if os.environ.get("CI"):
+        if os.environ.get("QIMG_CI"):
             pytest.fail("CI runs as root: these tests mount a tmpfs of their own")
         pytest.skip("mounting a tmpfs needs root")
     mounted: list[Path] = []

@@ -50,7 +50,7 @@ class Device:
 @pytest.fixture
 def device(tmp_path: Path) -> Iterator[Device]:
     if os.geteuid() != 0:
-        if os.environ.get("CI"):
+        if os.environ.get("QIMG_CI"):
             pytest.fail("CI runs as root: the block-device tests attach loop devices")
         pytest.skip("attaching a loop device needs root")
     backing = tmp_path / "loop.img"
