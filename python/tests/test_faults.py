@@ -289,7 +289,11 @@ def test_a_server_killed_mid_copy_ends_the_copy_cleanly(
             [sys.executable, "-m", "qimg", "convert", "-O", "raw", server.url, str(out)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        time.sleep(rng.uniform(0.2, 0.6))
+        # The output exists once both ends are open: the copy is under way.
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.1))
         server.kill()
         try:
             _, err = proc.communicate(timeout=RUN_TIMEOUT_S)
