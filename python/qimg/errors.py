@@ -98,8 +98,9 @@ class ImageLockedError(QimgError, BlockingIOError):
         return str(self.args[0]) if self.args else ""
 
 
-class UnsupportedError(QimgError, NotImplementedError):
-    """The request is valid, but qimg cannot carry it out on this image."""
+class UnsupportedError(QimgError):
+    """The request is valid, but this image or device cannot carry it out, as qemu-img
+    refuses it too (growing a block device, zero clusters in a v2 image)."""
 
 
 class CancelledError(QimgError):

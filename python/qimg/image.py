@@ -334,7 +334,7 @@ def open_image(
     ``events`` is called with every :class:`~qimg.events.Event` the image's nodes
     record, after the operation that caused it (an :class:`~qimg.events.EventStream`
     collects them for iteration); without it, :meth:`Image.events` returns them."""
-    check_cache_mode(cache)
+    cache = check_cache_mode(cache)
     if force_share and writable:
         raise UsageError("force-share=on can only be used with read-only images")
     locks = _Locks(cache=cache, force_share=force_share, purpose=purpose)

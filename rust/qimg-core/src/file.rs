@@ -269,22 +269,6 @@ pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     }
 }
 
-/// Makes `[offset, offset+len)` of an existing file read as zeroes,
-/// punching a hole where the filesystem can, writing zeroes where it cannot.
-pub fn punch_zeroes(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    if punch_hole(file, offset, len).is_ok() {
-        return Ok(());
-    }
-    let zeros = [0u8; ZERO_CHUNK as usize];
-    let mut pos = offset;
-    while pos < offset + len {
-        let n = (offset + len - pos).min(ZERO_CHUNK);
-        file.write_all_at(&zeros[..n as usize], pos)?;
-        pos += n;
-    }
-    Ok(())
-}
-
 const FS_IOC_GETFLAGS: libc::c_ulong = 0x8008_6601;
 const FS_IOC_SETFLAGS: libc::c_ulong = 0x4008_6602;
 const FS_NOCOW_FL: libc::c_long = 0x0080_0000;

@@ -395,7 +395,7 @@ impl FileNode {
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.fault(IoType::Discard, offset, len)?;
         match &self.io {
-            Io::Local { .. } => self.zero_range(offset, len, true),
+            Io::Local { .. } => self.zeroes(offset, len, true),
             Io::Nbd(export) => export.discard(offset, len),
         }
     }
@@ -404,18 +404,31 @@ impl FileNode {
     /// system can punch one (`unmap`), zeroes written otherwise.
     pub fn zero_range(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         self.fault(IoType::WriteZeroes, offset, len)?;
+        self.zeroes(offset, len, unmap)
+    }
+
+    /// `zero_range` once the request passed the blkdebug rules.
+    fn zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         let end = offset.saturating_add(len);
         let inside = end.min(self.file_len());
         if inside > offset {
             let n = inside - offset;
-            let res = match &self.io {
+            let (file, path) = match &self.io {
                 Io::Nbd(export) => return export.write_zeroes(offset, len, unmap),
-                Io::Local { file, .. } if unmap => crate::file::punch_hole(file, offset, n),
-                Io::Local { file, .. } => crate::file::zero_in_place(file, offset, n),
+                Io::Local { file, path } => (file, path),
             };
-            if res.is_err() {
-                // The file system cannot: zeroes are written.
-                self.write_zero_bytes(offset, n)?;
+            let done = if unmap {
+                crate::file::punch_hole(file, offset, n)
+            } else {
+                crate::file::zero_in_place(file, offset, n)
+            };
+            // Where the file system cannot, zeroes are written: through the
+            // aligned path on an O_DIRECT file, else by the bulk zero writer.
+            match (done, &self.direct) {
+                (Ok(()), _) => {}
+                (Err(_), Some(_)) => self.write_zero_bytes(offset, n)?,
+                (Err(_), None) => crate::file::write_zeroes(file, path, offset, n)
+                    .map_err(|e| self.error("write", e))?,
             }
         }
         if end > inside {
