@@ -1,7 +1,7 @@
 """qimg: qemu-img compatible disk image toolkit (qcow2, raw) with a Rust core.
 
 >>> import qimg
->>> qimg.create("disk.qcow2", 10 << 30, fmt="qcow2", options={"preallocation": "metadata"})
+>>> qimg.create("disk.qcow2", 10 << 30, format="qcow2", options={"preallocation": "metadata"})
 >>> qimg.measure("qcow2", size=10 << 30).fully_allocated
 10739318784
 >>> with qimg.open("disk.qcow2") as img:
@@ -33,37 +33,60 @@ from typing import TYPE_CHECKING, Any
 from qimg._core import __version__
 
 if TYPE_CHECKING:
+    # What type checkers see: every public name, imported from its home. At run
+    # time the same names load on first use (below), so that `import qimg` and
+    # every command line stay quick; an unknown name is an error for both.
     from qimg.check import CheckReport, check
+    from qimg.compare import CompareResult, compare
     from qimg.convert import convert
     from qimg.create import create
     from qimg.errors import (
+        CancelledError,
         ImageIOError,
+        ImageIsADirectoryError,
+        ImageLockedError,
+        ImageNotFoundError,
+        ImagePermissionError,
         ImageTooLargeError,
         InvalidImageError,
         InvalidOptionError,
+        NoSpaceError,
         QimgError,
+        ReadOnlyError,
+        UnsupportedError,
         UsageError,
     )
     from qimg.events import Event, EventStream
     from qimg.image import Image, ImageSpec, MapExtent
     from qimg.image import open_image as open
+    from qimg.info import ImageInfo, info
     from qimg.measure import Measurement, measure
     from qimg.prealloc import PreallocMode
     from qimg.scrub import ScrubReport, scrub
     from qimg.spec import NodeSpec, parse_spec
+    from qimg.stream import ImageStream
 
-# Where each public name lives, imported on first use so that `import qimg`
-# (and every command line) stays quick.
+# Where each public name lives.
 _HOMES = {
     "CheckReport": "qimg.check",
     "check": "qimg.check",
+    "CompareResult": "qimg.compare",
+    "compare": "qimg.compare",
     "convert": "qimg.convert",
     "create": "qimg.create",
+    "CancelledError": "qimg.errors",
     "ImageIOError": "qimg.errors",
+    "ImageIsADirectoryError": "qimg.errors",
+    "ImageLockedError": "qimg.errors",
+    "ImageNotFoundError": "qimg.errors",
+    "ImagePermissionError": "qimg.errors",
     "ImageTooLargeError": "qimg.errors",
     "InvalidImageError": "qimg.errors",
     "InvalidOptionError": "qimg.errors",
+    "NoSpaceError": "qimg.errors",
     "QimgError": "qimg.errors",
+    "ReadOnlyError": "qimg.errors",
+    "UnsupportedError": "qimg.errors",
     "UsageError": "qimg.errors",
     "Event": "qimg.events",
     "EventStream": "qimg.events",
@@ -71,6 +94,8 @@ _HOMES = {
     "ImageSpec": "qimg.image",
     "MapExtent": "qimg.image",
     "open": "qimg.image",
+    "ImageInfo": "qimg.info",
+    "info": "qimg.info",
     "Measurement": "qimg.measure",
     "measure": "qimg.measure",
     "PreallocMode": "qimg.prealloc",
@@ -78,25 +103,29 @@ _HOMES = {
     "scrub": "qimg.scrub",
     "NodeSpec": "qimg.spec",
     "parse_spec": "qimg.spec",
+    "ImageStream": "qimg.stream",
 }
 _RENAMED = {"open": "open_image"}
 
+if not TYPE_CHECKING:
+    # Hidden from type checkers on purpose: they see the imports above, so that a
+    # misspelt name (qimg.comapre) is reported before the code runs.
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'qimg' has no attribute '{name}'")
-    value = getattr(importlib.import_module(home), _RENAMED.get(name, name))
-    globals()[name] = value
-    return value
+    def __getattr__(name: str) -> Any:
+        home = _HOMES.get(name)
+        if home is None:
+            raise AttributeError(f"module 'qimg' has no attribute '{name}'")
+        value = getattr(importlib.import_module(home), _RENAMED.get(name, name))
+        globals()[name] = value
+        return value
 
 
 class _Package(types.ModuleType):
-    """The package module. check, convert, create, measure and scrub are functions that
-    share their name with the module they live in; importing such a module (which qimg
-    does internally) would set the package attribute to the module, so that
-    ``qimg.create`` became a module. Those assignments are dropped: the name resolves to
-    the function, and the module stays in ``sys.modules``."""
+    """The package module. check, compare, convert, create, info, measure and scrub are
+    functions that share their name with the module they live in; importing such a
+    module (which qimg does internally) would set the package attribute to the module,
+    so that ``qimg.create`` became a module. Those assignments are dropped: the name
+    resolves to the function, and the module stays in ``sys.modules``."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         if isinstance(value, types.ModuleType) and _HOMES.get(name) == f"{__name__}.{name}":
@@ -112,26 +141,39 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "CancelledError",
     "CheckReport",
+    "CompareResult",
     "Event",
     "EventStream",
     "Image",
     "ImageIOError",
+    "ImageInfo",
+    "ImageIsADirectoryError",
+    "ImageLockedError",
+    "ImageNotFoundError",
+    "ImagePermissionError",
     "ImageSpec",
+    "ImageStream",
     "ImageTooLargeError",
     "InvalidImageError",
     "InvalidOptionError",
     "MapExtent",
     "Measurement",
+    "NoSpaceError",
     "NodeSpec",
     "PreallocMode",
     "QimgError",
+    "ReadOnlyError",
     "ScrubReport",
+    "UnsupportedError",
     "UsageError",
     "__version__",
     "check",
+    "compare",
     "convert",
     "create",
+    "info",
     "measure",
     "open",
     "parse_spec",

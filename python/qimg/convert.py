@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 
 from qimg import _core
 from qimg.create import OptionValue, option_items, plan_create
+from qimg.deprecated import renamed
 from qimg.devices import is_block_device, resolve_host_device
 from qimg.errors import InvalidOptionError, UsageError
 from qimg.events import EventCallback
@@ -278,8 +279,8 @@ def convert(
     source: ImageSpec | Sequence[ImageSpec],
     target: ImageSpec,
     *,
-    fmt: str | None = None,
-    out_fmt: str = "raw",
+    format: str | None = None,
+    out_format: str | None = None,
     options: Mapping[str, OptionValue] | str | None = None,
     compress: bool = False,
     backing_file: str | None = None,
@@ -297,6 +298,8 @@ def convert(
     target_image_opts: bool = False,
     events: EventCallback | None = None,
     force_share: bool = False,
+    fmt: str | None = None,
+    out_fmt: str | None = None,
 ) -> None:
     """Copies the guest contents of ``source`` (or several sources, one after
     the other) into ``target``, like ``qemu-img convert``.
@@ -307,6 +310,9 @@ def convert(
     copy advances; ``events`` with every event the sources and the target record.
     ``force_share`` (``-U``) reads sources that another process has open for writing.
     ``cache`` and ``source_cache`` are qemu-img's ``-t`` and ``-T`` (see :func:`qimg.open`).
+    ``format`` is the sources' format (``-f``; probed when None) and ``out_format`` the
+    target's (``-O``; raw unless given); ``fmt`` and ``out_fmt`` are their deprecated old
+    names. ``progress`` and ``events`` are called on the calling thread.
     """
     sources: list[ImageSpec]
     if isinstance(source, str | os.PathLike | Mapping | NodeSpec):
@@ -316,8 +322,8 @@ def convert(
     request = ConvertRequest(
         sources=[os.fspath(s) if isinstance(s, os.PathLike) else s for s in sources],
         target=os.fspath(target) if isinstance(target, os.PathLike) else target,
-        fmt=fmt,
-        out_fmt=out_fmt,
+        fmt=renamed(format, fmt, new="format", old="fmt"),
+        out_fmt=renamed(out_format, out_fmt, new="out_format", old="out_fmt") or "raw",
         options=option_items(options),
         compress=compress,
         backing_file=backing_file,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qimg import _core
+from qimg.deprecated import renamed
 from qimg.devices import resolve_host_device
 from qimg.errors import InvalidOptionError, QimgError, UsageError
 from qimg.formats import (
@@ -161,20 +162,23 @@ def create(
     filename: str | os.PathLike[str],
     size: int | None = None,
     *,
-    fmt: str = "qcow2",
+    format: str | None = None,
     options: Mapping[str, OptionValue] | str | None = None,
     backing_file: str | None = None,
     backing_fmt: str | None = None,
     unsafe: bool = False,
+    fmt: str | None = None,
 ) -> None:
-    """Creates an image, like ``qemu-img create``.
+    """Creates an image, like ``qemu-img create``; ``format`` is ``-f`` (raw unless
+    given, as for qemu-img).
 
     ``options`` is either an ``-o`` string (``"cluster_size=4k,preallocation=metadata"``)
     or a mapping of option names to values (``{"preallocation": "metadata"}``).
+    ``fmt`` is the deprecated old name of ``format``.
     """
     plan_create(
         os.fspath(filename),
-        fmt,
+        renamed(format, fmt, new="format", old="fmt") or "raw",
         option_items(options),
         size=size,
         backing_file=backing_file,

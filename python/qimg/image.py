@@ -16,10 +16,10 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 
 from qimg import _core
-from qimg.errors import QimgError, UsageError
+from qimg.errors import InvalidOptionError, QimgError, UsageError
 from qimg.events import Event, EventCallback
 from qimg.prealloc import PreallocMode
 from qimg.qjson import JsonValue, human_lines
@@ -42,6 +42,9 @@ from qimg.spec import (
 if TYPE_CHECKING:
     # Python 3.12 has it as collections.abc.Buffer; only the type checker needs it.
     from typing_extensions import Buffer
+
+    from qimg.info import ImageInfo
+    from qimg.stream import ImageStream
 
 __all__ = [
     "Image",
@@ -175,6 +178,7 @@ class Image:
 
     def read(self, offset: int, length: int) -> bytes:
         """``length`` guest bytes at ``offset`` (the range must lie inside the image)."""
+        check_span(offset, length)
         try:
             return self._img.read(offset, length)
         finally:
@@ -186,6 +190,7 @@ class Image:
 
     def write(self, offset: int, data: Buffer) -> None:
         """Writes ``data`` (bytes, bytearray, memoryview, ...) at guest ``offset``."""
+        check_span(offset, 0)
         try:
             self._img.write(offset, _as_bytes(data))
         finally:
@@ -194,6 +199,7 @@ class Image:
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         """Makes ``length`` bytes at ``offset`` read as zeroes; ``unmap`` lets
         the image release their space."""
+        check_span(offset, length)
         try:
             self._img.write_zeroes(offset, length, unmap=unmap)
         finally:
@@ -202,6 +208,7 @@ class Image:
     def discard(self, offset: int, length: int) -> None:
         """Releases the whole clusters of the range. Afterwards they read as
         zeroes (qcow2 v3, raw) or from the backing file (qcow2 v2)."""
+        check_span(offset, length)
         try:
             self._img.discard(offset, length)
         finally:
@@ -209,6 +216,7 @@ class Image:
 
     def write_compressed(self, offset: int, data: Buffer) -> None:
         """Stores one whole, unallocated qcow2 cluster compressed."""
+        check_span(offset, 0)
         try:
             self._img.write_compressed(offset, _as_bytes(data))
         finally:
@@ -242,8 +250,9 @@ class Image:
         size: int | None = None,
     ) -> None:
         """Changes qcow2 options in place, as ``qemu-img amend`` does; None
-        keeps an option. Use the image only to close it afterwards."""
-        self._img.amend(
+        keeps an option. The image stays open (with its locks) and reads, writes
+        and :meth:`info` follow the new settings."""
+        self._core = self._img.amend(
             compat=compat, lazy_refcounts=lazy_refcounts, refcount_bits=refcount_bits, size=size
         )
 
@@ -251,10 +260,12 @@ class Image:
         """Sets the virtual size (a multiple of 512). Growing preallocates the
         new area as ``preallocation`` says; shrinking discards everything past
         the new end."""
+        check_span(0, size)
         self._img.resize(size, preallocation=preallocation.value)
 
     def readinto(self, offset: int, buffer: bytearray | memoryview) -> int:
         """Fills ``buffer`` with guest bytes at ``offset``; returns the count."""
+        check_span(offset, 0)
         try:
             if isinstance(buffer, bytearray):
                 return self._img.readinto(offset, buffer)
@@ -266,20 +277,44 @@ class Image:
 
     def map(self, start: int = 0, length: int | None = None) -> list[MapExtent]:
         """Allocation extents of ``[start, start + length)``, merged as ``qemu-img map`` does."""
+        check_span(start, 0 if length is None else length)
         try:
             return [MapExtent(*e) for e in self._img.map(start, length)]
         finally:
             self._drain()
 
+    def open_stream(self) -> ImageStream:
+        """A file object over the image's guest bytes (an :class:`io.RawIOBase` that
+        reads, seeks, and writes when the image is writable), for code that takes
+        files: ``shutil.copyfileobj``, ``hashlib.file_digest``, ``tarfile``, ...
+        Closing the stream leaves the image open::
+
+            with qimg.open("disk.qcow2") as img, img.open_stream() as f:
+                digest = hashlib.file_digest(f, "sha256")
+        """
+        from qimg.stream import ImageStream
+
+        return ImageStream(self)
+
+    def __repr__(self) -> str:
+        core = self._core
+        if core is None:
+            return "<qimg.Image (closed)>"
+        mode = "writable" if core.writable else "read-only"
+        return f"<qimg.Image {self.filename!r} format={core.format} size={core.size} {mode}>"
+
     def backing(self) -> Image | None:
         core = self._img.backing()
         return Image(core, events=self._events) if core is not None else None
 
-    def info(self) -> dict[str, JsonValue]:
-        """The ImageInfo object ``qemu-img info --output=json`` prints for this image."""
+    def info(self) -> ImageInfo:
+        """The ImageInfo object ``qemu-img info --output=json`` prints for this image,
+        as it stands now (after :meth:`amend` or :meth:`resize` too)."""
         if self.spec is None or self.spec.is_plain:
-            return image_info(self._img)
-        return _tree_info(self.spec, self.spec.root, self._img, probed_formats(self.spec))
+            found = image_info(self._img)
+        else:
+            found = _tree_info(self.spec, self.spec.root, self._img, probed_formats(self.spec))
+        return cast("ImageInfo", found)
 
     def chain(self) -> list[Image]:
         """This image and every image below it in the backing chain."""
@@ -287,6 +322,15 @@ class Image:
         while (below := out[-1].backing()) is not None:
             out.append(below)
         return out
+
+
+def check_span(offset: int, length: int) -> None:
+    """Refuses a negative offset or length with ``ValueError`` (an image range
+    past the end is the core's to refuse, with the image's size in the message)."""
+    if offset < 0:
+        raise InvalidOptionError(f"offset must not be negative (not {offset})")
+    if length < 0:
+        raise InvalidOptionError(f"length must not be negative (not {length})")
 
 
 def _as_bytes(data: Buffer) -> bytes | bytearray:
@@ -398,7 +442,7 @@ def parse_image_spec(
     """:func:`qimg.spec.parse_spec`, with errors that name the spec as qemu-img does
     (``Could not open 'SPEC': ...``)."""
     try:
-        return parse_spec(spec, image_opts=image_opts, fmt=fmt)
+        return parse_spec(spec, image_opts=image_opts, format=fmt)
     except UsageError:
         raise
     except QimgError as err:
@@ -623,12 +667,12 @@ def _snapshot_table(snapshots: list[Any]) -> list[str]:
     return lines
 
 
-def info_human(info: dict[str, Any]) -> str:
+def info_human(info: Mapping[str, Any]) -> str:
     """The text ``qemu-img info`` prints for one image (and the nodes under it)."""
     return "\n".join(_info_lines(info, "", ""))
 
 
-def _info_lines(info: dict[str, Any], pad: str, path: str) -> list[str]:
+def _info_lines(info: Mapping[str, Any], pad: str, path: str) -> list[str]:
     actual = info.get("actual-size")
     lines = [
         f"image: {info['filename']}",

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from qimg import _core
-from qimg.create import qcow2_spec
+from qimg.create import OptionValue, option_items, qcow2_spec
+from qimg.deprecated import renamed
 from qimg.errors import UsageError
 from qimg.events import EventCallback
 from qimg.formats import format_info
@@ -120,19 +122,32 @@ def measure_items(
 
 
 def measure(
-    out_fmt: str = "qcow2",
+    out_format: str | None = None,
     *,
     size: int | None = None,
     filename: ImageSpec | None = None,
-    fmt: str | None = None,
-    options: dict[str, str] | None = None,
+    format: str | None = None,
+    options: Mapping[str, OptionValue] | str | None = None,
     image_opts: bool = False,
     events: EventCallback | None = None,
+    fmt: str | None = None,
+    out_fmt: str | None = None,
 ) -> Measurement:
-    """Python API for ``qemu-img measure``: ``filename`` is a file name or a
-    node-tree spec (see :func:`qimg.open`)."""
-    items = [OptionItem(k, v) for k, v in (options or {}).items()]
+    """Python API for ``qemu-img measure``: how large an image of ``out_format``
+    (``-O``; raw unless given, as for qemu-img) would be, for ``size`` bytes or for
+    the contents of ``filename`` (a file name or a node-tree spec, see
+    :func:`qimg.open`, of format ``format``, probed when None). ``options`` is an
+    ``-o`` string or a mapping. ``fmt`` and ``out_fmt`` are the deprecated old
+    names of ``format`` and ``out_format``."""
+    target = renamed(out_format, out_fmt, new="out_format", old="out_fmt") or "raw"
+    source_format = renamed(format, fmt, new="format", old="fmt")
     name = os.fspath(filename) if isinstance(filename, os.PathLike) else filename
     return measure_items(
-        out_fmt, items, size=size, filename=name, fmt=fmt, image_opts=image_opts, events=events
+        target,
+        option_items(options),
+        size=size,
+        filename=name,
+        fmt=source_format,
+        image_opts=image_opts,
+        events=events,
     )

@@ -21,11 +21,13 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TextIO
+from typing import TYPE_CHECKING, Protocol, TextIO
 
 from qimg.errors import ImageIOError, QimgError
 from qimg.image import MapExtent
-from qimg.qjson import JsonValue
+
+if TYPE_CHECKING:
+    from qimg.info import ImageInfo
 
 __all__ = [
     "COMMANDS",
@@ -66,7 +68,7 @@ class IoImage(Protocol):
     @property
     def format(self) -> str: ...
 
-    def info(self) -> dict[str, JsonValue]: ...
+    def info(self) -> ImageInfo: ...
 
     def read(self, offset: int, length: int) -> bytes: ...
 

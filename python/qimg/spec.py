@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
+from qimg.deprecated import renamed
 from qimg.errors import InvalidOptionError, UsageError
 from qimg.options import split_items
 from qimg.qjson import bucket, json_string
@@ -1584,18 +1585,20 @@ def parse_spec(
     spec: SpecInput,
     *,
     image_opts: bool = False,
+    format: str | None = None,
     fmt: str | None = None,
 ) -> NodeSpec:
     """Parses an image specification.
 
     ``spec`` is a file name, a ``json:{...}`` string, an ``--image-opts`` string (with
     ``image_opts=True``), a mapping (nested or with dotted keys), or an already parsed
-    :class:`NodeSpec` (returned as it is). ``fmt`` is ``-f``: the root's driver,
+    :class:`NodeSpec` (returned as it is). ``format`` is ``-f``: the root's driver,
     overriding the one a ``json:`` spec gives (as qemu-img does); it cannot be
-    combined with ``image_opts``."""
+    combined with ``image_opts``. ``fmt`` is its deprecated old name."""
+    fmt = renamed(format, fmt, new="format", old="fmt")
     if isinstance(spec, NodeSpec):
         if fmt is not None:
-            raise UsageError("A parsed NodeSpec already names its format; do not give fmt")
+            raise UsageError("A parsed NodeSpec already names its format; do not give format")
         return spec
     if image_opts:
         if fmt is not None:

@@ -15,7 +15,7 @@ from qimg import _core
 
 def test_create_metadata_prealloc_file_length_equals_measure(tmp_path: Path) -> None:
     path = tmp_path / "a.qcow2"
-    qimg.create(path, 1 << 30, fmt="qcow2", options={"preallocation": "metadata"})
+    qimg.create(path, 1 << 30, format="qcow2", options={"preallocation": "metadata"})
     m = qimg.measure("qcow2", size=1 << 30, options={"preallocation": "metadata"})
     assert path.stat().st_size == m.fully_allocated
     # The data region is a hole: only the metadata occupies disk blocks.
@@ -24,7 +24,7 @@ def test_create_metadata_prealloc_file_length_equals_measure(tmp_path: Path) -> 
 
 def test_create_accepts_an_option_string_like_the_command_line(tmp_path: Path) -> None:
     path = tmp_path / "b.qcow2"
-    qimg.create(path, 64 << 20, fmt="qcow2", options="cluster_size=4k,preallocation=falloc")
+    qimg.create(path, 64 << 20, format="qcow2", options="cluster_size=4k,preallocation=falloc")
     m = qimg.measure("qcow2", size=64 << 20, options={"cluster_size": "4k"})
     assert path.stat().st_size == m.fully_allocated
 
@@ -60,13 +60,13 @@ def test_invalid_options_raise_typed_errors_and_leave_files_alone(
     path = tmp_path / "c.qcow2"
     path.write_bytes(b"precious")
     with pytest.raises(error, match=text):
-        qimg.create(path, 1 << 60, fmt="qcow2", options=options)
+        qimg.create(path, 1 << 60, format="qcow2", options=options)
     assert path.read_bytes() == b"precious"
 
 
 def test_io_errors_carry_errno(tmp_path: Path) -> None:
     with pytest.raises(qimg.ImageIOError) as err:
-        qimg.create(tmp_path / "missing-dir" / "x.qcow2", 1 << 20, fmt="qcow2")
+        qimg.create(tmp_path / "missing-dir" / "x.qcow2", 1 << 20, format="qcow2")
     assert err.value.errno == 2
     assert "No such file or directory" in str(err.value)
     assert isinstance(err.value, OSError)

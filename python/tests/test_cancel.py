@@ -191,7 +191,7 @@ def test_an_exception_from_the_progress_callback_stops_convert_and_is_raised(
             raise Stop("enough")
 
     with pytest.raises(Stop, match="enough"):
-        qimg.convert(source, out, fmt="raw", progress=progress)
+        qimg.convert(source, out, format="raw", progress=progress)
     assert len(seen) == 3
     assert not out.exists()
 
@@ -241,7 +241,7 @@ def test_convert_onto_a_full_file_system_fails_in_one_line_every_time(
 def test_the_api_raises_no_space_error_on_a_full_file_system(tiny_fs: Path, tmp_path: Path) -> None:
     source = _make_image(tmp_path / "src.raw")
     with pytest.raises(NoSpaceError) as info:
-        qimg.convert(source, tiny_fs / "out.raw", fmt="raw")
+        qimg.convert(source, tiny_fs / "out.raw", format="raw")
     assert info.value.errno == 28
     assert isinstance(info.value, OSError)
     assert not (tiny_fs / "out.raw").exists()

@@ -730,7 +730,7 @@ def test_api_reports_monotonic_progress_up_to_the_total(
     qimg.convert(
         paths,
         out,
-        out_fmt="qcow2",
+        out_format="qcow2",
         options={"cluster_size": 4096},
         workers=2,
         progress=lambda done, of: seen.append((done, of)),
@@ -753,8 +753,8 @@ def test_api_output_is_the_cli_output(
     qimg.convert(
         source.path,
         out,
-        fmt="qcow2",
-        out_fmt="qcow2",
+        format="qcow2",
+        out_format="qcow2",
         options="lazy_refcounts=on",
         backing_file=str(backing.path),
         backing_fmt="qcow2",
@@ -802,13 +802,13 @@ def test_api_errors_leave_no_target(corpus: Corpus, tmp_path: Path) -> None:
         qimg.convert(
             corpus.sources["qcow2"].path,
             out,
-            out_fmt="qcow2",
+            out_format="qcow2",
             compress=True,
             options={"preallocation": "metadata"},
         )
     assert not out.exists()
     with pytest.raises(qimg.QimgError):
-        qimg.convert(corpus.sources["qcow2"].path, out, out_fmt="qcow2", workers=0)
+        qimg.convert(corpus.sources["qcow2"].path, out, out_format="qcow2", workers=0)
     assert not out.exists()
 
 

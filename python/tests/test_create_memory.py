@@ -12,7 +12,7 @@ LIMIT = 64 << 20
 # so nothing else this test session ran is counted.
 MEASURE = """
 import resource, subprocess, sys
-code = "import qimg, sys; qimg.create(sys.argv[1], 1 << 40, fmt='qcow2', " \\
+code = "import qimg, sys; qimg.create(sys.argv[1], 1 << 40, format='qcow2', " \\
        "options={'preallocation': 'metadata'})"
 subprocess.run([sys.executable, "-c", code, sys.argv[1]], check=True)
 print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)

@@ -239,7 +239,7 @@ _LOOP = textwrap.dedent(
         spec = {"driver": "qcow2", "file": {"driver": "blkdebug",
                 "image": {"driver": "file", "filename": target}, "inject-error": [rule]}}
         try:
-            qimg.convert(source, spec, out_fmt="qcow2", existing=True,
+            qimg.convert(source, spec, out_format="qcow2", existing=True,
                          workers=rng.choice([1, 2, 8]), cache=rng.choice(["unsafe", "writeback"]))
         except qimg.QimgError as err:
             if isinstance(err, OSError) and err.errno not in (errno, 0):

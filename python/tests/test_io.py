@@ -26,6 +26,7 @@ import pytest
 
 from qimg.errors import ImageIOError
 from qimg.image import MapExtent
+from qimg.info import ImageInfo
 from qimg.qemu_io import (
     Interpreter,
     NumberError,
@@ -39,7 +40,6 @@ from qimg.qemu_io import (
     split_command,
     time_text,
 )
-from qimg.qjson import JsonValue
 
 RunCommand: TypeAlias = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -275,8 +275,8 @@ class MemoryImage:
     def format(self) -> str:
         return "raw"
 
-    def info(self) -> dict[str, JsonValue]:
-        return {"format": "raw", "virtual-size": self.size}
+    def info(self) -> ImageInfo:
+        return {"filename": "memory", "format": "raw", "virtual-size": self.size}
 
     def _check(self) -> None:
         if self.fail_with:

@@ -128,7 +128,7 @@ def test_a_writer_clears_autoclear_bits_it_does_not_know(
 
 def test_a_reader_leaves_autoclear_bits_alone(tmp_path: Path, run_qimg: RunCommand) -> None:
     img = tmp_path / "a.qcow2"
-    qimg.create(img, 1 << 20)
+    qimg.create(img, 1 << 20, format="qcow2")
     _set_autoclear(img, UNKNOWN_AUTOCLEAR)
     for args in (["info", img], ["check", img], ["map", img]):
         assert_ok(run_qimg(*args))
@@ -171,7 +171,7 @@ def test_json_with_single_quoted_strings_reads_as_qemu_reads_it(
     tmp_path: Path, run_qimg: RunCommand, run_qemu_img: RunCommand
 ) -> None:
     img = tmp_path / "it's.qcow2"
-    qimg.create(img, 1 << 20)
+    qimg.create(img, 1 << 20, format="qcow2")
     escaped = str(img).replace("'", "\\'")
     spec = f"json:{{'driver': 'qcow2', 'file': {{'driver': 'file', 'filename': '{escaped}'}}}}"
     ours = run_qimg("info", "--output=json", spec)

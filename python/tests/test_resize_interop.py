@@ -172,7 +172,7 @@ def test_api_resize(tmp_path: Path, run_qemu_img: RunCommand) -> None:
     import qimg
 
     img = tmp_path / "api.qcow2"
-    qimg.create(img, MiB, fmt="qcow2")
+    qimg.create(img, MiB, format="qcow2")
     with qimg.open(img, writable=True) as image:
         image.write(0, b"\x42" * 65536)
         image.resize(4 * MiB, preallocation=qimg.PreallocMode.METADATA)

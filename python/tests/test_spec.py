@@ -267,9 +267,9 @@ def test_image_opts_trailing_comma_is_accepted() -> None:
 
 
 def test_fmt_replaces_the_json_driver_as_qemu_img_f_does() -> None:
-    spec = parse_spec('json:{"driver": "qcow2", "file": {"filename": "x"}}', fmt="raw")
+    spec = parse_spec('json:{"driver": "qcow2", "file": {"filename": "x"}}', format="raw")
     assert spec.root == RawNode("root", FileNode("file", "x"))
-    spec = parse_spec('json:{"file": {"filename": "x"}}', fmt="qcow2")
+    spec = parse_spec('json:{"file": {"filename": "x"}}', format="qcow2")
     assert isinstance(spec.root, Qcow2Node)
 
 
@@ -282,8 +282,8 @@ def test_plain_file_names() -> None:
     assert spec.is_plain
     assert spec.root == ProbeNode("root", FileNode("file", "dir/a.qcow2"))
     assert spec.display_name() == "dir/a.qcow2"
-    assert parse_spec("a", fmt="qcow2").root == Qcow2Node("root", FileNode("file", "a"))
-    assert parse_spec("a", fmt="raw").plain_format == "raw"
+    assert parse_spec("a", format="qcow2").root == Qcow2Node("root", FileNode("file", "a"))
+    assert parse_spec("a", format="raw").plain_format == "raw"
     assert parse_spec(spec) is spec
 
 
@@ -706,7 +706,7 @@ def test_refused_image_opts_name_the_culprit(text: str, message: str) -> None:
 
 def test_image_opts_and_format_are_mutually_exclusive() -> None:
     with pytest.raises(UsageError, match="--image-opts and --format are mutually exclusive"):
-        parse_spec("driver=file,filename=a", image_opts=True, fmt="raw")
+        parse_spec("driver=file,filename=a", image_opts=True, format="raw")
 
 
 @pytest.mark.parametrize(
@@ -719,7 +719,7 @@ def test_image_opts_and_format_are_mutually_exclusive() -> None:
 )
 def test_plain_file_name_with_a_format_qimg_cannot_open_that_way(fmt: str, message: str) -> None:
     with pytest.raises(InvalidOptionError, match=message):
-        parse_spec("a.img", fmt=fmt)
+        parse_spec("a.img", format=fmt)
 
 
 def test_mapping_values_of_other_types_are_refused() -> None:
@@ -889,7 +889,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
             f.truncate(1 << 20)
     from qimg import create
 
-    create(d / "q.qcow2", 1 << 20, fmt="qcow2")
+    create(d / "q.qcow2", 1 << 20, format="qcow2")
     return d
 
 
@@ -1082,7 +1082,7 @@ def test_json_and_image_opts_qcow2_for_resize_amend_and_check(
     from qimg import create, open
 
     path = tmp_path / "x.qcow2"
-    create(path, 1 << 20, fmt="qcow2")
+    create(path, 1 << 20, format="qcow2")
     spec = f'json:{{"driver": "qcow2", "file": {{"filename": "{path}"}}}}'
     assert run_qimg("resize", spec, "2M").returncode == 0
     opts = f"driver=qcow2,file.filename={path}"
@@ -1251,21 +1251,21 @@ def test_nbd_ports_may_be_service_names() -> None:
 
 def test_nbd_url_formats() -> None:
     url = "nbd://127.0.0.1:10809/x"
-    assert parse_spec(url, fmt="raw").core_dict() == {
+    assert parse_spec(url, format="raw").core_dict() == {
         "driver": "raw",
         "node-name": "root",
         "file": nbd_core("file", INET),
     }
-    assert parse_spec(url, fmt="nbd").core_dict() == nbd_core("root", INET)
-    assert parse_spec(url, fmt="nbd").display_name() == url
+    assert parse_spec(url, format="nbd").core_dict() == nbd_core("root", INET)
+    assert parse_spec(url, format="nbd").display_name() == url
     # -f file takes the name as a path, as qemu-img -f file does.
-    assert parse_spec(url, fmt="file").root == FileNode("root", url)
-    qcow2 = parse_spec(url, fmt="qcow2").root
+    assert parse_spec(url, format="file").root == FileNode("root", url)
+    qcow2 = parse_spec(url, format="qcow2").root
     assert qcow2 == Qcow2Node("root", NbdNode("file", InetAddress("127.0.0.1", 10809), "x"))
     with pytest.raises(InvalidOptionError, match="A quorum node needs a json:"):
-        parse_spec(url, fmt="quorum")
+        parse_spec(url, format="quorum")
     with pytest.raises(InvalidOptionError, match="An nbd node needs an nbd:// or nbd\\+unix://"):
-        parse_spec("a.raw", fmt="nbd")
+        parse_spec("a.raw", format="nbd")
 
 
 def test_nbd_typed_tree() -> None:
@@ -1441,7 +1441,7 @@ def test_nbd_spellings_give_the_same_node() -> None:
             image_opts=True,
         ),
         parse_spec("driver=nbd,host=127.0.0.1,port=10809,export=x,timeout=30", image_opts=True),
-        parse_spec("nbd://127.0.0.1:10809/x", fmt="nbd"),
+        parse_spec("nbd://127.0.0.1:10809/x", format="nbd"),
         parse_spec(
             {
                 "driver": "nbd",

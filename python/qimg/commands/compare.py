@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qimg import _core
 from qimg.commands._common import (
     Progress,
     add_events_arg,
@@ -15,9 +14,10 @@ from qimg.commands._common import (
     add_source_cache_arg,
     event_hub,
 )
+from qimg.compare import compare_open
 from qimg.errors import QimgError, UsageError
 from qimg.events import EventCallback
-from qimg.image import Image, check_cache_mode, drain_events, open_image, with_events
+from qimg.image import Image, check_cache_mode, open_image
 
 NAME = "compare"
 
@@ -93,30 +93,13 @@ def _compare(args: argparse.Namespace, name1: str, name2: str, events: EventCall
         return _fail(err, OPEN_FAILED)
     progress = Progress(args.progress and not args.quiet)
     with img1, img2:
-        common = min(img1.size, img2.size)
-        sizes_differ = img1.size != img2.size
         progress.start()
         try:
-            outcome, offset, _ = _core.compare_images(
-                img1._img,
-                img2._img,
-                strict=args.strict,
-                progress=with_events([img1, img2], progress),
-            )
+            result = compare_open(img1, img2, strict=args.strict, progress=progress)
         except QimgError as err:
             return _fail(err, READ_FAILED)
-        finally:
-            drain_events([img1, img2])
-    # qemu-img warns about the sizes once the common part has compared equal.
-    if sizes_differ and not args.strict and (offset is None or offset >= common):
+    if result.warns_about_size:
         say("Warning: Image size mismatch!")
-    if outcome == "identical":
-        say("Images are identical.")
-    elif outcome == "size-mismatch":
-        say("Strict mode: Image size mismatch!")
-    elif outcome == "status-mismatch":
-        say(f"Strict mode: Offset {offset} block status mismatch!")
-    else:
-        say(f"Content mismatch at offset {offset}!")
+    say(result.message())
     progress.finish_line()
-    return IDENTICAL if outcome == "identical" else DIFFERENT
+    return IDENTICAL if result.identical else DIFFERENT

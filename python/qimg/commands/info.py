@@ -4,6 +4,7 @@ filename``"""
 from __future__ import annotations
 
 import argparse
+from typing import cast
 
 from qimg import qjson
 from qimg.commands._common import (
@@ -16,7 +17,8 @@ from qimg.commands._common import (
     output_mode,
 )
 from qimg.errors import UsageError
-from qimg.image import info_human, open_image
+from qimg.image import info_human
+from qimg.info import info as image_info
 
 NAME = "info"
 
@@ -45,23 +47,19 @@ def run(args: argparse.Namespace) -> int:
     mode = output_mode(args)
     if args.filename is None:
         raise UsageError("Expecting one image file name")
-    # Like qemu-img, plain info names the backing file without opening it.
-    with (
-        event_hub(args) as events,
-        open_image(
+    with event_hub(args) as events:
+        found = image_info(
             args.filename,
-            args.fmt,
-            backing=args.backing_chain,
+            backing_chain=args.backing_chain,
+            format=args.fmt,
             image_opts=args.image_opts,
-            events=events,
             force_share=args.force_share,
-            purpose="inspect",
-        ) as image,
-    ):
-        chain = image.chain() if args.backing_chain else [image]
-        infos = [img.info() for img in chain]
+            events=events,
+        )
+    infos = found if isinstance(found, list) else [found]
     if mode == "json":
-        print(qjson.dumps(infos if args.backing_chain else infos[0]))
+        shown: object = found
+        print(qjson.dumps(cast("qjson.JsonValue", shown)))
     else:
         print("\n\n".join(info_human(i) for i in infos))
     return 0

@@ -167,6 +167,7 @@ impl Image {
     }
 
     /// Changes qcow2 options in place (see `qimg amend`); None keeps a value.
+    /// Returns the handle to use from now on (this one is retired).
     #[pyo3(signature = (*, compat=None, lazy_refcounts=None, refcount_bits=None, size=None))]
     fn amend(
         &self,
@@ -175,7 +176,7 @@ impl Image {
         lazy_refcounts: Option<bool>,
         refcount_bits: Option<u64>,
         size: Option<u64>,
-    ) -> PyResult<()> {
+    ) -> PyResult<Image> {
         self.node.as_qcow2().ok_or_else(|| {
             to_py(Error::invalid(format!(
                 "Format driver '{}' does not support option amendment",
@@ -203,11 +204,17 @@ impl Image {
             size,
         };
         let node = Arc::clone(&self.node);
-        run_long(py, None, move |_| match node.as_qcow2() {
-            Some(q) => q.amend(&spec),
+        // The amended image comes back as a new handle that follows its new
+        // header; this one is retired.
+        let fresh = run_long(py, None, move |_| match node.as_qcow2() {
+            Some(q) => q.amend(&spec).and_then(|()| q.reopen()),
             None => Err(Error::invalid("not a qcow2 image")),
         })?
-        .map_err(to_py)
+        .map_err(to_py)?;
+        Ok(Image {
+            node: Arc::new(fresh),
+            events: self.events.clone(),
+        })
     }
 
     /// Gives up QEMU's image locks every file of the image holds: when it is

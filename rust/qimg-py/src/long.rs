@@ -1,8 +1,10 @@
 //! Long calls (convert, compare, scrub, repair): the work runs on a thread
 //! of its own while the calling thread waits and, every few milliseconds,
-//! lets Python run its signal handlers. Ctrl-C (or any exception a handler
-//! raises) and an exception from the progress callback both cancel the
-//! work through its `Progress` hook, and the exception is re-raised here.
+//! lets Python run its signal handlers and hands the progress made so far to
+//! the progress callback. So every callback runs on the caller's thread,
+//! as Python code expects. Ctrl-C (or any exception a handler raises) and an
+//! exception from the progress callback both cancel the work through its
+//! `Progress` hook, and the exception is re-raised here.
 
 use pyo3::prelude::*;
 use qimg_core::Error;
@@ -10,58 +12,59 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-/// How often the waiting thread checks for signals.
+/// How often the waiting thread checks for signals and reports progress.
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
 /// How long a cancelled call waits for its work to unwind before it
 /// returns anyway (a worker can be stuck in a read from a dead server; it
 /// writes nothing more once cancelled).
 const UNWIND_GRACE: Duration = Duration::from_millis(500);
 
-/// The progress hook handed to the core: calls the Python callback once
-/// per whole percent and says "stop" once the call was cancelled.
+/// The progress the work reports, written by the work's threads and handed
+/// over to the waiting thread, one entry per whole percent reached.
 struct Reporter {
-    callback: Option<Py<PyAny>>,
+    /// Whether anybody listens (else nothing is queued).
+    listening: bool,
     last_percent: AtomicU64,
+    queue: Mutex<Vec<(u64, u64)>>,
     cancelled: AtomicBool,
-    /// The exception that cancelled the work.
-    raised: Mutex<Option<PyErr>>,
 }
 
 impl Reporter {
+    /// The work's progress hook: queues the position, says "stop" once the
+    /// call was cancelled.
     fn report(&self, done: u64, total: u64) -> qimg_core::Result<()> {
         if self.cancelled.load(Ordering::SeqCst) {
             return Err(Error::cancelled());
         }
-        let Some(cb) = &self.callback else {
+        if !self.listening {
             return Ok(());
-        };
+        }
         let percent = done.saturating_mul(100).checked_div(total).unwrap_or(100);
-        if self.last_percent.swap(percent, Ordering::Relaxed) == percent {
-            return Ok(());
+        if self.last_percent.swap(percent, Ordering::Relaxed) != percent {
+            self.queue
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push((done, total));
         }
-        match Python::attach(|py| cb.call1(py, (done, total)).map(drop)) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                self.cancel(e);
-                Err(Error::cancelled())
-            }
-        }
+        Ok(())
     }
 
-    /// Records the first exception that cancels the work.
-    fn cancel(&self, err: PyErr) {
-        let mut slot = self.raised.lock().unwrap_or_else(PoisonError::into_inner);
-        if slot.is_none() {
-            *slot = Some(err);
-        }
+    fn cancel(&self) {
         self.cancelled.store(true, Ordering::SeqCst);
     }
 
-    fn take_raised(&self) -> Option<PyErr> {
-        self.raised
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
+    /// Calls `callback` on the calling thread with every position queued
+    /// since the last call, in order.
+    fn deliver(&self, py: Python<'_>, callback: Option<&Py<PyAny>>) -> PyResult<()> {
+        let Some(cb) = callback else {
+            return Ok(());
+        };
+        let queued =
+            std::mem::take(&mut *self.queue.lock().unwrap_or_else(PoisonError::into_inner));
+        for (done, total) in queued {
+            cb.call1(py, (done, total))?;
+        }
+        Ok(())
     }
 }
 
@@ -71,19 +74,42 @@ struct Outcome<R> {
     ready: Condvar,
 }
 
-/// Runs `work` with a progress hook that calls `callback(done, total)` and
-/// stops the work once Python raises (a signal handler, the callback).
-/// Returns the work's own result, or the exception that stopped it.
+impl<R> Outcome<R> {
+    /// The result, once the work finished within `limit`.
+    fn wait(&self, limit: Duration) -> Option<std::thread::Result<R>> {
+        let deadline = Instant::now() + limit;
+        let mut slot = self.result.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(r) = slot.take() {
+                return Some(r);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            slot = self
+                .ready
+                .wait_timeout(slot, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+/// Runs `work` with a progress hook; `callback(done, total)` is called on
+/// this (the caller's) thread as the work advances. The work stops once
+/// Python raises (a signal handler, the callback). Returns the work's own
+/// result, or the exception that stopped it.
 pub(crate) fn run_long<R, F>(py: Python<'_>, callback: Option<Py<PyAny>>, work: F) -> PyResult<R>
 where
     R: Send + 'static,
     F: FnOnce(qimg_core::progress::Progress<'_>) -> R + Send + 'static,
 {
     let reporter = Arc::new(Reporter {
-        callback,
+        listening: callback.is_some(),
         last_percent: AtomicU64::new(u64::MAX),
+        queue: Mutex::new(Vec::new()),
         cancelled: AtomicBool::new(false),
-        raised: Mutex::new(None),
     });
     let outcome = Arc::new(Outcome {
         result: Mutex::new(None),
@@ -104,49 +130,30 @@ where
             "Could not start a worker thread: {e}"
         )));
     }
-    let wait = |limit: Duration| -> Option<std::thread::Result<R>> {
-        let deadline = Instant::now() + limit;
-        let mut slot = outcome
-            .result
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        loop {
-            if let Some(r) = slot.take() {
-                return Some(r);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            slot = outcome
-                .ready
-                .wait_timeout(slot, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-    };
     loop {
-        if let Some(r) = py.detach(|| wait(SIGNAL_POLL)) {
-            if let Some(raised) = reporter.take_raised() {
-                return Err(raised);
-            }
-            return r.map_err(|panic| {
+        if let Some(r) = py.detach(|| outcome.wait(SIGNAL_POLL)) {
+            let value = r.map_err(|panic| {
                 let what = panic
                     .downcast_ref::<&str>()
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "unknown panic".into());
                 pyo3::panic::PanicException::new_err(what)
-            });
+            })?;
+            // What the work reported last (100% of a finished job) reaches
+            // the callback too.
+            reporter.deliver(py, callback.as_ref())?;
+            return Ok(value);
         }
-        if let Err(e) = py.check_signals() {
-            reporter.cancel(e);
+        let raised = py
+            .check_signals()
+            .and_then(|()| reporter.deliver(py, callback.as_ref()));
+        if let Err(e) = raised {
+            reporter.cancel();
             // Give the work the time to unwind (and the caller's clean-up
             // a file no thread still writes to).
-            let _ = py.detach(|| wait(UNWIND_GRACE));
-            return Err(reporter
-                .take_raised()
-                .unwrap_or_else(|| pyo3::exceptions::PyKeyboardInterrupt::new_err(())));
+            let _ = py.detach(|| outcome.wait(UNWIND_GRACE));
+            return Err(e);
         }
     }
 }

@@ -52,6 +52,9 @@ pub struct WriteState {
     lazy: bool,
     /// The incompatible feature bits the header holds (without the dirty bit).
     incompatible: u64,
+    /// The image was reopened as a new node (see [`Qcow2Node::reopen`]):
+    /// this one writes nothing more.
+    retired: bool,
 }
 
 impl WriteState {
@@ -100,6 +103,7 @@ impl WriteState {
             marked_dirty: false,
             lazy: header.lazy_refcounts(),
             incompatible: header.incompatible & !INCOMPAT_DIRTY,
+            retired: false,
         })
     }
 }
@@ -157,7 +161,14 @@ impl Qcow2Node {
         let w = self.writer.as_ref().ok_or_else(|| {
             Error::InvalidArgument(format!("'{}' is open read-only", self.file.filename()))
         })?;
-        Ok(w.lock().unwrap_or_else(PoisonError::into_inner))
+        let st = w.lock().unwrap_or_else(PoisonError::into_inner);
+        if st.retired {
+            return Err(Error::InvalidArgument(format!(
+                "'{}' was reopened; use the new handle",
+                self.file.filename()
+            )));
+        }
+        Ok(st)
     }
 
     pub fn is_writable(&self) -> bool {
@@ -680,7 +691,10 @@ impl Qcow2Node {
 
     /// Flushes everything and, with lazy refcounts, marks the image clean.
     pub fn close_writer(&self) -> Result<()> {
-        if self.writer.is_none() {
+        let Some(w) = &self.writer else {
+            return Ok(());
+        };
+        if w.lock().unwrap_or_else(PoisonError::into_inner).retired {
             return Ok(());
         }
         let mut st = self.state()?;
@@ -711,6 +725,30 @@ fn compressed_range(entry: u64, cs: u64) -> (u64, u64) {
     let host = entry & ((1u64 << shift) - 1);
     let sectors = ((entry >> shift) & ((1u64 << (bits - 8)) - 1)) + 1;
     (host & !511, sectors * 512)
+}
+
+impl Qcow2Node {
+    /// The image as it now stands on disk, opened anew on the same file (so
+    /// with the same locks) and backing chain. A node's header is fixed when
+    /// it is opened; after `amend` rewrote the header, the reopened node is
+    /// the one that reads and writes by the new rules. This node is flushed
+    /// and retired: it writes nothing more, not even when dropped.
+    pub fn reopen(&self) -> Result<Qcow2Node> {
+        self.close_writer()?;
+        let cluster = self.cs().min(self.file.file_len());
+        let mut head = vec![0u8; cluster as usize];
+        self.file.pread(&mut head, 0)?;
+        let header = ImageHeader::parse(&head, self.file.file_len())?;
+        if let Some(w) = &self.writer {
+            w.lock().unwrap_or_else(PoisonError::into_inner).retired = true;
+        }
+        Qcow2Node::open(
+            std::sync::Arc::clone(&self.file),
+            header,
+            self.backing.clone(),
+            self.backing_path().map(str::to_string),
+        )
+    }
 }
 
 impl Drop for Qcow2Node {
