@@ -2,13 +2,32 @@
 
 from collections.abc import Callable
 from os import PathLike
-from typing import Any
+from typing import Any, TypeAlias, final
+
+__all__ = [
+    "Image",
+    "Qcow2Spec",
+    "__version__",
+    "check_image",
+    "compare_images",
+    "convert",
+    "create_raw",
+    "local_path",
+    "measure_qcow2",
+    "measure_raw",
+    "open_image",
+    "open_spec",
+    "repair_image",
+    "resolve_backing",
+    "scrub",
+]
 
 __version__: str
 
+@final
 class Qcow2Spec:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         *,
         size: int,
         cluster_size: int,
@@ -20,7 +39,7 @@ class Qcow2Spec:
         preallocation: str,
         backing_file: str | None = None,
         backing_fmt: str | None = None,
-    ) -> None: ...
+    ) -> Qcow2Spec: ...
     @property
     def virtual_size(self) -> int: ...
     @property
@@ -59,8 +78,9 @@ def measure_qcow2(
 ) -> tuple[int, int, int | None]: ...
 def measure_raw(virtual_size: int) -> tuple[int, int, int | None]: ...
 
-MapTuple = tuple[int, int, int, bool, bool, bool, bool, int | None, str | None]
+_MapTuple: TypeAlias = tuple[int, int, int, bool, bool, bool, bool, int | None, str | None]
 
+@final
 class Image:
     @property
     def size(self) -> int: ...
@@ -70,7 +90,7 @@ class Image:
     def filename(self) -> str: ...
     def read(self, offset: int, length: int) -> bytes: ...
     def readinto(self, offset: int, buffer: bytearray) -> int: ...
-    def map(self, start: int = 0, length: int | None = None) -> list[MapTuple]: ...
+    def map(self, start: int = 0, length: int | None = None) -> list[_MapTuple]: ...
     def backing(self) -> Image | None: ...
     def take_events(self) -> list[tuple[str, int, int, dict[str, Any]]]: ...
     def data_bytes(self, cluster_size: int) -> int: ...

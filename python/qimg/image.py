@@ -58,7 +58,7 @@ __all__ = [
 
 #: What :func:`open_image` opens: a file name, a ``json:{...}`` string, an
 #: ``--image-opts`` string (with ``image_opts=True``), a mapping, or a parsed spec.
-ImageSpec: TypeAlias = "str | os.PathLike[str] | Mapping[str, Any] | NodeSpec"
+ImageSpec: TypeAlias = str | os.PathLike[str] | Mapping[str, Any] | NodeSpec
 
 
 @dataclass(frozen=True)

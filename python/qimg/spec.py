@@ -252,7 +252,7 @@ class _Shown:
     """For a node without a driver: its node name, to look up the probed format."""
 
 
-_ShownValue: TypeAlias = "Scalar | _Shown | list[_Shown]"
+_ShownValue: TypeAlias = Scalar | _Shown | list[_Shown]
 
 
 def _json_scalar(value: Scalar) -> str:
@@ -482,7 +482,7 @@ class _Empty(enum.Enum):
     OBJECT = "{}"
 
 
-_Leaf: TypeAlias = "Scalar | _Empty"
+_Leaf: TypeAlias = Scalar | _Empty
 
 
 @dataclass
@@ -1578,7 +1578,7 @@ class _Parser:
 
 # --- the entry point -----------------------------------------------------------------------
 
-SpecInput: TypeAlias = "str | os.PathLike[str] | Mapping[str, Any] | NodeSpec"
+SpecInput: TypeAlias = str | os.PathLike[str] | Mapping[str, Any] | NodeSpec
 
 
 def parse_spec(
