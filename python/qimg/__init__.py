@@ -28,11 +28,14 @@ from __future__ import annotations
 import importlib
 import sys
 import types
-from typing import TYPE_CHECKING, Any
 
 from qimg._core import __version__
 
+# typing.TYPE_CHECKING without importing typing: every command line imports this module.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from qimg.check import CheckReport, check
     from qimg.convert import convert
     from qimg.create import create
