@@ -43,7 +43,8 @@ def add_image_opts_arg(p: argparse.ArgumentParser, what: str = "the file name is
         action="store_true",
         help=(
             f"{what} an option string, as qemu-img's --image-opts: "
-            "driver=quorum,vote-threshold=2,children.0.driver=raw,children.0.file.filename=a.raw,..."
+            "driver=qcow2,file.filename=a.qcow2 or a node tree such as "
+            "driver=quorum,vote-threshold=2,children.0.file.filename=a.raw,..."
         ),
     )
 
