@@ -28,14 +28,17 @@ from __future__ import annotations
 import importlib
 import sys
 import types
-from typing import TYPE_CHECKING, Any
 
 from qimg._core import __version__
 
+# typing.TYPE_CHECKING without importing typing: every command line imports this module.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     # What type checkers see: every public name, imported from its home. At run
     # time the same names load on first use (below), so that `import qimg` and
     # every command line stay quick; an unknown name is an error for both.
+    from typing import Any
+
     from qimg.check import CheckReport, check
     from qimg.compare import CompareResult, compare
     from qimg.convert import convert

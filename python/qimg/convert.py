@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from qimg import _core
+from qimg import _core, _log
 from qimg.create import OptionValue, option_items, plan_create
 from qimg.deprecated import renamed
 from qimg.devices import is_block_device, resolve_host_device
@@ -147,6 +148,8 @@ def run(request: ConvertRequest, progress: Callable[[int, int], None] | None = N
             )
             for s in request.sources
         ]
+        for name, source in zip(request.sources, sources, strict=True):
+            _log.opened("source", name, source)
         total = sum(s.size for s in sources)
         if request.existing:
             target = stack.enter_context(
@@ -160,6 +163,7 @@ def run(request: ConvertRequest, progress: Callable[[int, int], None] | None = N
                     events=request.events,
                 )
             )
+            _log.opened("existing target", request.target, target)
             if target.size < total:
                 raise InvalidOptionError(
                     f"output file '{target.filename}' is smaller than the input "
@@ -192,10 +196,12 @@ def run(request: ConvertRequest, progress: Callable[[int, int], None] | None = N
             raise InvalidOptionError("Compression and preallocation not supported at the same time")
         local = _core.local_path(request.target)
         with _removed_on_failure(local):
+            _log.info("creating %s: format %s, %d bytes", request.target, request.out_fmt, total)
             plan.run()
             with open_image(
                 request.target, request.out_fmt, writable=True, cache=request.cache
             ) as target:
+                _log.opened("new target", request.target, target)
                 _copy(
                     sources,
                     target,
@@ -244,6 +250,8 @@ def _copy(
     progress: Callable[[int, int], None] | None,
 ) -> None:
     images = [*sources, target]
+    _log.info("copy: %s", "; ".join(_copy_paths(request, zero_init=zero_init, top_only=top_only)))
+    started = time.monotonic()
     try:
         _core.convert(
             [s._img for s in sources],
@@ -259,6 +267,36 @@ def _copy(
         )
     finally:
         drain_events(images)
+    _log.debug("copied %d bytes in %.3f s", target.size, time.monotonic() - started)
+
+
+def _copy_paths(request: ConvertRequest, *, zero_init: bool, top_only: bool) -> list[str]:
+    """Which ways the copy takes, in words, for ``-v``."""
+    if request.copy_offload:
+        paths = [
+            "copy offload: data stored plainly in local files is copied inside the kernel "
+            "(copy_file_range), the rest goes through the copy engine"
+        ]
+    else:
+        paths = ["copy engine"]
+    workers = "one per core" if request.workers is None else str(request.workers)
+    order = "in order" if request.in_order else "out of order (-W)"
+    paths.append(f"workers: {workers}, writes {order}")
+    paths.append("compressed clusters (-c)" if request.compress else "no compression")
+    if request.copy_offload:
+        paths.append("no zero detection (-C)")
+    elif request.sparse_size == 0:
+        paths.append("no zero detection (-S 0): every byte is written")
+    else:
+        paths.append(f"zero detection: zero runs of {request.sparse_size} bytes or more are holes")
+    paths.append(
+        "target reads as zeroes: zero ranges are skipped"
+        if zero_init
+        else "target may hold data: zero ranges are written"
+    )
+    if top_only:
+        paths.append("only data above the backing file is copied")
+    return paths
 
 
 @contextlib.contextmanager

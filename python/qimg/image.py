@@ -11,7 +11,6 @@ bad data, ...) are drained after every operation and handed to the image's
 from __future__ import annotations
 
 import os
-import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -21,9 +20,9 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 from qimg import _core
 from qimg.errors import InvalidOptionError, QimgError, UsageError
 from qimg.events import Event, EventCallback
+from qimg.imageinfo import core_info, file_child, info_of, nbd_info
 from qimg.prealloc import PreallocMode
-from qimg.qjson import JsonValue, human_lines
-from qimg.sizes import size_to_str
+from qimg.qjson import JsonValue
 from qimg.spec import (
     BACKING_DEFAULT,
     BlkdebugNode,
@@ -311,7 +310,7 @@ class Image:
         """The ImageInfo object ``qemu-img info --output=json`` prints for this image,
         as it stands now (after :meth:`amend` or :meth:`resize` too)."""
         if self.spec is None or self.spec.is_plain:
-            found = image_info(self._img)
+            found = core_info(self._img)
         else:
             found = _tree_info(self.spec, self.spec.root, self._img, probed_formats(self.spec))
         return cast("ImageInfo", found)
@@ -498,91 +497,15 @@ def check_cache_mode(mode: str, *, source: bool = False) -> str:
     raise UsageError(f"Invalid {'source ' if source else ''}cache option: {mode}")
 
 
-def _file_child(d: dict[str, Any]) -> dict[str, JsonValue]:
-    if d["file_format"] == "nbd":
-        return {"name": "file", "info": _nbd_info(d["file_filename"], d["file_length"])}
-    # Members in QAPI order; the printer reorders them as qemu-img does.
-    return {
-        "name": "file",
-        "info": {
-            "filename": d["file_filename"],
-            "format": "file",
-            "dirty-flag": False,
-            "actual-size": d["actual_size"],
-            "virtual-size": d["file_length"],
-            "format-specific": {"type": "file", "data": {}},
-            "children": [],
-        },
-    }
-
-
-def image_info(core: _core.Image) -> dict[str, JsonValue]:
-    return _info_of(core.details())
-
-
-def _info_of(d: dict[str, Any]) -> dict[str, JsonValue]:
-    """The ImageInfo object of a node, from the facts ``details()`` gives."""
-    info: dict[str, JsonValue] = {
-        "filename": d["filename"],
-        "format": d["format"],
-        "dirty-flag": bool(d.get("dirty", False)),
-    }
-    if "actual_size" in d:
-        info["actual-size"] = d["actual_size"]
-    info["virtual-size"] = d["virtual_size"]
-    if "cluster_size" in d:
-        info["cluster-size"] = d["cluster_size"]
-    if "backing_filename" in d:
-        info["backing-filename"] = d["backing_filename"]
-        if d["full_backing_filename"] is not None:
-            info["full-backing-filename"] = d["full_backing_filename"]
-        if d.get("backing_format") is not None:
-            info["backing-filename-format"] = d["backing_format"]
-    if "snapshots" in d:
-        info["snapshots"] = [
-            {
-                "id": s["id"],
-                "name": s["name"],
-                "vm-state-size": s["vm_state_size"],
-                "date-sec": s["date_sec"],
-                "date-nsec": s["date_nsec"],
-                "vm-clock-sec": s["vm_clock_nsec"] // 1_000_000_000,
-                "vm-clock-nsec": s["vm_clock_nsec"] % 1_000_000_000,
-                "icount": s["icount"] if s["icount"] is not None else 0,
-            }
-            for s in d["snapshots"]
-        ]
-    if "qcow2" in d:
-        q = d["qcow2"]
-        data: dict[str, JsonValue] = {"compat": q["compat"]}
-        if "extended_l2" in q:
-            data["extended-l2"] = q["extended_l2"]
-        if "lazy_refcounts" in q:
-            data["lazy-refcounts"] = q["lazy_refcounts"]
-        if "corrupt" in q:
-            data["corrupt"] = q["corrupt"]
-        data["refcount-bits"] = q["refcount_bits"]
-        data["compression-type"] = q.get("compression_type", "zlib")
-        info["format-specific"] = {"type": "qcow2", "data": data}
-    if "file_filename" in d:
-        info["children"] = [_file_child(d)]
-    return info
-
-
 def _open_node(node: Node) -> _core.Image:
     """Opens one node of a tree (read-only) to describe it by itself."""
     return _core.open_spec(NodeSpec(node).to_core_json())
 
 
 def _protocol_info(core: _core.Image, filename: str) -> dict[str, JsonValue]:
-    info = _file_child(core.details())["info"]
+    info = file_child(core.details())["info"]
     assert isinstance(info, dict)
     return {**info, "filename": filename}
-
-
-def _nbd_info(filename: str, size: int) -> dict[str, JsonValue]:
-    # qemu-img knows neither a disk size nor a dirty flag of an export.
-    return {"filename": filename, "format": "nbd", "virtual-size": size, "children": []}
 
 
 def _tree_info(
@@ -594,10 +517,10 @@ def _tree_info(
     if isinstance(node, FileNode):
         return _protocol_info(core, filename)
     if isinstance(node, NbdNode):
-        return _nbd_info(filename, core.size)
+        return nbd_info(filename, core.size)
     if isinstance(node, RawNode | Qcow2Node | ProbeNode):
         details = core.details()
-        info = _info_of(details)
+        info = info_of(details)
         info["filename"] = filename
         children: list[JsonValue] = []
         below = core.backing()
@@ -609,7 +532,7 @@ def _tree_info(
             below = None
         if isinstance(node, Qcow2Node | ProbeNode) and below is not None:
             if from_header:
-                backing_info = image_info(below)
+                backing_info = core_info(below)
             else:
                 assert isinstance(backing_node, Node)
                 backing_info = _tree_info(spec, backing_node, below, probed)
@@ -619,7 +542,7 @@ def _tree_info(
                 # qemu-img shows no dirty flag for a raw image over an export.
                 info.pop("dirty-flag", None)
             export = spec.display_name_of(node.file.node_name, probed)
-            info["children"] = [{"name": "file", "info": _nbd_info(export, details["file_length"])}]
+            info["children"] = [{"name": "file", "info": nbd_info(export, details["file_length"])}]
         children.extend(info.get("children", []))  # type: ignore[arg-type]
         info["children"] = children
         return info
@@ -648,70 +571,3 @@ def _tree_info(
 
 def _driver_name(node: Node) -> str:
     return "quorum" if isinstance(node, QuorumNode) else "blkdebug"
-
-
-def _snapshot_table(snapshots: list[Any]) -> list[str]:
-    heading = f"{'ID':<7} {'TAG':<16} {'VM_SIZE':>8} {'DATE':>19} {'VM_CLOCK':>15} {'ICOUNT':>10}"
-    lines = ["Snapshot list:", heading]
-    for s in snapshots:
-        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
-        clock_ms = s["vm-clock-sec"] * 1000 + s["vm-clock-nsec"] // 1_000_000
-        hours, rest = divmod(clock_ms, 3_600_000)
-        minutes, rest = divmod(rest, 60_000)
-        seconds, millis = divmod(rest, 1000)
-        clock = f"{hours:04d}:{minutes:02d}:{seconds:02d}.{millis:03d}"
-        lines.append(
-            f"{s['id']:<7} {s['name']:<16} {size_to_str(s['vm-state-size']):>8} "
-            f"{date:>19} {clock:>15} {s['icount']:>10}"
-        )
-    return lines
-
-
-def info_human(info: Mapping[str, Any]) -> str:
-    """The text ``qemu-img info`` prints for one image (and the nodes under it)."""
-    return "\n".join(_info_lines(info, "", ""))
-
-
-def _info_lines(info: Mapping[str, Any], pad: str, path: str) -> list[str]:
-    actual = info.get("actual-size")
-    lines = [
-        f"image: {info['filename']}",
-        f"file format: {info['format']}",
-        f"virtual size: {size_to_str(info['virtual-size'])} ({info['virtual-size']} bytes)",
-        f"disk size: {'unavailable' if actual is None else size_to_str(actual)}",
-    ]
-    if "cluster-size" in info:
-        lines.append(f"cluster_size: {info['cluster-size']}")
-    if "backing-filename" in info:
-        name, full = info["backing-filename"], info.get("full-backing-filename")
-        if full is None:
-            lines.append(f"backing file: {name} (cannot determine actual path)")
-        else:
-            where = f" (actual path: {full})" if full != name else ""
-            lines.append(f"backing file: {name}{where}")
-        if "backing-filename-format" in info:
-            lines.append(f"backing file format: {info['backing-filename-format']}")
-    if info.get("dirty-flag"):
-        lines.append("cleanly shut down: no")
-    if info.get("snapshots"):
-        lines.extend(_snapshot_table(info["snapshots"]))
-    if info.get("format-specific", {}).get("data"):
-        lines.append("Format specific information:")
-        lines.extend(human_lines(info["format-specific"]["data"], 4))
-    lines = [pad + line for line in lines]
-    for child in info.get("children", []):
-        c = child["info"]
-        child_path = f"{path}/{child['name']}"
-        lines.append(f"{pad}Child node '{child_path}':")
-        if c["format"] not in ("file", "nbd"):
-            lines.extend(_info_lines(c, pad + "    ", child_path))
-            continue
-        lines.append(f"{pad}    filename: {c['filename']}")
-        lines.append(f"{pad}    protocol type: {c['format']}")
-        lines.append(
-            f"{pad}    file length: {size_to_str(c['virtual-size'])} ({c['virtual-size']} bytes)"
-        )
-        child_actual = c.get("actual-size")
-        shown = "unavailable" if child_actual is None else size_to_str(child_actual)
-        lines.append(f"{pad}    disk size: {shown}")
-    return lines

@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections.abc import Iterator
 
 from qimg.errors import UsageError
-from qimg.events import EventHub, open_sink
+
+# typing.TYPE_CHECKING without importing typing (mypy and ruff know the name).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from qimg.events import EventHub
 
 __all__ = [
     "Progress",
@@ -26,7 +31,9 @@ __all__ = [
 
 
 def add_format_arg(p: argparse.ArgumentParser, flag: str = "-f", dest: str = "fmt") -> None:
-    p.add_argument(flag, dest=dest, help="image format (qcow2 or raw; default: probe)")
+    p.add_argument(
+        flag, dest=dest, metavar="FMT", help="image format (qcow2 or raw; default: probe)"
+    )
 
 
 def add_image_opts_arg(p: argparse.ArgumentParser, what: str = "the file name is") -> None:
@@ -36,7 +43,8 @@ def add_image_opts_arg(p: argparse.ArgumentParser, what: str = "the file name is
         action="store_true",
         help=(
             f"{what} an option string, as qemu-img's --image-opts: "
-            "driver=quorum,vote-threshold=2,children.0.driver=raw,children.0.file.filename=a.raw,..."
+            "driver=qcow2,file.filename=a.qcow2 or a node tree such as "
+            "driver=quorum,vote-threshold=2,children.0.file.filename=a.raw,..."
         ),
     )
 
@@ -59,6 +67,9 @@ def event_hub(args: argparse.Namespace) -> Iterator[EventHub | None]:
     if args.events is None:
         yield None
         return
+    # Imported here: the events machinery (JSON, threads, sockets) is for --events only.
+    from qimg.events import EventHub, open_sink
+
     hub = EventHub([open_sink(args.events)])
     try:
         yield hub
@@ -83,6 +94,7 @@ def add_cache_arg(p: argparse.ArgumentParser, default: str) -> None:
         "-t",
         dest="cache",
         default=default,
+        metavar="MODE",
         help=(
             f"cache mode of the image written: writeback, unsafe, none (O_DIRECT), "
             f"directsync or writethrough (default: {default})"
@@ -95,12 +107,15 @@ def add_source_cache_arg(p: argparse.ArgumentParser) -> None:
         "-T",
         dest="source_cache",
         default="writeback",
+        metavar="MODE",
         help="cache mode of the images read (default: writeback)",
     )
 
 
 def add_output_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", default="human", help="human (default) or json")
+    p.add_argument(
+        "--output", default="human", metavar="FMT", help="output format: human (default) or json"
+    )
 
 
 def add_share_arg(p: argparse.ArgumentParser) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from qimg.commands._common import Progress, add_cache_arg, add_format_arg, add_image_opts_arg
+from qimg.commands._parser import examples, refused_by_name
 from qimg.errors import InvalidOptionError, UsageError
 from qimg.formats import amend_info, option_text, option_value
 from qimg.image import ImageSpec, check_cache_mode, open_image, parse_image_spec
@@ -22,6 +23,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "Change compat (0.10 <-> 1.1), lazy_refcounts, refcount_bits or size of a "
             "qcow2 image in place, as qemu-img amend does; '-o help' lists the options."
         ),
+        epilog=examples(
+            "qimg amend -o compat=0.10 disk.qcow2",
+            "qimg amend -o lazy_refcounts=on,size=20G disk.qcow2",
+        ),
         allow_abbrev=False,
     )
     add_format_arg(p)
@@ -35,11 +40,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
     p.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
-    p.add_argument("--force", dest="unsupported_force", action="store_true", help="not supported")
-    p.add_argument("--object", dest="unsupported_object", help="objects: not supported by qimg")
+    refused_by_name(p, "--force", dest="unsupported_force")
+    refused_by_name(p, "--object", dest="unsupported_object", takes_value=True)
     add_image_opts_arg(p)
     add_cache_arg(p, "writeback")
-    p.add_argument("filename", nargs="?")
+    p.add_argument("filename", nargs="?", help="the qcow2 image to change")
     p.set_defaults(run=run)
 
 

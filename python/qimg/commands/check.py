@@ -19,6 +19,7 @@ from qimg.commands._common import (
     event_hub,
     output_mode,
 )
+from qimg.commands._parser import examples
 from qimg.errors import QimgError, UsageError
 from qimg.events import EventCallback
 from qimg.image import check_cache_mode, open_image
@@ -39,6 +40,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "3 leaked clusters only, 63 for formats without metadata (raw). "
             "With -r the image is repaired in place first, then checked again."
         ),
+        epilog=examples(
+            "qimg check disk.qcow2",
+            "qimg check -r leaks --output=json disk.qcow2",
+        ),
         allow_abbrev=False,
     )
     add_format_arg(p)
@@ -58,7 +63,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "are too low, COPIED flags and broken refcount structures"
         ),
     )
-    p.add_argument("filename", nargs="?")
+    p.add_argument("filename", nargs="?", help="the image to check")
     p.set_defaults(run=run)
 
 

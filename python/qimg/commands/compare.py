@@ -14,6 +14,7 @@ from qimg.commands._common import (
     add_source_cache_arg,
     event_hub,
 )
+from qimg.commands._parser import examples
 from qimg.compare import compare_open
 from qimg.errors import QimgError, UsageError
 from qimg.events import EventCallback
@@ -34,10 +35,18 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "exit 0 when identical, 1 when different, 2 when an image cannot be opened, "
             "4 when reading fails."
         ),
+        epilog=examples(
+            "qimg compare disk.qcow2 disk.raw",
+            "qimg compare -s -f qcow2 -F qcow2 a.qcow2 b.qcow2",
+        ),
         allow_abbrev=False,
     )
-    p.add_argument("-f", dest="fmt1", help="format of the first image (default: probe)")
-    p.add_argument("-F", dest="fmt2", help="format of the second image (default: probe)")
+    p.add_argument(
+        "-f", dest="fmt1", metavar="FMT", help="format of the first image (default: probe)"
+    )
+    p.add_argument(
+        "-F", dest="fmt2", metavar="FMT", help="format of the second image (default: probe)"
+    )
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
     p.add_argument("-q", dest="quiet", action="store_true", help="print nothing, just exit")
     p.add_argument(
@@ -47,7 +56,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_source_cache_arg(p)
     add_image_opts_arg(p, "each file name is")
     add_events_arg(p)
-    p.add_argument("filenames", nargs="*")
+    p.add_argument("filenames", nargs="*", metavar="FILE", help="the two images to compare")
     p.set_defaults(run=run)
 
 

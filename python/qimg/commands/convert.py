@@ -18,6 +18,7 @@ from qimg.commands._common import (
     add_source_cache_arg,
     event_hub,
 )
+from qimg.commands._parser import examples, refused_by_name
 from qimg.convert import ConvertRequest
 from qimg.convert import run as run_convert
 from qimg.errors import QimgError, UsageError
@@ -26,7 +27,8 @@ from qimg.options import parse_option_lists, parse_size
 
 NAME = "convert"
 
-# Options of qemu-img convert that qimg refuses by name rather than ignore.
+# Options of qemu-img convert that qimg refuses by name rather than ignore (kept out
+# of --help).
 UNSUPPORTED_VALUE = (
     ("-l", "snapshots as the source"),
     ("-r", "rate limits"),
@@ -47,17 +49,32 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "json:{...} or with --image-opts (several sources are concatenated), into a "
             "qcow2 or raw image, as qemu-img convert does."
         ),
+        epilog=examples(
+            "qimg convert -O raw disk.qcow2 disk.raw",
+            "qimg convert -p -c -O qcow2 disk.raw small.qcow2",
+            "qimg convert -O qcow2 -B base.qcow2 -F qcow2 disk.raw overlay.qcow2",
+        ),
         allow_abbrev=False,
     )
-    p.add_argument("-f", dest="fmt", help="source format (default: probe)")
-    p.add_argument("-O", dest="out_fmt", default="raw", help="output format (raw or qcow2)")
+    p.add_argument("-f", dest="fmt", metavar="FMT", help="source format (default: probe)")
+    p.add_argument(
+        "-O", dest="out_fmt", default="raw", metavar="FMT", help="output format (raw or qcow2)"
+    )
     add_options_arg(p, "output format options, as for create")
     p.add_argument("-c", dest="compress", action="store_true", help="compress the output (qcow2)")
-    p.add_argument("-B", "-b", "--backing", dest="backing_file", help="backing file of the output")
-    p.add_argument("-F", dest="backing_fmt", help="format of the backing file")
+    p.add_argument(
+        "-B",
+        "-b",
+        "--backing",
+        dest="backing_file",
+        metavar="FILE",
+        help="backing file of the output",
+    )
+    p.add_argument("-F", dest="backing_fmt", metavar="FMT", help="format of the backing file")
     p.add_argument(
         "-S",
         dest="sparse",
+        metavar="SIZE",
         help="zero runs at least this long become holes (default 4k; 0 writes all data)",
     )
     p.add_argument(
@@ -76,7 +93,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         action="store_true",
         help="with -n: the existing image reads as zeroes, skip writing zeroes",
     )
-    p.add_argument("-m", dest="workers", help="parallel workers, 1 to 16 (default: one per core)")
+    p.add_argument(
+        "-m", dest="workers", metavar="N", help="parallel workers, 1 to 16 (default: one per core)"
+    )
     p.add_argument("-W", dest="out_of_order", action="store_true", help="allow out-of-order writes")
     add_cache_arg(p, "unsafe")
     add_source_cache_arg(p)
@@ -91,13 +110,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="with -n: the output file name is an option string (its driver replaces -O)",
     )
     add_events_arg(p)
-    for flag, what in UNSUPPORTED_VALUE:
-        p.add_argument(flag, dest=f"unsupported{flag}", help=f"{what}: not supported by qimg")
-    for flag, what in UNSUPPORTED_FLAG:
-        p.add_argument(
-            flag, dest=f"unsupported{flag}", action="store_true", help=f"{what}: not supported"
-        )
-    p.add_argument("filenames", nargs="*")
+    for flag, _ in UNSUPPORTED_VALUE:
+        refused_by_name(p, flag, dest=f"unsupported{flag}", takes_value=True)
+    for flag, _ in UNSUPPORTED_FLAG:
+        refused_by_name(p, flag, dest=f"unsupported{flag}")
+    p.add_argument(
+        "filenames",
+        nargs="*",
+        metavar="FILE",
+        help="source images (one or more), then the output file",
+    )
     p.set_defaults(run=run)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from qimg.commands._common import add_options_arg
+from qimg.commands._parser import examples
 from qimg.create import plan_create
 from qimg.errors import QimgError, UsageError
 from qimg.formats import format_info
@@ -19,17 +20,34 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         NAME,
         help="create a new image",
         description="Create a qcow2 or raw image, as qemu-img create does.",
+        epilog=examples(
+            "qimg create -f qcow2 disk.qcow2 10G",
+            "qimg create -f qcow2 -o preallocation=metadata,cluster_size=2M big.qcow2 1T",
+            "qimg create -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2",
+            "qimg create -f qcow2 -o help",
+        ),
         allow_abbrev=False,
     )
     p.add_argument("-q", dest="quiet", action="store_true", help="print nothing on success")
-    p.add_argument("-f", dest="fmt", default="raw", help="image format (qcow2 or raw; default raw)")
-    p.add_argument("-b", dest="backing_file", help="backing file of the new image")
     p.add_argument(
-        "-F", "-B", "--backing-format", dest="backing_fmt", help="format of the backing file"
+        "-f",
+        dest="fmt",
+        default="raw",
+        metavar="FMT",
+        help="image format (qcow2 or raw; default raw)",
+    )
+    p.add_argument("-b", dest="backing_file", metavar="FILE", help="backing file of the new image")
+    p.add_argument(
+        "-F",
+        "-B",
+        "--backing-format",
+        dest="backing_fmt",
+        metavar="FMT",
+        help="format of the backing file",
     )
     p.add_argument("-u", dest="unsafe", action="store_true", help="do not open the backing file")
     add_options_arg(p, "format options")
-    p.add_argument("filename", nargs="?")
+    p.add_argument("filename", nargs="?", help="the image to create")
     p.add_argument("size", nargs="?", help="virtual size, with optional k/M/G/T/P/E suffix")
     p.set_defaults(run=run)
 

@@ -38,6 +38,7 @@ from qimg.commands._common import (
     add_share_arg,
     event_hub,
 )
+from qimg.commands._parser import examples
 from qimg.errors import UsageError
 from qimg.events import EventCallback
 from qimg.image import check_cache_mode, open_image
@@ -91,6 +92,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "refused by name: -c lines before the image is opened, lines from standard "
             "input when they are reached (which ends the run)."
         ),
+        epilog=examples(
+            "qimg io -c 'write -P 0xab 0 64k' -c 'read -P 0xab 0 64k' disk.qcow2",
+            "qimg io -r -c map disk.qcow2",
+        ),
         allow_abbrev=False,
     )
     p.add_argument(
@@ -113,6 +118,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--cache",
         dest="cache",
         default="writeback",
+        metavar="MODE",
         help="cache mode: writeback (default), unsafe, none, directsync or writethrough",
     )
     p.add_argument(
@@ -129,7 +135,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             help=argparse.SUPPRESS,  # parsed only to be refused by name
         )
     p.set_defaults(refused=[])
-    p.add_argument("filename", nargs="?")
+    p.add_argument("filename", nargs="?", help="the image to run the commands on")
     p.set_defaults(run=run)
 
 

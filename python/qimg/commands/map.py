@@ -14,6 +14,7 @@ from qimg.commands._common import (
     event_hub,
     output_mode,
 )
+from qimg.commands._parser import examples
 from qimg.errors import InvalidImageError, UsageError
 from qimg.image import MapExtent, open_image
 from qimg.options import parse_size
@@ -26,6 +27,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         NAME,
         help="show where each range of an image is stored",
         description="Print the allocation map of an image, as qemu-img map does.",
+        epilog=examples(
+            "qimg map disk.qcow2",
+            "qimg map --output=json --start-offset=1G --max-length=64M disk.qcow2",
+        ),
         allow_abbrev=False,
     )
     add_format_arg(p)
@@ -33,9 +38,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_share_arg(p)
     add_image_opts_arg(p)
     add_events_arg(p)
-    p.add_argument("-s", "--start-offset", dest="start", help="first byte to map")
-    p.add_argument("-l", "--max-length", dest="length", help="bytes to map at most")
-    p.add_argument("filename", nargs="?")
+    p.add_argument("-s", "--start-offset", dest="start", metavar="OFFSET", help="first byte to map")
+    p.add_argument(
+        "-l", "--max-length", dest="length", metavar="LENGTH", help="bytes to map at most"
+    )
+    p.add_argument("filename", nargs="?", help="the image to map")
     p.set_defaults(run=run)
 
 

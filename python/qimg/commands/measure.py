@@ -6,8 +6,16 @@ from __future__ import annotations
 import argparse
 import json
 
-from qimg.commands._common import add_events_arg, add_image_opts_arg, add_share_arg, event_hub
-from qimg.errors import UsageError
+from qimg.commands._common import (
+    add_events_arg,
+    add_image_opts_arg,
+    add_options_arg,
+    add_output_arg,
+    add_share_arg,
+    event_hub,
+    output_mode,
+)
+from qimg.commands._parser import examples
 from qimg.formats import format_info
 from qimg.measure import measure_items
 from qimg.options import parse_image_size, parse_option_lists
@@ -19,24 +27,36 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser(
         NAME,
         help="size a new image would need",
-        description="Print the file size a new image needs, as qemu-img measure does.",
+        description=(
+            "Print the file size a new image needs, as qemu-img measure does: an empty one "
+            "of --size bytes, or one converted from an existing image."
+        ),
+        epilog=examples(
+            "qimg measure -O qcow2 --size 10G",
+            "qimg measure -O qcow2 -o cluster_size=2M disk.raw",
+        ),
         allow_abbrev=False,
     )
-    p.add_argument("--output", default="human", help="human (default) or json")
-    p.add_argument("-O", dest="out_fmt", default="raw", help="target format (default raw)")
-    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS")
-    p.add_argument("-s", "--size", dest="size", help="measure an empty image of this size")
-    p.add_argument("-f", dest="fmt", help="format of the source image (default: probe)")
+    add_output_arg(p)
+    p.add_argument(
+        "-O", dest="out_fmt", default="raw", metavar="FMT", help="target format (default raw)"
+    )
+    add_options_arg(p, "options of the target format, as for create")
+    p.add_argument(
+        "-s", "--size", dest="size", metavar="SIZE", help="measure an empty image of this size"
+    )
+    p.add_argument(
+        "-f", dest="fmt", metavar="FMT", help="format of the source image (default: probe)"
+    )
     add_image_opts_arg(p)
     add_share_arg(p)
     add_events_arg(p)
-    p.add_argument("filename", nargs="?")
+    p.add_argument("filename", nargs="?", help="the image to measure a converted copy of")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.output not in ("human", "json"):
-        raise UsageError(f"--output expects 'human' or 'json', not '{args.output}'")
+    output_mode(args)
     items = parse_option_lists(args.options)
     if any(item.is_help for item in items):
         print(format_info(args.out_fmt).help_text(with_protocol=True))

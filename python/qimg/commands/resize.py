@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from qimg.commands._common import add_format_arg, add_image_opts_arg
+from qimg.commands._parser import examples, refused_by_name
 from qimg.errors import InvalidOptionError, UsageError
 from qimg.image import ImageSpec, open_image, parse_image_spec
 from qimg.options import parse_image_size
@@ -24,19 +25,25 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "Grow or shrink a qcow2 or raw image, as qemu-img resize does. The size is "
             "absolute, or relative with a leading + or -; shrinking needs --shrink."
         ),
+        epilog=examples(
+            "qimg resize disk.qcow2 20G",
+            "qimg resize disk.raw +1G",
+            "qimg resize --shrink disk.raw -512M",
+        ),
         allow_abbrev=False,
     )
     add_format_arg(p)
     p.add_argument(
         "--preallocation",
         default="off",
+        metavar="MODE",
         help="off (default), metadata (qcow2), falloc or full: how to allocate a grown area",
     )
     p.add_argument("--shrink", action="store_true", help="allow the image to become smaller")
     p.add_argument("-q", dest="quiet", action="store_true", help="print nothing on success")
-    p.add_argument("--object", dest="unsupported_object", help="objects: not supported by qimg")
+    refused_by_name(p, "--object", dest="unsupported_object", takes_value=True)
     add_image_opts_arg(p)
-    p.add_argument("filename")
+    p.add_argument("filename", help="the image to resize")
     p.add_argument("size", help="new size, or +N / -N relative to the current one")
     p.set_defaults(run=run)
 

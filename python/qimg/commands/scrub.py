@@ -18,6 +18,7 @@ from qimg.commands._common import (
     event_hub,
     output_mode,
 )
+from qimg.commands._parser import examples
 from qimg.errors import UsageError
 from qimg.scrub import ChildReport, ChildVerdict, ScrubReport, scrub
 from qimg.sizes import size_to_str
@@ -40,6 +41,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "reading. Exit status: 0 clean, 2 bad replicas found (repaired with --repair), "
             "3 some range has no version with enough votes."
         ),
+        epilog=examples(
+            'qimg scrub \'json:{"driver": "quorum", "vote-threshold": 2, "children": [...]}\'',
+            "qimg scrub --repair --image-opts "
+            "driver=quorum,vote-threshold=2,children.0.file.filename=a.raw,...",
+        ),
         allow_abbrev=False,
     )
     p.add_argument(
@@ -49,7 +55,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
     add_image_opts_arg(p, "SPEC is")
     add_events_arg(p)
-    p.add_argument("spec", nargs="?", metavar="SPEC")
+    p.add_argument("spec", nargs="?", metavar="SPEC", help="the quorum to scrub")
     p.set_defaults(run=run)
 
 

@@ -1,0 +1,183 @@
+"""What ``qemu-img info`` shows of an image: the ImageInfo object built from the facts
+the core reports (``details()``), and its text form.
+
+Kept free of heavy imports (no ``typing``, ``dataclasses`` or :mod:`qimg.spec` at run
+time) because ``qimg info FILE`` must start quickly: the command line reads a plain file
+with the core and this module alone. Node trees (quorum, blkdebug, NBD) go through
+:mod:`qimg.image`, which builds their ImageInfo the same way.
+"""
+
+from __future__ import annotations
+
+import time
+
+from qimg.qjson import human_lines
+from qimg.sizes import size_to_str
+
+# typing.TYPE_CHECKING without importing typing (mypy and ruff know the name).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from qimg import _core
+    from qimg.qjson import JsonValue
+
+__all__ = ["core_info", "file_child", "info_human", "info_of", "nbd_info"]
+
+
+def nbd_info(filename: str, size: int) -> dict[str, JsonValue]:
+    """An NBD export's ImageInfo: qemu-img knows no disk size nor dirty flag of one."""
+    return {"filename": filename, "format": "nbd", "virtual-size": size, "children": []}
+
+
+def file_child(d: dict[str, Any]) -> dict[str, JsonValue]:
+    """The ``file`` child of a format node (its protocol node), from its ``details()``."""
+    if d["file_format"] == "nbd":
+        return {"name": "file", "info": nbd_info(d["file_filename"], d["file_length"])}
+    # QAPI's member order; qjson reorders members the way qemu-img prints them.
+    protocol: dict[str, JsonValue] = {
+        "filename": d["file_filename"],
+        "format": "file",
+        "dirty-flag": False,
+        "actual-size": d["actual_size"],
+        "virtual-size": d["file_length"],
+        "format-specific": {"type": "file", "data": {}},
+        "children": [],
+    }
+    return {"name": "file", "info": protocol}
+
+
+def _snapshot(s: dict[str, Any]) -> dict[str, JsonValue]:
+    clock: int = s["vm_clock_nsec"]
+    return {
+        "id": s["id"],
+        "name": s["name"],
+        "vm-state-size": s["vm_state_size"],
+        "date-sec": s["date_sec"],
+        "date-nsec": s["date_nsec"],
+        "vm-clock-sec": clock // 1_000_000_000,
+        "vm-clock-nsec": clock % 1_000_000_000,
+        "icount": 0 if s["icount"] is None else s["icount"],
+    }
+
+
+def _qcow2_data(q: dict[str, Any]) -> dict[str, JsonValue]:
+    data: dict[str, JsonValue] = {"compat": q["compat"]}
+    for fact, member in (
+        ("extended_l2", "extended-l2"),
+        ("lazy_refcounts", "lazy-refcounts"),
+        ("corrupt", "corrupt"),
+    ):
+        if fact in q:
+            data[member] = q[fact]
+    data["refcount-bits"] = q["refcount_bits"]
+    data["compression-type"] = q.get("compression_type", "zlib")
+    return data
+
+
+def info_of(d: dict[str, Any]) -> dict[str, JsonValue]:
+    """The ImageInfo object of one node, in QAPI member order, from its ``details()``."""
+    info: dict[str, JsonValue] = {
+        "filename": d["filename"],
+        "format": d["format"],
+        "dirty-flag": bool(d.get("dirty", False)),
+    }
+    if "actual_size" in d:
+        info["actual-size"] = d["actual_size"]
+    info["virtual-size"] = d["virtual_size"]
+    if "cluster_size" in d:
+        info["cluster-size"] = d["cluster_size"]
+    if "backing_filename" in d:
+        info["backing-filename"] = d["backing_filename"]
+        if d["full_backing_filename"] is not None:
+            info["full-backing-filename"] = d["full_backing_filename"]
+        if d.get("backing_format") is not None:
+            info["backing-filename-format"] = d["backing_format"]
+    if "snapshots" in d:
+        info["snapshots"] = [_snapshot(s) for s in d["snapshots"]]
+    if "qcow2" in d:
+        info["format-specific"] = {"type": "qcow2", "data": _qcow2_data(d["qcow2"])}
+    if "file_filename" in d:
+        info["children"] = [file_child(d)]
+    return info
+
+
+def core_info(core: _core.Image) -> dict[str, JsonValue]:
+    """The ImageInfo of an image the core opened from a plain file name."""
+    return info_of(core.details())
+
+
+def _clock(seconds: int, nanoseconds: int) -> str:
+    millis = seconds * 1000 + nanoseconds // 1_000_000
+    hours, millis = divmod(millis, 3_600_000)
+    minutes, millis = divmod(millis, 60_000)
+    secs, millis = divmod(millis, 1000)
+    return f"{hours:04d}:{minutes:02d}:{secs:02d}.{millis:03d}"
+
+
+def _snapshot_lines(snapshots: list[Any]) -> list[str]:
+    lines = [
+        "Snapshot list:",
+        f"{'ID':<7} {'TAG':<16} {'VM_SIZE':>8} {'DATE':>19} {'VM_CLOCK':>15} {'ICOUNT':>10}",
+    ]
+    for s in snapshots:
+        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
+        lines.append(
+            f"{s['id']:<7} {s['name']:<16} {size_to_str(s['vm-state-size']):>8} "
+            f"{date:>19} {_clock(s['vm-clock-sec'], s['vm-clock-nsec']):>15} {s['icount']:>10}"
+        )
+    return lines
+
+
+def _disk_size(info: dict[str, Any]) -> str:
+    actual = info.get("actual-size")
+    return "unavailable" if actual is None else size_to_str(actual)
+
+
+def _lines(info: dict[str, Any], pad: str, path: str) -> list[str]:
+    size = info["virtual-size"]
+    own = [
+        f"image: {info['filename']}",
+        f"file format: {info['format']}",
+        f"virtual size: {size_to_str(size)} ({size} bytes)",
+        f"disk size: {_disk_size(info)}",
+    ]
+    if "cluster-size" in info:
+        own.append(f"cluster_size: {info['cluster-size']}")
+    if "backing-filename" in info:
+        name, full = info["backing-filename"], info.get("full-backing-filename")
+        if full is None:
+            own.append(f"backing file: {name} (cannot determine actual path)")
+        elif full == name:
+            own.append(f"backing file: {name}")
+        else:
+            own.append(f"backing file: {name} (actual path: {full})")
+        if "backing-filename-format" in info:
+            own.append(f"backing file format: {info['backing-filename-format']}")
+    if info.get("dirty-flag"):
+        own.append("cleanly shut down: no")
+    if info.get("snapshots"):
+        own.extend(_snapshot_lines(info["snapshots"]))
+    specific = info.get("format-specific", {}).get("data")
+    if specific:
+        own.append("Format specific information:")
+        own.extend(human_lines(specific, 4))
+    lines = [pad + line for line in own]
+    for child in info.get("children", []):
+        c = child["info"]
+        child_path = f"{path}/{child['name']}"
+        lines.append(f"{pad}Child node '{child_path}':")
+        if c["format"] in ("file", "nbd"):
+            length = c["virtual-size"]
+            lines.append(f"{pad}    filename: {c['filename']}")
+            lines.append(f"{pad}    protocol type: {c['format']}")
+            lines.append(f"{pad}    file length: {size_to_str(length)} ({length} bytes)")
+            lines.append(f"{pad}    disk size: {_disk_size(c)}")
+        else:
+            lines.extend(_lines(c, pad + "    ", child_path))
+    return lines
+
+
+def info_human(info: dict[str, Any]) -> str:
+    """The text ``qemu-img info`` prints for one ImageInfo (and the nodes under it)."""
+    return "\n".join(_lines(info, "", ""))
