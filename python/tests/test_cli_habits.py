@@ -94,7 +94,7 @@ def test_start_up_imports_only_what_the_command_runs(tmp_path: Path) -> None:
     image = tmp_path / "small.qcow2"
     from qimg import create
 
-    create(str(image), 1 << 20, fmt="qcow2")
+    create(str(image), 1 << 20, format="qcow2")
     # Run in a fresh interpreter: which modules a command line loads.
     probe = (
         "import sys\n"
