@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 from qimg import _core
 from qimg.deprecated import renamed
@@ -21,6 +20,11 @@ from qimg.formats import (
 )
 from qimg.options import OptionItem, parse_option_lists
 from qimg.prealloc import PreallocMode
+
+# typing.TYPE_CHECKING without importing typing or pathlib on the command line's path.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
 
 __all__ = ["CreatePlan", "create", "option_items", "plan_create", "qcow2_spec"]
 

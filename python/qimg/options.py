@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from fractions import Fraction
 
 from qimg.errors import InvalidOptionError, UsageError
 
@@ -104,6 +103,8 @@ def _parse_size_text(text: str) -> int | None:
     m = _SIZE_RE.fullmatch(text)
     if m is None:
         return None
+    from fractions import Fraction  # exact sizes like 1.5G; spared when no size is given
+
     suffix = m["suffix"].lower()
     if m["hex"] is not None:
         if suffix:

@@ -38,8 +38,6 @@ import enum
 import json
 import os
 import re
-import socket
-import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
@@ -555,7 +553,9 @@ def _nbd_url_options(url: str) -> dict[str, Any]:
     rest, _, query = rest.partition("?")
     authority, slash, path = rest.partition("/")
     authority = authority.rpartition("@")[2]
-    export = urllib.parse.unquote(path, errors="strict") if slash and path else None
+    from urllib.parse import unquote  # only NBD URLs need it: spared on every other run
+
+    export = unquote(path, errors="strict") if slash and path else None
     socket: str | None = None
     for pair in query.split("&"):
         if not pair:
@@ -567,7 +567,7 @@ def _nbd_url_options(url: str) -> dict[str, Any]:
             )
         if kind != "unix":
             raise InvalidOptionError(f"socket= needs an nbd+unix:// URL, not {scheme}://")
-        socket = urllib.parse.unquote(value, errors="strict")
+        socket = unquote(value, errors="strict")
     options: dict[str, Any] = {"driver": "nbd"}
     if kind == "unix":
         if authority:
@@ -1027,6 +1027,8 @@ def _port(item: _Item, name: str, where: str) -> tuple[int, str]:
     elif isinstance(value, float | str) and _is_whole(value):
         number = int(value)
     elif isinstance(value, str) and value.strip() == value and value:
+        import socket  # a service name is rare: spared on every other run
+
         try:
             number = socket.getservbyname(value, "tcp")
         except OSError:
