@@ -60,13 +60,13 @@ if TYPE_CHECKING:
         UsageError,
     )
     from qimg.events import Event, EventStream
-    from qimg.image import Image, ImageSpec, MapExtent
+    from qimg.image import Image, MapExtent
     from qimg.image import open_image as open
     from qimg.info import ImageInfo, info
     from qimg.measure import Measurement, measure
     from qimg.prealloc import PreallocMode
     from qimg.scrub import ScrubReport, scrub
-    from qimg.spec import NodeSpec, parse_spec
+    from qimg.spec import ImageSpec, NodeSpec, parse_spec
     from qimg.stream import ImageStream
 
 # Where each public name lives.
@@ -94,7 +94,7 @@ _HOMES = {
     "Event": "qimg.events",
     "EventStream": "qimg.events",
     "Image": "qimg.image",
-    "ImageSpec": "qimg.image",
+    "ImageSpec": "qimg.spec",
     "MapExtent": "qimg.image",
     "open": "qimg.image",
     "ImageInfo": "qimg.info",

@@ -7,7 +7,12 @@ from typing import Any, Literal
 
 from qimg import _core
 from qimg.errors import QimgError, UsageError
-from qimg.image import Image, ImageSpec, open_image
+from qimg.image import Image, open_image
+
+# typing.TYPE_CHECKING without importing typing.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from qimg.spec import ImageSpec
 
 __all__ = [
     "REPAIR_MODES",

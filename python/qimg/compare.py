@@ -12,12 +12,16 @@ from qimg.deprecated import renamed
 from qimg.events import EventCallback
 from qimg.image import (
     Image,
-    ImageSpec,
     check_cache_mode,
     drain_events,
     open_image,
     with_events,
 )
+
+# typing.TYPE_CHECKING without importing typing.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from qimg.spec import ImageSpec
 
 __all__ = ["CompareResult", "compare"]
 

@@ -15,10 +15,15 @@ from qimg.deprecated import renamed
 from qimg.devices import is_block_device, resolve_host_device
 from qimg.errors import InvalidOptionError, UsageError
 from qimg.events import EventCallback
-from qimg.image import Image, ImageSpec, check_cache_mode, drain_events, open_image, with_events
+from qimg.image import Image, check_cache_mode, drain_events, open_image, with_events
+from qimg.names import is_plain_filename
 from qimg.options import OptionItem, parse_size
 from qimg.prealloc import PreallocMode
-from qimg.spec import NodeSpec, is_plain_filename
+
+# typing.TYPE_CHECKING without importing typing.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from qimg.spec import ImageSpec
 
 __all__ = ["ConvertRequest", "convert"]
 
@@ -353,6 +358,8 @@ def convert(
     names. ``progress`` and ``events`` are called on the calling thread.
     """
     sources: list[ImageSpec]
+    from qimg.spec import NodeSpec
+
     if isinstance(source, str | os.PathLike | Mapping | NodeSpec):
         sources = [source]
     else:

@@ -15,49 +15,32 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 from qimg import _core
 from qimg.errors import InvalidOptionError, QimgError, UsageError
 from qimg.events import Event, EventCallback
 from qimg.imageinfo import core_info, file_child, info_of, nbd_info
+from qimg.names import is_plain_filename
 from qimg.prealloc import PreallocMode
 from qimg.qjson import JsonValue
-from qimg.spec import (
-    BACKING_DEFAULT,
-    BlkdebugNode,
-    FileNode,
-    NbdNode,
-    Node,
-    NodeSpec,
-    ProbeNode,
-    Qcow2Node,
-    QuorumNode,
-    RawNode,
-    is_plain_filename,
-    parse_spec,
-)
 
 if TYPE_CHECKING:
     # Python 3.12 has it as collections.abc.Buffer; only the type checker needs it.
     from typing_extensions import Buffer
 
     from qimg.info import ImageInfo
+    from qimg.spec import ImageSpec, Node, NodeSpec
     from qimg.stream import ImageStream
 
 __all__ = [
     "Image",
-    "ImageSpec",
     "MapExtent",
     "drain_events",
     "open_image",
     "parse_image_spec",
     "with_events",
 ]
-
-#: What :func:`open_image` opens: a file name, a ``json:{...}`` string, an
-#: ``--image-opts`` string (with ``image_opts=True``), a mapping, or a parsed spec.
-ImageSpec: TypeAlias = str | os.PathLike[str] | Mapping[str, Any] | NodeSpec
 
 
 @dataclass(frozen=True)
@@ -384,6 +367,8 @@ def open_image(
     if not image_opts and is_plain_filename(spec):
         assert isinstance(spec, str | os.PathLike)
         return _open_plain(os.fspath(spec), format, backing, writable, locks, events)
+    from qimg.spec import BACKING_DEFAULT, ProbeNode, Qcow2Node
+
     node_spec = parse_image_spec(spec, image_opts=image_opts, fmt=format)
     if node_spec.plain_filename is not None:
         return _open_plain(
@@ -440,6 +425,8 @@ def parse_image_spec(
 ) -> NodeSpec:
     """:func:`qimg.spec.parse_spec`, with errors that name the spec as qemu-img does
     (``Could not open 'SPEC': ...``)."""
+    from qimg.spec import parse_spec
+
     try:
         return parse_spec(spec, image_opts=image_opts, format=fmt)
     except UsageError:
@@ -473,6 +460,8 @@ def with_events(
 def probed_formats(spec: NodeSpec) -> dict[str, str]:
     """The format of every node of ``spec`` whose format is probed, by node name
     (for printing the tree as qemu-img does, with the formats it found)."""
+    from qimg.spec import FileNode, NodeSpec
+
     found: dict[str, str] = {}
     for node in spec.probe_nodes():
         if isinstance(node.file, FileNode):
@@ -499,6 +488,8 @@ def check_cache_mode(mode: str, *, source: bool = False) -> str:
 
 def _open_node(node: Node) -> _core.Image:
     """Opens one node of a tree (read-only) to describe it by itself."""
+    from qimg.spec import NodeSpec
+
     return _core.open_spec(NodeSpec(node).to_core_json())
 
 
@@ -513,6 +504,18 @@ def _tree_info(
 ) -> dict[str, JsonValue]:
     """ImageInfo of ``node`` (opened as ``core``) and the nodes under it, as qemu-img
     shows a node tree: children last-attached first, each named by its path."""
+    from qimg.spec import (
+        BACKING_DEFAULT,
+        BlkdebugNode,
+        FileNode,
+        NbdNode,
+        Node,
+        ProbeNode,
+        Qcow2Node,
+        QuorumNode,
+        RawNode,
+    )
+
     filename = spec.display_name_of(node.node_name, probed)
     if isinstance(node, FileNode):
         return _protocol_info(core, filename)
@@ -570,4 +573,6 @@ def _tree_info(
 
 
 def _driver_name(node: Node) -> str:
+    from qimg.spec import QuorumNode
+
     return "quorum" if isinstance(node, QuorumNode) else "blkdebug"

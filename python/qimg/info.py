@@ -17,7 +17,7 @@ else:
 
 if TYPE_CHECKING:
     from qimg.events import EventCallback
-    from qimg.image import ImageSpec
+    from qimg.spec import ImageSpec
 
 __all__ = [
     "ChildInfo",

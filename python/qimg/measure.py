@@ -12,9 +12,14 @@ from qimg.deprecated import renamed
 from qimg.errors import UsageError
 from qimg.events import EventCallback
 from qimg.formats import format_info
-from qimg.image import Image, ImageSpec, drain_events, open_image
+from qimg.image import Image, drain_events, open_image
 from qimg.options import OptionItem
 from qimg.prealloc import PreallocMode
+
+# typing.TYPE_CHECKING without importing typing.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from qimg.spec import ImageSpec
 
 __all__ = ["Measurement", "measure", "measure_items"]
 

@@ -17,8 +17,13 @@ from typing import Any
 from qimg import _core
 from qimg.errors import UsageError
 from qimg.events import EventCallback
-from qimg.image import Image, ImageSpec, open_image
+from qimg.image import Image, open_image
 from qimg.qjson import JsonValue
+
+# typing.TYPE_CHECKING without importing typing.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from qimg.spec import ImageSpec
 
 __all__ = ["ChildReport", "ChildVerdict", "ScrubReport", "ScrubVerdict", "scrub"]
 

@@ -44,6 +44,7 @@ from typing import Any, TypeAlias
 
 from qimg.deprecated import renamed
 from qimg.errors import InvalidOptionError, UsageError
+from qimg.names import NBD_PREFIX_RE, is_nbd_url, is_plain_filename
 from qimg.options import split_items
 from qimg.qjson import bucket, json_string
 
@@ -53,6 +54,7 @@ __all__ = [
     "BlkdebugNode",
     "BlkdebugRule",
     "FileNode",
+    "ImageSpec",
     "InetAddress",
     "IoType",
     "NbdNode",
@@ -64,8 +66,6 @@ __all__ = [
     "RawNode",
     "ReadPattern",
     "UnixAddress",
-    "is_nbd_url",
-    "is_plain_filename",
     "parse_image_opts",
     "parse_spec",
 ]
@@ -490,25 +490,8 @@ class _Item:
     """Tie-break among the members of one bucket when qemu-img prints them."""
 
 
-def is_plain_filename(spec: object) -> bool:
-    """Whether ``spec`` is a plain file name (not ``json:``, an ``nbd:`` URL, a
-    mapping or a NodeSpec)."""
-    if isinstance(spec, os.PathLike):
-        return True
-    return isinstance(spec, str) and not spec.startswith("json:") and not is_nbd_url(spec)
-
-
-#: ``nbd:``, or ``nbd+SOMETHING:`` (qemu-img takes such a prefix for a protocol name).
-_NBD_PREFIX_RE = re.compile(r"nbd(\+[^:/]*)?:")
-
 #: The URL schemes qimg reads, and the kind of server address each one names.
 _NBD_SCHEMES = {"nbd": "inet", "nbd+tcp": "inet", "nbd+unix": "unix"}
-
-
-def is_nbd_url(text: str) -> bool:
-    """Whether the file name ``text`` names an NBD export (``nbd://...``,
-    ``nbd+unix://...``; other ``nbd...:`` prefixes too, to be refused by name)."""
-    return _NBD_PREFIX_RE.match(text) is not None
 
 
 def _url_host_port(authority: str) -> tuple[str, str]:
@@ -533,7 +516,7 @@ def _nbd_url_options(url: str) -> dict[str, Any]:
     (also ``nbd+tcp://``; IPv6 hosts in brackets) or
     ``nbd+unix://[/EXPORT]?socket=PATH``. The export and the socket path are
     percent-decoded; a user name and a ``#fragment`` are ignored, as qemu-img does."""
-    m = _NBD_PREFIX_RE.match(url)
+    m = NBD_PREFIX_RE.match(url)
     assert m is not None
     scheme = m.group(0)[:-1]
     rest = url[m.end() :]
@@ -1580,11 +1563,14 @@ class _Parser:
 
 # --- the entry point -----------------------------------------------------------------------
 
-SpecInput: TypeAlias = str | os.PathLike[str] | Mapping[str, Any] | NodeSpec
+#: What :func:`qimg.open` (and every call that opens an image) takes: a file name, a
+#: ``json:{...}`` string, an ``--image-opts`` string (with ``image_opts=True``), a
+#: mapping, or a parsed :class:`NodeSpec`.
+ImageSpec: TypeAlias = str | os.PathLike[str] | Mapping[str, Any] | NodeSpec
 
 
 def parse_spec(
-    spec: SpecInput,
+    spec: ImageSpec,
     *,
     image_opts: bool = False,
     format: str | None = None,

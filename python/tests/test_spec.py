@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from conftest import NbdServer, StartNbd
 from qimg.errors import InvalidOptionError, UsageError
+from qimg.names import is_plain_filename
 from qimg.spec import (
     BACKING_DEFAULT,
     BlkdebugEvent,
@@ -39,7 +40,6 @@ from qimg.spec import (
     RawNode,
     ReadPattern,
     UnixAddress,
-    is_plain_filename,
     parse_image_opts,
     parse_spec,
 )

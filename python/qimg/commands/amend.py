@@ -8,9 +8,15 @@ from qimg.commands._common import Progress, add_cache_arg, add_format_arg, add_i
 from qimg.commands._parser import examples, refused_by_name
 from qimg.errors import InvalidOptionError, UsageError
 from qimg.formats import amend_info, option_text, option_value
-from qimg.image import ImageSpec, check_cache_mode, open_image, parse_image_spec
+from qimg.image import check_cache_mode, open_image, parse_image_spec
+from qimg.names import is_plain_filename
 from qimg.options import parse_option_lists
-from qimg.spec import BlkdebugNode, QuorumNode, is_plain_filename
+from qimg.spec import BlkdebugNode, QuorumNode
+
+# typing.TYPE_CHECKING without importing typing.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from qimg.spec import ImageSpec
 
 NAME = "amend"
 

@@ -9,10 +9,16 @@ import sys
 from qimg.commands._common import add_format_arg, add_image_opts_arg
 from qimg.commands._parser import examples, refused_by_name
 from qimg.errors import InvalidOptionError, UsageError
-from qimg.image import ImageSpec, open_image, parse_image_spec
+from qimg.image import open_image, parse_image_spec
+from qimg.names import is_plain_filename
 from qimg.options import parse_image_size
 from qimg.prealloc import PreallocMode
-from qimg.spec import BlkdebugNode, QuorumNode, is_plain_filename
+from qimg.spec import BlkdebugNode, QuorumNode
+
+# typing.TYPE_CHECKING without importing typing.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from qimg.spec import ImageSpec
 
 NAME = "resize"
 
