@@ -554,6 +554,9 @@ struct Conn {
     writer: Mutex<Stream>,
     pending: Arc<Mutex<HashMap<u64, Pending>>>,
     dead: Arc<AtomicBool>,
+    /// The reader has finished: it failed every waiting request and takes no
+    /// more. Set and read under the `pending` lock.
+    ended: Arc<AtomicBool>,
     /// Why this side gave the connection up (a reply that never came): what
     /// every request still waiting on it then fails with.
     given_up: Arc<Mutex<Option<String>>>,
@@ -569,16 +572,22 @@ impl Conn {
         let reader = s.try_clone()?;
         let pending: Arc<Mutex<HashMap<u64, Pending>>> = Arc::new(Mutex::new(HashMap::new()));
         let dead = Arc::new(AtomicBool::new(false));
+        let ended = Arc::new(AtomicBool::new(false));
         let given_up = Arc::new(Mutex::new(None));
         {
             let (pending, dead) = (Arc::clone(&pending), Arc::clone(&dead));
-            let given_up = Arc::clone(&given_up);
+            let (ended, given_up) = (Arc::clone(&ended), Arc::clone(&given_up));
             let pool = Pool::default();
             let structured = export.structured;
             std::thread::Builder::new()
                 .name("qimg-nbd-reader".into())
                 .spawn(move || {
-                    read_replies(reader, &pending, &dead, &given_up, &pool, structured)
+                    let ends = Ends {
+                        dead: &dead,
+                        ended: &ended,
+                        given_up: &given_up,
+                    };
+                    read_replies(reader, &pending, ends, &pool, structured)
                 })?;
         }
         Ok((
@@ -586,6 +595,7 @@ impl Conn {
                 writer: Mutex::new(s),
                 pending,
                 dead,
+                ended,
                 given_up,
                 cookies: AtomicU64::new(1),
             },
@@ -615,25 +625,31 @@ impl Conn {
         data: &[u8],
         sink: Option<Arc<SinkSlot>>,
     ) -> io::Result<Receiver<io::Result<Part>>> {
-        if self.dead.load(Ordering::SeqCst) {
-            let why = lock(&self.given_up).clone();
-            return Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                why.unwrap_or_else(|| "the connection to the NBD server is lost".into()),
-            ));
-        }
         let cookie = self.cookies.fetch_add(1, Ordering::SeqCst);
         let (tx, rx) = channel();
         let read_len = if cmd == CMD_READ { len } else { 0 };
-        lock(&self.pending).insert(
-            cookie,
-            Pending {
-                tx,
-                read_len,
-                offset,
-                sink,
-            },
-        );
+        {
+            // Checked and registered under the lock the reader drains with: a
+            // request is either refused here or answered by the reader, never
+            // left behind by a reader that has already finished.
+            let mut waiting = lock(&self.pending);
+            if self.ended.load(Ordering::SeqCst) {
+                let why = lock(&self.given_up).clone();
+                return Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    why.unwrap_or_else(|| "the connection to the NBD server is lost".into()),
+                ));
+            }
+            waiting.insert(
+                cookie,
+                Pending {
+                    tx,
+                    read_len,
+                    offset,
+                    sink,
+                },
+            );
+        }
         let mut m = Vec::with_capacity(28 + data.len());
         m.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
         m.extend_from_slice(&flags.to_be_bytes());
@@ -642,11 +658,12 @@ impl Conn {
         m.extend_from_slice(&offset.to_be_bytes());
         m.extend_from_slice(&len.to_be_bytes());
         m.extend_from_slice(data);
-        let sent = lock(&self.writer).write_all(&m);
-        if let Err(e) = sent {
-            lock(&self.pending).remove(&cookie);
+        if lock(&self.writer).write_all(&m).is_err() {
+            // The server went away (or broke the protocol) before this request
+            // was sent. The reader reads what the server said last and fails
+            // this request with that cause, which says more than EPIPE; the
+            // shutdown makes sure the reader gets there.
             self.kill();
-            return Err(e);
         }
         Ok(rx)
     }
@@ -668,13 +685,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// How a connection's end is recorded (see [`Conn`]).
+struct Ends<'a> {
+    dead: &'a AtomicBool,
+    ended: &'a AtomicBool,
+    given_up: &'a Mutex<Option<String>>,
+}
+
 /// The reader thread: replies to their requests until the connection ends;
 /// then every waiting request fails.
 fn read_replies(
     mut s: Stream,
     pending: &Mutex<HashMap<u64, Pending>>,
-    dead: &AtomicBool,
-    given_up: &Mutex<Option<String>>,
+    ends: Ends<'_>,
     pool: &Pool,
     structured: bool,
 ) {
@@ -683,16 +706,22 @@ fn read_replies(
             break e;
         }
     };
-    dead.store(true, Ordering::SeqCst);
+    ends.dead.store(true, Ordering::SeqCst);
     s.shutdown();
-    let text = if let Some(why) = lock(given_up).clone() {
-        why
-    } else if err.kind() == io::ErrorKind::UnexpectedEof {
-        "the NBD server closed the connection".to_string()
-    } else {
-        format!("NBD connection failed: {err}")
-    };
-    for (_, p) in lock(pending).drain() {
+    // The first cause recorded wins: a timeout or a protocol error given up on
+    // before, else what ended this loop. Requests sent later report it too.
+    let text = lock(ends.given_up)
+        .get_or_insert_with(|| {
+            if err.kind() == io::ErrorKind::UnexpectedEof {
+                "the NBD server closed the connection".to_string()
+            } else {
+                format!("NBD connection failed: {err}")
+            }
+        })
+        .clone();
+    let mut waiting = lock(pending);
+    ends.ended.store(true, Ordering::SeqCst);
+    for (_, p) in waiting.drain() {
         let _ =
             p.tx.send(Err(io::Error::new(io::ErrorKind::BrokenPipe, text.clone())));
     }
