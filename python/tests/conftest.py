@@ -88,13 +88,13 @@ def _argv(args: tuple[Arg, ...]) -> list[str]:
     return [str(a) if isinstance(a, int) else os.fspath(a) for a in args]
 
 
-def _require_tool(name: str, package: str = "qemu-utils") -> str:
+def _require_tool(name: str, package: str = "qemu-utils", why: str = "") -> str:
     path = shutil.which(name)
     if path is None:
         if package == "qemu-utils":
             reason = f"{name} (QEMU) is not installed; it is the reference these tests compare with"
         else:
-            reason = f"{name} is not installed; these tests watch qimg's system calls with it"
+            reason = f"{name} is not installed; {why}"
         if os.environ.get("QIMG_CI"):
             pytest.fail(f"{reason}, and CI is set: install it (Debian: {package})")
         pytest.skip(reason)
@@ -110,7 +110,19 @@ def qemu_img() -> str:
 @pytest.fixture(scope="session")
 def strace() -> str:
     """Path of strace (skips when missing, or fails when CI is set)."""
-    return _require_tool("strace", "strace")
+    return _require_tool("strace", "strace", "these tests watch qimg's system calls with it")
+
+
+@pytest.fixture(scope="session")
+def zsh() -> str:
+    """Path of zsh (skips when missing, or fails when CI is set)."""
+    return _require_tool("zsh", "zsh", "the zsh completion script is checked with it")
+
+
+@pytest.fixture(scope="session")
+def groff() -> str:
+    """Path of groff (skips when missing, or fails when CI is set)."""
+    return _require_tool("groff", "groff-base", "the man page is rendered with it")
 
 
 @pytest.fixture(scope="session")

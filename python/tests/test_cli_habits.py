@@ -255,9 +255,8 @@ def test_bash_completion_loads_and_completes(tmp_path: Path, run_qimg: RunComman
     assert complete("info", "di") == ["disk.qcow2"]
 
 
-def test_zsh_completion(tmp_path: Path) -> None:
-    """The zsh script's shape; and ``zsh -n`` when zsh is installed (bash is checked
-    fully above; a machine without zsh still checks the generated text here)."""
+def test_zsh_completion(tmp_path: Path, zsh: str) -> None:
+    """The zsh script's shape, and zsh's own syntax check of it."""
     script = zsh_script(cli.build_parser())
     assert script.startswith("#compdef qimg\n")
     assert "compdef _qimg qimg" in script
@@ -268,11 +267,9 @@ def test_zsh_completion(tmp_path: Path) -> None:
     # Every line's single quotes pair up ('\'' counts as a closed pair plus one).
     for line in script.splitlines():
         assert line.replace("'\\''", "").count("'") % 2 == 0, line
-    zsh = shutil.which("zsh")
-    if zsh is not None:
-        path = tmp_path / "_qimg"
-        path.write_text(script)
-        assert_ok(subprocess.run([zsh, "-n", str(path)], capture_output=True, text=True))
+    path = tmp_path / "_qimg"
+    path.write_text(script)
+    assert_ok(subprocess.run([zsh, "-n", str(path)], capture_output=True, text=True))
 
 
 # ---------------------------------------------------------------------- man page
@@ -286,14 +283,11 @@ def test_checked_in_man_page_is_current() -> None:
     )
 
 
-def test_man_page_renders_without_warnings() -> None:
+def test_man_page_renders_without_warnings(groff: str) -> None:
     page = MAN_PAGE.read_text()
     assert page.count(".TH ") == 1
     for name in cli.COMMANDS:
         assert f"\n.SS {name}\n" in page
-    groff = shutil.which("groff")
-    if groff is None:
-        return  # the text checks above are all this machine can do
     for width in ("60n", "80n", "120n"):
         proc = subprocess.run(
             [groff, "-man", "-Tutf8", "-ww", f"-rLL={width}", "-z"],
