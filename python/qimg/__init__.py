@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from qimg.compare import CompareResult, compare
     from qimg.convert import convert
     from qimg.create import create
+    from qimg.dd import dd
     from qimg.errors import (
         CancelledError,
         ImageIOError,
@@ -77,6 +78,7 @@ _HOMES = {
     "compare": "qimg.compare",
     "convert": "qimg.convert",
     "create": "qimg.create",
+    "dd": "qimg.dd",
     "CancelledError": "qimg.errors",
     "ImageIOError": "qimg.errors",
     "ImageIsADirectoryError": "qimg.errors",
@@ -124,7 +126,7 @@ if not TYPE_CHECKING:
 
 
 class _Package(types.ModuleType):
-    """The package module. check, compare, convert, create, info, measure and scrub are
+    """The package module. check, compare, convert, create, dd, info, measure and scrub are
     functions that share their name with the module they live in; importing such a
     module (which qimg does internally) would set the package attribute to the module,
     so that ``qimg.create`` became a module. Those assignments are dropped: the name
@@ -176,6 +178,7 @@ __all__ = [
     "compare",
     "convert",
     "create",
+    "dd",
     "info",
     "measure",
     "open",

@@ -33,6 +33,7 @@ COMMANDS = (
     "measure",
     "resize",
     "amend",
+    "dd",
     "io",
     "scrub",
     "completion",
