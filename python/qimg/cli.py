@@ -34,6 +34,7 @@ COMMANDS = (
     "resize",
     "amend",
     "dd",
+    "snapshot",
     "io",
     "scrub",
     "completion",

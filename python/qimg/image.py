@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     # Python 3.12 has it as collections.abc.Buffer; only the type checker needs it.
     from typing_extensions import Buffer
 
-    from qimg.info import ImageInfo
+    from qimg.info import ImageInfo, SnapshotInfo
     from qimg.spec import ImageSpec, Node, NodeSpec
     from qimg.stream import ImageStream
 
@@ -297,6 +297,11 @@ class Image:
         else:
             found = _tree_info(self.spec, self.spec.root, self._img, probed_formats(self.spec))
         return cast("ImageInfo", found)
+
+    def snapshots(self) -> list[SnapshotInfo]:
+        """The image's internal snapshots (qcow2), oldest first, as ``qemu-img snapshot
+        -l`` lists them; an image without any (raw included) has none."""
+        return list(self.info().get("snapshots", []))
 
     def chain(self) -> list[Image]:
         """This image and every image below it in the backing chain."""

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from qimg import _core
     from qimg.qjson import JsonValue
 
-__all__ = ["core_info", "file_child", "info_human", "info_of", "nbd_info"]
+__all__ = ["core_info", "file_child", "info_human", "info_of", "nbd_info", "snapshot_lines"]
 
 
 def nbd_info(filename: str, size: int) -> dict[str, JsonValue]:
@@ -115,7 +115,7 @@ def _clock(seconds: int, nanoseconds: int) -> str:
     return f"{hours:04d}:{minutes:02d}:{secs:02d}.{millis:03d}"
 
 
-def _snapshot_lines(snapshots: list[Any]) -> list[str]:
+def snapshot_lines(snapshots: list[Any]) -> list[str]:
     lines = [
         "Snapshot list:",
         f"{'ID':<7} {'TAG':<16} {'VM_SIZE':>8} {'DATE':>19} {'VM_CLOCK':>15} {'ICOUNT':>10}",
@@ -157,7 +157,7 @@ def _lines(info: dict[str, Any], pad: str, path: str) -> list[str]:
     if info.get("dirty-flag"):
         own.append("cleanly shut down: no")
     if info.get("snapshots"):
-        own.extend(_snapshot_lines(info["snapshots"]))
+        own.extend(snapshot_lines(info["snapshots"]))
     specific = info.get("format-specific", {}).get("data")
     if specific:
         own.append("Format specific information:")
