@@ -71,6 +71,11 @@ def _qcow2_data(q: dict[str, Any]) -> dict[str, JsonValue]:
         if fact in q:
             data[member] = q[fact]
     data["refcount-bits"] = q["refcount_bits"]
+    if "bitmaps" in q:
+        data["bitmaps"] = [
+            {"name": b["name"], "granularity": b["granularity"], "flags": b["flags"]}
+            for b in q["bitmaps"]
+        ]
     data["compression-type"] = q.get("compression_type", "zlib")
     return data
 

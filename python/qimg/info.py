@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from qimg.spec import ImageSpec
 
 __all__ = [
+    "BitmapInfo",
     "ChildInfo",
     "FileFormatSpecific",
     "FormatSpecific",
@@ -45,6 +46,16 @@ SnapshotInfo = TypedDict(
 )
 """One internal snapshot of a qcow2 image."""
 
+
+class BitmapInfo(TypedDict):
+    name: str
+    granularity: int
+    flags: list[Literal["in-use", "auto"]]
+
+
+"""A persistent dirty bitmap: ``auto`` follows guest writes, ``in-use`` was not
+stored cleanly (its bits are stale)."""
+
 Qcow2Data = TypedDict(
     "Qcow2Data",
     {
@@ -53,6 +64,7 @@ Qcow2Data = TypedDict(
         "lazy-refcounts": NotRequired[bool],
         "corrupt": NotRequired[bool],
         "refcount-bits": int,
+        "bitmaps": NotRequired[list[BitmapInfo]],
         "compression-type": str,
     },
 )

@@ -14,7 +14,7 @@ use qimg_core::prealloc::Prealloc;
 use qimg_core::probe::Format;
 use qimg_core::qcow2::amend::AmendSpec;
 use qimg_core::qcow2::image_header::AUTOCLEAR_BITMAPS;
-use qimg_core::qcow2::{snapshot, ClusterSize, Compat, RefcountOrder};
+use qimg_core::qcow2::{bitmaps, snapshot, ClusterSize, Compat, RefcountOrder};
 use qimg_core::quorum::events::EventLog;
 use qimg_core::Error;
 use std::sync::Arc;
@@ -404,11 +404,32 @@ impl Image {
             spec.set_item("corrupt", h.corrupt())?;
             spec.set_item("extended_l2", h.extended_l2())?;
         }
+        // QEMU ignores a bitmap directory whose autoclear bit a writer that
+        // does not know bitmaps has cleared.
+        let bitmaps = h.bitmaps.filter(|_| h.autoclear & AUTOCLEAR_BITMAPS != 0);
+        if let Some(ext) = bitmaps {
+            let found = py
+                .detach(|| bitmaps::read_bitmap_directory(q.file_node(), &ext))
+                .map_err(to_py)?;
+            let list = PyList::empty(py);
+            for b in found {
+                let e = PyDict::new(py);
+                e.set_item("name", b.name)?;
+                e.set_item("granularity", b.granularity)?;
+                let flags = PyList::empty(py);
+                if b.in_use {
+                    flags.append("in-use")?;
+                }
+                if b.auto {
+                    flags.append("auto")?;
+                }
+                e.set_item("flags", flags)?;
+                list.append(e)?;
+            }
+            spec.set_item("bitmaps", list)?;
+        }
         d.set_item("qcow2", spec)?;
-        d.set_item(
-            "has_bitmaps",
-            h.bitmaps.is_some() && h.autoclear & AUTOCLEAR_BITMAPS != 0,
-        )?;
+        d.set_item("has_bitmaps", bitmaps.is_some())?;
         if h.snapshot_count > 0 {
             let snaps = py
                 .detach(|| snapshot::read_snapshots(q.file_node(), h))
