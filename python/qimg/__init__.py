@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     from qimg.info import ImageInfo, info
     from qimg.measure import Measurement, measure
     from qimg.prealloc import PreallocMode
+    from qimg.rebase import rebase
     from qimg.scrub import ScrubReport, scrub
     from qimg.spec import ImageSpec, NodeSpec, parse_spec
     from qimg.stream import ImageStream
@@ -104,6 +105,7 @@ _HOMES = {
     "Measurement": "qimg.measure",
     "measure": "qimg.measure",
     "PreallocMode": "qimg.prealloc",
+    "rebase": "qimg.rebase",
     "ScrubReport": "qimg.scrub",
     "scrub": "qimg.scrub",
     "NodeSpec": "qimg.spec",
@@ -126,7 +128,7 @@ if not TYPE_CHECKING:
 
 
 class _Package(types.ModuleType):
-    """The package module. check, compare, convert, create, dd, info, measure and scrub are
+    """The package module. check, compare, convert, create, dd, info, measure, rebase and scrub are
     functions that share their name with the module they live in; importing such a
     module (which qimg does internally) would set the package attribute to the module,
     so that ``qimg.create`` became a module. Those assignments are dropped: the name
@@ -183,5 +185,6 @@ __all__ = [
     "measure",
     "open",
     "parse_spec",
+    "rebase",
     "scrub",
 ]

@@ -33,6 +33,7 @@ COMMANDS = (
     "measure",
     "resize",
     "amend",
+    "rebase",
     "dd",
     "snapshot",
     "io",

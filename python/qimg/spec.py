@@ -66,6 +66,7 @@ __all__ = [
     "RawNode",
     "ReadPattern",
     "UnixAddress",
+    "is_qemu_driver",
     "parse_image_opts",
     "parse_spec",
 ]
@@ -803,7 +804,13 @@ _QEMU_DRIVERS = frozenset(
     )
 )
 
+
 #: Options every QEMU node takes that qimg does not implement.
+def is_qemu_driver(name: str) -> bool:
+    """Whether QEMU has a block driver (a format or protocol) called ``name``."""
+    return name in _QEMU_DRIVERS or name in _SUPPORTED_DRIVERS
+
+
 _GENERIC_UNSUPPORTED = frozenset(
     {"read-only", "auto-read-only", "force-share", "discard", "detect-zeroes", "cache"}
 )

@@ -12,7 +12,7 @@ use qimg_core::compare::{self, Outcome};
 use qimg_core::convert::{self as engine, Sparse};
 use qimg_core::prealloc::Prealloc;
 use qimg_core::probe::Format;
-use qimg_core::qcow2::amend::AmendSpec;
+use qimg_core::qcow2::amend::{AmendSpec, Backing};
 use qimg_core::qcow2::image_header::AUTOCLEAR_BITMAPS;
 use qimg_core::qcow2::{bitmaps, snapshot, ClusterSize, Compat, RefcountOrder};
 use qimg_core::quorum::events::EventLog;
@@ -164,6 +164,36 @@ impl Image {
         })?;
         let node = Arc::clone(&self.node);
         run_long(py, None, move |_| node.resize(size, mode))?.map_err(to_py)
+    }
+
+    /// Names another backing file in the header (None: none), as `qemu-img
+    /// rebase -u` does; the data is not touched. Close the image afterwards:
+    /// its open backing chain is the old one.
+    #[pyo3(signature = (backing_file, backing_fmt))]
+    fn set_backing_name(
+        &self,
+        py: Python<'_>,
+        backing_file: Option<String>,
+        backing_fmt: Option<String>,
+    ) -> PyResult<()> {
+        self.node.as_qcow2().ok_or_else(|| {
+            to_py(Error::invalid(format!(
+                "Format driver '{}' does not support changing the backing file",
+                self.node.format_name()
+            )))
+        })?;
+        let node = Arc::clone(&self.node);
+        run_long(py, None, move |_| {
+            let q = node
+                .as_qcow2()
+                .ok_or_else(|| Error::invalid("not a qcow2 image"))?;
+            let backing = backing_file.as_deref().map(|name| Backing {
+                name,
+                format: backing_fmt.as_deref(),
+            });
+            q.set_backing_name(backing)
+        })?
+        .map_err(to_py)
     }
 
     /// Changes qcow2 options in place (see `qimg amend`); None keeps a value.

@@ -30,6 +30,17 @@ pub struct AmendSpec {
     pub size: Option<u64>,
 }
 
+/// QEMU's limit on a backing file name, in bytes.
+pub const MAX_BACKING_NAME: usize = 1023;
+
+/// A backing file as a header names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backing<'a> {
+    pub name: &'a str,
+    /// The backing format extension (None: none, the format is probed).
+    pub format: Option<&'a str>,
+}
+
 /// The header fields amend can change, as they stand.
 #[derive(Debug, Clone, Copy)]
 struct Fields {
@@ -120,6 +131,41 @@ impl Qcow2Node {
 
     /// Writes the whole header cluster anew from the current layout.
     fn rewrite_header(&self, st: &mut WriteState, f: Fields) -> Result<()> {
+        let backing = self.backing_name().map(|name| Backing {
+            name,
+            format: self.header.backing_format.as_deref(),
+        });
+        self.write_header(st, f, backing)
+    }
+
+    /// Points the image at another backing file (`None`: no backing file),
+    /// rewriting only the header, as `qemu-img rebase -u` does: the guest
+    /// content of the image changes if the new backing file holds other data.
+    pub fn set_backing_name(&self, backing: Option<Backing<'_>>) -> Result<()> {
+        if let Some(b) = &backing {
+            if b.name.is_empty() || b.name.len() > MAX_BACKING_NAME {
+                return Err(Error::invalid(format!(
+                    "The backing file name must be 1 to {MAX_BACKING_NAME} bytes long"
+                )));
+            }
+        }
+        let h = &self.header;
+        let fields = Fields {
+            compat: h.compat,
+            lazy: h.lazy_refcounts(),
+            compression: h.compression,
+        };
+        let mut st = self.state()?;
+        self.write_back(&mut st)?;
+        self.write_header(&mut st, fields, backing)
+    }
+
+    fn write_header(
+        &self,
+        st: &mut WriteState,
+        f: Fields,
+        backing: Option<Backing<'_>>,
+    ) -> Result<()> {
         let (reftable_offset, reftable_clusters) = st.alloc.reftable();
         let header = Header {
             compat: f.compat,
@@ -133,8 +179,8 @@ impl Qcow2Node {
             lazy_refcounts: f.lazy,
             extended_l2: self.header.extended_l2(),
             compression: f.compression,
-            backing_file: self.backing_name(),
-            backing_format: self.header.backing_format.as_deref(),
+            backing_file: backing.as_ref().map(|b| b.name),
+            backing_format: backing.as_ref().and_then(|b| b.format),
         };
         let mut raw = header.encode()?;
         self.keep_foreign_header_parts(&mut raw, f.compat)?;
