@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import argparse
 
-from qimg.commands._common import add_cache_arg, add_format_arg, add_image_opts_arg
+from qimg.commands._common import (
+    add_cache_arg,
+    add_format_arg,
+    add_image_opts_arg,
+    add_source_cache_arg,
+)
 from qimg.commands._parser import examples
 from qimg.errors import UsageError
 from qimg.image import check_cache_mode
@@ -33,13 +38,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_format_arg(p)
     add_image_opts_arg(p)
     add_cache_arg(p, "writeback")
-    p.add_argument(
-        "-T",
-        dest="source_cache",
-        default="writeback",
-        metavar="MODE",
-        help="cache mode of the backing files (-u opens none)",
-    )
+    add_source_cache_arg(p)  # the backing files' (-u opens none)
     p.add_argument("-u", dest="unsafe", action="store_true", help="rewrite only the header")
     p.add_argument("-b", dest="backing_file", metavar="FILE", help="the new backing file")
     p.add_argument("-F", dest="backing_fmt", metavar="FMT", help="format of the new backing file")
