@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from qimg import _core
 from qimg.create import OptionValue, option_items, qcow2_spec
@@ -21,7 +22,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from qimg.spec import ImageSpec
 
-__all__ = ["Measurement", "measure", "measure_items"]
+__all__ = ["Measurement", "bitmaps_size", "measure", "measure_items"]
 
 
 @dataclass(frozen=True)
@@ -109,12 +110,11 @@ def measure_items(
             source_v3 = details.get("qcow2", {}).get("compat") == "1.1"
             if source_v3 and spec.version >= 3:
                 # Only v3 qcow2 can carry persistent bitmaps, into a v3 target.
-                if details.get("has_bitmaps"):
-                    raise UsageError(
-                        "Measuring a source image with persistent bitmaps is not "
-                        "supported by qimg yet"
-                    ).about(source.filename)
-                source_bitmaps = 0
+                source_bitmaps = bitmaps_size(
+                    details["virtual_size"],
+                    details["qcow2"].get("bitmaps", []),
+                    spec.cluster_size,
+                )
     required, fully, bitmaps = _core.measure_qcow2(
         spec,
         virtual_size=virtual_size,
@@ -124,6 +124,27 @@ def measure_items(
         has_backing="backing_file" in parsed,
     )
     return Measurement(required, fully, source_bitmaps if bitmaps is None else bitmaps)
+
+
+def bitmaps_size(virtual_size: int, bitmaps: list[dict[str, Any]], cluster_size: int) -> int:
+    """Bytes the persistent bitmaps of a ``virtual_size`` image take in a qcow2 image with
+    ``cluster_size`` clusters: each bitmap's data clusters and its table, and the
+    directory that lists them all (what ``qemu-img measure`` reports as bitmaps size)."""
+
+    def clusters(n: int) -> int:
+        return -(-n // cluster_size)
+
+    total = 0
+    directory = 0
+    for bitmap in bitmaps:
+        bits = -(-virtual_size // bitmap["granularity"])
+        data_clusters = clusters(-(-bits // 8))
+        total += (data_clusters + clusters(data_clusters * 8)) * cluster_size
+        # A directory entry: 24 bytes, then the name, padded to 8 bytes.
+        directory += -(-(24 + len(bitmap["name"].encode())) // 8) * 8
+    if bitmaps:
+        total += clusters(directory) * cluster_size
+    return total
 
 
 def measure(

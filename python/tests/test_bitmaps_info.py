@@ -100,3 +100,20 @@ def test_a_damaged_directory_is_one_clear_error(
     assert got.returncode == 1
     assert got.stderr.count("\n") == 1 and got.stderr.startswith("qimg: ")
     assert "bitmap directory" in got.stderr and message in got.stderr
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("target", [[], ["-o", "cluster_size=512"], ["-o", "cluster_size=2M"]])
+def test_measure_counts_bitmaps_as_qemu_img(
+    tmp_path: Path,
+    case: str,
+    target: list[str],
+    run_qimg: RunCommand,
+    run_qemu_img: RunCommand,
+) -> None:
+    path = _image(tmp_path, run_qemu_img, CASES[case])
+    for output in ("human", "json"):
+        args = ["measure", f"--output={output}", "-O", "qcow2", *target, path]
+        ours, theirs = run_qimg(*args), run_qemu_img(*args)
+        assert_ok(ours)
+        assert ours.stdout == theirs.stdout
