@@ -49,6 +49,16 @@ class CommandFailed(RuntimeError):
 # --------------------------------------------------------------------------- commands
 
 
+def exit_with(main: Callable[[], int]) -> None:
+    """Runs a bench's ``main`` as the program: its status, or 1 with one line when a
+    command it ran failed."""
+    try:
+        sys.exit(main())
+    except CommandFailed as exc:
+        print(f"{Path(sys.argv[0]).name}: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
 def qimg_command(qimg: str | None) -> list[str]:
     """The argv prefix that runs qimg: `--qimg PATH` if given, else `python -m qimg`."""
     if qimg:

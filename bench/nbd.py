@@ -37,6 +37,7 @@ from _common import (
     Contender,
     GiB,
     MiB,
+    exit_with,
     facts_line,
     human,
     machine_facts,
@@ -188,8 +189,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except CommandFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    exit_with(main)

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from _common import (
     CommandFailed,
+    exit_with,
     facts_line,
     machine_facts,
     median,
@@ -190,8 +191,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except CommandFailed as exc:
-        print(f"startup.py: {exc}", file=sys.stderr)
-        sys.exit(1)
+    exit_with(main)

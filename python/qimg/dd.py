@@ -13,13 +13,30 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from qimg.spec import ImageSpec
 
-__all__ = ["MAX_BLOCK_SIZE", "dd", "output_size"]
+__all__ = ["MAX_BLOCKS", "MAX_BLOCK_SIZE", "check_block_size", "check_blocks", "dd", "output_size"]
 
 #: qemu-img takes block sizes up to INT_MAX.
 MAX_BLOCK_SIZE = (1 << 31) - 1
+#: and block counts up to INT64_MAX.
+MAX_BLOCKS = (1 << 63) - 1
 # Bytes copied per read and write: the block size does not change the output, so the
 # copy goes in large pieces whatever it is.
 _CHUNK = 4 << 20
+
+
+def check_block_size(bs: int) -> int:
+    """``bs`` if qemu-img takes it as a block size, else its refusal."""
+    if not 1 <= bs <= MAX_BLOCK_SIZE:
+        raise InvalidOptionError(f"Invalid bs specified. Must be between 1 and {MAX_BLOCK_SIZE}.")
+    return bs
+
+
+def check_blocks(name: str, value: int) -> int:
+    """``value`` if qemu-img takes it as ``count=`` or ``skip=`` (``name``), else its
+    refusal."""
+    if not 0 <= value <= MAX_BLOCKS:
+        raise InvalidOptionError(f"Invalid {name} specified. Must be between 0 and {MAX_BLOCKS}.")
+    return value
 
 
 def output_size(input_size: int, bs: int, count: int | None, skip: int) -> int:
@@ -50,13 +67,10 @@ def dd(
 
     As in qemu-img, the output is created before the copy, so a ``skip`` past the end
     of the input leaves an empty output (and raises ``InvalidOptionError``)."""
-    if not 1 <= bs <= MAX_BLOCK_SIZE:
-        raise InvalidOptionError(f"Invalid bs specified. Must be between 1 and {MAX_BLOCK_SIZE}.")
-    for name, value in (("count", count), ("skip", skip)):
-        if value is not None and value < 0:
-            raise InvalidOptionError(
-                f"Invalid {name} specified. Must be between 0 and {(1 << 63) - 1}."
-            )
+    check_block_size(bs)
+    check_blocks("skip", skip)
+    if count is not None:
+        check_blocks("count", count)
     with open_image(
         input, format, image_opts=image_opts, force_share=force_share, purpose="copy-source"
     ) as source:

@@ -8,7 +8,7 @@ unchanged; the TypedDicts below say which members are always there.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Literal, TypedDict, Union, cast, overload
+from typing import TYPE_CHECKING, Literal, TypedDict, Union, overload
 
 if sys.version_info >= (3, 11):
     from typing import NotRequired
@@ -167,8 +167,3 @@ def info(
         if not backing_chain:
             return image.info()
         return [img.info() for img in image.chain()]
-
-
-def as_image_info(value: object) -> ImageInfo:
-    """``value`` (built by :mod:`qimg.image` in QEMU's layout) as the type it has."""
-    return cast(ImageInfo, value)

@@ -86,9 +86,9 @@ class ImageStream(io.RawIOBase):
         if count == 0:
             return 0
         if isinstance(buffer, bytearray) and count == len(buffer):
-            self._image.readinto(self._pos, buffer)
+            self._image.readinto(self._pos, buffer)  # the core fills it in place
         else:
-            view[:count] = self._image.read(self._pos, count)
+            self._image.readinto(self._pos, view[:count])
         self._pos += count
         return count
 

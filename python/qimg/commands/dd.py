@@ -7,12 +7,11 @@ import argparse
 
 from qimg.commands._common import add_format_arg, add_image_opts_arg, add_share_arg
 from qimg.commands._parser import examples
-from qimg.dd import MAX_BLOCK_SIZE, dd
+from qimg.dd import check_block_size, check_blocks, dd
 from qimg.errors import InvalidOptionError, UsageError
 from qimg.options import parse_size
 
 NAME = "dd"
-_MAX_BLOCKS = (1 << 63) - 1
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -55,10 +54,7 @@ def _blocks(name: str, text: str) -> int:
     """A block count as qemu-img reads count= and skip=: a plain decimal number."""
     if not text.isdigit() and not (text.startswith("-") and text[1:].isdigit()):
         raise InvalidOptionError(f"Invalid {name} specified: '{text}'.")
-    value = int(text)
-    if not 0 <= value <= _MAX_BLOCKS:
-        raise InvalidOptionError(f"Invalid {name} specified. Must be between 0 and {_MAX_BLOCKS}.")
-    return value
+    return check_blocks(name, int(text))
 
 
 def _block_size(text: str) -> int:
@@ -66,9 +62,7 @@ def _block_size(text: str) -> int:
         value = parse_size(text, "bs")
     except InvalidOptionError:
         raise InvalidOptionError(f"Invalid bs specified: '{text}'.") from None
-    if not 1 <= value <= MAX_BLOCK_SIZE:
-        raise InvalidOptionError(f"Invalid bs specified. Must be between 1 and {MAX_BLOCK_SIZE}.")
-    return value
+    return check_block_size(value)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -459,7 +459,6 @@ impl Image {
             spec.set_item("bitmaps", list)?;
         }
         d.set_item("qcow2", spec)?;
-        d.set_item("has_bitmaps", bitmaps.is_some())?;
         if h.snapshot_count > 0 {
             let snaps = py
                 .detach(|| snapshot::read_snapshots(q.file_node(), h))

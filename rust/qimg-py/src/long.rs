@@ -22,8 +22,8 @@ const UNWIND_GRACE: Duration = Duration::from_millis(500);
 /// The progress the work reports, written by the work's threads and handed
 /// over to the waiting thread, one entry per whole percent reached.
 struct Reporter {
-    /// Whether anybody listens (else nothing is queued).
-    listening: bool,
+    /// The caller's callback (None: nothing is queued).
+    callback: Option<Py<PyAny>>,
     last_percent: AtomicU64,
     queue: Mutex<Vec<(u64, u64)>>,
     cancelled: AtomicBool,
@@ -36,7 +36,7 @@ impl Reporter {
         if self.cancelled.load(Ordering::SeqCst) {
             return Err(Error::cancelled());
         }
-        if !self.listening {
+        if self.callback.is_none() {
             return Ok(());
         }
         let percent = done.saturating_mul(100).checked_div(total).unwrap_or(100);
@@ -55,8 +55,8 @@ impl Reporter {
 
     /// Calls `callback` on the calling thread with every position queued
     /// since the last call, in order.
-    fn deliver(&self, py: Python<'_>, callback: Option<&Py<PyAny>>) -> PyResult<()> {
-        let Some(cb) = callback else {
+    fn deliver(&self, py: Python<'_>) -> PyResult<()> {
+        let Some(cb) = &self.callback else {
             return Ok(());
         };
         let queued =
@@ -106,7 +106,7 @@ where
     F: FnOnce(qimg_core::progress::Progress<'_>) -> R + Send + 'static,
 {
     let reporter = Arc::new(Reporter {
-        listening: callback.is_some(),
+        callback,
         last_percent: AtomicU64::new(u64::MAX),
         queue: Mutex::new(Vec::new()),
         cancelled: AtomicBool::new(false),
@@ -142,12 +142,10 @@ where
             })?;
             // What the work reported last (100% of a finished job) reaches
             // the callback too.
-            reporter.deliver(py, callback.as_ref())?;
+            reporter.deliver(py)?;
             return Ok(value);
         }
-        let raised = py
-            .check_signals()
-            .and_then(|()| reporter.deliver(py, callback.as_ref()));
+        let raised = py.check_signals().and_then(|()| reporter.deliver(py));
         if let Err(e) = raised {
             reporter.cancel();
             // Give the work the time to unwind (and the caller's clean-up

@@ -285,7 +285,7 @@ fn layer_of(
 /// header and its extensions live there), else its first 4 KiB, which is
 /// enough to probe any format. Reading no more keeps a blkdebug rule on a
 /// data sector away from the header's read, as in QEMU.
-fn read_head(file: &FileNode) -> Result<Vec<u8>> {
+pub(crate) fn read_head(file: &FileNode) -> Result<Vec<u8>> {
     const PROBE_LEN: u64 = 4096;
     let mut head = vec![0u8; file.file_len().min(PROBE_LEN) as usize];
     file.pread(&mut head, 0)?;

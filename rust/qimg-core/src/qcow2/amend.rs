@@ -11,7 +11,7 @@ use super::header::{
     Header, COMPAT_LAZY_REFCOUNTS, EXT_BACKING_FORMAT, EXT_END, EXT_FEATURE_TABLE,
     INCOMPAT_COMPRESSION, INCOMPAT_EXTL2, V2_HEADER_LEN, V3_HEADER_LEN,
 };
-use super::image_header::{EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE};
+use super::image_header::{ImageHeader, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE};
 use super::reader::{Qcow2Node, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO};
 use super::refcount::set_entry;
 use super::types::{Compat, CompressionType, RefcountOrder};
@@ -30,9 +30,6 @@ pub struct AmendSpec {
     pub size: Option<u64>,
 }
 
-/// QEMU's limit on a backing file name, in bytes.
-pub const MAX_BACKING_NAME: usize = 1023;
-
 /// A backing file as a header names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backing<'a> {
@@ -49,16 +46,22 @@ struct Fields {
     compression: CompressionType,
 }
 
+impl Fields {
+    fn of(h: &ImageHeader) -> Fields {
+        Fields {
+            compat: h.compat,
+            lazy: h.lazy_refcounts(),
+            compression: h.compression,
+        }
+    }
+}
+
 impl Qcow2Node {
     /// Applies `spec` to the image (open for writing). Everything is
     /// validated before anything is written.
     pub fn amend(&self, spec: &AmendSpec) -> Result<()> {
         let h = &self.header;
-        let mut fields = Fields {
-            compat: h.compat,
-            lazy: h.lazy_refcounts(),
-            compression: h.compression,
-        };
+        let mut fields = Fields::of(h);
         let target_compat = spec.compat.unwrap_or(h.compat);
         let target_order = spec.refcount_order.unwrap_or(h.refcount_order);
         let target_lazy = spec
@@ -142,22 +145,15 @@ impl Qcow2Node {
     /// rewriting only the header, as `qemu-img rebase -u` does: the guest
     /// content of the image changes if the new backing file holds other data.
     pub fn set_backing_name(&self, backing: Option<Backing<'_>>) -> Result<()> {
-        if let Some(b) = &backing {
-            if b.name.is_empty() || b.name.len() > MAX_BACKING_NAME {
-                return Err(Error::invalid(format!(
-                    "The backing file name must be 1 to {MAX_BACKING_NAME} bytes long"
-                )));
-            }
+        // (The header encoder refuses a name longer than qcow2 allows.)
+        if backing.is_some_and(|b| b.name.is_empty()) {
+            return Err(Error::invalid(
+                "An empty backing file name means none: give no backing file",
+            ));
         }
-        let h = &self.header;
-        let fields = Fields {
-            compat: h.compat,
-            lazy: h.lazy_refcounts(),
-            compression: h.compression,
-        };
         let mut st = self.state()?;
         self.write_back(&mut st)?;
-        self.write_header(&mut st, fields, backing)
+        self.write_header(&mut st, Fields::of(&self.header), backing)
     }
 
     fn write_header(

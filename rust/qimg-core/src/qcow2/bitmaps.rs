@@ -1,7 +1,8 @@
-//! The directory of persistent dirty bitmaps (the read side): the bitmaps
-//! `info` lists. Every field comes from the file and is bounded before use.
+//! The directory of persistent dirty bitmaps: its entries, read from the file
+//! with every count, size, offset and length bounded before use. `info` lists
+//! the bitmaps from it; `check` counts their tables and data.
 
-use super::image_header::BitmapsExtension;
+use super::image_header::{be16, be32, be64, BitmapsExtension};
 use crate::block::{BlockDev, FileNode};
 use crate::error::{Error, Result};
 
@@ -11,13 +12,25 @@ pub const MAX_DIRECTORY_BYTES: u64 = 1024 * MAX_BITMAPS as u64;
 /// Longest bitmap name, in bytes.
 pub const MAX_NAME_BYTES: usize = 1023;
 /// Granularities run from 512 bytes to 2 GiB.
-const GRANULARITY_BITS: std::ops::RangeInclusive<u8> = 9..=31;
+pub const GRANULARITY_BITS: std::ops::RangeInclusive<u8> = 9..=31;
 /// Bytes of a directory entry before its extra data and name.
 const ENTRY_HEAD: usize = 24;
-const FLAG_IN_USE: u32 = 1;
-const FLAG_AUTO: u32 = 2;
+pub const FLAG_IN_USE: u32 = 1;
+pub const FLAG_AUTO: u32 = 2;
 
-/// One bitmap as the directory describes it.
+/// One entry of the bitmap directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub table_offset: u64,
+    pub table_entries: u64,
+    pub flags: u32,
+    pub kind: u8,
+    pub granularity_bits: u8,
+    pub extra_len: u64,
+    pub name: String,
+}
+
+/// One bitmap as `info` lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BitmapInfo {
     pub name: String,
@@ -28,8 +41,64 @@ pub struct BitmapInfo {
     pub auto: bool,
 }
 
-/// The bitmaps the directory of `ext` lists, in directory order.
-pub fn read_bitmap_directory(file: &FileNode, ext: &BitmapsExtension) -> Result<Vec<BitmapInfo>> {
+/// The `count` entries of the directory bytes `dir`, or what is malformed:
+/// an entry that does not fit, a name or granularity out of range, or a
+/// count that does not match the entries the directory holds.
+pub fn parse_directory(dir: &[u8], count: u32) -> std::result::Result<Vec<DirEntry>, String> {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while at < dir.len() {
+        let index = out.len();
+        if index >= count as usize {
+            return Err(format!(
+                "it holds more than the {count} entries the header says"
+            ));
+        }
+        let past = || format!("entry {index} lies past the directory's end");
+        let head = dir.get(at..at + ENTRY_HEAD).ok_or_else(past)?;
+        let name_len = usize::from(be16(head, 18));
+        let granularity_bits = head[17];
+        if name_len > MAX_NAME_BYTES {
+            return Err(format!(
+                "entry {index} has a {name_len}-byte name (at most {MAX_NAME_BYTES})"
+            ));
+        }
+        if !GRANULARITY_BITS.contains(&granularity_bits) {
+            return Err(format!(
+                "entry {index} has granularity 2^{granularity_bits} (2^9 to 2^31 are valid)"
+            ));
+        }
+        let extra_len = be32(head, 20) as usize;
+        let name_at = at.saturating_add(ENTRY_HEAD).saturating_add(extra_len);
+        let name = dir
+            .get(name_at..name_at.saturating_add(name_len))
+            .ok_or_else(past)?;
+        let end = (name_at + name_len).next_multiple_of(8);
+        if end > dir.len() {
+            return Err(past());
+        }
+        out.push(DirEntry {
+            table_offset: be64(head, 0),
+            table_entries: u64::from(be32(head, 8)),
+            flags: be32(head, 12),
+            kind: head[16],
+            granularity_bits,
+            extra_len: extra_len as u64,
+            name: String::from_utf8_lossy(name).into_owned(),
+        });
+        at = end;
+    }
+    if out.len() != count as usize {
+        return Err(format!(
+            "it holds {} entries, the header says {count}",
+            out.len()
+        ));
+    }
+    Ok(out)
+}
+
+/// The directory of `ext`, read from `file` once its place is checked.
+pub fn read_directory(file: &FileNode, ext: &BitmapsExtension) -> Result<Vec<DirEntry>> {
     let bad = |msg: String| {
         Error::InvalidImage(format!(
             "Corrupt qcow2 image '{}': bitmap directory: {msg}",
@@ -57,38 +126,18 @@ pub fn read_bitmap_directory(file: &FileNode, ext: &BitmapsExtension) -> Result<
     }
     let mut raw = vec![0u8; ext.directory_size as usize];
     file.pread(&mut raw, ext.directory_offset)?;
-    let mut out = Vec::with_capacity(ext.count as usize);
-    let mut at = 0usize;
-    for index in 0..ext.count {
-        let head = raw
-            .get(at..at + ENTRY_HEAD)
-            .ok_or_else(|| bad(format!("entry {index} lies past the directory's end")))?;
-        let be32 = |i: usize| u32::from_be_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
-        let flags = be32(12);
-        let granularity_bits = head[17];
-        let name_len = usize::from(u16::from_be_bytes([head[18], head[19]]));
-        let extra_len = be32(20) as usize;
-        if !GRANULARITY_BITS.contains(&granularity_bits) {
-            return Err(bad(format!(
-                "entry {index} has granularity 2^{granularity_bits} (2^9 to 2^31 are valid)"
-            )));
-        }
-        if name_len > MAX_NAME_BYTES {
-            return Err(bad(format!(
-                "entry {index} has a {name_len}-byte name (at most {MAX_NAME_BYTES})"
-            )));
-        }
-        let name_at = at.saturating_add(ENTRY_HEAD).saturating_add(extra_len);
-        let name = raw
-            .get(name_at..name_at.saturating_add(name_len))
-            .ok_or_else(|| bad(format!("entry {index} lies past the directory's end")))?;
-        out.push(BitmapInfo {
-            name: String::from_utf8_lossy(name).into_owned(),
-            granularity: 1u64 << granularity_bits,
-            in_use: flags & FLAG_IN_USE != 0,
-            auto: flags & FLAG_AUTO != 0,
-        });
-        at = (name_at + name_len).next_multiple_of(8);
-    }
-    Ok(out)
+    parse_directory(&raw, ext.count).map_err(bad)
+}
+
+/// The bitmaps `info` lists for `ext`, in directory order.
+pub fn read_bitmap_directory(file: &FileNode, ext: &BitmapsExtension) -> Result<Vec<BitmapInfo>> {
+    Ok(read_directory(file, ext)?
+        .into_iter()
+        .map(|e| BitmapInfo {
+            granularity: 1u64 << e.granularity_bits,
+            in_use: e.flags & FLAG_IN_USE != 0,
+            auto: e.flags & FLAG_AUTO != 0,
+            name: e.name,
+        })
+        .collect())
 }

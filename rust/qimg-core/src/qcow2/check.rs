@@ -20,7 +20,8 @@
 //! writer and a [`Fix`] mode repairs what it finds at the points where
 //! qemu-img repairs, and words its lines ("Repairing ...") as qemu-img does.
 
-use super::image_header::{be16, be32, be64, ImageHeader, AUTOCLEAR_BITMAPS};
+use super::bitmaps;
+use super::image_header::{be64, ImageHeader, AUTOCLEAR_BITMAPS};
 use super::reader::{Qcow2Node, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO};
 use super::refcount::set_entry;
 use super::refcount_reader::{decode_refcount, REFT_OFFSET_MASK};
@@ -66,13 +67,8 @@ const SUBCLUSTERS_ALLOCATED: u64 = 0xffff_ffff;
 /// Extra data a v3 snapshot entry must have (vm_state_size_large, disk_size).
 const SNAPSHOT_REQUIRED_EXTRA: u64 = 16;
 /// Bitmap directory limits and layout (docs/interop/qcow2.rst, "Bitmaps").
-const BITMAP_DIR_ENTRY_LEN: u64 = 24;
-const BITMAP_MAX_COUNT: u64 = 65535;
-const BITMAP_DIR_MAX: u64 = 1024 * BITMAP_MAX_COUNT;
 const BITMAP_MAX_TABLE_ENTRIES: u64 = 0x800_0000;
 const BITMAP_MAX_DATA_BYTES: u64 = 0x2000_0000;
-const BITMAP_MAX_NAME: u64 = 1023;
-const BITMAP_FLAG_IN_USE: u32 = 1;
 const BITMAP_KNOWN_FLAGS: u32 = 0b11;
 const BITMAP_TYPE_DIRTY_TRACKING: u8 = 1;
 const BITMAP_ENTRY_RESERVED: u64 = 0xff00_0000_0000_01fe;
@@ -878,13 +874,13 @@ impl<'a> Checker<'a> {
         }
         let (dir_offset, dir_size) = (ext.directory_offset, ext.directory_size);
         self.reference(dir_offset, dir_size)?;
-        let bitmaps = self.load_bitmap_directory(u64::from(ext.count), dir_offset, dir_size);
-        let Some(bitmaps) = bitmaps else {
+        let loaded = self.load_bitmap_directory(ext.count, dir_offset, dir_size);
+        let Some(loaded) = loaded else {
             self.report.corruptions += 1;
             return Err(check_failed("", libc::EINVAL));
         };
         let cs = self.cluster_size;
-        for bitmap in bitmaps {
+        for bitmap in loaded {
             self.reference(bitmap.table_offset, bitmap.table_entries * 8)?;
             let table = self.read(bitmap.table_offset, bitmap.table_entries * 8)?;
             let entries: Vec<u64> = table.chunks_exact(8).map(|c| be64(c, 0)).collect();
@@ -908,64 +904,40 @@ impl<'a> Checker<'a> {
     }
 
     /// The bitmaps of the directory, or None where QEMU refuses to load it.
-    fn load_bitmap_directory(&self, count: u64, offset: u64, size: u64) -> Option<Vec<Bitmap>> {
-        if size == 0 || size > BITMAP_DIR_MAX {
+    fn load_bitmap_directory(&self, count: u32, offset: u64, size: u64) -> Option<Vec<Bitmap>> {
+        if size == 0 || size > bitmaps::MAX_DIRECTORY_BYTES {
             return None;
         }
         let dir = self.read(offset, size).ok()?;
         let virtual_size = self.header.virtual_size & !511;
         let cs = self.cluster_size;
-        let mut bitmaps = Vec::new();
-        let mut at = 0u64;
-        while at < size {
-            if at + BITMAP_DIR_ENTRY_LEN > size {
-                return None;
-            }
-            if bitmaps.len() as u64 >= count {
-                return None;
-            }
-            let e = &dir[at as usize..(at + BITMAP_DIR_ENTRY_LEN) as usize];
-            let table_offset = be64(e, 0);
-            let table_entries = u64::from(be32(e, 8));
-            let flags = be32(e, 12);
-            let kind = e[16];
-            let granularity_bits = u64::from(e[17]);
-            let name_len = u64::from(be16(e, 18));
-            let extra = u64::from(be32(e, 20));
-            let entry_len = (BITMAP_DIR_ENTRY_LEN + name_len + extra).next_multiple_of(8);
-            if at + entry_len > size || extra != 0 {
-                return None;
-            }
-            let constraints_hold = table_entries != 0
-                && table_offset != 0
-                && table_offset % cs == 0
-                && table_entries <= BITMAP_MAX_TABLE_ENTRIES
-                && (9..=31).contains(&granularity_bits)
-                && flags & !BITMAP_KNOWN_FLAGS == 0
-                && name_len <= BITMAP_MAX_NAME
-                && kind == BITMAP_TYPE_DIRTY_TRACKING;
+        let mut out = Vec::new();
+        for e in bitmaps::parse_directory(&dir, count).ok()? {
+            let constraints_hold = e.table_entries != 0
+                && e.table_offset != 0
+                && e.table_offset % cs == 0
+                && e.table_entries <= BITMAP_MAX_TABLE_ENTRIES
+                && e.flags & !BITMAP_KNOWN_FLAGS == 0
+                && e.extra_len == 0
+                && e.kind == BITMAP_TYPE_DIRTY_TRACKING;
             if !constraints_hold {
                 return None;
             }
-            let data_bytes = table_entries * cs;
+            let data_bytes = e.table_entries * cs;
             if data_bytes > BITMAP_MAX_DATA_BYTES {
                 return None;
             }
-            if flags & BITMAP_FLAG_IN_USE == 0
-                && virtual_size > (data_bytes * 8) << granularity_bits
+            if e.flags & bitmaps::FLAG_IN_USE == 0
+                && virtual_size > (data_bytes * 8) << e.granularity_bits
             {
                 return None;
             }
-            bitmaps.push(Bitmap {
-                table_offset,
-                table_entries,
+            out.push(Bitmap {
+                table_offset: e.table_offset,
+                table_entries: e.table_entries,
             });
-            at += entry_len;
         }
-        if bitmaps.len() as u64 != count || at != size {
-            return None;
-        }
-        Some(bitmaps)
+        Some(out)
     }
 
     /// Checks the refcount table entries and counts the refcount blocks.

@@ -735,9 +735,7 @@ impl Qcow2Node {
     /// and retired: it writes nothing more, not even when dropped.
     pub fn reopen(&self) -> Result<Qcow2Node> {
         self.close_writer()?;
-        let cluster = self.cs().min(self.file.file_len());
-        let mut head = vec![0u8; cluster as usize];
-        self.file.pread(&mut head, 0)?;
+        let head = crate::block::open::read_head(&self.file)?;
         let header = ImageHeader::parse(&head, self.file.file_len())?;
         if let Some(w) = &self.writer {
             w.lock().unwrap_or_else(PoisonError::into_inner).retired = true;
