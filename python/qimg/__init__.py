@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from qimg.check import CheckReport, check
+    from qimg.commit import commit
     from qimg.compare import CompareResult, compare
     from qimg.convert import convert
     from qimg.create import create
@@ -75,6 +76,7 @@ if TYPE_CHECKING:
 _HOMES = {
     "CheckReport": "qimg.check",
     "check": "qimg.check",
+    "commit": "qimg.commit",
     "CompareResult": "qimg.compare",
     "compare": "qimg.compare",
     "convert": "qimg.convert",
@@ -128,8 +130,8 @@ if not TYPE_CHECKING:
 
 
 class _Package(types.ModuleType):
-    """The package module. check, compare, convert, create, dd, info, measure, rebase and scrub are
-    functions that share their name with the module they live in; importing such a
+    """The package module. check, commit, compare, convert, create, dd, info, measure, rebase and
+    scrub are functions that share their name with the module they live in; importing such a
     module (which qimg does internally) would set the package attribute to the module,
     so that ``qimg.create`` became a module. Those assignments are dropped: the name
     resolves to the function, and the module stays in ``sys.modules``."""
@@ -177,6 +179,7 @@ __all__ = [
     "UsageError",
     "__version__",
     "check",
+    "commit",
     "compare",
     "convert",
     "create",

@@ -125,6 +125,7 @@ def open_image(
     cache: str = "writeback",
     force_share: bool = False,
     purpose: str = "read",
+    writable_backing: int | None = None,
 ) -> Image: ...
 def open_spec(
     spec_json: str,
@@ -162,4 +163,18 @@ def convert(
     progress: Callable[[int, int], None] | None = None,
 ) -> None: ...
 def check_image(image: Image) -> dict[str, Any] | None: ...
+def commit_image(
+    image: Image,
+    *,
+    base_depth: int = 1,
+    empty_top: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> None: ...
+def rebase_copy(
+    image: Image,
+    new_backing: Image | None,
+    *,
+    compress: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> int: ...
 def repair_image(path: str | PathLike[str], mode: str) -> dict[str, Any]: ...

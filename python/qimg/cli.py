@@ -34,6 +34,7 @@ COMMANDS = (
     "resize",
     "amend",
     "rebase",
+    "commit",
     "dd",
     "snapshot",
     "io",

@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Literal, cast
 
 from qimg import _core
-from qimg.errors import InvalidOptionError, QimgError, UsageError
+from qimg.errors import InvalidOptionError, QimgError, UnsupportedError, UsageError
 from qimg.events import Event, EventCallback
 from qimg.imageinfo import core_info, file_child, info_of, nbd_info
 from qimg.names import is_plain_filename
@@ -336,9 +336,11 @@ def open_image(
     events: EventCallback | None = None,
     force_share: bool = False,
     purpose: Purpose = "read",
+    writable_backing: int | None = None,
 ) -> Image:
     """Opens an image (read-only unless ``writable``; its backing chain is
-    always read-only); ``format`` None probes it as qemu-img does.
+    read-only but for the layer ``writable_backing`` layers below the image, if
+    given, which ``commit`` writes into); ``format`` None probes it as qemu-img does.
 
     The open takes QEMU's image locks, so that qimg, qemu-img, qemu-io,
     qemu-nbd and running VMs exclude each other: an image another process
@@ -371,13 +373,26 @@ def open_image(
     locks = _Locks(cache=cache, force_share=force_share, purpose=purpose)
     if not image_opts and is_plain_filename(spec):
         assert isinstance(spec, str | os.PathLike)
-        return _open_plain(os.fspath(spec), format, backing, writable, locks, events)
+        return _open_plain(
+            os.fspath(spec), format, backing, writable, writable_backing, locks, events
+        )
     from qimg.spec import BACKING_DEFAULT, ProbeNode, Qcow2Node
 
     node_spec = parse_image_spec(spec, image_opts=image_opts, fmt=format)
     if node_spec.plain_filename is not None:
         return _open_plain(
-            node_spec.plain_filename, node_spec.plain_format, backing, writable, locks, events
+            node_spec.plain_filename,
+            node_spec.plain_format,
+            backing,
+            writable,
+            writable_backing,
+            locks,
+            events,
+        )
+    if writable_backing is not None:
+        raise UnsupportedError(
+            "writing into a backing file of a node tree is not supported by qimg; "
+            "give the image by its file name"
         )
     root = node_spec.root
     if not backing and isinstance(root, Qcow2Node) and root.backing is BACKING_DEFAULT:
@@ -410,6 +425,7 @@ def _open_plain(
     format: str | None,
     backing: bool,
     writable: bool,
+    writable_backing: int | None,
     locks: _Locks,
     events: EventCallback | None,
 ) -> Image:
@@ -418,6 +434,7 @@ def _open_plain(
         format,
         no_backing=not backing,
         writable=writable,
+        writable_backing=writable_backing,
         cache=locks.cache,
         force_share=locks.force_share,
         purpose=locks.purpose,

@@ -1,4 +1,4 @@
-"""``qimg rebase [-f fmt | --image-opts] [-t cache] [-T src_cache] [-p] [-q] [-c] [-U] -u
+"""``qimg rebase [-f fmt | --image-opts] [-t cache] [-T src_cache] [-p] [-q] [-c] [-U] [-u]
 [-F backing_fmt] [-b backing_file] filename``"""
 
 from __future__ import annotations
@@ -6,13 +6,14 @@ from __future__ import annotations
 import argparse
 
 from qimg.commands._common import (
+    Progress,
     add_cache_arg,
     add_format_arg,
     add_image_opts_arg,
     add_source_cache_arg,
 )
 from qimg.commands._parser import examples
-from qimg.errors import UsageError
+from qimg.errors import QimgError, UsageError
 from qimg.image import check_cache_mode
 from qimg.rebase import rebase
 
@@ -22,16 +23,19 @@ NAME = "rebase"
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         NAME,
-        help="change the backing file an image names (-u)",
+        help="change the backing file of an image",
         description=(
-            "Change the backing file a qcow2 image names, as qemu-img rebase -u does: "
-            "only the header is rewritten, so the guest content changes unless the new "
+            "Change the backing file a qcow2 image names, as qemu-img rebase does. The "
+            "safe mode (the default) first copies into the image whatever would read "
+            "differently over the new backing file, so the guest content stays the same; "
+            "-u rewrites only the header, so the guest content changes unless the new "
             "backing file holds what the old one held. -b '' (or no -b) removes the "
-            "backing file. The safe mode (without -u) is not built yet and is refused."
+            "backing file. A relative backing file name is found from the image's directory."
         ),
         epilog=examples(
-            "qimg rebase -u -b base-v2.qcow2 -F qcow2 overlay.qcow2",
-            "qimg rebase -u -b '' standalone.qcow2",
+            "qimg rebase -b base-v2.qcow2 -F qcow2 overlay.qcow2",
+            "qimg rebase -p -b '' standalone.qcow2",
+            "qimg rebase -u -b renamed-base.qcow2 -F qcow2 overlay.qcow2",
         ),
         allow_abbrev=False,
     )
@@ -42,17 +46,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("-u", dest="unsafe", action="store_true", help="rewrite only the header")
     p.add_argument("-b", dest="backing_file", metavar="FILE", help="the new backing file")
     p.add_argument("-F", dest="backing_fmt", metavar="FMT", help="format of the new backing file")
-    p.add_argument("-p", dest="progress", action="store_true", help="show progress (-u: instant)")
+    p.add_argument("-p", dest="progress", action="store_true", help="show progress")
     p.add_argument("-q", dest="quiet", action="store_true", help="print nothing on success")
-    p.add_argument(
-        "-c", dest="compress", action="store_true", help="compress copied clusters (-u copies none)"
-    )
+    p.add_argument("-c", dest="compress", action="store_true", help="compress the copied clusters")
     p.add_argument(
         "-U",
         "--force-share",
         dest="force_share",
         action="store_true",
-        help="open the backing files shared (-u opens none)",
+        help="open the backing files shared, read-only",
     )
     p.add_argument("filename", nargs="?", help="the overlay to rebase")
     p.set_defaults(run=run)
@@ -62,13 +64,24 @@ def run(args: argparse.Namespace) -> int:
     if args.filename is None:
         raise UsageError("Expecting one image file name")
     check_cache_mode(args.source_cache, source=True)
-    rebase(
-        args.filename,
-        args.backing_file,
-        backing_format=args.backing_fmt,
-        unsafe=args.unsafe,
-        format=args.fmt,
-        image_opts=args.image_opts,
-        cache=args.cache,
-    )
+    progress = Progress(args.progress and not args.quiet)
+    progress.start()
+    try:
+        rebase(
+            args.filename,
+            args.backing_file,
+            backing_format=args.backing_fmt,
+            unsafe=args.unsafe,
+            compress=args.compress,
+            format=args.fmt,
+            image_opts=args.image_opts,
+            cache=args.cache,
+            source_cache=args.source_cache,
+            force_share=args.force_share,
+            progress=progress,
+        )
+    except QimgError:
+        progress.finish_line()
+        raise
+    progress.end()
     return 0

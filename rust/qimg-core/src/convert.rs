@@ -8,7 +8,7 @@
 //! new qcow2 image gets its clusters laid out sequentially; workers may run
 //! ahead of it by a bounded window only.
 
-use crate::block::{block_status, status_above, BlockDev, FileNode};
+use crate::block::{block_status, status_above, BlockDev, FileNode, Status};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::qcow2::compress::compress;
@@ -61,9 +61,8 @@ pub struct ConvertOptions {
     /// backing file, if any, does not reach (a new image): zero ranges there
     /// need no writes.
     pub zero_init: bool,
-    /// Copy only what the sources' top layers hold (`-B`): the target's
-    /// backing file provides the rest.
-    pub top_only: bool,
+    /// Which layers of the sources are copied.
+    pub layers: Layers,
     /// Write pieces in guest order (qemu-img's default; `-W` lifts it).
     pub in_order: bool,
     /// Worker threads (`-m`).
@@ -74,13 +73,44 @@ pub struct ConvertOptions {
     pub copy_offload: bool,
 }
 
+/// Which layers of a source's backing chain a copy takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layers {
+    /// All of them: the guest content.
+    Chain,
+    /// What the top `n` layers (at least one) hold; what they leave
+    /// unallocated is skipped, because the target has it already (`-B`:
+    /// the target's backing file; commit: the base is the target).
+    Top(u32),
+}
+
+impl Layers {
+    fn top_only(self) -> bool {
+        self != Layers::Chain
+    }
+
+    /// How many layers of a chain are asked (the whole chain: all).
+    fn depth(self) -> u32 {
+        match self {
+            Layers::Chain => u32::MAX,
+            Layers::Top(n) => n.max(1),
+        }
+    }
+}
+
+impl ConvertOptions {
+    fn top_only(&self) -> bool {
+        self.layers.top_only()
+    }
+}
+
 impl Default for ConvertOptions {
     fn default() -> Self {
         ConvertOptions {
             sparse: Sparse::DEFAULT,
             compress: false,
             zero_init: true,
-            top_only: false,
+            layers: Layers::Chain,
             in_order: true,
             workers: default_workers(),
             copy_offload: false,
@@ -199,7 +229,7 @@ pub fn convert(
     // With a backing file on a new target, zeroes past the backing file's
     // end need no writes either (qemu-img leaves them unallocated).
     let backing_end =
-        (opts.top_only && opts.zero_init).then(|| dst.backing().map_or(0, |b| b.size()));
+        (opts.top_only() && opts.zero_init).then(|| dst.backing().map_or(0, |b| b.size()));
     let pieces = total.div_ceil(PIECE);
     let workers = opts
         .workers
@@ -341,7 +371,7 @@ fn apply(
     opts: &ConvertOptions,
     pool: &Pool,
 ) -> Result<()> {
-    let skip_zeroes = opts.zero_init && !opts.top_only;
+    let skip_zeroes = opts.zero_init && !opts.top_only();
     for (offset, seg) in segs {
         match seg {
             Seg::Data(d) => {
@@ -387,15 +417,17 @@ fn apply(
 /// Where `[offset, offset + len)` of `top` (a prefix of it) lies plainly in
 /// a local file: the file, the offset there and the length. None when the
 /// range is not plain data (zeroes, compressed, a quorum, an export, ...).
-/// With `top_only`, only `top` itself is asked, not its backing chain.
+/// Only the layers `layers` names are asked.
 fn plain_run(
     top: &dyn BlockDev,
     offset: u64,
     len: u64,
-    top_only: bool,
+    layers: Layers,
 ) -> Result<Option<(Arc<FileNode>, u64, u64)>> {
     let mut node = top;
+    let mut left = layers.depth();
     loop {
+        left -= 1;
         let s = block_status(node, offset, len)?;
         if s.data && !s.zero && !s.compressed {
             return Ok(match (s.offset, node.file()) {
@@ -406,10 +438,33 @@ fn plain_run(
             });
         }
         match node.backing() {
-            Some(b) if !s.zero && !top_only => node = b.as_ref(),
+            Some(b) if !s.zero && left > 0 => node = b.as_ref(),
             _ => return Ok(None),
         }
     }
+}
+
+/// The status of `[offset, offset + len)` (a prefix of it) as the top
+/// `depth` layers of `top` say: the first of them that holds the range
+/// decides; where none does, the status of the lowest of them stands (so
+/// the range is unallocated, or reads as zeroes when nothing lies below).
+pub(crate) fn status_top(top: &dyn BlockDev, offset: u64, len: u64, depth: u32) -> Result<Status> {
+    let mut node = top;
+    let mut len = len;
+    for _ in 1..depth.max(1) {
+        let s = block_status(node, offset, len)?;
+        if s.allocated {
+            return Ok(s);
+        }
+        len = s.len.clamp(1, len);
+        match node.backing() {
+            Some(b) => node = b.as_ref(),
+            None => return Ok(s),
+        }
+    }
+    let mut s = block_status(node, offset, len)?;
+    s.len = s.len.clamp(1, len);
+    Ok(s)
 }
 
 /// Writes `n` zero bytes at `offset` as data.
@@ -458,8 +513,8 @@ fn prepare(
     for (src, local, target, len) in spans(sources, start, end) {
         let mut pos = 0u64;
         while pos < len {
-            let (n, zero, data) = if opts.top_only {
-                let s = block_status(src.as_ref(), local + pos, len - pos)?;
+            let (n, zero, data) = if let Layers::Top(depth) = opts.layers {
+                let s = status_top(src.as_ref(), local + pos, len - pos, depth)?;
                 (s.len.clamp(1, len - pos), s.zero, s.data)
             } else {
                 let e = status_above(src.as_ref(), local + pos, len - pos)?;
@@ -479,7 +534,7 @@ fn prepare(
             } else if !data {
                 // top_only: unallocated here, the backing file shows through;
                 // otherwise (no backing anywhere) it reads as zeroes.
-                if opts.top_only {
+                if opts.top_only() {
                     segs.push((at, Seg::Skip(n)));
                 } else {
                     push_zero(&mut segs, at, n);
@@ -516,7 +571,7 @@ fn offload(
     let mut out = Vec::new();
     let mut pos = 0u64;
     while pos < n {
-        let Some((file, offset, len)) = plain_run(src, local + pos, n - pos, opts.top_only)? else {
+        let Some((file, offset, len)) = plain_run(src, local + pos, n - pos, opts.layers)? else {
             return Ok(None);
         };
         let len = len.min(n - pos);

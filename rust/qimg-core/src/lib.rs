@@ -4,6 +4,7 @@
 //! plain `cargo test`. The Python binding (`qimg-py`) is a thin layer on top.
 
 pub mod block;
+pub mod commit;
 pub mod compare;
 pub mod convert;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod progress;
 pub mod qcow2;
 pub mod quorum;
 pub mod raw;
+pub mod rebase;
 
 pub use error::{Error, ErrorKind, Result};
 pub use prealloc::Prealloc;

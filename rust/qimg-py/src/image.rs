@@ -40,7 +40,7 @@ fn parse_format(name: Option<&str>) -> PyResult<Option<Format>> {
 
 #[pyfunction]
 #[pyo3(signature = (path, format=None, *, no_backing=false, writable=false, cache="writeback",
-                    force_share=false, purpose="read"))]
+                    force_share=false, purpose="read", writable_backing=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn open_image(
     py: Python<'_>,
@@ -51,11 +51,13 @@ pub fn open_image(
     cache: &str,
     force_share: bool,
     purpose: &str,
+    writable_backing: Option<u32>,
 ) -> PyResult<Image> {
     let opts = OpenOptions {
         format: parse_format(format.as_deref())?,
         no_backing,
         writable,
+        writable_backing,
         cache: cache_mode(cache)?,
         sharing: sharing(force_share, purpose)?,
     };
@@ -539,7 +541,11 @@ pub fn convert(
         sparse: Sparse::new(sparse_size).map_err(to_py)?,
         compress,
         zero_init,
-        top_only,
+        layers: if top_only {
+            engine::Layers::Top(1)
+        } else {
+            engine::Layers::Chain
+        },
         in_order,
         workers: 0,
         copy_offload,

@@ -11,6 +11,7 @@ use qimg_core::{Error, ErrorKind, Prealloc};
 use std::path::PathBuf;
 
 mod image;
+mod lifecycle;
 mod long;
 mod quorum;
 mod repair;
@@ -240,6 +241,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(image::compare_images, m)?)?;
     m.add_function(wrap_pyfunction!(image::convert, m)?)?;
     m.add_function(wrap_pyfunction!(image::check_image, m)?)?;
+    m.add_function(wrap_pyfunction!(lifecycle::commit_image, m)?)?;
+    m.add_function(wrap_pyfunction!(lifecycle::rebase_copy, m)?)?;
     m.add_function(wrap_pyfunction!(repair::repair_image, m)?)?;
     m.add_function(wrap_pyfunction!(create_raw, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_backing, m)?)?;

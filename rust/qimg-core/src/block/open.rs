@@ -22,6 +22,9 @@ pub struct OpenOptions {
     pub no_backing: bool,
     /// Open the image (not its backing chain) for writing.
     pub writable: bool,
+    /// Open one backing file for writing too: the one this many layers
+    /// below the image (1: its backing file). `commit` writes into it.
+    pub writable_backing: Option<u32>,
     /// QEMU's cache mode for every file of the chain (flushes matter only
     /// to the image opened for writing).
     pub cache: CacheMode,
@@ -52,9 +55,14 @@ pub fn open_image_on(file: FileNode, opts: &OpenOptions) -> Result<Arc<dyn Block
 }
 
 fn open_chain(top: FileNode, path: &str, opts: &OpenOptions) -> Result<Arc<dyn BlockDev>> {
-    if opts.sharing.force_share && opts.writable {
+    if opts.sharing.force_share && (opts.writable || opts.writable_backing.is_some()) {
         return Err(Error::invalid(
             "force-share=on can only be used with read-only images",
+        ));
+    }
+    if opts.writable_backing.is_some() && opts.no_backing {
+        return Err(Error::invalid(
+            "a backing file cannot be opened for writing without the backing chain",
         ));
     }
     let mut layers: Vec<Layer> = Vec::new();
@@ -62,13 +70,16 @@ fn open_chain(top: FileNode, path: &str, opts: &OpenOptions) -> Result<Arc<dyn B
     let mut name = path.to_string();
     let mut format = opts.format;
     let mut top = Some(top);
+    let mut depth = 0u32;
     loop {
+        let writable = opts.writable_backing == Some(depth);
         let opened = match top.take() {
             // The caller opened the top file in the cache mode asked for.
             Some(file) => layer_of(file, &name, format, &mut seen, opts.sharing, true),
-            None => open_local(&name, false, opts.cache)
-                .and_then(|f| layer_of(f, &name, format, &mut seen, opts.sharing, false)),
+            None => open_local(&name, writable, opts.cache)
+                .and_then(|f| layer_of(f, &name, format, &mut seen, opts.sharing, writable)),
         };
+        depth += 1;
         let layer = match (opened, layers.last()) {
             (Ok(l), _) => l,
             (Err(e), None) => return Err(e),
@@ -112,6 +123,14 @@ fn open_chain(top: FileNode, path: &str, opts: &OpenOptions) -> Result<Arc<dyn B
             })?),
         };
         name = resolved;
+    }
+    if opts
+        .writable_backing
+        .is_some_and(|d| d as usize >= layers.len())
+    {
+        return Err(Error::invalid(format!(
+            "'{path}' has no backing file to open for writing"
+        )));
     }
 
     let mut below: Option<Arc<dyn BlockDev>> = None;

@@ -145,6 +145,7 @@ fn open_node(
                 format,
                 no_backing: matches!(backing, Some(Value::Null)),
                 writable: opts.writable,
+                writable_backing: None,
                 cache: opts.cache,
                 sharing: opts.sharing,
             };

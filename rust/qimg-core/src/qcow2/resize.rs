@@ -166,10 +166,32 @@ impl Qcow2Node {
     /// Drops everything past `new_size`: clusters, then L2 tables no longer
     /// needed, then the size; finally the file is cut after its last cluster in use.
     fn shrink(&self, st: &mut WriteState, new_size: u64, old: u64) -> Result<()> {
+        self.drop_from(st, new_size, old)?;
+        // The size shrinks once no table maps anything past it.
+        self.write_back(st)?;
+        self.write_size(new_size)?;
+        self.cut_file(st)
+    }
+
+    /// Makes the image empty: every cluster and L2 table goes, so all of it
+    /// reads from the backing file again (what `commit` leaves behind). The
+    /// file is cut after its last cluster in use.
+    pub fn make_empty(&self) -> Result<()> {
+        let mut st = self.state()?;
+        self.begin_update(&mut st)?;
+        self.drop_from(&mut st, 0, self.size())?;
+        self.write_back(&mut st)?;
+        self.file.sync()?;
+        self.cut_file(&mut st)
+    }
+
+    /// Releases the clusters mapping `[from, end)` (`from` rounded up to a
+    /// cluster), and the L2 tables that then map nothing before `from`.
+    fn drop_from(&self, st: &mut WriteState, from: u64, end: u64) -> Result<()> {
         let cs = self.cs();
-        let keep = new_size.next_multiple_of(cs);
-        if keep < old {
-            self.per_table(keep, old.next_multiple_of(cs), |a, b| {
+        let keep = from.next_multiple_of(cs);
+        if keep < end {
+            self.per_table(keep, end.next_multiple_of(cs), |a, b| {
                 self.zero_in_table(st, a, b, Release::Remove)
             })?;
         }
@@ -184,9 +206,12 @@ impl Qcow2Node {
                 st.pending_free.push((offset, cs, true));
             }
         }
-        // The size shrinks once no table maps anything past it.
-        self.write_back(st)?;
-        self.write_size(new_size)?;
+        Ok(())
+    }
+
+    /// Cuts the file after its last cluster in use.
+    fn cut_file(&self, st: &mut WriteState) -> Result<()> {
+        let cs = self.cs();
         let last = st.alloc.trim_end()?;
         if last * cs < self.file.file_len() {
             self.file.truncate(last * cs)?;

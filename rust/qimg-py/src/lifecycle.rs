@@ -1,0 +1,52 @@
+//! The life-cycle commands that change an image chain in place: commit and
+//! the copying half of a safe rebase. Both are long and report progress.
+
+use crate::image::Image;
+use crate::long::run_long;
+use crate::to_py;
+use pyo3::prelude::*;
+use qimg_core::commit::{self, CommitOptions};
+use qimg_core::convert::default_workers_for;
+use qimg_core::rebase::{self, RebaseOptions};
+use std::sync::Arc;
+
+/// Commits `image` into the backing file `base_depth` layers below it (which
+/// must be open for writing), then empties `image` when `empty_top`.
+#[pyfunction]
+#[pyo3(signature = (image, *, base_depth=1, empty_top=true, progress=None))]
+pub fn commit_image(
+    py: Python<'_>,
+    image: PyRef<'_, Image>,
+    base_depth: u32,
+    empty_top: bool,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<()> {
+    let top = Arc::clone(&image.node);
+    let opts = CommitOptions {
+        base_depth,
+        empty_top,
+        workers: default_workers_for(std::slice::from_ref(&top)),
+    };
+    run_long(py, progress, move |p| commit::commit(&top, &opts, p))?.map_err(to_py)
+}
+
+/// Writes into `image` (open for writing, with its old backing chain) what
+/// it must hold to read the same over `new_backing` (None: no backing file).
+/// Returns the bytes written.
+#[pyfunction]
+#[pyo3(signature = (image, new_backing, *, compress=false, progress=None))]
+pub fn rebase_copy(
+    py: Python<'_>,
+    image: PyRef<'_, Image>,
+    new_backing: Option<PyRef<'_, Image>>,
+    compress: bool,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<u64> {
+    let top = Arc::clone(&image.node);
+    let new = new_backing.map(|b| Arc::clone(&b.node));
+    let opts = RebaseOptions { compress };
+    run_long(py, progress, move |p| {
+        rebase::copy_differences(&top, new.as_ref(), &opts, p)
+    })?
+    .map_err(to_py)
+}
