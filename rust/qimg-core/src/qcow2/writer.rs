@@ -681,9 +681,22 @@ impl Qcow2Node {
                 self.file.sync()?;
             }
             // No table refers to these clusters any more: their space goes
-            // back to the file system or the server (a failure loses nothing).
+            // back to the file system or the server (a failure loses nothing),
+            // a run of neighbours in one request.
+            holes.sort_unstable();
+            let mut run: Option<(u64, u64)> = None;
             for cluster in holes {
-                let _ = self.file.discard(cluster * cs, cs);
+                run = match run {
+                    Some((first, n)) if first + n == cluster => Some((first, n + 1)),
+                    Some((first, n)) => {
+                        let _ = self.file.discard(first * cs, n * cs);
+                        Some((cluster, 1))
+                    }
+                    None => Some((cluster, 1)),
+                };
+            }
+            if let Some((first, n)) = run {
+                let _ = self.file.discard(first * cs, n * cs);
             }
         }
         Ok(())
