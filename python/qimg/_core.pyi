@@ -8,11 +8,14 @@ __all__ = [
     "Image",
     "Qcow2Spec",
     "__version__",
+    "apply_snapshot",
     "check_image",
     "commit_image",
     "compare_images",
     "convert",
     "create_raw",
+    "create_snapshot",
+    "delete_snapshot",
     "local_path",
     "measure_qcow2",
     "measure_raw",
@@ -172,6 +175,9 @@ def commit_image(
     empty_top: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> None: ...
+def create_snapshot(image: Image, name: str, date_sec: int, date_nsec: int) -> Image: ...
+def apply_snapshot(image: Image, which: str) -> Image: ...
+def delete_snapshot(image: Image, name: str) -> Image: ...
 def rebase_copy(
     image: Image,
     new_backing: Image | None,

@@ -57,7 +57,8 @@ def _base_depth(path: str, format: str | None, base: str | None) -> int:
             raise InvalidOptionError("Image does not have a backing file")
         if base is None:
             return 1
-        wanted = os.path.realpath(base)
+        # A relative name is taken from the image's directory, as qemu-img takes it.
+        wanted = os.path.realpath(_core.resolve_backing(path, base))
         for depth, layer in enumerate(chain[1:], start=1):
             above = chain[depth - 1]
             if base == above.backing_file or os.path.realpath(layer.filename) == wanted:

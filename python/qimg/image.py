@@ -11,6 +11,7 @@ bad data, ...) are drained after every operation and handed to the image's
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -302,6 +303,37 @@ class Image:
         """The image's internal snapshots (qcow2), oldest first, as ``qemu-img snapshot
         -l`` lists them; an image without any (raw included) has none."""
         return list(self.info().get("snapshots", []))
+
+    def create_snapshot(self, name: str) -> None:
+        """Saves the guest content as internal snapshot ``name`` (qcow2, open for
+        writing), as ``qemu-img snapshot -c`` does: names need not be unique, the
+        snapshot gets the next free numeric ID. Clusters stay shared with the image
+        until either side changes them."""
+        now = time.time_ns()
+        self._change_snapshots(
+            "create", name, lambda c: _core.create_snapshot(c, name, now // 10**9, now % 10**9)
+        )
+
+    def apply_snapshot(self, which: str) -> None:
+        """Reverts the guest content and size to the snapshot with ID or name
+        ``which`` (``qemu-img snapshot -a``); the snapshot stays."""
+        self._change_snapshots("apply", which, lambda c: _core.apply_snapshot(c, which))
+
+    def delete_snapshot(self, name: str) -> None:
+        """Deletes the first snapshot called ``name`` (``qemu-img snapshot -d``) and
+        releases the clusters only it held."""
+        self._change_snapshots("delete", name, lambda c: _core.delete_snapshot(c, name))
+
+    def _change_snapshots(
+        self, verb: str, name: str, change: Callable[[_core.Image], _core.Image]
+    ) -> None:
+        try:
+            # The header changed: the core hands back the handle that follows it.
+            self._core = change(self._img)
+        except QimgError as err:
+            raise type(err)(f"Could not {verb} snapshot '{name}': {err}") from None
+        finally:
+            self._drain()
 
     def chain(self) -> list[Image]:
         """This image and every image below it in the backing chain."""

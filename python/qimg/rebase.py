@@ -91,6 +91,6 @@ def _copy_differences(
     try:
         new = open_image(path, backing_format, cache=source_cache, force_share=force_share)
     except QimgError as err:
-        raise type(err)(f"Could not open new backing file '{path}': {err}") from None
+        raise type(err)(f"Could not open new backing file '{name}': {err}") from None
     with new:
         _core.rebase_copy(opened._img, new._img, compress=compress, progress=progress)

@@ -155,17 +155,33 @@ def test_resize_refusals_leave_the_image_alone(
     assert img.read_bytes() == before
 
 
-def test_resize_refuses_snapshots(
-    tmp_path: Path, run_qimg: RunCommand, run_qemu_img: RunCommand, run_qemu_io: RunCommand
+@pytest.mark.parametrize("compat", ["0.10", "1.1"])
+def test_resize_with_snapshots_follows_qemu_img(
+    tmp_path: Path,
+    compat: str,
+    run_qimg: RunCommand,
+    run_qemu_img: RunCommand,
+    run_qemu_io: RunCommand,
 ) -> None:
-    img = tmp_path / "t.qcow2"
-    _make(run_qemu_img, run_qemu_io, img, "")
-    assert run_qemu_img("snapshot", "-c", "snap1", img).returncode == 0
-    before = img.read_bytes()
-    got = run_qimg("resize", img, "+1M")
-    assert got.returncode == 1
-    assert "snapshots" in got.stderr
-    assert img.read_bytes() == before
+    """v3 images with snapshots grow and shrink (the snapshots keep their own size);
+    v2 images with snapshots are refused, as qemu-img refuses them."""
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    _make(run_qemu_img, run_qemu_io, ours, f"compat={compat}")
+    assert run_qemu_img("snapshot", "-c", "snap1", ours).returncode == 0
+    theirs.write_bytes(ours.read_bytes())
+    for args in (["resize", "-q"], ["resize", "--shrink", "-q"]):
+        size = "1M" if "--shrink" in args else "+1M"
+        got, want = run_qimg(*args, ours, size), run_qemu_img(*args, theirs, size)
+        assert got.returncode == want.returncode, (got.stderr, want.stderr)
+        if want.returncode:
+            assert got.stderr == want.stderr.replace("qemu-img:", "qimg:")
+            return
+        assert run_qemu_img("check", ours).returncode == 0
+        assert run_qemu_img("compare", ours, theirs).returncode == 0
+    for image in (ours, theirs):
+        assert run_qemu_img("snapshot", "-a", "snap1", image).returncode == 0
+    assert run_qemu_img("compare", ours, theirs).returncode == 0
+    assert run_qemu_img("check", ours).returncode == 0
 
 
 def test_api_resize(tmp_path: Path, run_qemu_img: RunCommand) -> None:

@@ -1,13 +1,12 @@
-"""``qimg snapshot [-f fmt | --image-opts] [-U] [-q] [-l] filename``: lists a qcow2
-image's internal snapshots. Creating, applying and deleting them (-c, -a, -d) are not
-built yet and are refused by name."""
+"""``qimg snapshot [-f fmt | --image-opts] [-U] [-q] [-l | -a name | -c name | -d name]
+filename``: lists, creates, applies and deletes a qcow2 image's internal snapshots."""
 
 from __future__ import annotations
 
 import argparse
 
 from qimg.commands._common import add_format_arg, add_image_opts_arg, add_share_arg
-from qimg.commands._parser import examples, refused_by_name
+from qimg.commands._parser import examples
 from qimg.errors import UsageError
 from qimg.image import open_image
 from qimg.imageinfo import snapshot_lines
@@ -18,13 +17,19 @@ NAME = "snapshot"
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         NAME,
-        help="list the internal snapshots of a qcow2 image",
+        help="list, create, apply or delete internal snapshots",
         description=(
-            "List the internal snapshots of an image, as qemu-img snapshot -l does "
-            "(nothing for an image without any). qimg does not create, apply or delete "
-            "snapshots yet: -c, -a and -d are refused."
+            "List (-l, the default), create (-c), apply (-a) or delete (-d) the internal "
+            "snapshots of a qcow2 image, as qemu-img snapshot does. -a takes a snapshot "
+            "ID or name and restores its guest content and size; -d deletes the first "
+            "snapshot with that name. Only one of -l, -a, -c and -d at a time."
         ),
-        epilog=examples("qimg snapshot -l disk.qcow2", "qimg snapshot -U disk.qcow2"),
+        epilog=examples(
+            "qimg snapshot -c before-upgrade disk.qcow2",
+            "qimg snapshot -l disk.qcow2",
+            "qimg snapshot -a before-upgrade disk.qcow2",
+            "qimg snapshot -d before-upgrade disk.qcow2",
+        ),
         allow_abbrev=False,
     )
     add_format_arg(p)
@@ -35,26 +40,53 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--quiet",
         dest="quiet",
         action="store_true",
-        help="accepted as in qemu-img, where it does not silence the list either",
+        help="quiet (as in qemu-img, the list is printed anyway)",
     )
     p.add_argument(
         "-l", "--list", dest="list", action="store_true", help="list the snapshots (the default)"
     )
-    for flag, long, dest in (("-c", "--create", "create"), ("-a", "--apply", "apply")):
-        refused_by_name(p, flag, long, dest=dest, takes_value=True)
-    refused_by_name(p, "-d", "--delete", dest="delete", takes_value=True)
+    p.add_argument("-c", "--create", dest="create", metavar="NAME", help="create snapshot NAME")
+    p.add_argument(
+        "-a", "--apply", dest="apply", metavar="SNAPSHOT", help="apply the snapshot (ID or name)"
+    )
+    p.add_argument(
+        "-d", "--delete", dest="delete", metavar="NAME", help="delete the snapshot called NAME"
+    )
     p.add_argument("filename", nargs="?", help="the image")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    for flag, given in (("-c", args.create), ("-a", args.apply), ("-d", args.delete)):
-        if given is not None:
-            raise UsageError(
-                f"snapshot {flag} is not supported by qimg yet (snapshot -l lists snapshots)"
-            )
+    given = [
+        (flag, value)
+        for flag, value in (("-a", args.apply), ("-c", args.create), ("-d", args.delete))
+        if value is not None
+    ]
+    if len(given) + args.list > 1:
+        raise UsageError("Cannot mix '-l', '-a', '-c', '-d'")
     if args.filename is None:
         raise UsageError("Expecting one image file name")
+    if not given:
+        return _list(args)
+    if args.force_share:
+        raise UsageError(
+            f"Could not open '{args.filename}': force-share=on can only be used with "
+            "read-only images"
+        )
+    flag, name = given[0]
+    with open_image(
+        args.filename, args.fmt, backing=False, writable=True, image_opts=args.image_opts
+    ) as image:
+        if flag == "-c":
+            image.create_snapshot(name)
+        elif flag == "-a":
+            image.apply_snapshot(name)
+        else:
+            image.delete_snapshot(name)
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
     with open_image(
         args.filename,
         args.fmt,

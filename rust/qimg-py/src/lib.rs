@@ -243,6 +243,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(image::check_image, m)?)?;
     m.add_function(wrap_pyfunction!(lifecycle::commit_image, m)?)?;
     m.add_function(wrap_pyfunction!(lifecycle::rebase_copy, m)?)?;
+    m.add_function(wrap_pyfunction!(lifecycle::create_snapshot, m)?)?;
+    m.add_function(wrap_pyfunction!(lifecycle::apply_snapshot, m)?)?;
+    m.add_function(wrap_pyfunction!(lifecycle::delete_snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(repair::repair_image, m)?)?;
     m.add_function(wrap_pyfunction!(create_raw, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_backing, m)?)?;

@@ -7,7 +7,9 @@ use crate::to_py;
 use pyo3::prelude::*;
 use qimg_core::commit::{self, CommitOptions};
 use qimg_core::convert::default_workers_for;
+use qimg_core::qcow2::reader::Qcow2Node;
 use qimg_core::rebase::{self, RebaseOptions};
+use qimg_core::Error;
 use std::sync::Arc;
 
 /// Commits `image` into the backing file `base_depth` layers below it (which
@@ -49,4 +51,54 @@ pub fn rebase_copy(
         rebase::copy_differences(&top, new.as_ref(), &opts, p)
     })?
     .map_err(to_py)
+}
+
+/// Runs one snapshot command on the qcow2 `image` (open for writing) and
+/// returns the handle to use from now on (the header changed; this one is
+/// retired). Other formats have no internal snapshots.
+fn change_snapshots(
+    py: Python<'_>,
+    image: &Image,
+    change: impl FnOnce(&Qcow2Node) -> qimg_core::Result<()> + Send + 'static,
+) -> PyResult<Image> {
+    if image.node.as_qcow2().is_none() {
+        return Err(to_py(Error::Unsupported("Operation not supported".into())));
+    }
+    let node = Arc::clone(&image.node);
+    let fresh = run_long(py, None, move |_| match node.as_qcow2() {
+        Some(q) => change(q).and_then(|()| q.reopen()),
+        None => Err(Error::Unsupported("Operation not supported".into())),
+    })?
+    .map_err(to_py)?;
+    Ok(Image {
+        node: Arc::new(fresh),
+        events: image.events.clone(),
+    })
+}
+
+/// Saves the guest content of `image` as snapshot `name`, dated
+/// `date_sec`.`date_nsec` (seconds since the epoch).
+#[pyfunction]
+pub fn create_snapshot(
+    py: Python<'_>,
+    image: PyRef<'_, Image>,
+    name: String,
+    date_sec: u32,
+    date_nsec: u32,
+) -> PyResult<Image> {
+    change_snapshots(py, &image, move |q| {
+        q.create_snapshot(&name, date_sec, date_nsec)
+    })
+}
+
+/// Reverts `image` to the snapshot with ID or name `which`.
+#[pyfunction]
+pub fn apply_snapshot(py: Python<'_>, image: PyRef<'_, Image>, which: String) -> PyResult<Image> {
+    change_snapshots(py, &image, move |q| q.apply_snapshot(&which))
+}
+
+/// Deletes the first snapshot of `image` called `name`.
+#[pyfunction]
+pub fn delete_snapshot(py: Python<'_>, image: PyRef<'_, Image>, name: String) -> PyResult<Image> {
+    change_snapshots(py, &image, move |q| q.delete_snapshot(&name))
 }

@@ -8,7 +8,7 @@
 
 use super::allocator::Allocator;
 use super::header::{
-    Header, COMPAT_LAZY_REFCOUNTS, EXT_BACKING_FORMAT, EXT_END, EXT_FEATURE_TABLE,
+    Header, SnapshotsField, COMPAT_LAZY_REFCOUNTS, EXT_BACKING_FORMAT, EXT_END, EXT_FEATURE_TABLE,
     INCOMPAT_COMPRESSION, INCOMPAT_EXTL2, V2_HEADER_LEN, V3_HEADER_LEN,
 };
 use super::image_header::{ImageHeader, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE};
@@ -17,6 +17,7 @@ use super::refcount::set_entry;
 use super::types::{Compat, CompressionType, RefcountOrder};
 use super::writer::WriteState;
 use super::OFLAG_COPIED;
+use crate::block::open::read_head;
 use crate::block::BlockDev;
 use crate::error::{Error, Result};
 use crate::prealloc::Prealloc;
@@ -94,6 +95,12 @@ impl Qcow2Node {
             }
         }
         let downgrade = h.compat == Compat::V3 && target_compat == Compat::V2;
+        if downgrade && !self.snapshot_list()?.is_empty() {
+            // Their tables may hold zero clusters, which v2 cannot express.
+            return Err(Error::Unsupported(
+                "Downgrading an image with internal snapshots to compat=0.10 is not supported by qimg; delete the snapshots first".into(),
+            ));
+        }
         if downgrade && h.compression != CompressionType::Zlib && self.has_compressed_clusters()? {
             return Err(Error::invalid(format!(
                 "Cannot downgrade an image with {} compression type and existing compressed clusters",
@@ -163,6 +170,9 @@ impl Qcow2Node {
         backing: Option<Backing<'_>>,
     ) -> Result<()> {
         let (reftable_offset, reftable_clusters) = st.alloc.reftable();
+        // The snapshot fields as the file holds them now (a snapshot command
+        // may have changed them since this node read its header).
+        let on_disk = ImageHeader::parse(&read_head(&self.file)?, self.file.file_len())?;
         let header = Header {
             compat: f.compat,
             cluster_size: self.header.cluster_size,
@@ -177,6 +187,10 @@ impl Qcow2Node {
             compression: f.compression,
             backing_file: backing.as_ref().map(|b| b.name),
             backing_format: backing.as_ref().and_then(|b| b.format),
+            snapshots: SnapshotsField {
+                count: on_disk.snapshot_count,
+                offset: on_disk.snapshots_offset,
+            },
         };
         let mut raw = header.encode()?;
         self.keep_foreign_header_parts(&mut raw, f.compat)?;

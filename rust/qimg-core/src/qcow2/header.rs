@@ -55,6 +55,15 @@ pub struct Header<'a> {
     pub compression: CompressionType,
     pub backing_file: Option<&'a str>,
     pub backing_format: Option<&'a str>,
+    /// The internal snapshots: how many, and where their table is.
+    pub snapshots: SnapshotsField,
+}
+
+/// The header's snapshot count and table offset (none for a new image).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SnapshotsField {
+    pub count: u32,
+    pub offset: u64,
 }
 
 impl Header<'_> {
@@ -78,8 +87,8 @@ impl Header<'_> {
         out.extend_from_slice(&self.l1_table_offset.to_be_bytes());
         out.extend_from_slice(&self.reftable_offset.to_be_bytes());
         out.extend_from_slice(&reftable_clusters.to_be_bytes());
-        out.extend_from_slice(&0u32.to_be_bytes()); // nb_snapshots
-        out.extend_from_slice(&0u64.to_be_bytes()); // snapshots_offset
+        out.extend_from_slice(&self.snapshots.count.to_be_bytes());
+        out.extend_from_slice(&self.snapshots.offset.to_be_bytes());
         debug_assert_eq!(out.len(), V2_HEADER_LEN);
 
         if v3 {
@@ -175,6 +184,7 @@ mod tests {
             compression: CompressionType::Zlib,
             backing_file: None,
             backing_format: None,
+            snapshots: SnapshotsField::default(),
         }
     }
 

@@ -494,6 +494,7 @@ mod tests {
             compression: CompressionType::Zlib,
             backing_file: Some("base.img"),
             backing_format: Some("raw"),
+            snapshots: Default::default(),
         };
         hdr.encode().expect("encode")
     }

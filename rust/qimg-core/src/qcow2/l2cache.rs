@@ -99,6 +99,19 @@ impl L2Cache {
         inner.order.retain(|&o| o != offset);
     }
 
+    /// Forgets every table not waiting to be written (after the tables an
+    /// image refers to changed wholesale: a snapshot applied or deleted).
+    pub fn clear_clean(&self) {
+        let mut inner = self.lock();
+        let Inner {
+            tables,
+            order,
+            dirty,
+        } = &mut *inner;
+        tables.retain(|offset, _| dirty.contains(offset));
+        order.retain(|offset| dirty.contains(offset));
+    }
+
     pub fn dirty_count(&self) -> usize {
         self.lock().dirty.len()
     }

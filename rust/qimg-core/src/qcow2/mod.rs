@@ -16,6 +16,7 @@ pub mod refcount_reader;
 pub mod repair;
 pub mod resize;
 pub mod snapshot;
+pub mod snapshot_ops;
 pub mod types;
 pub mod writer;
 

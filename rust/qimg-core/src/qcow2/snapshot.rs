@@ -1,5 +1,6 @@
-//! The internal snapshot table of a qcow2 image (read only): one parser for
-//! `info` and `check`, bounded as QEMU bounds the table.
+//! The internal snapshot table of a qcow2 image: one parser for `info`,
+//! `check` and the snapshot commands, bounded as QEMU bounds the table, and
+//! the encoder the snapshot commands write a new table with.
 
 use super::image_header::{be16, be32, be64, ImageHeader};
 use crate::block::{BlockDev, FileNode};
@@ -28,6 +29,8 @@ pub struct Snapshot {
     pub disk_size: Option<u64>,
     /// Bytes of extra data in the entry (v3 requires at least 16).
     pub extra_data_size: u64,
+    /// The extra data as stored (rewritten unchanged when the table is).
+    pub extra: Vec<u8>,
 }
 
 /// The table as read: its entries and the bytes it spans in the file.
@@ -103,6 +106,7 @@ pub fn read_table(
             disk_size: field(8),
             icount: field(16).filter(|v| *v != u64::MAX),
             extra_data_size: extra_len,
+            extra,
         });
     }
     Ok(SnapshotTable {
@@ -129,6 +133,44 @@ pub fn read_snapshots(file: &FileNode, header: &ImageHeader) -> Result<Vec<Snaps
         ))),
         Err(TableError::Read(e)) => Err(e),
     }
+}
+
+/// Bytes of extra data qimg writes in a new entry: the 64-bit VM state
+/// size, the disk size and the instruction count, as QEMU writes them.
+pub const NEW_EXTRA: usize = 24;
+
+impl Snapshot {
+    /// The extra data of a new entry for a disk of `disk_size` bytes.
+    pub fn new_extra(disk_size: u64) -> Vec<u8> {
+        let mut extra = Vec::with_capacity(NEW_EXTRA);
+        extra.extend_from_slice(&0u64.to_be_bytes());
+        extra.extend_from_slice(&disk_size.to_be_bytes());
+        extra.extend_from_slice(&0u64.to_be_bytes());
+        extra
+    }
+}
+
+/// The table as stored: each entry 8-byte aligned, the fixed part, the extra
+/// data, the ID and the name.
+pub fn encode_table(snapshots: &[Snapshot]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for sn in snapshots {
+        out.resize(out.len().next_multiple_of(8), 0);
+        out.extend_from_slice(&sn.l1_table_offset.to_be_bytes());
+        out.extend_from_slice(&(sn.l1_entries as u32).to_be_bytes());
+        out.extend_from_slice(&(sn.id.len() as u16).to_be_bytes());
+        out.extend_from_slice(&(sn.name.len() as u16).to_be_bytes());
+        out.extend_from_slice(&sn.date_sec.to_be_bytes());
+        out.extend_from_slice(&sn.date_nsec.to_be_bytes());
+        out.extend_from_slice(&sn.vm_clock_nsec.to_be_bytes());
+        out.extend_from_slice(&(sn.vm_state_size as u32).to_be_bytes());
+        out.extend_from_slice(&(sn.extra.len() as u32).to_be_bytes());
+        out.extend_from_slice(&sn.extra);
+        out.extend_from_slice(sn.id.as_bytes());
+        out.extend_from_slice(sn.name.as_bytes());
+    }
+    out.resize(out.len().next_multiple_of(8), 0);
+    out
 }
 
 #[cfg(test)]

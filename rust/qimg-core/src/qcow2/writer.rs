@@ -82,9 +82,6 @@ impl WriteState {
                 "the image was not closed cleanly (lazy refcounts); run 'qimg check -r all' on it first",
             );
         }
-        if header.snapshot_count > 0 {
-            return refuse("writing to images with internal snapshots is not supported by qimg");
-        }
         if header.bitmaps.is_some() {
             return refuse(
                 "writing to images with persistent dirty bitmaps is not supported by qimg",
@@ -226,15 +223,22 @@ impl Qcow2Node {
             self.set_l1(st, l1_index as usize, offset | OFLAG_COPIED);
             return Ok(offset);
         }
-        if entry & OFLAG_COPIED == 0 {
-            return Err(self.corrupt(format!(
-                "the L2 table of L1 index {l1_index} is shared (its COPIED flag is clear)"
-            )));
+        let Some((table, old)) = self.l2_table(l1_index)? else {
+            return Err(self.corrupt(format!("L1 index {l1_index} lost its L2 table")));
+        };
+        if entry & OFLAG_COPIED != 0 {
+            return Ok(old);
         }
-        match self.l2_table(l1_index)? {
-            Some((_, offset)) => Ok(offset),
-            None => Err(self.corrupt(format!("L1 index {l1_index} lost its L2 table"))),
-        }
+        // Shared with a snapshot: this slot gets a copy of its own. The
+        // clusters it maps keep their counts (the copy takes the place of
+        // the active table's reference); the old table loses one reference
+        // once the L1 table on disk points at the copy.
+        self.begin_update(st)?;
+        let offset = st.alloc.alloc_clusters(1)?;
+        self.l2_cache.insert_new(offset, table.to_vec());
+        self.set_l1(st, l1_index as usize, offset | OFLAG_COPIED);
+        st.pending_free.push((old, self.cs(), false));
+        Ok(offset)
     }
 
     /// Applies `edit` to the cached L2 table at `offset` (reloading it if it
@@ -732,7 +736,7 @@ fn entry_at(table: &[u64], index: usize, ext: bool) -> (u64, u64) {
 }
 
 /// The host clusters a compressed entry counts against, as `check` sees them.
-fn compressed_range(entry: u64, cs: u64) -> (u64, u64) {
+pub(super) fn compressed_range(entry: u64, cs: u64) -> (u64, u64) {
     let bits = cs.trailing_zeros();
     let shift = 62 - (bits - 8);
     let host = entry & ((1u64 << shift) - 1);

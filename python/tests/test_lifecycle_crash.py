@@ -1,0 +1,167 @@
+"""Crash safety of the life-cycle commands: ``qimg commit``, ``rebase`` (safe mode) and
+``snapshot -c/-a/-d`` are killed with SIGKILL at moments spread over their run. After
+every kill, ``qemu-img check`` must find no corruption (leaked clusters are allowed),
+and the guest content must be the old or the new one: commit and rebase never change
+what the image reads, snapshot -c and -d never change the active content, and a snapshot
+that is listed reads what it saved; snapshot -a leaves the old content or the
+snapshot's.
+
+One window is qcow2's own, and qemu-img has it too: a snapshot command changes the
+refcounts of shared clusters and the COPIED flags that mirror them in two steps, so a
+kill between the two leaves flags that disagree with a refcount. ``check`` counts that
+as corruption; it is harmless (the writer then copies a cluster it could have written
+in place, or the extra reference is a leak) and ``check -r all`` repairs it. For the
+snapshot commands, exactly those messages are allowed, and the repair must clear them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import RunCommand
+
+MiB = 1 << 20
+ROUNDS = 6
+
+
+def _qimg(*args: str | Path) -> list[str]:
+    return [sys.executable, "-m", "qimg", *map(str, args)]
+
+
+def _chain(tmp: Path, run_qemu_img: RunCommand, run_qemu_io: RunCommand) -> Path:
+    """base.qcow2 <- top.qcow2, data in both, partly overlapping; returns top."""
+    base, top = tmp / "base.qcow2", tmp / "top.qcow2"
+    assert run_qemu_img("create", "-q", "-f", "qcow2", base, 16 * MiB).returncode == 0
+    writes = [f"write -P {1 + i} {i}M 512k" for i in range(16)]
+    assert run_qemu_io(*[a for w in writes for a in ("-c", w)], base).returncode == 0
+    made = run_qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
+    assert made.returncode == 0
+    writes = [f"write -P {100 + i} {i}M 768k" for i in range(16)]
+    assert run_qemu_io(*[a for w in writes for a in ("-c", w)], top).returncode == 0
+    return top
+
+
+def _raw_of(run_qemu_img: RunCommand, image: Path, out: Path, *extra: str) -> bytes:
+    got = run_qemu_img("convert", "-U", *extra, "-O", "raw", image, out)
+    assert got.returncode == 0, got.stderr
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
+def _assert_clean(run_qemu_img: RunCommand, image: Path, *, copied_window: bool = False) -> None:
+    """No corruption but leaks; with `copied_window`, COPIED flags that disagree with
+    a refcount are allowed too, when ``check -r all`` then repairs them."""
+    got = run_qemu_img("check", "--output=json", image)
+    report = json.loads(got.stdout)
+    assert report.get("check-errors", 0) == 0, got.stdout + got.stderr
+    if report.get("corruptions", 0) == 0:
+        return
+    errors = [line for line in got.stderr.splitlines() if line.startswith("ERROR")]
+    assert copied_window and errors, got.stdout + got.stderr
+    assert all(line.startswith("ERROR OFLAG_COPIED") for line in errors), got.stderr
+    assert run_qemu_img("check", "-q", "-r", "all", image).returncode == 0
+    assert run_qemu_img("check", "-q", image).returncode == 0
+
+
+def _kill_at(argv: list[str], cwd: Path, delay: float) -> None:
+    proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(delay)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def _duration(argv: list[str], cwd: Path) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    return time.perf_counter() - start
+
+
+def _crash_rounds(
+    pristine: Path,
+    work: Path,
+    argv: list[str],
+    verify: Callable[[Path], None],
+) -> None:
+    """Copies `pristine` to `work`, runs argv in it to measure it, then kills it at
+    delays spread over that time, verifying the copy after each kill."""
+
+    def fresh() -> None:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(pristine, work)
+
+    fresh()
+    took = _duration(argv, work)
+    verify(work)
+    for i in range(ROUNDS):
+        fresh()
+        _kill_at(argv, work, took * (i + 0.5) / ROUNDS)
+        verify(work)
+
+
+@pytest.mark.parametrize("command", ["commit", "rebase", "rebase-standalone"])
+def test_commit_and_rebase_survive_a_kill(
+    tmp_path: Path, command: str, run_qemu_img: RunCommand, run_qemu_io: RunCommand
+) -> None:
+    pristine = tmp_path / "pristine"
+    pristine.mkdir()
+    top = _chain(pristine, run_qemu_img, run_qemu_io)
+    # A new base for the rebase: base's data but other bytes in half of it.
+    new = pristine / "new.qcow2"
+    shutil.copy(pristine / "base.qcow2", new)
+    assert run_qemu_io("-c", "write -P 0xee 4M 4M", new).returncode == 0
+    want = _raw_of(run_qemu_img, top, tmp_path / "want.raw")
+    argv = {
+        "commit": _qimg("commit", "-q", "top.qcow2"),
+        "rebase": _qimg("rebase", "-b", "new.qcow2", "-F", "qcow2", "top.qcow2"),
+        "rebase-standalone": _qimg("rebase", "-b", "", "top.qcow2"),
+    }[command]
+
+    def verify(work: Path) -> None:
+        for image in ("top.qcow2", "base.qcow2"):
+            _assert_clean(run_qemu_img, work / image)
+        assert _raw_of(run_qemu_img, work / "top.qcow2", tmp_path / "got.raw") == want
+
+    _crash_rounds(pristine, tmp_path / "work", argv, verify)
+
+
+@pytest.mark.parametrize("op", ["-c", "-d", "-a"])
+def test_snapshot_commands_survive_a_kill(
+    tmp_path: Path, op: str, run_qemu_img: RunCommand, run_qemu_io: RunCommand
+) -> None:
+    pristine = tmp_path / "pristine"
+    pristine.mkdir()
+    image = pristine / "t.qcow2"
+    assert run_qemu_img("create", "-q", "-f", "qcow2", image, 16 * MiB).returncode == 0
+    writes = [f"write -P {1 + i} {i}M 512k" for i in range(16)]
+    assert run_qemu_io(*[a for w in writes for a in ("-c", w)], image).returncode == 0
+    saved = _raw_of(run_qemu_img, image, tmp_path / "saved.raw")
+    if op != "-c":
+        assert run_qemu_img("snapshot", "-c", "s1", image).returncode == 0
+        writes = [f"write -P {50 + i} {i}M 768k" for i in range(16)]
+        assert run_qemu_io(*[a for w in writes for a in ("-c", w)], image).returncode == 0
+    current = _raw_of(run_qemu_img, image, tmp_path / "current.raw")
+    argv = _qimg("snapshot", op, "s1", "t.qcow2")
+
+    def verify(work: Path) -> None:
+        path = work / "t.qcow2"
+        _assert_clean(run_qemu_img, path, copied_window=True)
+        got = _raw_of(run_qemu_img, path, tmp_path / "got.raw")
+        assert got == current or (op == "-a" and got == saved)
+        listed = run_qemu_img("snapshot", "-l", path).stdout
+        if " s1 " in listed:
+            snap = _raw_of(run_qemu_img, path, tmp_path / "snap.raw", "-l", "snapshot.name=s1")
+            assert snap == saved
+
+    _crash_rounds(pristine, tmp_path / "work", argv, verify)
