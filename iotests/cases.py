@@ -30,7 +30,7 @@ GROUPS = {
     "rw": "iotests that write images: qimg io",
     "amend": "iotests about qemu-img amend",
     "quorum": "iotests about quorum nodes, events and scrub",
-    "lifecycle": "iotests about the image life cycle: dd, rebase, snapshot",
+    "lifecycle": "iotests about the image life cycle: dd, rebase, commit, snapshot",
 }
 
 
