@@ -6,7 +6,7 @@ import argparse
 import contextlib
 import sys
 
-from qimg.errors import UsageError
+from qimg.errors import QimgError, UsageError
 
 # typing.TYPE_CHECKING without importing typing (mypy and ruff know the name).
 TYPE_CHECKING = False
@@ -157,6 +157,18 @@ class Progress:
         if self.enabled:
             sys.stdout.write("\n")
             sys.stdout.flush()
+
+    @contextlib.contextmanager
+    def around(self) -> Iterator[Progress]:
+        """The display around one long call: started, ended at 100%, or (when the call
+        fails) ended with a newline so that the error starts a line of its own."""
+        self.start()
+        try:
+            yield self
+        except QimgError:
+            self.finish_line()
+            raise
+        self.end()
 
     def end(self) -> None:
         if self.enabled:

@@ -7,7 +7,7 @@ import argparse
 from qimg.commands._common import Progress, add_cache_arg, add_format_arg
 from qimg.commands._parser import examples, refused_by_name
 from qimg.commit import commit
-from qimg.errors import QimgError, UsageError
+from qimg.errors import UsageError
 from qimg.image import check_cache_mode
 
 NAME = "commit"
@@ -50,9 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if args.filename is None:
         raise UsageError("Expecting one image file name")
     check_cache_mode(args.cache)
-    progress = Progress(args.progress and not args.quiet)
-    progress.start()
-    try:
+    with Progress(args.progress and not args.quiet).around() as progress:
         commit(
             args.filename,
             args.base,
@@ -61,10 +59,6 @@ def run(args: argparse.Namespace) -> int:
             cache=args.cache,
             progress=progress,
         )
-    except QimgError:
-        progress.finish_line()
-        raise
-    progress.end()
     if not args.quiet:
         print("Image committed.")
     return 0

@@ -13,7 +13,7 @@ from qimg.commands._common import (
     add_source_cache_arg,
 )
 from qimg.commands._parser import examples
-from qimg.errors import QimgError, UsageError
+from qimg.errors import UsageError
 from qimg.image import check_cache_mode
 from qimg.rebase import rebase
 
@@ -64,9 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if args.filename is None:
         raise UsageError("Expecting one image file name")
     check_cache_mode(args.source_cache, source=True)
-    progress = Progress(args.progress and not args.quiet)
-    progress.start()
-    try:
+    with Progress(args.progress and not args.quiet).around() as progress:
         rebase(
             args.filename,
             args.backing_file,
@@ -80,8 +78,4 @@ def run(args: argparse.Namespace) -> int:
             force_share=args.force_share,
             progress=progress,
         )
-    except QimgError:
-        progress.finish_line()
-        raise
-    progress.end()
     return 0
