@@ -9,6 +9,7 @@ __all__ = [
     "Qcow2Spec",
     "__version__",
     "apply_snapshot",
+    "change_bitmap",
     "check_image",
     "commit_image",
     "compare_images",
@@ -175,6 +176,11 @@ def commit_image(
     empty_top: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> None: ...
+def change_bitmap(
+    image: Image,
+    name: str,
+    ops: list[tuple[str, int | None, str | None, Image | None]],
+) -> Image: ...
 def create_snapshot(image: Image, name: str, date_sec: int, date_nsec: int) -> Image: ...
 def apply_snapshot(image: Image, which: str) -> Image: ...
 def delete_snapshot(image: Image, name: str) -> Image: ...

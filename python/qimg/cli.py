@@ -35,6 +35,7 @@ COMMANDS = (
     "amend",
     "rebase",
     "commit",
+    "bitmap",
     "dd",
     "snapshot",
     "io",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -13,7 +14,7 @@ from qimg import _core, _log
 from qimg.create import OptionValue, option_items, plan_create
 from qimg.deprecated import renamed
 from qimg.devices import is_block_device, resolve_host_device
-from qimg.errors import InvalidOptionError, UsageError
+from qimg.errors import InvalidImageError, InvalidOptionError, UnsupportedError, UsageError
 from qimg.events import EventCallback
 from qimg.image import Image, check_cache_mode, drain_events, open_image, with_events
 from qimg.names import is_plain_filename
@@ -23,6 +24,7 @@ from qimg.prealloc import PreallocMode
 # typing.TYPE_CHECKING without importing typing.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from qimg.image import BitmapChange
     from qimg.spec import ImageSpec
 
 __all__ = ["ConvertRequest", "convert"]
@@ -69,6 +71,10 @@ class ConvertRequest:
     """Receives the events of the sources and the target as the copy goes."""
     force_share: bool = False
     """``-U``: read the sources even while another process writes them."""
+    bitmaps: bool = False
+    """``--bitmaps``: copy the source's persistent bitmaps into the (qcow2) target."""
+    skip_broken_bitmaps: bool = False
+    """``--skip-broken-bitmaps``: leave out bitmaps a writer left inconsistent."""
 
     @property
     def target_is_spec(self) -> bool:
@@ -78,6 +84,12 @@ class ConvertRequest:
     def validate(self) -> None:
         if not self.sources:
             raise UsageError("Expecting at least one source image")
+        if self.skip_broken_bitmaps and not self.bitmaps:
+            raise UsageError("Use of --skip-broken-bitmaps requires --bitmaps")
+        if self.bitmaps and len(self.sources) > 1:
+            raise UsageError("Copying bitmaps only possible with single source")
+        if self.bitmaps and self.out_fmt != "qcow2":
+            raise UnsupportedError(f"Format driver '{self.out_fmt}' does not support bitmaps")
         if self.workers is not None and not 1 <= self.workers <= MAX_WORKERS:
             raise UsageError(
                 f"Invalid number of coroutines specified. Must be between 1 and {MAX_WORKERS}."
@@ -183,6 +195,8 @@ def run(request: ConvertRequest, progress: Callable[[int, int], None] | None = N
                 top_only=top_only,
                 progress=progress,
             )
+            if request.bitmaps:
+                copy_bitmaps(sources[0], target, skip_broken=request.skip_broken_bitmaps)
             target.close()
             return
         backing = _backing_of(request)
@@ -218,6 +232,28 @@ def run(request: ConvertRequest, progress: Callable[[int, int], None] | None = N
                     top_only=backing is not None,
                     progress=progress,
                 )
+                if request.bitmaps:
+                    copy_bitmaps(sources[0], target, skip_broken=request.skip_broken_bitmaps)
+
+
+def copy_bitmaps(source: Image, target: Image, *, skip_broken: bool) -> None:
+    """Gives ``target`` every persistent bitmap of ``source``: name, granularity,
+    enabled or not, and bits. An inconsistent one (in use) is refused, or with
+    ``skip_broken`` left out with a warning, as qemu-img does."""
+    for bitmap in source.bitmaps():
+        name = bitmap["name"]
+        if "in-use" in bitmap["flags"]:
+            if not skip_broken:
+                raise InvalidImageError(
+                    f"Cannot copy inconsistent bitmap '{name}'\nTry --skip-broken-bitmaps, "
+                    "or use 'qimg bitmap --remove' to delete it"
+                )
+            print(f"qimg: warning: Skipping inconsistent bitmap '{name}'", file=sys.stderr)
+            continue
+        changes: list[BitmapChange] = [("add", bitmap["granularity"]), ("merge", name, source)]
+        if "auto" not in bitmap["flags"]:
+            changes.append("disable")
+        target.change_bitmap(name, *changes)
 
 
 def _without_size(options: list[OptionItem]) -> list[OptionItem]:

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     # Python 3.12 has it as collections.abc.Buffer; only the type checker needs it.
     from typing_extensions import Buffer
 
-    from qimg.info import ImageInfo, SnapshotInfo
+    from qimg.info import BitmapInfo, ImageInfo, SnapshotInfo
     from qimg.spec import ImageSpec, Node, NodeSpec
     from qimg.stream import ImageStream
 
@@ -324,6 +324,44 @@ class Image:
         releases the clusters only it held."""
         self._change_snapshots("delete", name, lambda c: _core.delete_snapshot(c, name))
 
+    def bitmaps(self) -> list[BitmapInfo]:
+        """The image's persistent dirty bitmaps (qcow2), as ``qemu-img info`` lists
+        them: name, granularity and flags (``auto``: enabled; ``in-use``: a writer
+        did not close the image, so the bits missed writes)."""
+        specific = self.info().get("format-specific")
+        if specific is None or specific["type"] != "qcow2":
+            return []
+        return list(specific["data"].get("bitmaps", []))
+
+    def change_bitmap(self, name: str, *ops: BitmapChange) -> None:
+        """Applies ``ops`` to bitmap ``name`` in order, as one ``qemu-img bitmap``
+        call does (the image must be open for writing)::
+
+            image.change_bitmap("b1", ("add", 65536), "disable")
+            image.change_bitmap("b1", ("merge", "other"), ("merge", "b2", other_image))
+
+        An op is ``"remove"``, ``"clear"``, ``"enable"``, ``"disable"``, ``"add"`` or
+        ``("add", granularity)``, or ``("merge", source)`` / ``("merge", source,
+        source_image)`` (another open :class:`Image`; default: this one). Nothing is
+        written unless every op succeeds. While the image is open, writes mark their
+        ranges dirty in every enabled bitmap."""
+        core_ops: list[tuple[str, int | None, str | None, _core.Image | None]] = []
+        for op in ops:
+            if isinstance(op, str):
+                core_ops.append((op, None, None, None))
+            elif op[0] == "add":
+                core_ops.append(("add", op[1], None, None))
+            elif op[0] == "merge":
+                source_image = op[2]._img if len(op) > 2 and op[2] is not None else None
+                core_ops.append(("merge", None, op[1], source_image))
+            else:
+                raise InvalidOptionError(f"Unknown bitmap operation {op!r}")
+        try:
+            # The header changed: the core hands back the handle that follows it.
+            self._core = _core.change_bitmap(self._img, name, core_ops)
+        finally:
+            self._drain()
+
     def _change_snapshots(
         self, verb: str, name: str, change: Callable[[_core.Image], _core.Image]
     ) -> None:
@@ -440,6 +478,14 @@ def open_image(
     )
     return Image(core, spec=node_spec, events=events)
 
+
+#: One operation of :meth:`Image.change_bitmap`.
+BitmapChange = (
+    Literal["add", "remove", "clear", "enable", "disable"]
+    | tuple[Literal["add"], int | None]
+    | tuple[Literal["merge"], str]
+    | tuple[Literal["merge"], str, "Image | None"]
+)
 
 #: Why an image is opened; it decides QEMU's image locks (see :func:`open_image`).
 Purpose = Literal["inspect", "read", "copy-source", "resize", "repair"]

@@ -594,21 +594,28 @@ def test_amend_progress_and_quiet(
         assert ours.read_bytes() == theirs.read_bytes()
 
 
-def test_amend_refuses_bitmaps(
+def test_amend_keeps_persistent_bitmaps(
     tmp_path: Path, run_qimg: RunCommand, run_qemu_img: RunCommand
 ) -> None:
-    """A documented limitation: qimg does not write to images with persistent bitmaps
-    (qemu-img amends them). The refusal is clean."""
-    img = tmp_path / "t.qcow2"
-    assert run_qemu_img("create", "-q", "-f", "qcow2", img, MiB).returncode == 0
-    made = run_qemu_img("bitmap", "--add", img, "b1")
-    assert made.returncode == 0, made.stderr
-    before = img.read_bytes()
-    got = run_qimg("amend", "-o", "lazy_refcounts=on", img)
-    assert got.returncode == 1
-    assert got.stderr.startswith("qimg: ") and got.stderr.count("\n") == 1, got.stderr
-    assert "bitmaps" in got.stderr
-    assert img.read_bytes() == before
+    """Amending an image with persistent bitmaps keeps them (the header is rewritten
+    with the bitmaps extension and its autoclear bit), as qemu-img's amend does."""
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    assert run_qemu_img("create", "-q", "-f", "qcow2", ours, MiB).returncode == 0
+    assert run_qemu_img("bitmap", "--add", ours, "b1").returncode == 0
+    theirs.write_bytes(ours.read_bytes())
+    for tool, image in ((run_qimg, ours), (run_qemu_img, theirs)):
+        for opts in ("lazy_refcounts=on", "refcount_bits=4"):
+            got = tool("amend", "-o", opts, image)
+            assert got.returncode == 0, got.stderr
+    assert run_qemu_img("check", ours).returncode == 0
+
+    def bitmaps(image: Path) -> object:
+        info = json.loads(run_qemu_img("info", "--output=json", image).stdout)
+        return info["format-specific"]["data"]["bitmaps"]
+
+    assert bitmaps(ours) == bitmaps(theirs) == [
+        {"flags": ["auto"], "name": "b1", "granularity": 65536}
+    ]
 
 
 def test_amend_keeps_internal_snapshots_as_qemu_img_does(

@@ -33,7 +33,6 @@ REFUSED = [
     (["convert", "-r", "1M", "a", "b"], "-r"),
     (["convert", "--object", "secret,id=s", "a", "b"], "--object"),
     (["convert", "--salvage", "a", "b"], "--salvage"),
-    (["convert", "--bitmaps", "a", "b"], "--bitmaps"),
     (["amend", "--force", "-o", "compat=1.1", "a.qcow2"], "--force"),
     (["amend", "--object", "secret,id=s", "-o", "compat=1.1", "a.qcow2"], "--object"),
     (["resize", "--object", "secret,id=s", "a.qcow2", "1G"], "--object"),

@@ -34,10 +34,7 @@ UNSUPPORTED_VALUE = (
     ("-r", "rate limits"),
     ("--object", "objects"),
 )
-UNSUPPORTED_FLAG = (
-    ("--salvage", "salvaging unreadable sources"),
-    ("--bitmaps", "copying persistent bitmaps"),
-)
+UNSUPPORTED_FLAG = (("--salvage", "salvaging unreadable sources"),)
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -109,6 +106,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         action="store_true",
         help="with -n: the output file name is an option string (its driver replaces -O)",
     )
+    p.add_argument(
+        "--bitmaps", action="store_true", help="copy the persistent bitmaps (qcow2 to qcow2)"
+    )
+    p.add_argument(
+        "--skip-broken-bitmaps",
+        dest="skip_broken_bitmaps",
+        action="store_true",
+        help="with --bitmaps: leave out bitmaps a writer left inconsistent",
+    )
     add_events_arg(p)
     for flag, _ in UNSUPPORTED_VALUE:
         refused_by_name(p, flag, dest=f"unsupported{flag}", takes_value=True)
@@ -161,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
         source_cache=args.source_cache,
         copy_offload=args.copy_offload,
         force_share=args.force_share,
+        bitmaps=args.bitmaps,
+        skip_broken_bitmaps=args.skip_broken_bitmaps,
     )
     if args.copy_offload and args.sparse is not None and not args.compress:
         # Even "-S 4k", the default: zero detection needs the data read.

@@ -7,6 +7,7 @@ use crate::to_py;
 use pyo3::prelude::*;
 use qimg_core::commit::{self, CommitOptions};
 use qimg_core::convert::default_workers_for;
+use qimg_core::qcow2::bitmap_ops::BitmapOp;
 use qimg_core::qcow2::reader::Qcow2Node;
 use qimg_core::rebase::{self, RebaseOptions};
 use qimg_core::Error;
@@ -53,10 +54,10 @@ pub fn rebase_copy(
     .map_err(to_py)
 }
 
-/// Runs one snapshot command on the qcow2 `image` (open for writing) and
-/// returns the handle to use from now on (the header changed; this one is
-/// retired). Other formats have no internal snapshots.
-fn change_snapshots(
+/// Runs one snapshot or bitmap command on the qcow2 `image` (open for
+/// writing) and returns the handle to use from now on (the header changed;
+/// this one is retired). Other formats have neither.
+fn change_header_tables(
     py: Python<'_>,
     image: &Image,
     change: impl FnOnce(&Qcow2Node) -> qimg_core::Result<()> + Send + 'static,
@@ -86,7 +87,7 @@ pub fn create_snapshot(
     date_sec: u32,
     date_nsec: u32,
 ) -> PyResult<Image> {
-    change_snapshots(py, &image, move |q| {
+    change_header_tables(py, &image, move |q| {
         q.create_snapshot(&name, date_sec, date_nsec)
     })
 }
@@ -94,11 +95,71 @@ pub fn create_snapshot(
 /// Reverts `image` to the snapshot with ID or name `which`.
 #[pyfunction]
 pub fn apply_snapshot(py: Python<'_>, image: PyRef<'_, Image>, which: String) -> PyResult<Image> {
-    change_snapshots(py, &image, move |q| q.apply_snapshot(&which))
+    change_header_tables(py, &image, move |q| q.apply_snapshot(&which))
 }
 
 /// Deletes the first snapshot of `image` called `name`.
 #[pyfunction]
 pub fn delete_snapshot(py: Python<'_>, image: PyRef<'_, Image>, name: String) -> PyResult<Image> {
-    change_snapshots(py, &image, move |q| q.delete_snapshot(&name))
+    change_header_tables(py, &image, move |q| q.delete_snapshot(&name))
+}
+
+/// Applies `ops` in order to bitmap `name` of `image` (open for writing), as
+/// `qemu-img bitmap` does. Each op is (kind, granularity, source bitmap,
+/// source image): kind is add, remove, clear, enable, disable or merge;
+/// granularity goes with add; a merge takes the source bitmap from
+/// `source image` (None: this image). Returns the handle to use from now on.
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+pub fn change_bitmap(
+    py: Python<'_>,
+    image: PyRef<'_, Image>,
+    name: String,
+    ops: Vec<(
+        String,
+        Option<u64>,
+        Option<String>,
+        Option<PyRef<'_, Image>>,
+    )>,
+) -> PyResult<Image> {
+    let Some(q) = image.node.as_qcow2() else {
+        return Err(to_py(Error::Unsupported(format!(
+            "Operation {} on bitmap {name} failed: Operation not supported",
+            ops.first().map_or("add", |o| o.0.as_str())
+        ))));
+    };
+    let mut core_ops = Vec::with_capacity(ops.len());
+    for (kind, granularity, source, source_image) in ops {
+        core_ops.push(match kind.as_str() {
+            "add" => BitmapOp::Add { granularity },
+            "remove" => BitmapOp::Remove,
+            "clear" => BitmapOp::Clear,
+            "enable" => BitmapOp::Enable,
+            "disable" => BitmapOp::Disable,
+            "merge" => {
+                let source = source.unwrap_or_default();
+                let from = match &source_image {
+                    Some(img) => img.node.as_qcow2().ok_or_else(|| {
+                        to_py(Error::Unsupported(format!(
+                            "Operation merge on bitmap {name} failed: '{}' has no bitmaps (it is not qcow2)",
+                            img.node.filename()
+                        )))
+                    })?,
+                    None => q,
+                };
+                let bits = from.bitmap_bits(&source).map_err(|e| {
+                    to_py(Error::invalid(format!(
+                        "Operation merge on bitmap {name} failed: {e}"
+                    )))
+                })?;
+                BitmapOp::Merge(bits)
+            }
+            other => {
+                return Err(to_py(Error::invalid(format!(
+                    "Unknown bitmap operation '{other}'"
+                ))))
+            }
+        });
+    }
+    change_header_tables(py, &image, move |q| q.change_bitmap(&name, &core_ops))
 }

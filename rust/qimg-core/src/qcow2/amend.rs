@@ -11,7 +11,7 @@ use super::header::{
     Header, SnapshotsField, COMPAT_LAZY_REFCOUNTS, EXT_BACKING_FORMAT, EXT_END, EXT_FEATURE_TABLE,
     INCOMPAT_COMPRESSION, INCOMPAT_EXTL2, V2_HEADER_LEN, V3_HEADER_LEN,
 };
-use super::image_header::{ImageHeader, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE};
+use super::image_header::{BitmapsExtension, ImageHeader, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE};
 use super::reader::{Qcow2Node, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO};
 use super::refcount::set_entry;
 use super::types::{Compat, CompressionType, RefcountOrder};
@@ -95,6 +95,11 @@ impl Qcow2Node {
             }
         }
         let downgrade = h.compat == Compat::V3 && target_compat == Compat::V2;
+        if downgrade && !self.bitmap_entries()?.is_empty() {
+            return Err(Error::Unsupported(
+                "Cannot downgrade an image with persistent dirty bitmaps to compat=0.10; remove the bitmaps first".into(),
+            ));
+        }
         if downgrade && !self.snapshot_list()?.is_empty() {
             // Their tables may hold zero clusters, which v2 cannot express.
             return Err(Error::Unsupported(
@@ -169,6 +174,32 @@ impl Qcow2Node {
         f: Fields,
         backing: Option<Backing<'_>>,
     ) -> Result<()> {
+        let on_disk = ImageHeader::parse(&read_head(&self.file)?, self.file.file_len())?;
+        self.write_header_as(st, f, backing, on_disk.live_bitmaps().cloned())
+    }
+
+    /// Rewrites the header with the bitmaps extension `bitmaps` (None: no
+    /// bitmaps), keeping everything else as it stands.
+    pub(super) fn write_header_with_bitmaps(
+        &self,
+        st: &mut WriteState,
+        bitmaps: Option<BitmapsExtension>,
+    ) -> Result<()> {
+        let on_disk = ImageHeader::parse(&read_head(&self.file)?, self.file.file_len())?;
+        let backing = on_disk.backing_file.as_deref().map(|name| Backing {
+            name,
+            format: on_disk.backing_format.as_deref(),
+        });
+        self.write_header_as(st, Fields::of(&on_disk), backing, bitmaps)
+    }
+
+    fn write_header_as(
+        &self,
+        st: &mut WriteState,
+        f: Fields,
+        backing: Option<Backing<'_>>,
+        bitmaps: Option<BitmapsExtension>,
+    ) -> Result<()> {
         let (reftable_offset, reftable_clusters) = st.alloc.reftable();
         // The snapshot fields as the file holds them now (a snapshot command
         // may have changed them since this node read its header).
@@ -191,6 +222,7 @@ impl Qcow2Node {
                 count: on_disk.snapshot_count,
                 offset: on_disk.snapshots_offset,
             },
+            bitmaps,
         };
         let mut raw = header.encode()?;
         self.keep_foreign_header_parts(&mut raw, f.compat)?;

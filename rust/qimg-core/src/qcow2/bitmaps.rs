@@ -28,6 +28,8 @@ pub struct DirEntry {
     pub granularity_bits: u8,
     pub extra_len: u64,
     pub name: String,
+    /// The extra data as stored (written back unchanged).
+    pub extra: Vec<u8>,
 }
 
 /// One bitmap as `info` lists it.
@@ -73,6 +75,7 @@ pub fn parse_directory(dir: &[u8], count: u32) -> std::result::Result<Vec<DirEnt
         let name = dir
             .get(name_at..name_at.saturating_add(name_len))
             .ok_or_else(past)?;
+        let extra = dir.get(at + ENTRY_HEAD..name_at).ok_or_else(past)?.to_vec();
         let end = (name_at + name_len).next_multiple_of(8);
         if end > dir.len() {
             return Err(past());
@@ -85,6 +88,7 @@ pub fn parse_directory(dir: &[u8], count: u32) -> std::result::Result<Vec<DirEnt
             granularity_bits,
             extra_len: extra_len as u64,
             name: String::from_utf8_lossy(name).into_owned(),
+            extra,
         });
         at = end;
     }
@@ -95,6 +99,32 @@ pub fn parse_directory(dir: &[u8], count: u32) -> std::result::Result<Vec<DirEnt
         ));
     }
     Ok(out)
+}
+
+/// The directory as stored: each entry's fixed part, extra data and name,
+/// padded to 8 bytes.
+pub fn encode_directory(entries: &[DirEntry]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in entries {
+        out.extend_from_slice(&e.table_offset.to_be_bytes());
+        out.extend_from_slice(&(e.table_entries as u32).to_be_bytes());
+        out.extend_from_slice(&e.flags.to_be_bytes());
+        out.push(e.kind);
+        out.push(e.granularity_bits);
+        out.extend_from_slice(&(e.name.len() as u16).to_be_bytes());
+        out.extend_from_slice(&(e.extra.len() as u32).to_be_bytes());
+        out.extend_from_slice(&e.extra);
+        out.extend_from_slice(e.name.as_bytes());
+        out.resize(out.len().next_multiple_of(8), 0);
+    }
+    out
+}
+
+/// Bits a bitmap of granularity 2^`granularity_bits` has for a disk of
+/// `size` bytes, and the bitmap table entries (clusters of bits) they take.
+pub fn bitmap_shape(size: u64, granularity_bits: u8, cluster: u64) -> (u64, u64) {
+    let bits = size.div_ceil(1u64 << granularity_bits);
+    (bits, bits.div_ceil(cluster * 8))
 }
 
 /// The directory of `ext`, read from `file` once its place is checked.

@@ -141,6 +141,7 @@ impl CreateSpec {
             backing_file: self.backing.as_ref().map(|b| b.file.as_str()),
             backing_format: self.backing.as_ref().and_then(|b| b.format.as_deref()),
             snapshots: Default::default(),
+            bitmaps: None,
         }
     }
 }

@@ -2,6 +2,7 @@
 //! backing file name, encoded exactly as QEMU lays them out so that images
 //! are interchangeable byte for byte.
 
+use super::image_header::{BitmapsExtension, AUTOCLEAR_BITMAPS, EXT_BITMAPS};
 use super::types::{ClusterSize, Compat, CompressionType, RefcountOrder};
 use crate::error::{Error, Result};
 
@@ -57,6 +58,9 @@ pub struct Header<'a> {
     pub backing_format: Option<&'a str>,
     /// The internal snapshots: how many, and where their table is.
     pub snapshots: SnapshotsField,
+    /// The persistent dirty bitmaps' directory, if any (v3 only): written as
+    /// the bitmaps extension, with the autoclear bit that vouches for it.
+    pub bitmaps: Option<BitmapsExtension>,
 }
 
 /// The header's snapshot count and table offset (none for a new image).
@@ -106,7 +110,12 @@ impl Header<'_> {
             };
             out.extend_from_slice(&incompatible.to_be_bytes());
             out.extend_from_slice(&compatible.to_be_bytes());
-            out.extend_from_slice(&0u64.to_be_bytes()); // autoclear
+            let autoclear = if self.bitmaps.is_some() {
+                AUTOCLEAR_BITMAPS
+            } else {
+                0
+            };
+            out.extend_from_slice(&autoclear.to_be_bytes());
             out.extend_from_slice(&self.refcount_order.order().to_be_bytes());
             out.extend_from_slice(&(V3_HEADER_LEN as u32).to_be_bytes());
             out.push(self.compression.code());
@@ -129,6 +138,13 @@ impl Header<'_> {
                 table.extend_from_slice(&entry);
             }
             push_extension(&mut out, EXT_FEATURE_TABLE, &table);
+        }
+        if let (true, Some(b)) = (v3, &self.bitmaps) {
+            let mut data = b.count.to_be_bytes().to_vec();
+            data.extend_from_slice(&0u32.to_be_bytes());
+            data.extend_from_slice(&b.directory_size.to_be_bytes());
+            data.extend_from_slice(&b.directory_offset.to_be_bytes());
+            push_extension(&mut out, EXT_BITMAPS, &data);
         }
         push_extension(&mut out, EXT_END, &[]);
 
@@ -185,6 +201,7 @@ mod tests {
             backing_file: None,
             backing_format: None,
             snapshots: SnapshotsField::default(),
+            bitmaps: None,
         }
     }
 

@@ -90,6 +90,15 @@ pub struct ImageHeader {
 }
 
 impl ImageHeader {
+    /// The bitmaps extension when the autoclear bit vouches for it (a
+    /// program that does not know bitmaps clears the bit, and then QEMU
+    /// treats the extension as absent).
+    pub fn live_bitmaps(&self) -> Option<&BitmapsExtension> {
+        self.bitmaps
+            .as_ref()
+            .filter(|_| self.autoclear & AUTOCLEAR_BITMAPS != 0)
+    }
+
     pub fn extended_l2(&self) -> bool {
         self.incompatible & INCOMPAT_EXTL2 != 0
     }
@@ -495,6 +504,7 @@ mod tests {
             backing_file: Some("base.img"),
             backing_format: Some("raw"),
             snapshots: Default::default(),
+            bitmaps: None,
         };
         hdr.encode().expect("encode")
     }

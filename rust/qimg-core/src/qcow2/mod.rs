@@ -2,6 +2,7 @@
 
 pub mod allocator;
 pub mod amend;
+pub mod bitmap_ops;
 pub mod bitmaps;
 pub mod check;
 pub mod compress;

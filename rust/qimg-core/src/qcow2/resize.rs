@@ -33,6 +33,11 @@ impl Qcow2Node {
                 "Can't resize a v2 image which has snapshots".into(),
             ));
         }
+        if !self.bitmap_entries()?.is_empty() {
+            return Err(Error::Unsupported(
+                "Resizing an image with persistent dirty bitmaps is not supported by qimg yet; remove the bitmaps first (qimg bitmap --remove)".into(),
+            ));
+        }
         let mut st = self.state()?;
         let old = self.size();
         if new_size < old && prealloc != Prealloc::Off {

@@ -55,6 +55,10 @@ pub struct WriteState {
     /// The image was reopened as a new node (see [`Qcow2Node::reopen`]):
     /// this one writes nothing more.
     retired: bool,
+    /// The enabled persistent bitmaps, following guest writes.
+    pub(super) bitmaps: Vec<super::bitmap_ops::Tracked>,
+    /// Their in-use flags are set on disk (since the first write).
+    pub(super) bitmaps_in_use: bool,
 }
 
 impl WriteState {
@@ -82,11 +86,6 @@ impl WriteState {
                 "the image was not closed cleanly (lazy refcounts); run 'qimg check -r all' on it first",
             );
         }
-        if header.bitmaps.is_some() {
-            return refuse(
-                "writing to images with persistent dirty bitmaps is not supported by qimg",
-            );
-        }
         let kept = kept_autoclear(header.autoclear);
         if kept != header.autoclear {
             file.pwrite(&kept.to_be_bytes(), HEADER_AUTOCLEAR)?;
@@ -101,6 +100,8 @@ impl WriteState {
             lazy: header.lazy_refcounts(),
             incompatible: header.incompatible & !INCOMPAT_DIRTY,
             retired: false,
+            bitmaps: super::bitmap_ops::start_tracking(file, header)?,
+            bitmaps_in_use: false,
         })
     }
 }
@@ -596,6 +597,7 @@ impl Qcow2Node {
             )));
         }
         let mut st = self.state()?;
+        self.note_write(&mut st, offset, cs.min(self.size() - offset))?;
         let per_table = self.header.l2_entries();
         let l1_index = offset / cs / per_table;
         let index = ((offset / cs) % per_table) as usize;
@@ -716,6 +718,7 @@ impl Qcow2Node {
         }
         let mut st = self.state()?;
         self.write_back(&mut st)?;
+        self.store_tracked(&mut st)?;
         self.file.sync()?;
         if st.marked_dirty {
             self.write_incompatible(st.incompatible)?;
@@ -781,6 +784,7 @@ pub(super) fn write_at(node: &Qcow2Node, buf: &[u8], offset: u64) -> Result<()> 
         return Ok(());
     }
     let mut st = node.state()?;
+    node.note_write(&mut st, offset, buf.len() as u64)?;
     let end = offset + buf.len() as u64;
     node.per_table(offset, end, |a, b| {
         let from = (a - offset) as usize;
@@ -790,7 +794,7 @@ pub(super) fn write_at(node: &Qcow2Node, buf: &[u8], offset: u64) -> Result<()> 
 
 pub(super) fn write_zeroes(node: &Qcow2Node, offset: u64, len: u64, unmap: bool) -> Result<()> {
     check_request(node, offset, len)?;
-    drop(node.state()?);
+    node.note_write(&mut *node.state()?, offset, len)?;
     if len == 0 {
         return Ok(());
     }
@@ -879,6 +883,7 @@ fn drop_and_write_zeroes(node: &Qcow2Node, st: &mut WriteState, a: u64, b: u64) 
 pub(super) fn discard(node: &Qcow2Node, offset: u64, len: u64) -> Result<()> {
     check_request(node, offset, len)?;
     let mut st = node.state()?;
+    node.note_write(&mut st, offset, len)?;
     let cs = node.cs();
     let end = offset + len;
     // Only whole clusters are discarded; the image's last cluster counts as
