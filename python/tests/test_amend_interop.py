@@ -613,9 +613,11 @@ def test_amend_keeps_persistent_bitmaps(
         info = json.loads(run_qemu_img("info", "--output=json", image).stdout)
         return info["format-specific"]["data"]["bitmaps"]
 
-    assert bitmaps(ours) == bitmaps(theirs) == [
-        {"flags": ["auto"], "name": "b1", "granularity": 65536}
-    ]
+    assert (
+        bitmaps(ours)
+        == bitmaps(theirs)
+        == [{"flags": ["auto"], "name": "b1", "granularity": 65536}]
+    )
 
 
 def test_amend_keeps_internal_snapshots_as_qemu_img_does(
