@@ -21,6 +21,7 @@ __all__ = [
     "measure_qcow2",
     "measure_raw",
     "open_image",
+    "open_snapshot",
     "open_spec",
     "rebase_copy",
     "repair_image",
@@ -184,6 +185,13 @@ def change_bitmap(
 def create_snapshot(image: Image, name: str, date_sec: int, date_nsec: int) -> Image: ...
 def apply_snapshot(image: Image, which: str) -> Image: ...
 def delete_snapshot(image: Image, name: str) -> Image: ...
+def open_snapshot(
+    image: Image,
+    *,
+    id_or_name: str | None = None,
+    id: str | None = None,
+    name: str | None = None,
+) -> Image: ...
 def rebase_copy(
     image: Image,
     new_backing: Image | None,

@@ -20,6 +20,7 @@ from qimg.image import Image, check_cache_mode, drain_events, open_image, with_e
 from qimg.names import is_plain_filename
 from qimg.options import OptionItem, parse_size
 from qimg.prealloc import PreallocMode
+from qimg.snapshot_ref import SnapshotRef
 
 # typing.TYPE_CHECKING without importing typing.
 TYPE_CHECKING = False
@@ -75,6 +76,8 @@ class ConvertRequest:
     """``--bitmaps``: copy the source's persistent bitmaps into the (qcow2) target."""
     skip_broken_bitmaps: bool = False
     """``--skip-broken-bitmaps``: leave out bitmaps a writer left inconsistent."""
+    snapshot: SnapshotRef | None = None
+    """``-l``: copy this internal snapshot of the (single) source."""
 
     @property
     def target_is_spec(self) -> bool:
@@ -86,6 +89,8 @@ class ConvertRequest:
             raise UsageError("Expecting at least one source image")
         if self.skip_broken_bitmaps and not self.bitmaps:
             raise UsageError("Use of --skip-broken-bitmaps requires --bitmaps")
+        if self.snapshot is not None and len(self.sources) > 1:
+            raise UsageError("No support for concatenating multiple snapshot")
         if self.bitmaps and len(self.sources) > 1:
             raise UsageError("Copying bitmaps only possible with single source")
         if self.bitmaps and self.out_fmt != "qcow2":
@@ -161,6 +166,7 @@ def run(request: ConvertRequest, progress: Callable[[int, int], None] | None = N
                     cache=request.source_cache,
                     force_share=request.force_share,
                     purpose="copy-source",
+                    snapshot=request.snapshot,
                 )
             )
             for s in request.sources
@@ -379,6 +385,9 @@ def convert(
     force_share: bool = False,
     fmt: str | None = None,
     out_fmt: str | None = None,
+    snapshot: str | SnapshotRef | None = None,
+    bitmaps: bool = False,
+    skip_broken_bitmaps: bool = False,
 ) -> None:
     """Copies the guest contents of ``source`` (or several sources, one after
     the other) into ``target``, like ``qemu-img convert``.
@@ -392,6 +401,10 @@ def convert(
     ``format`` is the sources' format (``-f``; probed when None) and ``out_format`` the
     target's (``-O``; raw unless given); ``fmt`` and ``out_fmt`` are their deprecated old
     names. ``progress`` and ``events`` are called on the calling thread.
+    ``snapshot`` copies an internal snapshot of the source instead (``-l``: an ID or
+    name, or a :class:`~qimg.snapshot_ref.SnapshotRef`); ``bitmaps`` copies the
+    persistent bitmaps into a qcow2 target (``--bitmaps``), ``skip_broken_bitmaps``
+    leaving out inconsistent ones.
     """
     sources: list[ImageSpec]
     from qimg.spec import NodeSpec
@@ -421,5 +434,8 @@ def convert(
         target_image_opts=target_image_opts,
         events=events,
         force_share=force_share,
+        snapshot=SnapshotRef(id_or_name=snapshot) if isinstance(snapshot, str) else snapshot,
+        bitmaps=bitmaps,
+        skip_broken_bitmaps=skip_broken_bitmaps,
     )
     run(request, progress)

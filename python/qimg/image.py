@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer
 
     from qimg.info import BitmapInfo, ImageInfo, SnapshotInfo
+    from qimg.snapshot_ref import SnapshotRef
     from qimg.spec import ImageSpec, Node, NodeSpec
     from qimg.stream import ImageStream
 
@@ -362,6 +363,20 @@ class Image:
         finally:
             self._drain()
 
+    def _view_snapshot(self, snapshot: str | SnapshotRef) -> Image:
+        """This (read-only) image turned into a view of one of its snapshots."""
+        from qimg.snapshot_ref import SnapshotRef
+
+        ref = SnapshotRef(id_or_name=snapshot) if isinstance(snapshot, str) else snapshot
+        try:
+            self._core = _core.open_snapshot(
+                self._img, id_or_name=ref.id_or_name, id=ref.id, name=ref.name
+            )
+        except QimgError:
+            self.close()
+            raise
+        return self
+
     def _change_snapshots(
         self, verb: str, name: str, change: Callable[[_core.Image], _core.Image]
     ) -> None:
@@ -407,6 +422,7 @@ def open_image(
     force_share: bool = False,
     purpose: Purpose = "read",
     writable_backing: int | None = None,
+    snapshot: str | SnapshotRef | None = None,
 ) -> Image:
     """Opens an image (read-only unless ``writable``; its backing chain is
     read-only but for the layer ``writable_backing`` layers below the image, if
@@ -434,12 +450,30 @@ def open_image(
     ``"directsync"`` (O_DIRECT, and every write waits for the disk) or
     ``"writethrough"`` (every write waits for the disk).
 
+    ``snapshot`` opens an internal snapshot of a qcow2 image instead of its current
+    content, read-only: a :class:`~qimg.snapshot_ref.SnapshotRef`, or a string that
+    is a snapshot ID or else a name (``qemu-img convert -l``).
+
     ``events`` is called with every :class:`~qimg.events.Event` the image's nodes
     record, after the operation that caused it (an :class:`~qimg.events.EventStream`
     collects them for iteration); without it, :meth:`Image.events` returns them."""
     cache = check_cache_mode(cache)
     if force_share and writable:
         raise UsageError("force-share=on can only be used with read-only images")
+    if snapshot is not None:
+        if writable:
+            raise UsageError("A snapshot is opened read-only")
+        opened = open_image(
+            spec,
+            format,
+            backing=backing,
+            cache=cache,
+            image_opts=image_opts,
+            events=events,
+            force_share=force_share,
+            purpose=purpose,
+        )
+        return opened._view_snapshot(snapshot)
     locks = _Locks(cache=cache, force_share=force_share, purpose=purpose)
     if not image_opts and is_plain_filename(spec):
         assert isinstance(spec, str | os.PathLike)

@@ -20,6 +20,7 @@ from qimg.prealloc import PreallocMode
 # typing.TYPE_CHECKING without importing typing.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from qimg.snapshot_ref import SnapshotRef
     from qimg.spec import ImageSpec
 
 __all__ = ["Measurement", "bitmaps_size", "measure", "measure_items"]
@@ -62,16 +63,20 @@ def measure_items(
     image_opts: bool = False,
     events: EventCallback | None = None,
     force_share: bool = False,
+    snapshot: str | SnapshotRef | None = None,
 ) -> Measurement:
     """Measures for the target format ``out_fmt`` with ``-o`` items, either
     an empty image of ``size`` bytes or the data of image ``filename`` (a file
-    name or a node-tree spec, see :func:`qimg.open`)."""
+    name or a node-tree spec, see :func:`qimg.open`), or of its internal
+    ``snapshot`` (``-l``)."""
     if (size is None) == (filename is None):
         raise UsageError(
             "--size N cannot be used together with a filename"
             if size is not None
             else "Either --size N or one filename must be specified"
         )
+    if snapshot is not None and filename is None:
+        raise UsageError("-l names a snapshot of a source image; it needs a filename")
     if fmt is not None and filename is None:
         raise UsageError("-f names the format of a source image; it needs a filename, not --size")
     info = format_info(out_fmt)
@@ -80,7 +85,12 @@ def measure_items(
     source: Image | None = None
     if filename is not None:
         source = open_image(
-            filename, fmt, image_opts=image_opts, events=events, force_share=force_share
+            filename,
+            fmt,
+            image_opts=image_opts,
+            events=events,
+            force_share=force_share,
+            snapshot=snapshot,
         )
         virtual_size = source.size
     else:
@@ -158,13 +168,16 @@ def measure(
     events: EventCallback | None = None,
     fmt: str | None = None,
     out_fmt: str | None = None,
+    snapshot: str | SnapshotRef | None = None,
 ) -> Measurement:
     """Python API for ``qemu-img measure``: how large an image of ``out_format``
     (``-O``; raw unless given, as for qemu-img) would be, for ``size`` bytes or for
     the contents of ``filename`` (a file name or a node-tree spec, see
     :func:`qimg.open`, of format ``format``, probed when None). ``options`` is an
-    ``-o`` string or a mapping. ``fmt`` and ``out_fmt`` are the deprecated old
-    names of ``format`` and ``out_format``."""
+    ``-o`` string or a mapping; ``snapshot`` measures an internal snapshot of
+    ``filename`` instead (an ID or name, or a :class:`~qimg.snapshot_ref.SnapshotRef`).
+    ``fmt`` and ``out_fmt`` are the deprecated old names of ``format`` and
+    ``out_format``."""
     target = renamed(out_format, out_fmt, new="out_format", old="out_fmt") or "raw"
     source_format = renamed(format, fmt, new="format", old="fmt")
     name = os.fspath(filename) if isinstance(filename, os.PathLike) else filename
@@ -176,4 +189,5 @@ def measure(
         fmt=source_format,
         image_opts=image_opts,
         events=events,
+        snapshot=snapshot,
     )

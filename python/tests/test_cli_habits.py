@@ -29,7 +29,6 @@ MAN_PAGE = REPO / "docs" / "qimg.1"
 
 # qemu-img options qimg refuses by name: (command line, the option named).
 REFUSED = [
-    (["convert", "-l", "snap", "a", "b"], "-l"),
     (["convert", "-r", "1M", "a", "b"], "-r"),
     (["convert", "--object", "secret,id=s", "a", "b"], "--object"),
     (["convert", "--salvage", "a", "b"], "--salvage"),

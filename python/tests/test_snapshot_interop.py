@@ -11,6 +11,7 @@ import pytest
 
 import qimg
 from conftest import RunCommand
+from qimg.snapshot_ref import SnapshotRef
 
 MiB = 1 << 20
 DATE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
@@ -147,3 +148,66 @@ def test_snapshots_in_python(tmp_path: Path, run_qemu_img: RunCommand) -> None:
         image.delete_snapshot("before")
         assert image.snapshots() == []
     assert run_qemu_img("check", path).returncode == 0
+
+
+@pytest.mark.parametrize(
+    "param",
+    [
+        "s1",
+        "1",
+        "snapshot.name=s1",
+        "snapshot.id=1",
+        "snapshot.id=1,snapshot.name=s1",
+        "nope",
+        "snapshot.id=1,snapshot.name=other",
+        "snapshot.foo=1",
+    ],
+)
+def test_convert_and_measure_read_a_snapshot_as_qemu_img(
+    tmp_path: Path,
+    param: str,
+    run_qimg: RunCommand,
+    run_qemu_img: RunCommand,
+    run_qemu_io: RunCommand,
+) -> None:
+    """-l in its long and short forms: the snapshot's content, or qemu-img's refusal."""
+    image = tmp_path / "t.qcow2"
+    _made(run_qemu_img, run_qemu_io, image, "compat=1.1")
+    assert run_qemu_img("snapshot", "-c", "s1", image).returncode == 0
+    assert run_qemu_io("-c", "write -P 9 0 2M", image).returncode == 0
+    assert run_qemu_img("resize", "-q", image, "+1M").returncode == 0
+    ours, theirs = tmp_path / "ours.raw", tmp_path / "theirs.raw"
+    got = run_qimg("convert", "-l", param, "-O", "raw", image, ours)
+    want = run_qemu_img("convert", "-l", param, "-O", "raw", image, theirs)
+    assert got.returncode == want.returncode
+    assert got.stderr.splitlines()[:1] == [
+        line.replace("qemu-img", "qimg") for line in want.stderr.splitlines()[:1]
+    ]
+    if want.returncode == 0:
+        assert ours.read_bytes() == theirs.read_bytes()
+        assert len(ours.read_bytes()) == 9 * MiB  # the image's size, as qemu-img reads it
+    else:
+        assert not ours.exists()
+    got = run_qimg("measure", "-l", param, "-O", "qcow2", image)
+    want = run_qemu_img("measure", "-l", param, "-O", "qcow2", image)
+    assert (got.returncode, got.stdout) == (want.returncode, want.stdout)
+
+
+def test_open_a_snapshot_read_only_in_python(
+    tmp_path: Path, run_qemu_img: RunCommand, run_qemu_io: RunCommand
+) -> None:
+    image = tmp_path / "t.qcow2"
+    _made(run_qemu_img, run_qemu_io, image, "compat=1.1")
+    assert run_qemu_img("snapshot", "-c", "s1", image).returncode == 0
+    assert run_qemu_io("-c", "write -P 9 0 2M", image).returncode == 0
+    with qimg.open(image, snapshot="s1") as snap:
+        assert snap.read(0, 4) == b"\x01" * 4
+        assert not snap.writable
+    with qimg.open(image, snapshot=SnapshotRef(id="1")) as snap:
+        assert snap.read(0, 4) == b"\x01" * 4
+    with qimg.open(image) as current:
+        assert current.read(0, 4) == b"\x09" * 4
+    with pytest.raises(qimg.UsageError, match="read-only"):
+        qimg.open(image, snapshot="s1", writable=True)
+    with pytest.raises(qimg.InvalidOptionError, match="Can't find snapshot"):
+        qimg.open(image, snapshot="nope")

@@ -24,13 +24,13 @@ from qimg.convert import run as run_convert
 from qimg.errors import QimgError, UsageError
 from qimg.formats import format_info
 from qimg.options import parse_option_lists, parse_size
+from qimg.snapshot_ref import SnapshotRef
 
 NAME = "convert"
 
 # Options of qemu-img convert that qimg refuses by name rather than ignore (kept out
 # of --help).
 UNSUPPORTED_VALUE = (
-    ("-l", "snapshots as the source"),
     ("-r", "rate limits"),
     ("--object", "objects"),
 )
@@ -107,6 +107,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="with -n: the output file name is an option string (its driver replaces -O)",
     )
     p.add_argument(
+        "-l",
+        dest="snapshot",
+        metavar="SNAPSHOT",
+        help="copy an internal snapshot of the source: snapshot.id=ID,snapshot.name=NAME, "
+        "or an ID or name",
+    )
+    p.add_argument(
         "--bitmaps", action="store_true", help="copy the persistent bitmaps (qcow2 to qcow2)"
     )
     p.add_argument(
@@ -169,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
         force_share=args.force_share,
         bitmaps=args.bitmaps,
         skip_broken_bitmaps=args.skip_broken_bitmaps,
+        snapshot=None if args.snapshot is None else SnapshotRef.parse(args.snapshot),
     )
     if args.copy_offload and args.sparse is not None and not args.compress:
         # Even "-S 4k", the default: zero detection needs the data read.

@@ -19,6 +19,7 @@ from qimg.commands._parser import examples
 from qimg.formats import format_info
 from qimg.measure import measure_items
 from qimg.options import parse_image_size, parse_option_lists
+from qimg.snapshot_ref import SnapshotRef
 
 NAME = "measure"
 
@@ -51,6 +52,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_image_opts_arg(p)
     add_share_arg(p)
     add_events_arg(p)
+    p.add_argument(
+        "-l",
+        dest="snapshot",
+        metavar="SNAPSHOT",
+        help="measure an internal snapshot: snapshot.id=ID,snapshot.name=NAME, or an ID or name",
+    )
     p.add_argument("filename", nargs="?", help="the image to measure a converted copy of")
     p.set_defaults(run=run)
 
@@ -72,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
             image_opts=args.image_opts,
             events=events,
             force_share=args.force_share,
+            snapshot=None if args.snapshot is None else SnapshotRef.parse(args.snapshot),
         )
     if args.output == "json":
         print(json.dumps(result.as_json(), indent=4))

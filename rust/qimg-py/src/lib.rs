@@ -247,6 +247,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(lifecycle::apply_snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(lifecycle::delete_snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(lifecycle::change_bitmap, m)?)?;
+    m.add_function(wrap_pyfunction!(lifecycle::open_snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(repair::repair_image, m)?)?;
     m.add_function(wrap_pyfunction!(create_raw, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_backing, m)?)?;

@@ -9,6 +9,7 @@ use qimg_core::commit::{self, CommitOptions};
 use qimg_core::convert::default_workers_for;
 use qimg_core::qcow2::bitmap_ops::BitmapOp;
 use qimg_core::qcow2::reader::Qcow2Node;
+use qimg_core::qcow2::snapshot_ops::SnapshotRef;
 use qimg_core::rebase::{self, RebaseOptions};
 use qimg_core::Error;
 use std::sync::Arc;
@@ -162,4 +163,38 @@ pub fn change_bitmap(
         });
     }
     change_header_tables(py, &image, move |q| q.change_bitmap(&name, &core_ops))
+}
+
+/// A read-only view of one internal snapshot of `image`: by `id_or_name`
+/// (an ID, else a name), or by `id` and/or `name` (each given must match).
+#[pyfunction]
+#[pyo3(signature = (image, *, id_or_name=None, id=None, name=None))]
+pub fn open_snapshot(
+    py: Python<'_>,
+    image: PyRef<'_, Image>,
+    id_or_name: Option<String>,
+    id: Option<String>,
+    name: Option<String>,
+) -> PyResult<Image> {
+    let which = match (id_or_name, id, name) {
+        (Some(key), None, None) => SnapshotRef::IdOrName(key),
+        (None, id, name) if id.is_some() || name.is_some() => SnapshotRef::Fields { id, name },
+        _ => {
+            return Err(to_py(Error::invalid(
+                "Name the snapshot by ID or name, or by snapshot.id and/or snapshot.name",
+            )))
+        }
+    };
+    let node = Arc::clone(&image.node);
+    let view = run_long(py, None, move |_| match node.as_qcow2() {
+        Some(q) => q.snapshot_view(&which),
+        None => Err(Error::invalid(
+            "Failed to load snapshot: Can't find snapshot",
+        )),
+    })?
+    .map_err(to_py)?;
+    Ok(Image {
+        node: Arc::new(view),
+        events: image.events.clone(),
+    })
 }

@@ -76,6 +76,18 @@ impl Qcow2Node {
         backing: Option<Arc<dyn BlockDev>>,
         backing_path: Option<String>,
     ) -> Result<Qcow2Node> {
+        let writable = file.is_writable();
+        Qcow2Node::open_as(file, header, backing, backing_path, writable)
+    }
+
+    /// `open`, read-only even when the file is writable (`writable` false).
+    pub(super) fn open_as(
+        file: Arc<FileNode>,
+        header: ImageHeader,
+        backing: Option<Arc<dyn BlockDev>>,
+        backing_path: Option<String>,
+        writable: bool,
+    ) -> Result<Qcow2Node> {
         let mut raw = vec![0u8; (header.l1_entries * 8) as usize];
         file.pread(&mut raw, header.l1_table_offset)?;
         let l1 = raw
@@ -83,7 +95,7 @@ impl Qcow2Node {
             .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
             .collect();
         let l2_cache = L2Cache::new(header.cluster_size.bytes());
-        let writer = if file.is_writable() {
+        let writer = if writable {
             Some(Mutex::new(WriteState::new(&file, &header)?))
         } else {
             None

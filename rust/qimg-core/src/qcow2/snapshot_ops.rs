@@ -32,6 +32,18 @@ const HEADER_SNAPSHOTS: u64 = 60;
 /// QEMU's limit on the number of snapshots.
 const MAX_SNAPSHOTS: usize = 65536;
 
+/// Which snapshot to read (`convert -l`, `qimg.open(..., snapshot=)`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotRef {
+    /// An ID, or else a name (the short form `-l NAME`).
+    IdOrName(String),
+    /// `snapshot.id=` and/or `snapshot.name=`: each one given must match.
+    Fields {
+        id: Option<String>,
+        name: Option<String>,
+    },
+}
+
 /// A cluster (range) a table refers to.
 #[derive(Debug, Clone, Copy)]
 enum Ref {
@@ -231,6 +243,38 @@ impl Qcow2Node {
             done.push(c);
         }
         Ok(())
+    }
+
+    /// A read-only node showing the guest content of a snapshot (at the
+    /// image's current size, as QEMU's temporary snapshot load has it):
+    /// the one with ID `id` and/or name `name` (both given: both must match),
+    /// or with `id_or_name` as its ID, else as its name (`convert -l`).
+    pub fn snapshot_view(&self, which: &SnapshotRef) -> Result<Qcow2Node> {
+        let list = self.snapshot_list()?;
+        let found = match which {
+            SnapshotRef::IdOrName(key) => list
+                .iter()
+                .find(|s| &s.id == key)
+                .or_else(|| list.iter().find(|s| &s.name == key)),
+            SnapshotRef::Fields { id, name } => list.iter().find(|s| {
+                id.as_ref().is_none_or(|i| &s.id == i) && name.as_ref().is_none_or(|n| &s.name == n)
+            }),
+        };
+        let sn =
+            found.ok_or_else(|| Error::invalid("Failed to load snapshot: Can't find snapshot"))?;
+        self.snapshot_l1(sn)?;
+        let mut header = self.header.clone();
+        header.l1_table_offset = sn.l1_table_offset;
+        header.l1_entries = sn.l1_entries;
+        // The image's current size, as qemu-img's `convert -l` reads a snapshot.
+        header.virtual_size = self.size();
+        Qcow2Node::open_as(
+            std::sync::Arc::clone(&self.file),
+            header,
+            self.backing.clone(),
+            self.backing_path().map(str::to_string),
+            false,
+        )
     }
 
     /// The L1 table of snapshot `sn`, bounded before it is read.
