@@ -235,3 +235,25 @@ def _mark_in_use(image: Path, name: str) -> None:
             break
         entry = (entry + 24 + extra + name_len + 7) // 8 * 8
     image.write_bytes(bytes(data))
+
+
+def test_resize_carries_bitmaps_as_qemu_img(
+    tmp_path: Path, run_qimg: RunCommand, run_qemu_img: RunCommand, run_qemu_io: RunCommand
+) -> None:
+    """Growing and shrinking an image resizes its bitmaps: the same directory and
+    dirty ranges as qemu-img resize leaves."""
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    for image in (ours, theirs):
+        assert run_qemu_img("create", "-q", "-f", "qcow2", image, 64 * MiB).returncode == 0
+        assert run_qemu_img("bitmap", "--add", image, "on").returncode == 0
+        assert (
+            run_qemu_img("bitmap", "--add", "-g", "1M", "--disable", image, "off").returncode == 0
+        )
+        assert run_qemu_io("-c", "write 1M 4k", "-c", "write 63M 1M", image).returncode == 0
+    for args in (["100M"], ["--shrink", "63500K"], ["--shrink", "2M"]):
+        assert run_qimg("resize", "-q", ours, *args).returncode == 0
+        assert run_qemu_img("resize", "-q", theirs, *args).returncode == 0
+        assert run_qemu_img("check", ours).returncode == 0
+        assert _bitmaps(run_qemu_img, ours) == _bitmaps(run_qemu_img, theirs)
+        for name in ("on", "off"):
+            assert dirty_ranges(ours, name) == dirty_ranges(theirs, name)

@@ -471,6 +471,77 @@ impl Qcow2Node {
         Ok(())
     }
 
+    /// Before a resize: every bitmap with its bits at the current size, and
+    /// the in-use flag set on disk for all of them, so that a crash before
+    /// [`bitmaps_after_resize`](Self::bitmaps_after_resize) leaves them marked
+    /// inconsistent rather than of the wrong size.
+    pub(super) fn bitmaps_before_resize(
+        &self,
+        st: &mut WriteState,
+    ) -> Result<Vec<(DirEntry, Vec<u8>)>> {
+        self.store_tracked(st)?;
+        let header = self.disk_header()?;
+        let Some(ext) = header.live_bitmaps() else {
+            return Ok(Vec::new());
+        };
+        let entries = read_directory(&self.file, ext)?;
+        if let Some(e) = entries.iter().find(|e| e.flags & FLAG_IN_USE != 0) {
+            return Err(Error::Unsupported(format!(
+                "Cannot resize: bitmap '{}' is inconsistent (a writer did not close the image); remove it first",
+                e.name
+            )));
+        }
+        let cluster = self.cs();
+        let mut saved = Vec::with_capacity(entries.len());
+        for e in &entries {
+            saved.push((e.clone(), load_bits(&self.file, cluster, self.size(), e)?));
+        }
+        let flagged: Vec<DirEntry> = entries
+            .into_iter()
+            .map(|mut e| {
+                e.flags |= FLAG_IN_USE;
+                e
+            })
+            .collect();
+        self.file
+            .pwrite(&encode_directory(&flagged), ext.directory_offset)?;
+        self.file.sync()?;
+        Ok(saved)
+    }
+
+    /// After a resize: the bitmaps `saved` stored at the new size (bits past
+    /// the old end clear, bits past the new end gone), with their flags as
+    /// they were.
+    pub(super) fn bitmaps_after_resize(
+        &self,
+        st: &mut WriteState,
+        saved: Vec<(DirEntry, Vec<u8>)>,
+    ) -> Result<()> {
+        if saved.is_empty() {
+            return Ok(());
+        }
+        let cluster = self.cs();
+        let size = self.size();
+        let mut release = Vec::new();
+        let mut updated = Vec::with_capacity(saved.len());
+        for (mut e, mut bits) in saved {
+            release.extend(clusters_of(&self.file, cluster, &e)?);
+            let (nbits, entries) = bitmap_shape(size, e.granularity_bits, cluster);
+            bits.resize(nbits.div_ceil(8) as usize, 0);
+            if nbits % 8 != 0 {
+                if let Some(last) = bits.last_mut() {
+                    *last &= (1u8 << (nbits % 8)) - 1;
+                }
+            }
+            e.table_entries = entries;
+            updated.push((e, Some(bits)));
+        }
+        self.store_directory(st, updated, release)?;
+        st.bitmaps = start_tracking(&self.file, &self.disk_header()?)?;
+        st.bitmaps_in_use = false;
+        Ok(())
+    }
+
     /// Writes the bits given for each entry to new clusters with a new table,
     /// then a new directory, switches the header to it, and releases
     /// `release` and the old directory.

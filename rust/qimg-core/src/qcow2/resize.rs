@@ -33,11 +33,6 @@ impl Qcow2Node {
                 "Can't resize a v2 image which has snapshots".into(),
             ));
         }
-        if !self.bitmap_entries()?.is_empty() {
-            return Err(Error::Unsupported(
-                "Resizing an image with persistent dirty bitmaps is not supported by qimg yet; remove the bitmaps first (qimg bitmap --remove)".into(),
-            ));
-        }
         let mut st = self.state()?;
         let old = self.size();
         if new_size < old && prealloc != Prealloc::Off {
@@ -55,6 +50,8 @@ impl Qcow2Node {
             ));
         }
         self.begin_update(&mut st)?;
+        // Persistent bitmaps follow the new size (their tables change length).
+        let bitmaps = self.bitmaps_before_resize(&mut st)?;
         if new_size > old {
             self.grow_l1(&mut st, new_size)?;
             self.write_size(new_size)?;
@@ -66,6 +63,7 @@ impl Qcow2Node {
         }
         self.write_back(&mut st)?;
         self.file.sync()?;
+        self.bitmaps_after_resize(&mut st, bitmaps)?;
         drop(st);
         if hide_backing {
             // Whole clusters get the zero flag; a partial one at the old end
