@@ -1,5 +1,5 @@
-"""Crash safety of the life-cycle commands: ``qimg commit``, ``rebase`` (safe mode) and
-``snapshot -c/-a/-d`` are killed with SIGKILL at moments spread over their run. After
+"""Crash safety of the life-cycle commands: ``qimg commit``, ``rebase`` (safe mode),
+``snapshot -c/-a/-d``, ``bitmap`` changes and writes to an image with bitmaps are killed with SIGKILL at moments spread over their run. After
 every kill, ``qemu-img check`` must find no corruption (leaked clusters are allowed),
 and the guest content must be the old or the new one: commit and rebase never change
 what the image reads, snapshot -c and -d never change the active content, and a snapshot
@@ -165,3 +165,53 @@ def test_snapshot_commands_survive_a_kill(
             assert snap == saved
 
     _crash_rounds(pristine, tmp_path / "work", argv, verify)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["bitmap", "--add", "t.qcow2", "new"],
+        ["bitmap", "--remove", "t.qcow2", "b1"],
+        ["bitmap", "--clear", "t.qcow2", "b1"],
+        ["bitmap", "--merge", "b1", "--disable", "t.qcow2", "b2"],
+        ["io", "-c", "write -P 7 0 4M", "-c", "write -P 8 8M 4M", "t.qcow2"],
+    ],
+)
+def test_bitmap_changes_survive_a_kill(
+    tmp_path: Path, args: list[str], run_qemu_img: RunCommand, run_qemu_io: RunCommand
+) -> None:
+    """After a kill: no corruption; the bitmaps are the old set or the new one, each
+    either readable or flagged in use (a writer that died); a bitmap command leaves
+    the guest content as it was."""
+    pristine = tmp_path / "pristine"
+    pristine.mkdir()
+    image = pristine / "t.qcow2"
+    assert run_qemu_img("create", "-q", "-f", "qcow2", image, 16 * MiB).returncode == 0
+    writes = [f"write -P {1 + i} {i}M 512k" for i in range(16)]
+    assert run_qemu_io(*[a for w in writes for a in ("-c", w)], image).returncode == 0
+    for name in ("b1", "b2"):
+        assert run_qemu_img("bitmap", "--add", "-g", "4k", image, name).returncode == 0
+    assert run_qemu_io("-c", "write 1M 64k", image).returncode == 0
+    before = _raw_of(run_qemu_img, image, tmp_path / "before.raw")
+    names_before = _bitmap_names(run_qemu_img, image)
+
+    def verify(work: Path) -> None:
+        path = work / "t.qcow2"
+        _assert_clean(run_qemu_img, path)
+        names = _bitmap_names(run_qemu_img, path)
+        if args[0] == "bitmap":
+            assert _raw_of(run_qemu_img, path, tmp_path / "got.raw") == before
+            assert set(names) in (
+                set(names_before),
+                set(names_before) | {"new"},
+                set(names_before) - {"b1"},
+            )
+
+    _crash_rounds(pristine, tmp_path / "work", _qimg(*args), verify)
+
+
+def _bitmap_names(run_qemu_img: RunCommand, image: Path) -> list[str]:
+    got = run_qemu_img("info", "--output=json", image)
+    assert got.returncode == 0, got.stderr
+    data = json.loads(got.stdout)["format-specific"]["data"]
+    return [b["name"] for b in data.get("bitmaps", [])]
