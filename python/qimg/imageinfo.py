@@ -49,7 +49,7 @@ def file_child(d: dict[str, Any]) -> dict[str, JsonValue]:
 
 def _snapshot(s: dict[str, Any]) -> dict[str, JsonValue]:
     clock: int = s["vm_clock_nsec"]
-    return {
+    out: dict[str, JsonValue] = {
         "id": s["id"],
         "name": s["name"],
         "vm-state-size": s["vm_state_size"],
@@ -57,8 +57,11 @@ def _snapshot(s: dict[str, Any]) -> dict[str, JsonValue]:
         "date-nsec": s["date_nsec"],
         "vm-clock-sec": clock // 1_000_000_000,
         "vm-clock-nsec": clock % 1_000_000_000,
-        "icount": 0 if s["icount"] is None else s["icount"],
     }
+    if s["icount"] is not None:
+        # As qemu-img: left out when the entry does not record it.
+        out["icount"] = s["icount"]
+    return out
 
 
 def _qcow2_data(q: dict[str, Any]) -> dict[str, JsonValue]:
@@ -129,7 +132,7 @@ def snapshot_lines(snapshots: list[Any]) -> list[str]:
         date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
         lines.append(
             f"{s['id']:<7} {s['name']:<16} {size_to_str(s['vm-state-size']):>8} "
-            f"{date:>19} {_clock(s['vm-clock-sec'], s['vm-clock-nsec']):>15} {s['icount']:>10}"
+            f"{date:>19} {_clock(s['vm-clock-sec'], s['vm-clock-nsec']):>15} {s.get('icount', '--'):>10}"
         )
     return lines
 

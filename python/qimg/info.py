@@ -41,10 +41,10 @@ SnapshotInfo = TypedDict(
         "date-nsec": int,
         "vm-clock-sec": int,
         "vm-clock-nsec": int,
-        "icount": int,
+        "icount": NotRequired[int],
     },
 )
-"""One internal snapshot of a qcow2 image."""
+"""One internal snapshot of a qcow2 image (``icount`` only when it was recorded)."""
 
 
 class BitmapInfo(TypedDict):
