@@ -130,9 +130,11 @@ def snapshot_lines(snapshots: list[Any]) -> list[str]:
     ]
     for s in snapshots:
         date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
+        clock = _clock(s["vm-clock-sec"], s["vm-clock-nsec"])
+        icount = s.get("icount", "--")
         lines.append(
             f"{s['id']:<7} {s['name']:<16} {size_to_str(s['vm-state-size']):>8} "
-            f"{date:>19} {_clock(s['vm-clock-sec'], s['vm-clock-nsec']):>15} {s.get('icount', '--'):>10}"
+            f"{date:>19} {clock:>15} {icount:>10}"
         )
     return lines
 

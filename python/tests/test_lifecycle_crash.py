@@ -1,10 +1,10 @@
 """Crash safety of the life-cycle commands: ``qimg commit``, ``rebase`` (safe mode),
-``snapshot -c/-a/-d``, ``bitmap`` changes and writes to an image with bitmaps are killed with SIGKILL at moments spread over their run. After
-every kill, ``qemu-img check`` must find no corruption (leaked clusters are allowed),
-and the guest content must be the old or the new one: commit and rebase never change
-what the image reads, snapshot -c and -d never change the active content, and a snapshot
-that is listed reads what it saved; snapshot -a leaves the old content or the
-snapshot's.
+``snapshot -c/-a/-d``, ``bitmap`` changes and writes to an image with bitmaps are
+killed with SIGKILL at moments spread over their run. After every kill, ``qemu-img
+check`` must find no corruption (leaked clusters are allowed), and the guest content
+must be the old or the new one: commit and rebase never change what the image reads,
+snapshot -c and -d never change the active content, and a snapshot that is listed
+reads what it saved; snapshot -a leaves the old content or the snapshot's.
 
 One window is qcow2's own, and qemu-img has it too: a snapshot command changes the
 refcounts of shared clusters and the COPIED flags that mirror them in two steps, so a
