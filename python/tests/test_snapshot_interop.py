@@ -4,7 +4,9 @@ same steps give with qemu-img alone."""
 
 from __future__ import annotations
 
+import json
 import re
+import struct
 from pathlib import Path
 
 import pytest
@@ -211,3 +213,49 @@ def test_open_a_snapshot_read_only_in_python(
         qimg.open(image, snapshot="s1", writable=True)
     with pytest.raises(qimg.InvalidOptionError, match="Can't find snapshot"):
         qimg.open(image, snapshot="nope")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("count", 5), ("offset", 1 << 40), ("offset_unaligned", 512)],
+)
+def test_damaged_snapshot_tables_are_checked_and_repaired_as_qemu_img(
+    tmp_path: Path,
+    field: str,
+    value: int,
+    run_qimg: RunCommand,
+    run_qemu_img: RunCommand,
+) -> None:
+    """More snapshots in the header than the table holds, a table past the end of the
+    file, an unaligned table: check reports what qemu-img reports (exit 2, or 1 for the
+    table qemu-img cannot open), and check -r all leaves a clean image that lists the
+    snapshots qemu-img's repair leaves."""
+    good = tmp_path / "good.qcow2"
+    assert run_qemu_img("create", "-q", "-f", "qcow2", good, MiB).returncode == 0
+    assert run_qemu_img("snapshot", "-c", "s1", good).returncode == 0
+    data = bytearray(good.read_bytes())
+    if field == "count":
+        data[60:64] = struct.pack(">I", value)
+    elif field == "offset":
+        data[64:72] = struct.pack(">Q", value)
+    else:
+        data[64:72] = struct.pack(">Q", struct.unpack(">Q", data[64:72])[0] + value)
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    ours.write_bytes(bytes(data))
+    theirs.write_bytes(bytes(data))
+    got, want = run_qimg("check", ours), run_qemu_img("check", theirs)
+    assert got.returncode == want.returncode
+    if want.returncode == 2:
+        assert got.stdout == want.stdout
+        assert got.stderr == want.stderr
+        got, want = run_qimg("check", "-r", "all", ours), run_qemu_img("check", "-r", "all", theirs)
+        assert got.returncode == want.returncode == 0
+        assert run_qemu_img("check", ours).returncode == 0
+        ours_list, theirs_list = (
+            json.loads(run_qemu_img("info", "--output=json", p).stdout).get("snapshots")
+            for p in (ours, theirs)
+        )
+        assert ours_list == theirs_list
+    else:
+        assert got.returncode == 1 and "snapshot table" in got.stderr.lower()
+        assert ours.read_bytes() == bytes(data)

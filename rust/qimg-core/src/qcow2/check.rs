@@ -469,6 +469,9 @@ pub(crate) struct Checker<'a> {
     pub(crate) freed: Vec<(u64, u64)>,
     /// Where the metadata lies, for a repair's overlap checks (made on first use).
     pub(crate) metadata: Option<MetadataIndex>,
+    /// Snapshot entries lack the extra data v3 requires: the repair writes
+    /// the table anew once the refcounts are right.
+    pub(crate) complete_snapshots: bool,
 }
 
 impl<'a> Checker<'a> {
@@ -534,6 +537,7 @@ impl<'a> Checker<'a> {
             fix: Fix::NONE,
             writer,
             fixed: Fixed::default(),
+            complete_snapshots: false,
             rebuild: false,
             freed: Vec::new(),
             metadata: None,
@@ -629,7 +633,13 @@ impl<'a> Checker<'a> {
         if self.header.compat == Compat::V3 {
             for i in 0..self.snapshots.len() {
                 if self.snapshots[i].extra_data_size < SNAPSHOT_REQUIRED_EXTRA {
-                    self.corruption(format!("ERROR snapshot table entry {i} is incomplete"));
+                    if self.writer.is_some() && self.fix.errors {
+                        self.say(format!("Repairing snapshot table entry {i} is incomplete"));
+                        self.fixed.corruptions += 1;
+                        self.complete_snapshots = true;
+                    } else {
+                        self.corruption(format!("ERROR snapshot table entry {i} is incomplete"));
+                    }
                 }
             }
         }

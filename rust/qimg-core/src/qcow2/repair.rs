@@ -42,10 +42,12 @@
 //! when that grows the file by at most 1 GiB (otherwise the structure is
 //! rebuilt without it). After a repair that could not complete, or that
 //! left errors, the dirty bit stays set (QEMU clears it when it closes the
-//! image). Snapshot table repairs (`Repairing snapshot table entry N is
-//! incomplete`, oversized tables) are not made: those problems stay
-//! reported, and persistent bitmaps are left where they are (QEMU stores
-//! them anew when it closes an image it opened for writing).
+//! image). Incomplete snapshot table entries (`Repairing snapshot table
+//! entry N is incomplete`) are completed once the refcounts are right, by
+//! writing the table anew through the image's writer; oversized tables and
+//! entries with too much extra data are not repaired (they stay reported),
+//! and persistent bitmaps are left where they are (QEMU stores them anew
+//! when it closes an image it opened for writing).
 
 use super::check::{check_opened, CheckReport, Checker, Counters, Fix, Fixed};
 use super::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
@@ -107,6 +109,8 @@ pub struct RepairOutcome {
     pub failure: Option<Error>,
     /// The check of the repaired image, made when anything was repaired.
     pub recheck: Option<Result<CheckReport>>,
+    /// Snapshot entries to complete once the refcounts are right.
+    complete_snapshots: bool,
 }
 
 impl RepairOutcome {
@@ -127,6 +131,9 @@ impl RepairOutcome {
 /// [`RepairOutcome::failure`] with the lines printed until then.
 pub fn repair(path: &Path, mode: RepairMode) -> Result<RepairOutcome> {
     let mut outcome = repair_pass(path, mode)?;
+    if outcome.failure.is_none() && outcome.complete_snapshots {
+        outcome.failure = complete_snapshot_table(path).err();
+    }
     if outcome.failure.is_none() && outcome.repaired_anything() {
         outcome.recheck = Some(
             Opened::open(path)
@@ -134,6 +141,26 @@ pub fn repair(path: &Path, mode: RepairMode) -> Result<RepairOutcome> {
         );
     }
     Ok(outcome)
+}
+
+/// Writes the snapshot table anew with every entry's extra data complete
+/// (through the image's own writer, now that its refcounts are right).
+fn complete_snapshot_table(path: &Path) -> Result<()> {
+    let name = path
+        .to_str()
+        .ok_or_else(|| Error::invalid(format!("'{}' is not a UTF-8 path", path.display())))?;
+    let opts = crate::block::OpenOptions {
+        format: Some(crate::probe::Format::Qcow2),
+        no_backing: true,
+        writable: true,
+        ..Default::default()
+    };
+    let node = crate::block::open_image(name, &opts)?;
+    let q = node
+        .as_qcow2()
+        .ok_or_else(|| Error::invalid(format!("'{name}' is not a qcow2 image")))?;
+    q.complete_snapshot_table()?;
+    node.close()
 }
 
 /// For a writer opening the image at `path`: when its dirty bit is set (it
@@ -206,6 +233,7 @@ struct Carried {
     signaled: bool,
     mark_corrupt: bool,
     failed_lookups: u64,
+    complete_snapshots: bool,
 }
 
 impl Carried {
@@ -215,6 +243,7 @@ impl Carried {
         self.signaled |= c.stored.signaled_corruption;
         self.mark_corrupt |= c.stored.mark_corrupt;
         self.failed_lookups += c.stored.failed_lookups;
+        self.complete_snapshots |= c.complete_snapshots;
     }
 
     fn give_to(&mut self, c: &mut Checker<'_>) {
@@ -260,6 +289,7 @@ fn repair_pass(path: &Path, mode: RepairMode) -> Result<RepairOutcome> {
         corruptions_fixed: carried.fixed.corruptions,
         failure: failure.or(bits),
         recheck: None,
+        complete_snapshots: carried.complete_snapshots,
     })
 }
 

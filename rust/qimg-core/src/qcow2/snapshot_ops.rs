@@ -245,6 +245,29 @@ impl Qcow2Node {
         Ok(())
     }
 
+    /// Writes the snapshot table anew with the extra data v3 requires in
+    /// every entry (the 64-bit VM state size and the disk size), as
+    /// `check -r all` completes it.
+    pub fn complete_snapshot_table(&self) -> Result<()> {
+        let size = self.size();
+        let mut list = self.snapshot_list()?;
+        for sn in &mut list {
+            if sn.extra.len() < 16 {
+                let mut extra = sn.vm_state_size.to_be_bytes().to_vec();
+                extra.extend_from_slice(&size.to_be_bytes());
+                extra.extend_from_slice(sn.extra.get(16..).unwrap_or_default());
+                sn.extra_data_size = extra.len() as u64;
+                sn.extra = extra;
+                sn.disk_size = Some(size);
+            }
+        }
+        let mut st = self.state()?;
+        self.begin_update(&mut st)?;
+        self.write_back(&mut st)?;
+        self.replace_table(&mut st, &list)?;
+        self.file.sync()
+    }
+
     /// A read-only node showing the guest content of a snapshot (at the
     /// image's current size, as QEMU's temporary snapshot load has it):
     /// the one with ID `id` and/or name `name` (both given: both must match),
@@ -429,7 +452,13 @@ impl Qcow2Node {
         self.file.pwrite(&fields, HEADER_SNAPSHOTS)?;
         self.file.sync()?;
         if let Some((offset, len)) = old {
-            st.pending_free.push((offset, len, false));
+            // Only clusters counted as the table's: a damaged table may lie
+            // where no refcount reaches (check counted it as past the end).
+            for c in offset / cs..(offset + len).div_ceil(cs) {
+                if st.alloc.get(c)? > 0 {
+                    st.pending_free.push((c * cs, cs, false));
+                }
+            }
         }
         self.write_back(st)
     }
