@@ -4,17 +4,19 @@
 //!
 //! The seeds (`tests/data/*.qcow2.gz`, made by `tests/data/make-seeds.sh` with qemu-img and
 //! qemu-io) cover v3 with 64k clusters, zlib and zstd compressed clusters, extended L2, v2 with
-//! 512-byte clusters, a backing chain with a backing format extension, an internal snapshot and
-//! metadata preallocation with 1-bit refcounts. Each mutant stacks a few bit flips and u8 / u32 /
+//! 512-byte clusters, a backing chain with a backing format extension, an internal snapshot,
+//! metadata preallocation with 1-bit refcounts and persistent bitmaps. Each mutant stacks a few bit flips and u8 / u32 /
 //! u64 overwrites, biased toward the header fields, the L1 and L2 tables and the refcount
 //! structures, and sometimes truncates or extends the file.
 //!
 //! Each mutant that opens is read (its first and last 4 MiB in 64 KiB steps, a read across its
 //! end, one parallel 5 MiB read), its snapshot table is read and it is checked (what `info` and
-//! `check` read), and its first and last 256 MiB are mapped.
+//! `check` read), its snapshots and bitmaps are read, and its first and last 256 MiB are
+//! mapped. Then a copy of it is opened for writing and changed as the life-cycle commands
+//! change images (a write, snapshot create/apply/delete, bitmap clear/add).
 //!
 //! Knobs (environment variables):
-//! - `QIMG_MUTATION_CASES=N`: mutants per seed (default 800; 9 seeds).
+//! - `QIMG_MUTATION_CASES=N`: mutants per seed (default 800; 10 seeds).
 //! - `QIMG_MUTATION_RNG=N`: base seed of the random generator (default 80); the mutant of
 //!   (seed image, case) depends only on this, the seed image and the case number.
 //! - `QIMG_MUTATION_ONLY=NAME:CASE`: run one case (as named in a failure report).
@@ -27,8 +29,11 @@
 use flate2::read::GzDecoder;
 use qimg_core::block::{map_extents, open_image, read_clipped, BlockDev, OpenOptions};
 use qimg_core::probe::Format;
+use qimg_core::qcow2::bitmap_ops::BitmapOp;
 use qimg_core::qcow2::check::check;
 use qimg_core::qcow2::snapshot::read_snapshots;
+use qimg_core::qcow2::snapshot_ops::SnapshotRef;
+use qimg_core::qcow2::Compat;
 use std::fmt::Write as _;
 use std::io::Read;
 use std::ops::Range;
@@ -41,7 +46,7 @@ use std::time::{Duration, Instant};
 const DEFAULT_CASES: u64 = 800;
 /// The seed images, in `tests/data/NAME.gz`. `base.qcow2` is also the backing file of
 /// `backed.qcow2` and stays unmutated beside it.
-const SEEDS: [&str; 9] = [
+const SEEDS: [&str; 10] = [
     "v3_64k.qcow2",
     "zlib_4k.qcow2",
     "zstd_4k.qcow2",
@@ -51,6 +56,7 @@ const SEEDS: [&str; 9] = [
     "base.qcow2",
     "snapshot.qcow2",
     "prealloc.qcow2",
+    "bitmaps.qcow2",
 ];
 /// Bytes read from the start and from the end of each opened mutant.
 const READ_CAP: u64 = 4 << 20;
@@ -518,6 +524,34 @@ fn exercise(path: &str, opts: &OpenOptions) -> Outcome {
             note(&mut out, "check", &e);
         }
         out.step("check", &mut t0);
+        // What `convert -l`, `bitmap --merge` and `convert --bitmaps` read.
+        match q.snapshot_list() {
+            Ok(list) => {
+                for sn in list.iter().take(4) {
+                    match q.snapshot_view(&SnapshotRef::IdOrName(sn.id.clone())) {
+                        Ok(view) => {
+                            let n = READ_STEP.min(view.size()) as usize;
+                            if let Err(e) = view.read_at(&mut buf[..n], 0) {
+                                note(&mut out, "read a snapshot", &e);
+                            }
+                        }
+                        Err(e) => note(&mut out, "snapshot_view", &e),
+                    }
+                }
+            }
+            Err(e) => note(&mut out, "snapshot_list", &e),
+        }
+        match q.bitmap_entries() {
+            Ok(entries) => {
+                for e in entries.iter().take(4) {
+                    if let Err(err) = q.bitmap_bits(&e.name) {
+                        note(&mut out, "bitmap_bits", &err);
+                    }
+                }
+            }
+            Err(e) => note(&mut out, "bitmap_entries", &e),
+        }
+        out.step("snapshots and bitmaps", &mut t0);
     }
 
     // Block status over the first and the last MAP_CAP bytes.
@@ -555,7 +589,79 @@ fn exercise(path: &str, opts: &OpenOptions) -> Outcome {
         }
     }
     out.step("map", &mut t0);
+    change_a_copy(path, &mut out);
+    out.step("changes on a copy", &mut t0);
     out
+}
+
+/// Opens a copy of the mutant for writing (without its backing file) and
+/// makes the changes the life-cycle commands make: a write, a snapshot
+/// created, applied and deleted, a bitmap cleared and added. Each may fail
+/// with an `Error`; none may panic or hang. The mutant itself is not touched.
+fn change_a_copy(path: &str, out: &mut Outcome) {
+    let copy = format!("{path}.changes");
+    if std::fs::copy(path, &copy).is_err() {
+        return;
+    }
+    let opts = OpenOptions {
+        format: Some(Format::Qcow2),
+        no_backing: true,
+        writable: true,
+        ..OpenOptions::default()
+    };
+    let node = match open_image(&copy, &opts) {
+        Ok(n) => n,
+        Err(e) => {
+            note(out, "open a copy for writing", &e);
+            let _ = std::fs::remove_file(&copy);
+            return;
+        }
+    };
+    if let Some(q) = node.as_qcow2() {
+        if node.size() >= 4096 {
+            if let Err(e) = node.write_at(&[0x5a; 4096], 0) {
+                note(out, "write to the copy", &e);
+            }
+        }
+        // (1-bit refcounts cannot count a snapshot's second reference.)
+        let one_bit = q.header().refcount_order.width_bits() == 1;
+        if !one_bit {
+            if let Err(e) = q.create_snapshot("mutant", 1, 0) {
+                note(out, "create_snapshot", &e);
+            }
+        }
+        if let Ok(list) = q.snapshot_list() {
+            if let Some(first) = list.first() {
+                if let Err(e) = q.apply_snapshot(&first.id) {
+                    note(out, "apply_snapshot", &e);
+                }
+            }
+        }
+        if !one_bit {
+            if let Err(e) = q.delete_snapshot("mutant") {
+                note(out, "delete_snapshot", &e);
+            }
+        }
+        if let Ok(entries) = q.bitmap_entries() {
+            if let Some(first) = entries.first() {
+                if let Err(e) = q.change_bitmap(&first.name, &[BitmapOp::Clear]) {
+                    note(out, "clear a bitmap", &e);
+                }
+            }
+        }
+        // (v2 images cannot hold bitmaps.)
+        if q.header().compat != Compat::V2 {
+            let add = [BitmapOp::Add { granularity: None }];
+            if let Err(e) = q.change_bitmap("mutant", &add) {
+                note(out, "add a bitmap", &e);
+            }
+        }
+    }
+    if let Err(e) = node.close() {
+        note(out, "close the copy", &e);
+    }
+    drop(node);
+    let _ = std::fs::remove_file(&copy);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -30,6 +30,9 @@ const KIND_DIRTY: u8 = 1;
 const ENTRY_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Bitmap table entry without a cluster: every bit of its range is set.
 const ENTRY_ALL_ONES: u64 = 1;
+/// Most bytes of bits one bitmap may have (QEMU's limit): what a hostile
+/// directory can make qimg allocate.
+const MAX_BITMAP_BYTES: u64 = 512 << 20;
 
 /// One change `qimg bitmap` makes to a bitmap; several apply in order.
 #[derive(Debug, Clone)]
@@ -128,6 +131,12 @@ fn load_bits(file: &FileNode, cluster: u64, size: u64, e: &DirEntry) -> Result<V
         ))
     };
     let (bits, entries) = bitmap_shape(size, e.granularity_bits, cluster);
+    if bits.div_ceil(8) > MAX_BITMAP_BYTES {
+        return Err(corrupt(format!(
+            "{} bytes of bits exceed QEMU's limit of {MAX_BITMAP_BYTES}",
+            bits.div_ceil(8)
+        )));
+    }
     if e.table_entries != entries {
         return Err(corrupt(format!(
             "its table has {} entries, a disk of {size} bytes needs {entries}",
@@ -321,6 +330,7 @@ impl Qcow2Node {
         let mut target: Option<(DirEntry, Vec<u8>)> = None;
         let mut loaded = false;
         let mut changed = false;
+        let mut readded = false;
         for op in ops {
             if !loaded {
                 if let Some(i) = index {
@@ -354,7 +364,13 @@ impl Qcow2Node {
                             format!("Bitmap names are 1 to {MAX_NAME_BYTES} bytes long"),
                         ));
                     }
-                    let g = granularity.unwrap_or_else(|| default_granularity(cluster));
+                    // As in qemu-img, -g 0 means the default.
+                    let g = granularity
+                        .filter(|&g| g != 0)
+                        .unwrap_or_else(|| default_granularity(cluster));
+                    // Removed and added again in one call: it goes to the end of
+                    // the directory, where qemu-img puts it.
+                    readded |= index.is_some();
                     let bits = if g.is_power_of_two() {
                         g.trailing_zeros() as u8
                     } else {
@@ -373,6 +389,12 @@ impl Qcow2Node {
                         return Err(fail(op, "Too many bitmaps".into()));
                     }
                     let (nbits, table_entries) = bitmap_shape(size, bits, cluster);
+                    if nbits.div_ceil(8) > MAX_BITMAP_BYTES {
+                        return Err(fail(
+                            op,
+                            "Bitmap is too large for the image (use a larger granularity)".into(),
+                        ));
+                    }
                     target = Some((
                         DirEntry {
                             table_offset: 0,
@@ -423,7 +445,11 @@ impl Qcow2Node {
         if let Some(i) = index.take() {
             release.extend(clusters_of(&self.file, cluster, &entries[i])?);
             match target {
-                Some((e, bits)) => updated[i] = (e, Some(bits)),
+                Some((e, bits)) if !readded => updated[i] = (e, Some(bits)),
+                Some((e, bits)) => {
+                    updated.remove(i);
+                    updated.push((e, Some(bits)));
+                }
                 None => {
                     updated.remove(i);
                 }

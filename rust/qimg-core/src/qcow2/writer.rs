@@ -274,6 +274,7 @@ impl Qcow2Node {
             return Err(self.corrupt(format!("L1 index {l1_index} lost its L2 table")));
         };
         let mut plans = Vec::new();
+        let file_end = self.file.file_len().next_multiple_of(cs);
         for cluster in offset / cs..=(end - 1) / cs {
             let index = (cluster % per_table) as usize;
             let (entry, _) = entry_at(&table, index, ext);
@@ -282,6 +283,12 @@ impl Qcow2Node {
             let b = end.min(start + cs) - start;
             let host = entry & L2E_OFFSET_MASK;
             let compressed = entry & OFLAG_COMPRESSED != 0;
+            if !compressed && host != 0 && entry & OFLAG_COPIED != 0 && host + cs > file_end {
+                // Writing there would stretch the file to wherever the entry points.
+                return Err(self.corrupt(format!(
+                    "data cluster offset {host:#x} (L2 index {index}) lies past the end of the file; run 'qimg check -r all' on it"
+                )));
+            }
             let (action, free) = if !compressed && host != 0 && entry & OFLAG_COPIED != 0 {
                 (Action::InPlace { host }, None)
             } else if compressed {

@@ -74,6 +74,12 @@ qemu-img create -q -f qcow2 -o cluster_size=4k,preallocation=metadata,refcount_b
     prealloc.qcow2 256k
 qio -c 'write -P 0x21 12k 4k' prealloc.qcow2
 
+# Persistent bitmaps: one enabled, one disabled with another granularity, and writes after them.
+qemu-img create -q -f qcow2 -o cluster_size=4k bitmaps.qcow2 512k
+qemu-img bitmap --add bitmaps.qcow2 on
+qemu-img bitmap --add -g 8k --disable bitmaps.qcow2 off
+qio -c 'write -P 0x31 0 16k' -c 'write -P 0x32 300k 4k' bitmaps.qcow2
+
 for f in *.qcow2; do
     qemu-img check -q "$f"
     gzip -9nc "$f" >"$out/$f.gz"
