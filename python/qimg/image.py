@@ -334,6 +334,67 @@ class Image:
             return []
         return list(specific["data"].get("bitmaps", []))
 
+    def rebase(
+        self,
+        backing_file: str | None,
+        *,
+        backing_format: str | None = None,
+        unsafe: bool = False,
+        compress: bool = False,
+        source_cache: str = "writeback",
+        force_share: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """:func:`qimg.rebase` of this image (open for writing; the safe mode needs it
+        opened with its backing chain). Close it afterwards: its open backing chain
+        is the old one."""
+        from qimg.rebase import rebase_open
+
+        try:
+            rebase_open(
+                self,
+                backing_file,
+                backing_format=backing_format,
+                unsafe=unsafe,
+                compress=compress,
+                source_cache=source_cache,
+                force_share=force_share,
+                progress=progress,
+            )
+        finally:
+            self._drain()
+
+    def add_bitmap(
+        self, name: str, *, granularity: int | None = None, disabled: bool = False
+    ) -> None:
+        """Adds persistent bitmap ``name`` (``qemu-img bitmap --add``), recording writes
+        unless ``disabled``."""
+        ops: list[BitmapChange] = [("add", granularity)]
+        if disabled:
+            ops.append("disable")
+        self.change_bitmap(name, *ops)
+
+    def remove_bitmap(self, name: str) -> None:
+        """Removes persistent bitmap ``name`` (``--remove``)."""
+        self.change_bitmap(name, "remove")
+
+    def clear_bitmap(self, name: str) -> None:
+        """Clears every bit of bitmap ``name`` (``--clear``)."""
+        self.change_bitmap(name, "clear")
+
+    def enable_bitmap(self, name: str) -> None:
+        """Makes bitmap ``name`` record writes (``--enable``)."""
+        self.change_bitmap(name, "enable")
+
+    def disable_bitmap(self, name: str) -> None:
+        """Stops bitmap ``name`` recording writes (``--disable``)."""
+        self.change_bitmap(name, "disable")
+
+    def merge_bitmap(self, name: str, source: str, source_image: Image | None = None) -> None:
+        """Sets in bitmap ``name`` every bit set in bitmap ``source`` of
+        ``source_image`` (default: this image), as ``--merge`` does."""
+        self.change_bitmap(name, ("merge", source, source_image))
+
     def change_bitmap(self, name: str, *ops: BitmapChange) -> None:
         """Applies ``ops`` to bitmap ``name`` in order, as one ``qemu-img bitmap``
         call does (the image must be open for writing)::

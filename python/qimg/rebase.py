@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from qimg import _core
-from qimg.errors import InvalidOptionError, QimgError, UnsupportedError
+from qimg.errors import InvalidOptionError, QimgError, UnsupportedError, UsageError
 from qimg.image import Image, check_cache_mode, open_image
 
 # typing.TYPE_CHECKING without importing typing.
@@ -13,7 +13,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from qimg.spec import ImageSpec
 
-__all__ = ["rebase"]
+__all__ = ["rebase", "rebase_open"]
 
 
 def rebase(
@@ -41,7 +41,64 @@ def rebase(
     ``backing_file`` is found from the image's directory. ``source_cache`` and
     ``force_share`` apply to the backing files (``-T``, ``-U``)."""
     cache = check_cache_mode(cache)
+    _check_names(backing_file, backing_format)
+    with open_image(
+        image,
+        format,
+        backing=not unsafe,
+        writable=True,
+        cache=cache,
+        image_opts=image_opts,
+    ) as opened:
+        rebase_open(
+            opened,
+            backing_file,
+            backing_format=backing_format,
+            unsafe=unsafe,
+            compress=compress,
+            source_cache=source_cache,
+            force_share=force_share,
+            progress=progress,
+        )
+
+
+def rebase_open(
+    opened: Image,
+    backing_file: str | None,
+    *,
+    backing_format: str | None = None,
+    unsafe: bool = False,
+    compress: bool = False,
+    source_cache: str = "writeback",
+    force_share: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """:func:`rebase` of an image already open for writing (:meth:`Image.rebase`); the
+    safe mode needs it opened with its backing chain."""
     source_cache = check_cache_mode(source_cache, source=True)
+    _check_names(backing_file, backing_format)
+    name = backing_file or None
+    if opened.format != "qcow2":
+        raise UnsupportedError(
+            f"Could not change the backing file to '{name or ''}': Operation not supported"
+        )
+    if not unsafe:
+        if opened.backing_file is not None and opened._img.backing() is None:
+            raise UsageError(
+                "A safe rebase reads the old backing chain: open the image with it "
+                "(backing=True), or rebase with unsafe=True"
+            )
+        _copy_differences(
+            opened, name, backing_format, source_cache, force_share, compress, progress
+        )
+    try:
+        opened._img.set_backing_name(name, backing_format if name else None)
+    except QimgError as err:
+        raise type(err)(f"Could not change the backing file to '{name or ''}': {err}") from None
+
+
+def _check_names(backing_file: str | None, backing_format: str | None) -> None:
+    """qemu-img's refusals of -F and -b, before anything is opened."""
     if backing_format is not None:
         from qimg.spec import is_qemu_driver
 
@@ -52,26 +109,6 @@ def rebase(
         raise InvalidOptionError(
             f"Could not change the backing file to '{name}': backing format must be specified"
         )
-    with open_image(
-        image,
-        format,
-        backing=not unsafe,
-        writable=True,
-        cache=cache,
-        image_opts=image_opts,
-    ) as opened:
-        if opened.format != "qcow2":
-            raise UnsupportedError(
-                f"Could not change the backing file to '{name or ''}': Operation not supported"
-            )
-        if not unsafe:
-            _copy_differences(
-                opened, name, backing_format, source_cache, force_share, compress, progress
-            )
-        try:
-            opened._img.set_backing_name(name, backing_format if name else None)
-        except QimgError as err:
-            raise type(err)(f"Could not change the backing file to '{name or ''}': {err}") from None
 
 
 def _copy_differences(

@@ -257,3 +257,48 @@ def test_resize_carries_bitmaps_as_qemu_img(
         assert _bitmaps(run_qemu_img, ours) == _bitmaps(run_qemu_img, theirs)
         for name in ("on", "off"):
             assert dirty_ranges(ours, name) == dirty_ranges(theirs, name)
+
+
+def test_bitmap_methods_of_image(tmp_path: Path, run_qemu_img: RunCommand) -> None:
+    """add_bitmap / disable_bitmap / enable_bitmap / merge_bitmap / clear_bitmap /
+    remove_bitmap: the one-operation forms of change_bitmap."""
+    path = tmp_path / "t.qcow2"
+    qimg.create(path, 8 * MiB, format="qcow2")
+    with qimg.open(path, writable=True) as image:
+        image.add_bitmap("a")
+        image.add_bitmap("b", granularity=131072, disabled=True)
+        image.write(MiB, b"\x01" * 512)
+        image.enable_bitmap("b")
+        image.merge_bitmap("b", "a")
+        assert image.bitmaps() == [
+            {"flags": ["auto"], "name": "a", "granularity": 65536},
+            {"flags": ["auto"], "name": "b", "granularity": 131072},
+        ]
+        image.disable_bitmap("a")
+        image.clear_bitmap("a")
+        image.remove_bitmap("a")
+        assert [b["name"] for b in image.bitmaps()] == ["b"]
+    assert run_qemu_img("check", path).returncode == 0
+    assert dirty_ranges(path, "b") == [(MiB, 131072)]
+
+
+def test_image_rebase_method(tmp_path: Path, run_qemu_img: RunCommand) -> None:
+    """Image.rebase on an image open with its chain keeps the guest content; opened
+    without the chain, the safe mode is refused (it would lose the old content)."""
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    qimg.create(base, 4 * MiB, format="qcow2")
+    with qimg.open(base, writable=True) as image:
+        image.write(0, b"\x07" * 65536)
+    made = run_qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
+    assert made.returncode == 0
+    with (
+        qimg.open(top, writable=True, backing=False) as image,
+        pytest.raises(qimg.UsageError, match="old backing chain"),
+    ):
+        image.rebase(None)
+    with qimg.open(top, writable=True) as image:
+        image.rebase(None)
+    with qimg.open(top) as image:
+        assert image.backing_file is None
+        assert image.read(0, 65536) == b"\x07" * 65536
+    assert run_qemu_img("check", top).returncode == 0
