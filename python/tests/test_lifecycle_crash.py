@@ -41,13 +41,17 @@ def _chain(tmp: Path, run_qemu_img: RunCommand, run_qemu_io: RunCommand) -> Path
     """base.qcow2 <- top.qcow2, data in both, partly overlapping; returns top."""
     base, top = tmp / "base.qcow2", tmp / "top.qcow2"
     assert run_qemu_img("create", "-q", "-f", "qcow2", base, 16 * MiB).returncode == 0
-    writes = [f"write -P {1 + i} {i}M 512k" for i in range(16)]
-    assert run_qemu_io(*[a for w in writes for a in ("-c", w)], base).returncode == 0
+    _striped(run_qemu_io, base, 1, "512k")
     made = run_qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
     assert made.returncode == 0
-    writes = [f"write -P {100 + i} {i}M 768k" for i in range(16)]
-    assert run_qemu_io(*[a for w in writes for a in ("-c", w)], top).returncode == 0
+    _striped(run_qemu_io, top, 100, "768k")
     return top
+
+
+def _striped(run_qemu_io: RunCommand, image: Path, first: int, length: str) -> None:
+    """Writes pattern `first + i` at i MiB, `length` bytes, for each MiB of 16."""
+    writes = [f"write -P {first + i} {i}M {length}" for i in range(16)]
+    assert run_qemu_io(*[a for w in writes for a in ("-c", w)], image).returncode == 0
 
 
 def _raw_of(run_qemu_img: RunCommand, image: Path, out: Path, *extra: str) -> bytes:
@@ -144,13 +148,11 @@ def test_snapshot_commands_survive_a_kill(
     pristine.mkdir()
     image = pristine / "t.qcow2"
     assert run_qemu_img("create", "-q", "-f", "qcow2", image, 16 * MiB).returncode == 0
-    writes = [f"write -P {1 + i} {i}M 512k" for i in range(16)]
-    assert run_qemu_io(*[a for w in writes for a in ("-c", w)], image).returncode == 0
+    _striped(run_qemu_io, image, 1, "512k")
     saved = _raw_of(run_qemu_img, image, tmp_path / "saved.raw")
     if op != "-c":
         assert run_qemu_img("snapshot", "-c", "s1", image).returncode == 0
-        writes = [f"write -P {50 + i} {i}M 768k" for i in range(16)]
-        assert run_qemu_io(*[a for w in writes for a in ("-c", w)], image).returncode == 0
+        _striped(run_qemu_io, image, 50, "768k")
     current = _raw_of(run_qemu_img, image, tmp_path / "current.raw")
     argv = _qimg("snapshot", op, "s1", "t.qcow2")
 
@@ -187,8 +189,7 @@ def test_bitmap_changes_survive_a_kill(
     pristine.mkdir()
     image = pristine / "t.qcow2"
     assert run_qemu_img("create", "-q", "-f", "qcow2", image, 16 * MiB).returncode == 0
-    writes = [f"write -P {1 + i} {i}M 512k" for i in range(16)]
-    assert run_qemu_io(*[a for w in writes for a in ("-c", w)], image).returncode == 0
+    _striped(run_qemu_io, image, 1, "512k")
     for name in ("b1", "b2"):
         assert run_qemu_img("bitmap", "--add", "-g", "4k", image, name).returncode == 0
     assert run_qemu_io("-c", "write 1M 64k", image).returncode == 0

@@ -17,7 +17,6 @@ use super::refcount::set_entry;
 use super::types::{Compat, CompressionType, RefcountOrder};
 use super::writer::WriteState;
 use super::OFLAG_COPIED;
-use crate::block::open::read_head;
 use crate::block::BlockDev;
 use crate::error::{Error, Result};
 use crate::prealloc::Prealloc;
@@ -95,16 +94,19 @@ impl Qcow2Node {
             }
         }
         let downgrade = h.compat == Compat::V3 && target_compat == Compat::V2;
-        if downgrade && !self.bitmap_entries()?.is_empty() {
-            return Err(Error::Unsupported(
-                "Cannot downgrade an image with persistent dirty bitmaps to compat=0.10; remove the bitmaps first".into(),
-            ));
-        }
-        if downgrade && !self.snapshot_list()?.is_empty() {
-            // Their tables may hold zero clusters, which v2 cannot express.
-            return Err(Error::Unsupported(
-                "Downgrading an image with internal snapshots to compat=0.10 is not supported by qimg; delete the snapshots first".into(),
-            ));
+        if downgrade {
+            let on_disk = self.disk_header()?;
+            if on_disk.live_bitmaps().is_some_and(|b| b.count > 0) {
+                return Err(Error::Unsupported(
+                    "Cannot downgrade an image with persistent dirty bitmaps to compat=0.10; remove the bitmaps first".into(),
+                ));
+            }
+            if on_disk.snapshot_count > 0 {
+                // Their tables may hold zero clusters, which v2 cannot express.
+                return Err(Error::Unsupported(
+                    "Downgrading an image with internal snapshots to compat=0.10 is not supported by qimg; delete the snapshots first".into(),
+                ));
+            }
         }
         if downgrade && h.compression != CompressionType::Zlib && self.has_compressed_clusters()? {
             return Err(Error::invalid(format!(
@@ -174,8 +176,9 @@ impl Qcow2Node {
         f: Fields,
         backing: Option<Backing<'_>>,
     ) -> Result<()> {
-        let on_disk = ImageHeader::parse(&read_head(&self.file)?, self.file.file_len())?;
-        self.write_header_as(st, f, backing, on_disk.live_bitmaps().cloned())
+        let on_disk = self.disk_header()?;
+        let bitmaps = on_disk.live_bitmaps().cloned();
+        self.write_header_as(st, f, backing, &on_disk, bitmaps)
     }
 
     /// Rewrites the header with the bitmaps extension `bitmaps` (None: no
@@ -185,12 +188,12 @@ impl Qcow2Node {
         st: &mut WriteState,
         bitmaps: Option<BitmapsExtension>,
     ) -> Result<()> {
-        let on_disk = ImageHeader::parse(&read_head(&self.file)?, self.file.file_len())?;
+        let on_disk = self.disk_header()?;
         let backing = on_disk.backing_file.as_deref().map(|name| Backing {
             name,
             format: on_disk.backing_format.as_deref(),
         });
-        self.write_header_as(st, Fields::of(&on_disk), backing, bitmaps)
+        self.write_header_as(st, Fields::of(&on_disk), backing, &on_disk, bitmaps)
     }
 
     fn write_header_as(
@@ -198,12 +201,10 @@ impl Qcow2Node {
         st: &mut WriteState,
         f: Fields,
         backing: Option<Backing<'_>>,
+        on_disk: &ImageHeader,
         bitmaps: Option<BitmapsExtension>,
     ) -> Result<()> {
         let (reftable_offset, reftable_clusters) = st.alloc.reftable();
-        // The snapshot fields as the file holds them now (a snapshot command
-        // may have changed them since this node read its header).
-        let on_disk = ImageHeader::parse(&read_head(&self.file)?, self.file.file_len())?;
         let header = Header {
             compat: f.compat,
             cluster_size: self.header.cluster_size,

@@ -17,7 +17,7 @@ use super::bitmaps::{
     bitmap_shape, encode_directory, read_directory, DirEntry, FLAG_AUTO, FLAG_IN_USE,
     GRANULARITY_BITS, MAX_BITMAPS, MAX_NAME_BYTES,
 };
-use super::image_header::{BitmapsExtension, ImageHeader};
+use super::image_header::{be64, BitmapsExtension, ImageHeader};
 use super::reader::Qcow2Node;
 use super::types::Compat;
 use super::writer::WriteState;
@@ -158,9 +158,7 @@ fn load_bits(file: &FileNode, cluster: u64, size: u64, e: &DirEntry) -> Result<V
     let table = file.read_vec(e.table_offset, table_bytes)?;
     let mut out = vec![0u8; bits.div_ceil(8) as usize];
     for (i, raw) in table.chunks_exact(8).enumerate() {
-        let entry = u64::from_be_bytes([
-            raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7],
-        ]);
+        let entry = be64(raw, 0);
         let from = i * cluster as usize;
         let to = (from + cluster as usize).min(out.len());
         let host = entry & ENTRY_OFFSET_MASK;
@@ -189,9 +187,7 @@ fn clusters_of(file: &FileNode, cluster: u64, e: &DirEntry) -> Result<Vec<(u64, 
     let table = file.read_vec(e.table_offset, table_bytes)?;
     let mut out = vec![(e.table_offset, table_bytes.max(1).next_multiple_of(cluster))];
     for raw in table.chunks_exact(8) {
-        let entry = u64::from_be_bytes([
-            raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7],
-        ]);
+        let entry = be64(raw, 0);
         let host = entry & ENTRY_OFFSET_MASK;
         if host != 0 && host % cluster == 0 {
             out.push((host, cluster));
@@ -266,11 +262,6 @@ impl Qcow2Node {
             Some(ext) => read_directory(&self.file, ext),
             None => Ok(Vec::new()),
         }
-    }
-
-    fn disk_header(&self) -> Result<ImageHeader> {
-        let head = crate::block::open::read_head(&self.file)?;
-        ImageHeader::parse(&head, self.file.file_len())
     }
 
     /// The bits of bitmap `name` (for a merge into another bitmap).

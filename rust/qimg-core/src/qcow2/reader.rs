@@ -118,6 +118,13 @@ impl Qcow2Node {
         &self.header
     }
 
+    /// The header as the file holds it now: snapshot, bitmap and amend
+    /// commands change fields after this node read [`header`](Self::header).
+    pub(super) fn disk_header(&self) -> Result<ImageHeader> {
+        let head = crate::block::open::read_head(&self.file)?;
+        ImageHeader::parse(&head, self.file.file_len())
+    }
+
     pub fn backing_name(&self) -> Option<&str> {
         self.backing_name.as_deref()
     }

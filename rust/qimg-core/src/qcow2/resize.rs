@@ -27,7 +27,7 @@ impl Qcow2Node {
                 "The new size must be a multiple of 512 (not {new_size})"
             )));
         }
-        if self.header.compat == Compat::V2 && !self.snapshot_list()?.is_empty() {
+        if self.header.compat == Compat::V2 && self.disk_header()?.snapshot_count > 0 {
             // v2 snapshot entries do not record their disk size.
             return Err(Error::Unsupported(
                 "Can't resize a v2 image which has snapshots".into(),

@@ -16,7 +16,7 @@
 //! which `check` reports and repairs; they are safe, because the writer
 //! then copies where it could have written in place.
 
-use super::image_header::ImageHeader;
+use super::image_header::{be64, ImageHeader};
 use super::reader::{Qcow2Node, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED};
 use super::snapshot::{encode_table, read_snapshots, Snapshot};
 use super::writer::{compressed_range, WriteState};
@@ -54,8 +54,7 @@ enum Ref {
 impl Qcow2Node {
     /// The snapshots as the header and table on disk list them now.
     pub fn snapshot_list(&self) -> Result<Vec<Snapshot>> {
-        let head = crate::block::open::read_head(&self.file)?;
-        let header = ImageHeader::parse(&head, self.file.file_len())?;
+        let header = self.disk_header()?;
         if header.snapshot_count == 0 {
             return Ok(Vec::new());
         }
@@ -90,8 +89,7 @@ impl Qcow2Node {
         // 1. Every cluster of the active tree gains a reference; the copy of
         //    the L1 table gets clusters of its own.
         self.count_up(&mut st, &self.tree(&l1)?)?;
-        let l1_bytes = (l1.len() as u64 * 8).max(1);
-        let copy_at = st.alloc.alloc_clusters(l1_bytes.div_ceil(cs))?;
+        let copy_at = st.alloc.alloc_clusters(l1_clusters(l1.len(), cs))?;
         if st.alloc.write_back()? {
             self.file.sync()?;
         }
@@ -138,16 +136,7 @@ impl Qcow2Node {
         self.write_back(&mut st)?;
         self.replace_table(&mut st, &list)?;
         // Nothing on disk refers to the snapshot's tree now: release it.
-        let cs = self.cs();
-        for r in self.tree(&sn_l1)? {
-            match r {
-                Ref::L2Table(offset) => st.pending_free.push((offset, cs, true)),
-                Ref::Data { host, len } => st.pending_free.push((host, len, true)),
-            }
-        }
-        let l1_bytes = (sn_l1.len() as u64 * 8).max(1);
-        st.pending_free
-            .push((gone.l1_table_offset, l1_bytes.div_ceil(cs) * cs, true));
+        self.count_down(&mut st, &sn_l1, gone.l1_table_offset, true)?;
         self.write_back(&mut st)?;
         self.l2_cache.clear_clean();
         self.fix_copied(&mut st)?;
@@ -182,7 +171,7 @@ impl Qcow2Node {
         // 1. The snapshot's tree gains the references of the new active
         //    table, which goes to clusters of its own.
         self.count_up(&mut st, &self.tree(&sn_l1)?)?;
-        let l1_at = st.alloc.alloc_clusters((entries as u64 * 8).div_ceil(cs))?;
+        let l1_at = st.alloc.alloc_clusters(l1_clusters(entries, cs))?;
         if st.alloc.write_back()? {
             self.file.sync()?;
         }
@@ -201,16 +190,8 @@ impl Qcow2Node {
         self.file.pwrite(&fields, HEADER_SIZE)?;
         self.file.sync()?;
         // 3. The old active tree loses its references.
-        for r in self.tree(&old_l1)? {
-            match r {
-                Ref::L2Table(offset) => st.pending_free.push((offset, cs, true)),
-                Ref::Data { host, len } => st.pending_free.push((host, len, true)),
-            }
-        }
-        let old_bytes = (old_l1.len() as u64 * 8).max(1);
         let old_at = st.l1_offset;
-        st.pending_free
-            .push((old_at, old_bytes.div_ceil(cs) * cs, false));
+        self.count_down(&mut st, &old_l1, old_at, false)?;
         *self.l1.write().unwrap_or_else(PoisonError::into_inner) = new_l1;
         st.l1_offset = l1_at;
         st.l1_dirty = None;
@@ -285,7 +266,8 @@ impl Qcow2Node {
         };
         let sn =
             found.ok_or_else(|| Error::invalid("Failed to load snapshot: Can't find snapshot"))?;
-        self.snapshot_l1(sn)?;
+        // The view's node reads the table itself.
+        self.check_snapshot_l1(sn)?;
         let mut header = self.header.clone();
         header.l1_table_offset = sn.l1_table_offset;
         header.l1_entries = sn.l1_entries;
@@ -300,8 +282,38 @@ impl Qcow2Node {
         )
     }
 
+    /// Takes back the references of the tree of `l1` and of the L1 table
+    /// itself (at `l1_at`; `punch_l1`: its space goes back to the file
+    /// system), once nothing on disk refers to them.
+    fn count_down(
+        &self,
+        st: &mut WriteState,
+        l1: &[u64],
+        l1_at: u64,
+        punch_l1: bool,
+    ) -> Result<()> {
+        let cs = self.cs();
+        for r in self.tree(l1)? {
+            match r {
+                Ref::L2Table(offset) => st.pending_free.push((offset, cs, true)),
+                Ref::Data { host, len } => st.pending_free.push((host, len, true)),
+            }
+        }
+        st.pending_free
+            .push((l1_at, l1_clusters(l1.len(), cs) * cs, punch_l1));
+        Ok(())
+    }
+
     /// The L1 table of snapshot `sn`, bounded before it is read.
     fn snapshot_l1(&self, sn: &Snapshot) -> Result<Vec<u64>> {
+        let bytes = self.check_snapshot_l1(sn)?;
+        let raw = self.file.read_vec(sn.l1_table_offset, bytes)?;
+        Ok(raw.chunks_exact(8).map(|c| be64(c, 0)).collect())
+    }
+
+    /// The bytes of the L1 table of snapshot `sn`, once its size and place
+    /// are checked against QEMU's limit and the file.
+    fn check_snapshot_l1(&self, sn: &Snapshot) -> Result<u64> {
         let cs = self.cs();
         let bytes = sn.l1_entries * 8;
         if bytes > MAX_L1_BYTES {
@@ -321,11 +333,7 @@ impl Qcow2Node {
                 sn.name, sn.l1_table_offset
             )));
         }
-        let raw = self.file.read_vec(sn.l1_table_offset, bytes)?;
-        Ok(raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-            .collect())
+        Ok(bytes)
     }
 
     /// Every L2 table and data cluster reachable from the L1 table `l1`,
@@ -427,8 +435,7 @@ impl Qcow2Node {
     /// header to it, and releases the old table.
     fn replace_table(&self, st: &mut WriteState, list: &[Snapshot]) -> Result<()> {
         let cs = self.cs();
-        let head = crate::block::open::read_head(&self.file)?;
-        let header = ImageHeader::parse(&head, self.file.file_len())?;
+        let header = self.disk_header()?;
         let old = (header.snapshot_count > 0).then(|| {
             let len = super::snapshot::read_table(&self.file, &header)
                 .map(|t| t.byte_len)
@@ -462,6 +469,11 @@ impl Qcow2Node {
         }
         self.write_back(st)
     }
+}
+
+/// Clusters an L1 table of `entries` entries occupies (at least one).
+fn l1_clusters(entries: usize, cs: u64) -> u64 {
+    (entries as u64 * 8).max(1).div_ceil(cs)
 }
 
 /// The snapshot table must start on a cluster, as QEMU requires on open.

@@ -762,8 +762,7 @@ impl Qcow2Node {
     /// and retired: it writes nothing more, not even when dropped.
     pub fn reopen(&self) -> Result<Qcow2Node> {
         self.close_writer()?;
-        let head = crate::block::open::read_head(&self.file)?;
-        let header = ImageHeader::parse(&head, self.file.file_len())?;
+        let header = self.disk_header()?;
         if let Some(w) = &self.writer {
             w.lock().unwrap_or_else(PoisonError::into_inner).retired = true;
         }
