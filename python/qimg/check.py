@@ -194,16 +194,17 @@ def repair_image(image: Image, mode: str) -> RepairResult:
     if image.format != "qcow2":
         raise _nothing_to_check(image)
     filename, fmt = image.filename, image.format
-    details = image._img.details()
-    if details["file_format"] != "file":
+    # (Not details(): a snapshot table qemu-img refuses to open is one check -r repairs.)
+    protocol, path = image._img.storage or ("none", filename)
+    if protocol != "file":
         raise UsageError(
             f"Cannot repair '{filename}': its bytes are not in a local file "
-            f"({details['file_format']}); run 'check -r' where the image is stored"
+            f"({protocol}); run 'check -r' where the image is stored"
         )
     # The repair opens the file for writing itself and takes a writer's locks
     # there; this open (locked for the repair, so nobody got in) lets go first.
     image._img.release_locks()
-    out = _core.repair_image(details["file_filename"], checked_mode)
+    out = _core.repair_image(path, checked_mode)
     leaks_fixed: int = out["leaks_fixed"]
     corruptions_fixed: int = out["corruptions_fixed"]
     first: dict[str, Any] = out["repair"]

@@ -129,6 +129,15 @@ impl Image {
         self.node.filename().to_string()
     }
 
+    /// Where the image's bytes are: the protocol node's format and name
+    /// (`None` for a node with no file below it).
+    #[getter]
+    fn storage(&self) -> Option<(&'static str, String)> {
+        self.node
+            .file()
+            .map(|file| (file.format_name(), file.filename().to_string()))
+    }
+
     /// Writes the bytes of `data` (any buffer) at guest `offset`.
     fn write(&self, py: Python<'_>, offset: u64, data: &Bound<'_, PyAny>) -> PyResult<()> {
         with_bytes(data, |bytes| {

@@ -5,6 +5,12 @@
 //! Changes stay in memory until [`Allocator::write_back`]; the writer decides
 //! when, so that refcounts always reach the file before the L2 entries that
 //! use the clusters they count.
+//!
+//! A change that must reach the file all at once (a snapshot's refcounts and
+//! the COPIED flags that mirror them) is made in a *shadow*: no refcount
+//! block nor the table is written in place; changed blocks and the table go
+//! to clusters the image on disk does not use, and clusters the change frees
+//! are held back from reuse until one header write switches to the new table.
 
 use super::image_header::ImageHeader;
 use super::refcount::{get_entry, set_entry};
@@ -12,7 +18,7 @@ use super::refcount_reader::REFT_OFFSET_MASK;
 use super::types::{ClusterSize, RefcountOrder};
 use crate::block::{BlockDev, FileNode};
 use crate::error::{Error, Result};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 /// Clean refcount blocks kept in memory at most (dirty ones are always kept).
@@ -24,6 +30,22 @@ struct Block {
     offset: u64,
     data: Vec<u8>,
     dirty: bool,
+}
+
+/// A change being built away from the refcount structures on disk.
+#[derive(Default)]
+struct Shadow {
+    /// Reftable slots whose block now lives in a cluster the disk's table
+    /// does not use (copied or new in this change): written freely.
+    moved: HashSet<u64>,
+    /// The table itself lives in such clusters already.
+    table_moved: bool,
+    /// Clusters the image on disk still uses and the change frees: not
+    /// reused before the switch.
+    held: HashSet<u64>,
+    /// Clusters free on disk that the change counted (a cluster it frees
+    /// again is free at once: nothing on disk uses it).
+    fresh: HashSet<u64>,
 }
 
 pub struct Allocator {
@@ -48,6 +70,7 @@ pub struct Allocator {
     /// Where the next compressed cluster may go inside a partly used host
     /// cluster (0: start a new cluster).
     byte_cursor: u64,
+    shadow: Option<Shadow>,
 }
 
 impl Allocator {
@@ -96,6 +119,7 @@ impl Allocator {
             free_hint: 0,
             end: file.file_len().div_ceil(cs),
             byte_cursor: 0,
+            shadow: None,
             file,
         })
     }
@@ -162,8 +186,14 @@ impl Allocator {
             .blocks
             .get_mut(&index)
             .ok_or_else(|| Error::InvalidImage("refcount block vanished from the cache".into()))?;
+        let was = get_entry(&block.data, order, slot);
         set_entry(&mut block.data, order, slot, value);
         block.dirty = true;
+        if let Some(shadow) = &mut self.shadow {
+            if was == 0 && value > 0 && !shadow.held.contains(&cluster) {
+                shadow.fresh.insert(cluster);
+            }
+        }
         Ok(())
     }
 
@@ -189,6 +219,11 @@ impl Allocator {
         }
         self.set(cluster, v - 1)?;
         if v == 1 {
+            if let Some(shadow) = &mut self.shadow {
+                if !shadow.fresh.contains(&cluster) {
+                    shadow.held.insert(cluster);
+                }
+            }
             self.free_hint = self.free_hint.min(cluster);
             if self.byte_cursor != 0 && self.byte_cursor / self.cs == cluster {
                 self.byte_cursor = 0;
@@ -221,7 +256,7 @@ impl Allocator {
                 let c = self.free_hint;
                 self.free_hint += 1;
                 // Past `end` everything is free.
-                if c < self.end && self.get(c)? != 0 {
+                if c < self.end && (self.get(c)? != 0 || self.is_held(c)) {
                     continue 'retry;
                 }
             }
@@ -316,6 +351,10 @@ impl Allocator {
     }
 
     fn install_block(&mut self, index: u64, cluster: u64, data: Vec<u8>) {
+        if let Some(shadow) = &mut self.shadow {
+            shadow.moved.insert(index);
+            shadow.fresh.insert(cluster);
+        }
         let offset = cluster * self.cs;
         self.blocks.insert(
             index,
@@ -380,6 +419,12 @@ impl Allocator {
                     },
                 );
                 self.reftable[index as usize] = cluster * self.cs;
+                if let Some(shadow) = &mut self.shadow {
+                    shadow.moved.insert(index);
+                }
+            }
+            if let Some(shadow) = &mut self.shadow {
+                shadow.table_moved = true;
             }
             self.end = span_end;
             for c in start..span_end {
@@ -444,9 +489,112 @@ impl Allocator {
         self.reftable_dirty || self.blocks.values().any(|b| b.dirty)
     }
 
+    fn is_held(&self, cluster: u64) -> bool {
+        self.shadow
+            .as_ref()
+            .is_some_and(|s| s.held.contains(&cluster))
+    }
+
+    /// Starts a change that reaches the file in one switch (see the module
+    /// comment); everything before it must have been written back.
+    pub fn begin_shadow(&mut self) -> Result<()> {
+        if self.is_dirty() || self.moved_from.is_some() || self.shadow.is_some() {
+            return Err(Error::InvalidImage(
+                "refcount changes are pending where none may be".into(),
+            ));
+        }
+        self.shadow = Some(Shadow::default());
+        Ok(())
+    }
+
+    /// Writes the shadow's refcount blocks and table, all in clusters the
+    /// image on disk does not use, and returns where the table is
+    /// (offset, clusters): the header switches to it, after a sync. The
+    /// clusters of the disk's blocks and table are freed in the new table.
+    pub fn write_shadow(&mut self) -> Result<(u64, u64)> {
+        loop {
+            let Some(shadow) = &self.shadow else {
+                return Err(Error::InvalidImage("no shadow refcount change".into()));
+            };
+            let unmoved: Vec<u64> = self
+                .blocks
+                .iter()
+                .filter(|(i, b)| b.dirty && !shadow.moved.contains(i))
+                .map(|(&i, _)| i)
+                .collect();
+            let table_moved = shadow.table_moved;
+            if let Some(&index) = unmoved.first() {
+                // Allocating may change (and move) other blocks: one at a time.
+                let old = self.blocks.get(&index).map_or(0, |b| b.offset);
+                let new = self.alloc_clusters(1)?;
+                if let Some(b) = self.blocks.get_mut(&index) {
+                    b.offset = new;
+                }
+                self.reftable[index as usize] = new;
+                self.reftable_dirty = true;
+                if let Some(shadow) = &mut self.shadow {
+                    shadow.moved.insert(index);
+                }
+                self.decref(old / self.cs)?;
+                continue;
+            }
+            if !table_moved {
+                let (old, n) = (self.reftable_offset, self.reftable_clusters);
+                let new = self.alloc_clusters(n)?;
+                if let Some(shadow) = &mut self.shadow {
+                    shadow.table_moved = true;
+                }
+                // A table that grew meanwhile was moved already.
+                if self.reftable_offset == old {
+                    self.reftable_offset = new;
+                    self.reftable_dirty = true;
+                    self.free_range(old, n * self.cs)?;
+                } else {
+                    self.free_range(new, n * self.cs)?;
+                }
+                continue;
+            }
+            break;
+        }
+        // A table that grew in the shadow replaces the disk's at the switch.
+        if let Some((old, n)) = self.moved_from.take() {
+            self.free_range(old, n * self.cs)?;
+        }
+        self.reftable_dirty = true;
+        self.write_out()?;
+        self.header_dirty = false;
+        Ok((self.reftable_offset, self.reftable_clusters))
+    }
+
+    pub fn in_shadow(&self) -> bool {
+        self.shadow.is_some()
+    }
+
+    /// Ends the shadow once the header points at its table; returns the
+    /// clusters it freed (reusable from now on).
+    pub fn end_shadow(&mut self) -> Vec<u64> {
+        let mut held: Vec<u64> = self
+            .shadow
+            .take()
+            .map(|s| s.held.into_iter().collect())
+            .unwrap_or_default();
+        held.sort_unstable();
+        held
+    }
+
     /// Writes the changed blocks, then the reftable if it changed. The caller
     /// syncs, then writes the header fields from [`header_update`](Self::header_update).
     pub fn write_back(&mut self) -> Result<bool> {
+        if self.shadow.is_some() {
+            // In place would break the old state before the switch.
+            return Err(Error::InvalidImage(
+                "refcounts of a shadow change written in place".into(),
+            ));
+        }
+        self.write_out()
+    }
+
+    fn write_out(&mut self) -> Result<bool> {
         let mut dirty: Vec<(u64, u64)> = self
             .blocks
             .iter()

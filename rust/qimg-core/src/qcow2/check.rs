@@ -26,7 +26,7 @@ use super::reader::{Qcow2Node, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSE
 use super::refcount::set_entry;
 use super::refcount_reader::{decode_refcount, REFT_OFFSET_MASK};
 use super::repair::{ImageWriter, MetadataIndex, Overlap, ZeroFix};
-use super::snapshot::{self, Snapshot, TableError};
+use super::snapshot::{self, Snapshot};
 use super::types::{Compat, RefcountOrder};
 use super::{MAX_L1_BYTES, MAX_REFTABLE_BYTES, OFLAG_COPIED};
 use crate::block::file::MAX_REQUEST_END;
@@ -469,9 +469,10 @@ pub(crate) struct Checker<'a> {
     pub(crate) freed: Vec<(u64, u64)>,
     /// Where the metadata lies, for a repair's overlap checks (made on first use).
     pub(crate) metadata: Option<MetadataIndex>,
-    /// Snapshot entries lack the extra data v3 requires: the repair writes
-    /// the table anew once the refcounts are right.
-    pub(crate) complete_snapshots: bool,
+    /// The snapshot table as read is not the one to keep (entries lack the
+    /// extra data v3 requires, or hold what QEMU refuses): the repair writes
+    /// `snapshots` as the table once the refcounts are right.
+    pub(crate) rewrite_snapshots: bool,
 }
 
 impl<'a> Checker<'a> {
@@ -537,7 +538,7 @@ impl<'a> Checker<'a> {
             fix: Fix::NONE,
             writer,
             fixed: Fixed::default(),
-            complete_snapshots: false,
+            rewrite_snapshots: false,
             rebuild: false,
             freed: Vec::new(),
             metadata: None,
@@ -602,32 +603,25 @@ impl<'a> Checker<'a> {
         if self.header.snapshot_count == 0 {
             return Ok(());
         }
-        let fail = |msg: String, errno: i32| {
-            check_failed(
-                &format!("ERROR failed to read the snapshot table: {msg}"),
-                errno,
-            )
-        };
-        let table = match snapshot::read_table(self.file, self.header) {
-            Ok(table) => table,
-            Err(TableError::TooMuchExtra { index }) => {
-                return Err(fail(
-                    format!(
-                        "Too much extra metadata in snapshot table entry {index}\nYou can force-remove this extra metadata with qemu-img check -r all"
+        let table = snapshot::read_table(self.file, self.header)?;
+        if let Some(&first) = table.problems.first() {
+            if self.writer.is_none() || !self.fix.errors {
+                return Err(check_failed(
+                    &format!(
+                        "ERROR failed to read the snapshot table: {}",
+                        first.refusal()
                     ),
                     libc::EFBIG,
-                ))
+                ));
             }
-            Err(TableError::TooBig { overhanging }) => {
-                return Err(fail(
-                    format!(
-                        "Snapshot table is too big\nYou can force-remove all {overhanging} overhanging snapshots with qemu-img check -r all"
-                    ),
-                    libc::EFBIG,
-                ))
+            // Repaired as QEMU repairs it: what it refuses is dropped and
+            // the table written anew once the refcounts are right.
+            for problem in &table.problems {
+                self.say(problem.repair_line());
+                self.fixed.corruptions += problem.corruptions();
             }
-            Err(TableError::Read(e)) => return Err(e),
-        };
+            self.rewrite_snapshots = true;
+        }
         self.snapshots = table.snapshots;
         self.snapshots_size = table.byte_len;
         if self.header.compat == Compat::V3 {
@@ -636,7 +630,7 @@ impl<'a> Checker<'a> {
                     if self.writer.is_some() && self.fix.errors {
                         self.say(format!("Repairing snapshot table entry {i} is incomplete"));
                         self.fixed.corruptions += 1;
-                        self.complete_snapshots = true;
+                        self.rewrite_snapshots = true;
                     } else {
                         self.corruption(format!("ERROR snapshot table entry {i} is incomplete"));
                     }

@@ -44,8 +44,9 @@
 //! left errors, the dirty bit stays set (QEMU clears it when it closes the
 //! image). Incomplete snapshot table entries (`Repairing snapshot table
 //! entry N is incomplete`) are completed once the refcounts are right, by
-//! writing the table anew through the image's writer; oversized tables and
-//! entries with too much extra data are not repaired (they stay reported),
+//! writing the table anew through the image's writer;
+//! entries with too much extra data are cut to 1 KiB and entries past the
+//! table's size limit dropped, as QEMU's repair does,
 //! and persistent bitmaps are left where they are (QEMU stores them anew
 //! when it closes an image it opened for writing).
 
@@ -54,6 +55,7 @@ use super::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use super::image_header::{be64, kept_autoclear, ImageHeader, AUTOCLEAR_BITMAPS, HEADER_AUTOCLEAR};
 use super::reader::L1E_OFFSET_MASK;
 use super::refcount_reader::REFT_OFFSET_MASK;
+use super::snapshot::Snapshot;
 use super::types::{ClusterSize, Compat};
 use super::MAX_REFTABLE_BYTES;
 use crate::block::file::MAX_REQUEST_END;
@@ -109,8 +111,8 @@ pub struct RepairOutcome {
     pub failure: Option<Error>,
     /// The check of the repaired image, made when anything was repaired.
     pub recheck: Option<Result<CheckReport>>,
-    /// Snapshot entries to complete once the refcounts are right.
-    complete_snapshots: bool,
+    /// The snapshot table to write once the refcounts are right.
+    rewrite_snapshots: Option<Vec<Snapshot>>,
 }
 
 impl RepairOutcome {
@@ -131,8 +133,10 @@ impl RepairOutcome {
 /// [`RepairOutcome::failure`] with the lines printed until then.
 pub fn repair(path: &Path, mode: RepairMode) -> Result<RepairOutcome> {
     let mut outcome = repair_pass(path, mode)?;
-    if outcome.failure.is_none() && outcome.complete_snapshots {
-        outcome.failure = complete_snapshot_table(path).err();
+    if outcome.failure.is_none() {
+        if let Some(list) = outcome.rewrite_snapshots.take() {
+            outcome.failure = rewrite_snapshot_table(path, list).err();
+        }
     }
     if outcome.failure.is_none() && outcome.repaired_anything() {
         outcome.recheck = Some(
@@ -143,9 +147,9 @@ pub fn repair(path: &Path, mode: RepairMode) -> Result<RepairOutcome> {
     Ok(outcome)
 }
 
-/// Writes the snapshot table anew with every entry's extra data complete
+/// Writes `list` as the snapshot table, every entry's extra data complete
 /// (through the image's own writer, now that its refcounts are right).
-fn complete_snapshot_table(path: &Path) -> Result<()> {
+fn rewrite_snapshot_table(path: &Path, list: Vec<Snapshot>) -> Result<()> {
     let name = path
         .to_str()
         .ok_or_else(|| Error::invalid(format!("'{}' is not a UTF-8 path", path.display())))?;
@@ -159,7 +163,7 @@ fn complete_snapshot_table(path: &Path) -> Result<()> {
     let q = node
         .as_qcow2()
         .ok_or_else(|| Error::invalid(format!("'{name}' is not a qcow2 image")))?;
-    q.complete_snapshot_table()?;
+    q.rewrite_snapshot_table(list)?;
     node.close()
 }
 
@@ -233,7 +237,7 @@ struct Carried {
     signaled: bool,
     mark_corrupt: bool,
     failed_lookups: u64,
-    complete_snapshots: bool,
+    rewrite_snapshots: Option<Vec<Snapshot>>,
 }
 
 impl Carried {
@@ -243,7 +247,9 @@ impl Carried {
         self.signaled |= c.stored.signaled_corruption;
         self.mark_corrupt |= c.stored.mark_corrupt;
         self.failed_lookups += c.stored.failed_lookups;
-        self.complete_snapshots |= c.complete_snapshots;
+        if c.rewrite_snapshots {
+            self.rewrite_snapshots = Some(c.snapshots.clone());
+        }
     }
 
     fn give_to(&mut self, c: &mut Checker<'_>) {
@@ -289,7 +295,7 @@ fn repair_pass(path: &Path, mode: RepairMode) -> Result<RepairOutcome> {
         corruptions_fixed: carried.fixed.corruptions,
         failure: failure.or(bits),
         recheck: None,
-        complete_snapshots: carried.complete_snapshots,
+        rewrite_snapshots: carried.rewrite_snapshots,
     })
 }
 
@@ -323,7 +329,7 @@ fn first_phase(
             c.rebuild_refcounts()?;
             return Ok(Some(Rebuilt {
                 before,
-                snapshots: std::mem::take(&mut c.snapshots),
+                snapshots: c.snapshots.clone(),
                 snapshots_size: c.snapshots_size,
                 highest,
             }));

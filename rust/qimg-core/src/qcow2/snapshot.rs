@@ -33,22 +33,58 @@ pub struct Snapshot {
     pub extra: Vec<u8>,
 }
 
-/// The table as read: its entries and the bytes it spans in the file.
+/// The table as read: its entries (as `check -r all` keeps them), the bytes
+/// they span in the file, and what QEMU refuses to open.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotTable {
     pub snapshots: Vec<Snapshot>,
     pub byte_len: u64,
+    pub problems: Vec<TableProblem>,
 }
 
-/// Why the table could not be read.
-#[derive(Debug)]
-pub enum TableError {
-    /// Entry `index` has more extra data than QEMU accepts.
-    TooMuchExtra { index: u64 },
-    /// The table outgrows QEMU's limit; `overhanging` entries do not fit.
+/// What makes QEMU refuse a snapshot table, and what its repair drops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableProblem {
+    /// Entry `index` has `bytes` of extra data, more than QEMU accepts; the
+    /// entry keeps the first 1 KiB.
+    TooMuchExtra { index: u64, bytes: u64 },
+    /// The table outgrows QEMU's limit; the last `overhanging` entries are
+    /// left out.
     TooBig { overhanging: u64 },
-    /// Reading the file failed.
-    Read(Error),
+}
+
+impl TableProblem {
+    /// QEMU's reason for refusing the table, with its advice.
+    pub fn refusal(self) -> String {
+        match self {
+            TableProblem::TooMuchExtra { index, .. } => format!(
+                "Too much extra metadata in snapshot table entry {index}\nYou can force-remove this extra metadata with qemu-img check -r all"
+            ),
+            TableProblem::TooBig { overhanging } => format!(
+                "Snapshot table is too big\nYou can force-remove all {overhanging} overhanging snapshots with qemu-img check -r all"
+            ),
+        }
+    }
+
+    /// The line `check -r all` prints as it drops what QEMU refuses.
+    pub fn repair_line(self) -> String {
+        match self {
+            TableProblem::TooMuchExtra { index, bytes } => format!(
+                "Discarding too much extra metadata in snapshot table entry {index} ({bytes} > {MAX_EXTRA})"
+            ),
+            TableProblem::TooBig { overhanging } => format!(
+                "Discarding {overhanging} overhanging snapshots (snapshot table is too big)"
+            ),
+        }
+    }
+
+    /// How many corruptions the repair counts for it.
+    pub fn corruptions(self) -> u64 {
+        match self {
+            TableProblem::TooMuchExtra { .. } => 1,
+            TableProblem::TooBig { overhanging } => overhanging,
+        }
+    }
 }
 
 /// A C string field: the bytes up to the first NUL.
@@ -58,40 +94,47 @@ fn c_string(bytes: &[u8]) -> String {
 }
 
 /// Reads every entry as QEMU does: bytes past the end of the file read as
-/// zeroes, and only the per-entry and whole-table limits end the read.
-pub fn read_table(
-    file: &FileNode,
-    header: &ImageHeader,
-) -> std::result::Result<SnapshotTable, TableError> {
+/// zeroes. What QEMU refuses is listed in the table's `problems` and left
+/// out as its repair leaves it out: extra data past 1 KiB, entries past the
+/// table's size limit.
+pub fn read_table(file: &FileNode, header: &ImageHeader) -> Result<SnapshotTable> {
     let count = u64::from(header.snapshot_count);
     let start = header.snapshots_offset;
     let mut snapshots = Vec::with_capacity(count.min(1024) as usize);
+    let mut problems = Vec::new();
     let mut offset = start;
     let mut table_len = 0u64;
     for index in 0..count {
+        let entry_start = offset;
         table_len = table_len.next_multiple_of(8);
         offset = offset.next_multiple_of(8);
-        let fixed = file
-            .read_vec(offset, ENTRY_FIXED)
-            .map_err(TableError::Read)?;
+        let fixed = file.read_vec(offset, ENTRY_FIXED)?;
         offset += ENTRY_FIXED;
         let id_len = u64::from(be16(&fixed, 12));
         let name_len = u64::from(be16(&fixed, 14));
         let extra_len = u64::from(be32(&fixed, 36));
-        if extra_len > MAX_EXTRA {
-            return Err(TableError::TooMuchExtra { index });
-        }
-        let extra = file.read_vec(offset, extra_len).map_err(TableError::Read)?;
+        let kept_extra = if extra_len > MAX_EXTRA {
+            problems.push(TableProblem::TooMuchExtra {
+                index,
+                bytes: extra_len,
+            });
+            MAX_EXTRA
+        } else {
+            extra_len
+        };
+        let extra = file.read_vec(offset, kept_extra)?;
         offset += extra_len;
-        let id = c_string(&file.read_vec(offset, id_len).map_err(TableError::Read)?);
+        let id = c_string(&file.read_vec(offset, id_len)?);
         offset += id_len;
-        let name = c_string(&file.read_vec(offset, name_len).map_err(TableError::Read)?);
+        let name = c_string(&file.read_vec(offset, name_len)?);
         offset += name_len;
-        table_len += ENTRY_FIXED + extra_len + id_len + name_len;
+        table_len += ENTRY_FIXED + kept_extra + id_len + name_len;
         if table_len > MAX_TABLE_BYTES || offset - start > i32::MAX as u64 {
-            return Err(TableError::TooBig {
+            problems.push(TableProblem::TooBig {
                 overhanging: count - index,
             });
+            offset = entry_start;
+            break;
         }
         let field = |at: usize| (extra.len() >= at + 8).then(|| be64(&extra, at));
         snapshots.push(Snapshot {
@@ -105,33 +148,27 @@ pub fn read_table(
             vm_state_size: field(0).unwrap_or(u64::from(be32(&fixed, 32))),
             disk_size: field(8),
             icount: field(16).filter(|v| *v != u64::MAX),
-            extra_data_size: extra_len,
+            extra_data_size: kept_extra,
             extra,
         });
     }
     Ok(SnapshotTable {
         snapshots,
         byte_len: offset - start,
+        problems,
     })
 }
 
 /// The snapshot entries, for `info`; a table QEMU would refuse is an error.
 pub fn read_snapshots(file: &FileNode, header: &ImageHeader) -> Result<Vec<Snapshot>> {
-    let bad = |msg: String| {
-        Error::InvalidImage(format!(
-            "Corrupt qcow2 image '{}': snapshot table: {msg}",
-            file.filename()
-        ))
-    };
-    match read_table(file, header) {
-        Ok(table) => Ok(table.snapshots),
-        Err(TableError::TooMuchExtra { index }) => Err(bad(format!(
-            "entry {index} has more than {MAX_EXTRA} bytes of extra data"
+    let table = read_table(file, header)?;
+    match table.problems.first() {
+        None => Ok(table.snapshots),
+        Some(problem) => Err(Error::InvalidImage(format!(
+            "Could not open '{}': {}; 'qimg check -r all' removes what QEMU refuses",
+            file.filename(),
+            problem.refusal().lines().next().unwrap_or_default()
         ))),
-        Err(TableError::TooBig { overhanging }) => Err(bad(format!(
-            "the table is larger than {MAX_TABLE_BYTES} bytes ({overhanging} entries do not fit)"
-        ))),
-        Err(TableError::Read(e)) => Err(e),
     }
 }
 

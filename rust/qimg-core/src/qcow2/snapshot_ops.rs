@@ -7,15 +7,15 @@
 //! has the COPIED flag exactly when that count is 1, so the writer copies a
 //! shared cluster or L2 table before changing it.
 //!
-//! Crash safety, as in the writer: references are counted up before anything
-//! refers to them, and counted down only after nothing on disk does, so a
-//! crash leaves leaked clusters at worst. The switch itself is one small
-//! header write (snapshot count and table offset, or size and active L1).
-//! As in QEMU, a crash between the count-down and the COPIED fix-up that
-//! follows it can leave clusters with one reference and no COPIED flag,
-//! which `check` reports and repairs; they are safe, because the writer
-//! then copies where it could have written in place.
+//! Crash safety: a snapshot command changes refcounts and the COPIED flags
+//! that mirror them, which no order of in-place writes keeps in agreement
+//! (QEMU's own commands leave that window). Here each command is built
+//! apart from the image on disk, in new clusters, and one header write of
+//! 48 bytes switches to it: guest size, active L1 table, refcount table and
+//! snapshot table together. A kill leaves the old image or the new one, with
+//! at most unused clusters past the old one's end.
 
+use super::allocator::Allocator;
 use super::image_header::{be64, ImageHeader};
 use super::reader::{Qcow2Node, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED};
 use super::snapshot::{encode_table, read_snapshots, Snapshot};
@@ -23,12 +23,12 @@ use super::writer::{compressed_range, WriteState};
 use super::{MAX_L1_BYTES, OFLAG_COPIED};
 use crate::block::BlockDev;
 use crate::error::{Error, Result};
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
-use std::sync::PoisonError;
+use std::sync::{Arc, PoisonError};
 
 /// Header offsets of the fields the snapshot commands change.
 const HEADER_SIZE: u64 = 24;
-const HEADER_SNAPSHOTS: u64 = 60;
 /// QEMU's limit on the number of snapshots.
 const MAX_SNAPSHOTS: usize = 65536;
 
@@ -81,44 +81,55 @@ impl Qcow2Node {
             .max()
             .unwrap_or(0)
             + 1;
-        let mut st = self.state()?;
-        self.begin_update(&mut st)?;
-        self.write_back(&mut st)?;
-        let l1 = self.l1_read().clone();
         let cs = self.cs();
-        // 1. Every cluster of the active tree gains a reference; the copy of
-        //    the L1 table gets clusters of its own.
-        self.count_up(&mut st, &self.tree(&l1)?)?;
-        let copy_at = st.alloc.alloc_clusters(l1_clusters(l1.len(), cs))?;
-        if st.alloc.write_back()? {
-            self.file.sync()?;
-        }
-        // 2. The copy, with no COPIED flags (they describe the active table).
-        let raw: Vec<u8> = l1
-            .iter()
-            .flat_map(|e| (e & !OFLAG_COPIED).to_be_bytes())
-            .collect();
-        self.file.pwrite(&raw, copy_at)?;
-        self.file.sync()?;
-        // 3. Nothing in the active tree is its own any more.
-        self.fix_copied(&mut st)?;
-        self.write_back(&mut st)?;
-        // 4. The new table, then the header switches to it.
-        list.push(Snapshot {
-            id: id.to_string(),
-            name: name.to_string(),
-            l1_table_offset: copy_at,
-            l1_entries: l1.len() as u64,
-            date_sec,
-            date_nsec,
-            vm_clock_nsec: 0,
-            vm_state_size: 0,
-            icount: Some(0),
-            disk_size: Some(self.size()),
-            extra_data_size: super::snapshot::NEW_EXTRA as u64,
-            extra: Snapshot::new_extra(self.size()),
-        });
-        self.replace_table(&mut st, &list)
+        let size = self.size();
+        self.in_one_switch(|st| {
+            let l1 = self.l1_read().clone();
+            // The snapshot's references to the data.
+            for r in self.tree(&l1)? {
+                if let Ref::Data { .. } = r {
+                    count(st, r, cs)?;
+                }
+            }
+            // Both L1 tables share every L2 table; one whose entries carry
+            // COPIED flags is shared as a copy without them.
+            let mut shared = l1.clone();
+            for entry in &mut shared {
+                let offset = *entry & L1E_OFFSET_MASK;
+                *entry = offset;
+                if offset == 0 {
+                    continue;
+                }
+                let table = self.cached_l2(offset)?;
+                let cleared: Vec<u64> = table.iter().map(|e| e & !OFLAG_COPIED).collect();
+                if cleared[..] == table[..] {
+                    st.alloc.incref(offset / cs)?;
+                } else {
+                    let copy = self.new_table(st, &cleared)?;
+                    st.alloc.incref(copy / cs)?;
+                    st.alloc.decref(offset / cs)?;
+                    *entry = copy;
+                }
+            }
+            let copy_at = self.new_table(st, &shared)?;
+            let active = self.settle(st, &shared)?;
+            list.push(Snapshot {
+                id: id.to_string(),
+                name: name.to_string(),
+                l1_table_offset: copy_at,
+                l1_entries: l1.len() as u64,
+                date_sec,
+                date_nsec,
+                vm_clock_nsec: 0,
+                vm_state_size: 0,
+                icount: Some(0),
+                disk_size: Some(size),
+                extra_data_size: super::snapshot::NEW_EXTRA as u64,
+                extra: Snapshot::new_extra(size),
+            });
+            self.switch(st, size, active, Some(&list))
+        })?;
+        Ok(())
     }
 
     /// Deletes the first snapshot called `name`, as `qemu-img snapshot -d`
@@ -131,17 +142,33 @@ impl Qcow2Node {
             .ok_or_else(|| Error::invalid("snapshot not found"))?;
         let gone = list.remove(index);
         let sn_l1 = self.snapshot_l1(&gone)?;
+        let cs = self.cs();
+        let size = self.size();
+        let (tree, freed) = self.in_one_switch(|st| {
+            let tree = self.tree(&sn_l1)?;
+            for &r in &tree {
+                uncount(st, r, cs)?;
+            }
+            st.alloc
+                .free_range(gone.l1_table_offset, l1_clusters(sn_l1.len(), cs) * cs)?;
+            let l1 = self.l1_read().clone();
+            let active = self.settle(st, &l1)?;
+            let freed = self.switch(st, size, active, Some(&list))?;
+            Ok((tree, freed))
+        })?;
+        // What only the snapshot held goes back to the file system, as
+        // QEMU discards it.
+        let mine: HashSet<u64> = tree.iter().flat_map(|r| r.clusters(cs)).collect();
         let mut st = self.state()?;
-        self.begin_update(&mut st)?;
-        self.write_back(&mut st)?;
-        self.replace_table(&mut st, &list)?;
-        // Nothing on disk refers to the snapshot's tree now: release it.
-        self.count_down(&mut st, &sn_l1, gone.l1_table_offset, true)?;
-        self.write_back(&mut st)?;
-        self.l2_cache.clear_clean();
-        self.fix_copied(&mut st)?;
-        self.write_back(&mut st)?;
-        self.file.sync()
+        let mut holes = Vec::new();
+        for c in freed.into_iter().filter(|c| mine.contains(c)) {
+            if st.alloc.get(c)? == 0 {
+                holes.push(c);
+            }
+        }
+        drop(st);
+        self.punch(holes);
+        Ok(())
     }
 
     /// Makes the guest content and size those of the snapshot with ID or
@@ -157,9 +184,6 @@ impl Qcow2Node {
         let size = sn.disk_size.unwrap_or_else(|| self.size());
         let cs = self.cs();
         let needed = size.div_ceil(cs).div_ceil(self.header.l2_entries()) as usize;
-        let mut st = self.state()?;
-        self.begin_update(&mut st)?;
-        self.write_back(&mut st)?;
         let old_l1 = self.l1_read().clone();
         let entries = old_l1.len().max(sn_l1.len()).max(needed);
         if entries as u64 * 8 > MAX_L1_BYTES {
@@ -168,70 +192,183 @@ impl Qcow2Node {
                 sn.name
             )));
         }
-        // 1. The snapshot's tree gains the references of the new active
-        //    table, which goes to clusters of its own.
-        self.count_up(&mut st, &self.tree(&sn_l1)?)?;
-        let l1_at = st.alloc.alloc_clusters(l1_clusters(entries, cs))?;
-        if st.alloc.write_back()? {
-            self.file.sync()?;
+        self.in_one_switch(|st| {
+            // The new active table's references first, then the old one's
+            // go: nothing both hold passes through a count of 0.
+            for r in self.tree(&sn_l1)? {
+                count(st, r, cs)?;
+            }
+            for r in self.tree(&old_l1)? {
+                uncount(st, r, cs)?;
+            }
+            let mut new_l1 = vec![0u64; entries];
+            for (slot, e) in new_l1.iter_mut().zip(&sn_l1) {
+                *slot = e & L1E_OFFSET_MASK;
+            }
+            let active = self.settle(st, &new_l1)?;
+            self.switch(st, size, active, None)
+        })?;
+        Ok(())
+    }
+
+    /// Runs `change` as one switch: refcounts, tables and the snapshot table
+    /// are built in clusters the image on disk does not use, and one header
+    /// write ([`switch`](Self::switch)) makes them the image's. A kill
+    /// before that write leaves the old image (with unused clusters, at
+    /// worst); after it, the new one, with nothing for `check` to report.
+    /// When `change` fails before the switch, nothing of it stays.
+    fn in_one_switch<T>(&self, change: impl FnOnce(&mut WriteState) -> Result<T>) -> Result<T> {
+        let mut st = self.state()?;
+        self.begin_update(&mut st)?;
+        self.write_back(&mut st)?;
+        st.alloc.begin_shadow()?;
+        let out = change(&mut st);
+        if st.alloc.in_shadow() {
+            // Forget the refcounts the change counted in memory.
+            st.alloc = Allocator::new(Arc::clone(&self.file), &self.disk_header()?)?;
+            self.l2_cache.clear_clean();
+            out?;
+            return Err(self.corrupt("a snapshot change ended before its switch".into()));
         }
-        let mut new_l1 = vec![0u64; entries];
-        for (slot, e) in new_l1.iter_mut().zip(&sn_l1) {
-            *slot = e & !OFLAG_COPIED;
-        }
-        let raw: Vec<u8> = new_l1.iter().flat_map(|e| e.to_be_bytes()).collect();
-        self.file.pwrite(&raw, l1_at)?;
+        out
+    }
+
+    /// Writes the L1 table `active` (in new clusters, unless it is the
+    /// current one unchanged) and the snapshot table `list` (`None`: the
+    /// current one stays), then the shadow's refcounts, and switches the
+    /// header to all of them (and guest size `size`) in one write. Returns
+    /// the clusters the change freed.
+    fn switch(
+        &self,
+        st: &mut WriteState,
+        size: u64,
+        active: Vec<u64>,
+        list: Option<&[Snapshot]>,
+    ) -> Result<Vec<u64>> {
+        let cs = self.cs();
+        let current = self.l1_read().clone();
+        let l1_at = if active == current {
+            st.l1_offset
+        } else {
+            let at = self.new_table(st, &active)?;
+            st.alloc
+                .free_range(st.l1_offset, l1_clusters(current.len(), cs) * cs)?;
+            at
+        };
+        let header = self.disk_header()?;
+        let snapshots = match list {
+            None => (header.snapshot_count, header.snapshots_offset),
+            Some(list) => {
+                self.release_table(st, &header)?;
+                if list.is_empty() {
+                    (0, 0)
+                } else {
+                    let raw = encode_table(list);
+                    let at = st.alloc.alloc_clusters((raw.len() as u64).div_ceil(cs))?;
+                    self.file.pwrite(&raw, at)?;
+                    (list.len() as u32, at)
+                }
+            }
+        };
+        let (reftable, reftable_clusters) = st.alloc.write_shadow()?;
         self.file.sync()?;
-        // 2. One header write switches size and active table.
         let mut fields = size.to_be_bytes().to_vec();
         fields.extend_from_slice(&0u32.to_be_bytes()); // no encryption
-        fields.extend_from_slice(&(entries as u32).to_be_bytes());
+        fields.extend_from_slice(&(active.len() as u32).to_be_bytes());
         fields.extend_from_slice(&l1_at.to_be_bytes());
+        fields.extend_from_slice(&reftable.to_be_bytes());
+        fields.extend_from_slice(&(reftable_clusters as u32).to_be_bytes());
+        fields.extend_from_slice(&snapshots.0.to_be_bytes());
+        fields.extend_from_slice(&snapshots.1.to_be_bytes());
         self.file.pwrite(&fields, HEADER_SIZE)?;
-        self.file.sync()?;
-        // 3. The old active tree loses its references.
-        let old_at = st.l1_offset;
-        self.count_down(&mut st, &old_l1, old_at, false)?;
-        *self.l1.write().unwrap_or_else(PoisonError::into_inner) = new_l1;
+        // The image is the new one from here on.
+        let freed = st.alloc.end_shadow();
+        *self.l1.write().unwrap_or_else(PoisonError::into_inner) = active;
         st.l1_offset = l1_at;
         st.l1_dirty = None;
         self.size.store(size, Ordering::Release);
-        self.write_back(&mut st)?;
         self.l2_cache.clear_clean();
-        // 4. What the active table holds alone gets its COPIED flags back.
-        self.fix_copied(&mut st)?;
-        self.write_back(&mut st)?;
-        self.file.sync()
+        self.file.sync()?;
+        Ok(freed)
     }
 
-    /// Adds a reference to every cluster `refs` names; on failure (a
-    /// refcount at its width's limit) the ones added are taken back, so
-    /// nothing reaches the file.
-    fn count_up(&self, st: &mut WriteState, refs: &[Ref]) -> Result<()> {
+    /// Frees the clusters of the snapshot table `header` points at.
+    fn release_table(&self, st: &mut WriteState, header: &ImageHeader) -> Result<()> {
+        if header.snapshot_count == 0 {
+            return Ok(());
+        }
         let cs = self.cs();
-        let clusters = refs.iter().flat_map(|r| match *r {
-            Ref::L2Table(offset) => offset / cs..offset / cs + 1,
-            Ref::Data { host, len } => host / cs..(host + len - 1) / cs + 1,
-        });
-        let mut done = Vec::new();
-        for c in clusters {
-            if let Err(e) = st.alloc.incref(c) {
-                for &undo in done.iter().rev() {
-                    st.alloc.decref(undo)?;
-                }
-                return Err(e);
+        let len = super::snapshot::read_table(&self.file, header)?.byte_len;
+        let offset = header.snapshots_offset;
+        // Only clusters counted as the table's: a damaged table may lie
+        // where no refcount reaches (check counted it as past the end).
+        for c in offset / cs..(offset + len.max(1)).div_ceil(cs) {
+            if st.alloc.get(c)? > 0 {
+                st.alloc.decref(c)?;
             }
-            done.push(c);
         }
         Ok(())
     }
 
-    /// Writes the snapshot table anew with the extra data v3 requires in
-    /// every entry (the 64-bit VM state size and the disk size), as
-    /// `check -r all` completes it.
-    pub fn complete_snapshot_table(&self) -> Result<()> {
+    /// The active L1 entries `l1` with the COPIED flags the refcounts now
+    /// call for. An L2 table whose entries' flags must change is copied
+    /// (the one on disk may not change before the switch), and the copy,
+    /// the active table's own, takes its place.
+    fn settle(&self, st: &mut WriteState, l1: &[u64]) -> Result<Vec<u64>> {
+        let cs = self.cs();
+        let stride = if self.header.extended_l2() { 2 } else { 1 };
+        let mut out = Vec::with_capacity(l1.len());
+        for entry in l1 {
+            let offset = entry & L1E_OFFSET_MASK;
+            if offset == 0 {
+                out.push(0);
+                continue;
+            }
+            let table = self.cached_l2(offset)?;
+            let mut want = table.to_vec();
+            for e in want.iter_mut().step_by(stride) {
+                if *e & OFLAG_COMPRESSED != 0 || *e & L2E_OFFSET_MASK == 0 {
+                    continue;
+                }
+                if st.alloc.get((*e & L2E_OFFSET_MASK) / cs)? == 1 {
+                    *e |= OFLAG_COPIED;
+                } else {
+                    *e &= !OFLAG_COPIED;
+                }
+            }
+            let target = if want[..] == table[..] {
+                offset
+            } else {
+                let copy = self.new_table(st, &want)?;
+                st.alloc.decref(offset / cs)?;
+                copy
+            };
+            let own = st.alloc.get(target / cs)? == 1;
+            out.push(if own { target | OFLAG_COPIED } else { target });
+        }
+        Ok(out)
+    }
+
+    /// Writes `entries` as a table in new clusters; returns where.
+    fn new_table(&self, st: &mut WriteState, entries: &[u64]) -> Result<u64> {
+        let cs = self.cs();
+        let at = st.alloc.alloc_clusters(l1_clusters(entries.len(), cs))?;
+        let raw: Vec<u8> = entries.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.file.pwrite(&raw, at)?;
+        Ok(at)
+    }
+
+    /// The L2 table at `offset` (bounded by [`tree`](Self::tree) before).
+    fn cached_l2(&self, offset: u64) -> Result<Arc<[u64]>> {
+        self.l2_cache
+            .get_or_load(offset, |buf| self.file.pread(buf, offset))
+    }
+
+    /// Writes `list` as the snapshot table, with the extra data v3 requires
+    /// in every entry (the 64-bit VM state size and the disk size), as
+    /// `check -r all` writes the table it repaired.
+    pub fn rewrite_snapshot_table(&self, mut list: Vec<Snapshot>) -> Result<()> {
         let size = self.size();
-        let mut list = self.snapshot_list()?;
         for sn in &mut list {
             if sn.extra.len() < 16 {
                 let mut extra = sn.vm_state_size.to_be_bytes().to_vec();
@@ -242,11 +379,11 @@ impl Qcow2Node {
                 sn.disk_size = Some(size);
             }
         }
-        let mut st = self.state()?;
-        self.begin_update(&mut st)?;
-        self.write_back(&mut st)?;
-        self.replace_table(&mut st, &list)?;
-        self.file.sync()
+        self.in_one_switch(|st| {
+            let l1 = self.l1_read().clone();
+            self.switch(st, size, l1, Some(&list))
+        })?;
+        Ok(())
     }
 
     /// A read-only node showing the guest content of a snapshot (at the
@@ -274,34 +411,12 @@ impl Qcow2Node {
         // The image's current size, as qemu-img's `convert -l` reads a snapshot.
         header.virtual_size = self.size();
         Qcow2Node::open_as(
-            std::sync::Arc::clone(&self.file),
+            Arc::clone(&self.file),
             header,
             self.backing.clone(),
             self.backing_path().map(str::to_string),
             false,
         )
-    }
-
-    /// Takes back the references of the tree of `l1` and of the L1 table
-    /// itself (at `l1_at`; `punch_l1`: its space goes back to the file
-    /// system), once nothing on disk refers to them.
-    fn count_down(
-        &self,
-        st: &mut WriteState,
-        l1: &[u64],
-        l1_at: u64,
-        punch_l1: bool,
-    ) -> Result<()> {
-        let cs = self.cs();
-        for r in self.tree(l1)? {
-            match r {
-                Ref::L2Table(offset) => st.pending_free.push((offset, cs, true)),
-                Ref::Data { host, len } => st.pending_free.push((host, len, true)),
-            }
-        }
-        st.pending_free
-            .push((l1_at, l1_clusters(l1.len(), cs) * cs, punch_l1));
-        Ok(())
     }
 
     /// The L1 table of snapshot `sn`, bounded before it is read.
@@ -383,92 +498,32 @@ impl Qcow2Node {
         }
         Ok(out)
     }
+}
 
-    /// Sets the COPIED flag of every active L1 and L2 entry exactly where
-    /// the cluster it refers to has one reference.
-    fn fix_copied(&self, st: &mut WriteState) -> Result<()> {
-        let cs = self.cs();
-        let ext = self.header.extended_l2();
-        let stride = if ext { 2 } else { 1 };
-        let l1 = self.l1_read().clone();
-        for (index, entry) in l1.iter().enumerate() {
-            let offset = entry & L1E_OFFSET_MASK;
-            if offset == 0 {
-                continue;
-            }
-            let own = st.alloc.get(offset / cs)? == 1;
-            let want = if own { offset | OFLAG_COPIED } else { offset };
-            if want != *entry {
-                self.set_l1(st, index, want);
-            }
-            let Some((table, _)) = self.l2_table(index as u64)? else {
-                continue;
-            };
-            let mut changes = Vec::new();
-            for (slot, e) in table.iter().enumerate().step_by(stride) {
-                if e & OFLAG_COMPRESSED != 0 || e & L2E_OFFSET_MASK == 0 {
-                    continue;
-                }
-                let own = st.alloc.get((e & L2E_OFFSET_MASK) / cs)? == 1;
-                let want = if own {
-                    e | OFLAG_COPIED
-                } else {
-                    e & !OFLAG_COPIED
-                };
-                if want != *e {
-                    changes.push((slot, want));
-                }
-            }
-            drop(table);
-            if !changes.is_empty() {
-                self.edit_l2(offset, index as u64, |t| {
-                    for &(slot, value) in &changes {
-                        t[slot] = value;
-                    }
-                })?;
-            }
+impl Ref {
+    /// The clusters the reference counts against.
+    fn clusters(self, cs: u64) -> std::ops::Range<u64> {
+        match self {
+            Ref::L2Table(offset) => offset / cs..offset / cs + 1,
+            Ref::Data { host, len } => host / cs..(host + len - 1) / cs + 1,
         }
-        Ok(())
     }
+}
 
-    /// Writes `list` as the snapshot table in new clusters, switches the
-    /// header to it, and releases the old table.
-    fn replace_table(&self, st: &mut WriteState, list: &[Snapshot]) -> Result<()> {
-        let cs = self.cs();
-        let header = self.disk_header()?;
-        let old = (header.snapshot_count > 0).then(|| {
-            let len = super::snapshot::read_table(&self.file, &header)
-                .map(|t| t.byte_len)
-                .unwrap_or(0);
-            (header.snapshots_offset, len.max(1).next_multiple_of(cs))
-        });
-        let raw = encode_table(list);
-        let at = if list.is_empty() {
-            0
-        } else {
-            let at = st.alloc.alloc_clusters((raw.len() as u64).div_ceil(cs))?;
-            if st.alloc.write_back()? {
-                self.file.sync()?;
-            }
-            self.file.pwrite(&raw, at)?;
-            self.file.sync()?;
-            at
-        };
-        let mut fields = (list.len() as u32).to_be_bytes().to_vec();
-        fields.extend_from_slice(&at.to_be_bytes());
-        self.file.pwrite(&fields, HEADER_SNAPSHOTS)?;
-        self.file.sync()?;
-        if let Some((offset, len)) = old {
-            // Only clusters counted as the table's: a damaged table may lie
-            // where no refcount reaches (check counted it as past the end).
-            for c in offset / cs..(offset + len).div_ceil(cs) {
-                if st.alloc.get(c)? > 0 {
-                    st.pending_free.push((c * cs, cs, false));
-                }
-            }
-        }
-        self.write_back(st)
+/// One more reference to each cluster `r` names.
+fn count(st: &mut WriteState, r: Ref, cs: u64) -> Result<()> {
+    for c in r.clusters(cs) {
+        st.alloc.incref(c)?;
     }
+    Ok(())
+}
+
+/// One reference less to each cluster `r` names.
+fn uncount(st: &mut WriteState, r: Ref, cs: u64) -> Result<()> {
+    for c in r.clusters(cs) {
+        st.alloc.decref(c)?;
+    }
+    Ok(())
 }
 
 /// Clusters an L1 table of `entries` entries occupies (at least one).

@@ -682,7 +682,6 @@ impl Qcow2Node {
             frees.push((offset, len, false));
         }
         if !frees.is_empty() {
-            let cs = self.cs();
             let mut holes = Vec::new();
             for (offset, len, punch) in frees {
                 let freed = st.alloc.free_range(offset, len)?;
@@ -693,26 +692,30 @@ impl Qcow2Node {
             if st.alloc.write_back()? {
                 self.file.sync()?;
             }
-            // No table refers to these clusters any more: their space goes
-            // back to the file system or the server (a failure loses nothing),
-            // a run of neighbours in one request.
-            holes.sort_unstable();
-            let mut run: Option<(u64, u64)> = None;
-            for cluster in holes {
-                run = match run {
-                    Some((first, n)) if first + n == cluster => Some((first, n + 1)),
-                    Some((first, n)) => {
-                        let _ = self.file.discard(first * cs, n * cs);
-                        Some((cluster, 1))
-                    }
-                    None => Some((cluster, 1)),
-                };
-            }
-            if let Some((first, n)) = run {
-                let _ = self.file.discard(first * cs, n * cs);
-            }
+            self.punch(holes);
         }
         Ok(())
+    }
+
+    /// Gives the space of free `clusters` back to the file system or the
+    /// server (a failure loses nothing), a run of neighbours in one request.
+    pub(super) fn punch(&self, mut clusters: Vec<u64>) {
+        let cs = self.cs();
+        clusters.sort_unstable();
+        let mut run: Option<(u64, u64)> = None;
+        for cluster in clusters {
+            run = match run {
+                Some((first, n)) if first + n == cluster => Some((first, n + 1)),
+                Some((first, n)) => {
+                    let _ = self.file.discard(first * cs, n * cs);
+                    Some((cluster, 1))
+                }
+                None => Some((cluster, 1)),
+            };
+        }
+        if let Some((first, n)) = run {
+            let _ = self.file.discard(first * cs, n * cs);
+        }
     }
 
     /// Flushes everything and, with lazy refcounts, marks the image clean.
