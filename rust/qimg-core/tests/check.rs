@@ -3,112 +3,35 @@
 //! corrupted on purpose by patching bytes. For each image every counter
 //! qemu-img reports and every line it prints on stderr must match.
 //!
-//! Without qemu-img on PATH the tests pass with a note, unless CI is set.
+//! These tests need QEMU's qemu-img and qemu-io, so they are ignored by
+//! default; CI (scripts/test) runs them with `--include-ignored`.
+#![allow(clippy::expect_used)] // A test stops at the first surprise.
 
 mod common;
-#[path = "common/file_bytes.rs"]
-mod file_bytes;
+#[path = "common/qemu.rs"]
+mod qemu;
 use common::Rng;
+use qemu::{qemu_img, qemu_io, run, Scratch};
 use qimg_core::block::{open_image, FileNode, OpenOptions};
 use qimg_core::probe::Format;
 use qimg_core::qcow2::check::{check, CheckReport};
 use qimg_core::qcow2::image_header::ImageHeader;
 use qimg_core::qcow2::reader::Qcow2Node;
 use std::collections::HashMap;
-use std::fs::OpenOptions as FsOpenOptions;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use tempfile::TempDir;
 
-/// Whether qemu-img can be run; in CI its absence is a failure.
-fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "qemu-img is required when CI is set"
-        );
-        eprintln!("note: qemu-img not found on PATH; skipping the comparison with it");
-    }
-    ok
-}
-
-fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn qemu_img(args: &[&str]) {
-    run("qemu-img", args);
-}
-
-/// Runs qemu-io commands on a qcow2 image.
-fn qemu_io(path: &Path, cmds: &[&str]) {
-    let p = path.to_str().expect("utf-8 path");
-    let mut args = vec!["-f", "qcow2"];
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(p);
-    run("qemu-io", &args);
-}
-
-/// A scratch directory with one image in it.
-struct Scratch {
-    _dir: TempDir,
-    path: PathBuf,
-}
-
+/// What only these tests look at in the scratch image.
 impl Scratch {
-    fn new() -> Scratch {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("t.qcow2");
-        Scratch { _dir: dir, path }
-    }
-
-    fn p(&self) -> &str {
-        self.path.to_str().expect("utf-8 path")
-    }
-
+    /// A file beside the image, as a string for qemu-img's arguments.
     fn sibling(&self, name: &str) -> String {
         self.path
             .with_file_name(name)
             .to_str()
             .expect("utf-8 path")
             .to_string()
-    }
-
-    /// `qemu-img create -f qcow2 [-o opts] t.qcow2 size`.
-    fn create(&self, opts: &str, size: &str) {
-        if opts.is_empty() {
-            qemu_img(&["create", "-q", "-f", "qcow2", self.p(), size]);
-        } else {
-            qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, self.p(), size]);
-        }
-    }
-
-    fn io(&self, cmds: &[&str]) {
-        qemu_io(&self.path, cmds);
-    }
-
-    /// The big-endian u64 at `at`; bytes past the end of the file read as zeroes.
-    fn read_be64(&self, at: u64) -> u64 {
-        file_bytes::read_be64(&self.path, at)
     }
 
     fn read_be32(&self, at: u64) -> u32 {
@@ -118,26 +41,6 @@ impl Scratch {
         u32::from_be_bytes(b)
     }
 
-    fn patch(&self, at: u64, bytes: &[u8]) {
-        file_bytes::patch(&self.path, at, bytes);
-    }
-
-    fn patch_be64(&self, at: u64, v: u64) {
-        self.patch(at, &v.to_be_bytes());
-    }
-
-    fn len(&self) -> u64 {
-        std::fs::metadata(&self.path).expect("stat").len()
-    }
-
-    fn set_len(&self, len: u64) {
-        let f = FsOpenOptions::new()
-            .write(true)
-            .open(&self.path)
-            .expect("open");
-        f.set_len(len).expect("truncate");
-    }
-
     fn header(&self) -> ImageHeader {
         let head = std::fs::read(&self.path).expect("read image");
         ImageHeader::parse(&head, head.len() as u64).expect("a valid header")
@@ -145,31 +48,6 @@ impl Scratch {
 
     fn cluster_size(&self) -> u64 {
         1 << self.read_be32(20)
-    }
-
-    fn l1_offset(&self) -> u64 {
-        self.read_be64(40)
-    }
-
-    fn reftable_offset(&self) -> u64 {
-        self.read_be64(48)
-    }
-
-    /// Offset of the first L2 table (L1 entry 0 must be allocated).
-    fn l2_offset(&self) -> u64 {
-        let l2 = self.read_be64(self.l1_offset()) & 0x00ff_ffff_ffff_fe00;
-        assert_ne!(l2, 0, "L1 entry 0 is not allocated");
-        l2
-    }
-
-    /// Offset of the first refcount block, for 16-bit refcounts.
-    fn refblock_offset(&self) -> u64 {
-        self.read_be64(self.reftable_offset())
-    }
-
-    /// Byte offset of cluster `n`'s 16-bit stored refcount.
-    fn refcount_at(&self, cluster: u64) -> u64 {
-        self.refblock_offset() + cluster * 2
     }
 }
 
@@ -286,10 +164,8 @@ fn assert_clean(r: &CheckReport) {
 // ---- clean images --------------------------------------------------------
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn empty_image_is_clean() {
-    if !have_qemu() {
-        return;
-    }
     let s = Scratch::new();
     s.create("", "1M");
     let r = assert_same(s.p());
@@ -299,10 +175,8 @@ fn empty_image_is_clean() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn written_zeroed_and_discarded_image_is_clean() {
-    if !have_qemu() {
-        return;
-    }
     let s = Scratch::new();
     s.create("", "4M");
     s.io(&[
@@ -324,10 +198,8 @@ fn written_zeroed_and_discarded_image_is_clean() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn compressed_images_are_clean() {
-    if !have_qemu() {
-        return;
-    }
     let s = Scratch::new();
     let raw = s.sibling("src.raw");
     qemu_img(&["create", "-q", "-f", "raw", &raw, "1M"]);
@@ -364,10 +236,8 @@ fn qemu_io_raw(path: &str, cmds: &[&str]) {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn extended_l2_image_with_subcluster_writes_is_clean() {
-    if !have_qemu() {
-        return;
-    }
     let s = Scratch::new();
     s.create("extended_l2=on,cluster_size=64k", "4M");
     s.io(&[
@@ -383,10 +253,8 @@ fn extended_l2_image_with_subcluster_writes_is_clean() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn compat_v2_image_is_clean() {
-    if !have_qemu() {
-        return;
-    }
     let s = Scratch::new();
     s.create("compat=0.10", "2M");
     s.io(&["write -P 7 0 100k", "write -z 1M 64k", "discard 0 64k"]);
@@ -394,10 +262,8 @@ fn compat_v2_image_is_clean() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn small_and_large_cluster_sizes_are_clean() {
-    if !have_qemu() {
-        return;
-    }
     for (opts, writes) in [
         (
             "cluster_size=512",
@@ -413,10 +279,8 @@ fn small_and_large_cluster_sizes_are_clean() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn refcount_widths_one_and_sixty_four_are_clean() {
-    if !have_qemu() {
-        return;
-    }
     for opts in ["refcount_bits=1", "refcount_bits=8", "refcount_bits=64"] {
         let s = Scratch::new();
         s.create(opts, "2M");
@@ -426,10 +290,8 @@ fn refcount_widths_one_and_sixty_four_are_clean() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn image_with_snapshots_is_clean() {
-    if !have_qemu() {
-        return;
-    }
     let s = Scratch::new();
     s.create("", "4M");
     s.io(&["write -P 1 0 256k"]);
@@ -442,10 +304,8 @@ fn image_with_snapshots_is_clean() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn metadata_preallocated_image_is_clean() {
-    if !have_qemu() {
-        return;
-    }
     let s = Scratch::new();
     s.create("preallocation=metadata", "3M");
     let r = assert_same(s.p());
@@ -454,10 +314,8 @@ fn metadata_preallocated_image_is_clean() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn image_with_persistent_bitmaps_is_clean() {
-    if !have_qemu() {
-        return;
-    }
     let s = Scratch::new();
     s.create("", "4M");
     qemu_img(&["bitmap", "--add", s.p(), "b0"]);
@@ -467,10 +325,8 @@ fn image_with_persistent_bitmaps_is_clean() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn file_length_not_a_multiple_of_the_cluster_size_is_clean() {
-    if !have_qemu() {
-        return;
-    }
     let s = Scratch::new();
     s.create("", "1M");
     s.io(&["write -P 1 0 64k"]);
@@ -482,10 +338,8 @@ fn file_length_not_a_multiple_of_the_cluster_size_is_clean() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn zero_sized_image_is_clean() {
-    if !have_qemu() {
-        return;
-    }
     let s = Scratch::new();
     s.create("", "0");
     let r = assert_same(s.p());
@@ -494,10 +348,8 @@ fn zero_sized_image_is_clean() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn overlay_is_checked_without_its_backing_file() {
-    if !have_qemu() {
-        return;
-    }
     let s = Scratch::new();
     let base = s.sibling("base.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", &base, "2M"]);
@@ -528,14 +380,12 @@ fn two_cluster_image() -> Scratch {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn raised_refcount_is_a_leak_and_a_copied_flag_error() {
-    if !have_qemu() {
-        return;
-    }
     let s = two_cluster_image();
     let data = s.read_be64(s.l2_offset()) & 0x00ff_ffff_ffff_fe00;
     let cluster = data / s.cluster_size();
-    s.patch(s.refcount_at(cluster), &2u16.to_be_bytes());
+    s.set_refcount(cluster, 2);
     let r = assert_same(s.p());
     assert_eq!((r.leaks, r.corruptions), (1, 1));
     assert_eq!(
@@ -545,15 +395,13 @@ fn raised_refcount_is_a_leak_and_a_copied_flag_error() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn refcount_on_an_unreferenced_cluster_is_a_leak() {
-    if !have_qemu() {
-        return;
-    }
     let s = two_cluster_image();
     let cs = s.cluster_size();
     let end = s.len().div_ceil(cs);
     s.set_len((end + 1) * cs);
-    s.patch(s.refcount_at(end), &1u16.to_be_bytes());
+    s.set_refcount(end, 1);
     let r = assert_same(s.p());
     assert_eq!((r.leaks, r.corruptions), (1, 0));
     assert_eq!(
@@ -564,14 +412,12 @@ fn refcount_on_an_unreferenced_cluster_is_a_leak() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn zeroed_refcount_of_a_data_cluster_is_an_error() {
-    if !have_qemu() {
-        return;
-    }
     let s = two_cluster_image();
     let data = s.read_be64(s.l2_offset()) & 0x00ff_ffff_ffff_fe00;
     let cluster = data / s.cluster_size();
-    s.patch(s.refcount_at(cluster), &0u16.to_be_bytes());
+    s.set_refcount(cluster, 0);
     let r = assert_same(s.p());
     assert_eq!(r.corruptions, 2);
     assert_eq!(
@@ -581,10 +427,8 @@ fn zeroed_refcount_of_a_data_cluster_is_an_error() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn l2_entry_pointing_into_the_l1_table_is_an_overlap() {
-    if !have_qemu() {
-        return;
-    }
     let s = two_cluster_image();
     let l1 = s.l1_offset();
     s.patch_be64(s.l2_offset() + 8, (1 << 63) | l1);
@@ -593,10 +437,8 @@ fn l2_entry_pointing_into_the_l1_table_is_an_overlap() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn unaligned_l2_table_offset_is_reported() {
-    if !have_qemu() {
-        return;
-    }
     let s = two_cluster_image();
     let l1 = s.l1_offset();
     let entry = s.read_be64(l1);
@@ -609,10 +451,8 @@ fn unaligned_l2_table_offset_is_reported() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn l2_entries_beyond_the_end_of_the_file_are_reported() {
-    if !have_qemu() {
-        return;
-    }
     let s = two_cluster_image();
     let l2 = s.l2_offset();
     s.patch_be64(l2 + 8, (1 << 63) | 0x100_0000);
@@ -626,20 +466,16 @@ fn l2_entries_beyond_the_end_of_the_file_are_reported() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn l2_table_beyond_the_end_of_the_file_is_reported() {
-    if !have_qemu() {
-        return;
-    }
     let s = two_cluster_image();
     s.patch_be64(s.l1_offset() + 8, (1 << 63) | 0x4000_0000);
     assert_same(s.p());
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn reserved_bits_in_l1_and_l2_entries_are_reported() {
-    if !have_qemu() {
-        return;
-    }
     let s = two_cluster_image();
     let l1 = s.l1_offset();
     let l2 = s.l2_offset();
@@ -657,10 +493,8 @@ fn reserved_bits_in_l1_and_l2_entries_are_reported() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn unaligned_data_and_preallocated_zero_offsets_are_reported() {
-    if !have_qemu() {
-        return;
-    }
     let s = two_cluster_image();
     let l2 = s.l2_offset();
     let data0 = s.read_be64(l2);
@@ -680,10 +514,8 @@ fn unaligned_data_and_preallocated_zero_offsets_are_reported() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn refcount_block_outside_the_image_is_reported() {
-    if !have_qemu() {
-        return;
-    }
     let s = two_cluster_image();
     s.patch_be64(s.reftable_offset(), 0x1000_0000);
     let r = assert_same(s.p());
@@ -693,10 +525,8 @@ fn refcount_block_outside_the_image_is_reported() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn unaligned_refcount_block_is_a_check_error() {
-    if !have_qemu() {
-        return;
-    }
     let s = two_cluster_image();
     let rt = s.reftable_offset();
     s.patch_be64(rt, s.read_be64(rt) + 0x200);
@@ -705,10 +535,8 @@ fn unaligned_refcount_block_is_a_check_error() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn reserved_bits_in_the_refcount_table_are_reported() {
-    if !have_qemu() {
-        return;
-    }
     let s = two_cluster_image();
     let rt = s.reftable_offset();
     s.patch_be64(rt, s.read_be64(rt) | 0x1);
@@ -717,10 +545,8 @@ fn reserved_bits_in_the_refcount_table_are_reported() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn copied_flags_wrong_either_way_are_reported() {
-    if !have_qemu() {
-        return;
-    }
     let s = two_cluster_image();
     let l1 = s.l1_offset();
     s.patch_be64(l1, s.read_be64(l1) & !(1 << 63));
@@ -731,10 +557,8 @@ fn copied_flags_wrong_either_way_are_reported() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn compressed_cluster_with_copied_flag_is_reported() {
-    if !have_qemu() {
-        return;
-    }
     let s = Scratch::new();
     let raw = s.sibling("src.raw");
     qemu_img(&["create", "-q", "-f", "raw", &raw, "1M"]);
@@ -747,10 +571,8 @@ fn compressed_cluster_with_copied_flag_is_reported() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn shared_cluster_overflows_one_bit_refcounts() {
-    if !have_qemu() {
-        return;
-    }
     let s = Scratch::new();
     s.create("refcount_bits=1", "1M");
     s.io(&["write -P 1 0 64k"]);
@@ -764,10 +586,8 @@ fn shared_cluster_overflows_one_bit_refcounts() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn crash_with_lazy_refcounts_leaves_refcounts_behind() {
-    if !have_qemu() {
-        return;
-    }
     let s = Scratch::new();
     s.create("lazy_refcounts=on", "4M");
     // qemu-io's abort command kills the process before refcounts are written.
@@ -789,10 +609,8 @@ fn crash_with_lazy_refcounts_leaves_refcounts_behind() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn broken_snapshot_entries_are_reported() {
-    if !have_qemu() {
-        return;
-    }
     let s = Scratch::new();
     s.create("", "1M");
     s.io(&["write -P 1 0 64k"]);
@@ -819,10 +637,8 @@ fn broken_snapshot_entries_are_reported() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn too_much_snapshot_extra_data_fails_the_check_like_qemu() {
-    if !have_qemu() {
-        return;
-    }
     let s = Scratch::new();
     s.create("", "1M");
     qemu_img(&["snapshot", "-c", "one", s.p()]);
@@ -838,10 +654,8 @@ fn too_much_snapshot_extra_data_fails_the_check_like_qemu() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn file_of_more_than_int_max_clusters_is_refused_like_qemu() {
-    if !have_qemu() {
-        return;
-    }
     let s = Scratch::new();
     s.create("cluster_size=512", "1M");
     // Sparse: 2^31 + 1 clusters of 512 bytes.
@@ -880,10 +694,8 @@ fn assert_same_with_header(path: &str, header: ImageHeader) -> CheckReport {
 /// the file (it reads zeroes past its end); the check itself copes with
 /// that too, whatever the opener decides.
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn tables_past_the_end_of_the_file_are_counted_like_qemu() {
-    if !have_qemu() {
-        return;
-    }
     let s = two_cluster_image();
     let mut header = s.header();
     s.patch_be64(40, 0x100_0000);
@@ -907,10 +719,8 @@ fn tables_past_the_end_of_the_file_are_counted_like_qemu() {
 /// qemu-img wherever both tools complete the check; never panics.
 /// QIMG_CHECK_FUZZ_ROUNDS and QIMG_CHECK_FUZZ_SEED run it longer or differently.
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn random_metadata_damage_matches_qemu() {
-    if !have_qemu() {
-        return;
-    }
     let env_num = |name: &str, default: u64| {
         std::env::var(name)
             .ok()
@@ -1012,9 +822,9 @@ fn random_metadata_damage_matches_qemu() {
 
 /// Checks the image named by QIMG_CHECK_IMAGE (any image, e.g. a large one
 /// to time) against qemu-img: `QIMG_CHECK_IMAGE=x.qcow2 cargo test -p qimg-core
-/// --test check -- --ignored --nocapture`.
+/// --test check -- --ignored --nocapture`. Without QIMG_CHECK_IMAGE it checks nothing.
 #[test]
-#[ignore]
+#[ignore = "needs QEMU's qemu-img and an image named by QIMG_CHECK_IMAGE; run with --ignored"]
 fn image_from_the_environment_matches_qemu() {
     let Some(path) = std::env::var_os("QIMG_CHECK_IMAGE") else {
         return;

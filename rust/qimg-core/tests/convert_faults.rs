@@ -3,6 +3,7 @@
 //! hook that cancels. Each round runs under a hard deadline: the engine
 //! must return the error, with no thread left blocked (a worker stuck on
 //! the full channel once the writer stopped used to hang the copy).
+#![allow(clippy::expect_used)] // A test stops at the first surprise.
 
 use qimg_core::block::{BlockDev, FileNode, Status};
 use qimg_core::convert::{convert, ConvertOptions};

@@ -25,6 +25,7 @@
 //!   blanked), with how often it was seen, to review their wording.
 //!
 //! Run with `cargo test -p qimg-core --test mutation -- --nocapture` to see the counts.
+#![allow(clippy::expect_used)] // A test stops at the first surprise.
 
 use flate2::read::GzDecoder;
 use qimg_core::block::{map_extents, open_image, read_clipped, BlockDev, OpenOptions};

@@ -4,6 +4,7 @@
 //! truncated or oversized reply, data outside the request, a dead or silent
 //! server). Every fault must be an I/O error of the node, never a panic or a
 //! hang.
+#![allow(clippy::expect_used)] // A test stops at the first surprise.
 
 use qimg_core::block::nbd::{NbdNode, NbdOptions, NbdServer};
 use qimg_core::block::BlockDev;

@@ -1,6 +1,7 @@
 //! The quorum node end to end on raw replicas in a temporary directory:
 //! voted reads and their events, failing children (blkdebug), writes,
 //! rewrite-corrupted, blkverify, fifo, and scrub with repair.
+#![allow(clippy::expect_used)] // A test stops at the first surprise.
 
 use qimg_core::block::{open_spec, BlockDev, SpecOptions};
 use qimg_core::quorum::events::{EventData, EventLog, OpType};

@@ -12,98 +12,29 @@
 //! Where qimg differs from QEMU 10.0.2 on purpose, a test of its own says
 //! what qimg does instead (see the module docs of `qcow2/repair.rs`).
 //!
-//! Without qemu-img on PATH the tests pass with a note, unless CI is set.
+//! The tests that need QEMU's qemu-img and qemu-io are ignored by default;
+//! CI (scripts/test) runs them with `--include-ignored`.
+#![allow(clippy::expect_used)] // A test stops at the first surprise.
 
 mod common;
-#[path = "common/file_bytes.rs"]
-mod file_bytes;
+#[path = "common/qemu.rs"]
+mod qemu;
 use common::Rng;
+use qemu::{output, qemu_img, Scratch};
 use qimg_core::qcow2::check::CheckReport;
 use qimg_core::qcow2::repair::{rebuild_if_dirty, repair, RepairMode, RepairOutcome};
 use std::collections::HashMap;
-use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use tempfile::TempDir;
+use std::process::{Child, Command, Stdio};
 
 const CLUSTER: u64 = 65536;
-const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const COPIED: u64 = 1 << 63;
 /// The header byte holding the dirty bit (bit 0 of the incompatible features).
 const DIRTY_BYTE: usize = 79;
 
-/// Whether qemu-img and qemu-io can be run; in CI their absence is a failure.
-fn have_qemu() -> bool {
-    let ok = ["qemu-img", "qemu-io"].iter().all(|tool| {
-        Command::new(tool)
-            .arg("--version")
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    });
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "qemu-img and qemu-io are required when CI is set"
-        );
-        eprintln!("note: qemu-img/qemu-io not found on PATH; skipping the comparison with them");
-    }
-    ok
-}
-
-fn output(cmd: &str, args: &[&str]) -> Output {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
-}
-
-fn run(cmd: &str, args: &[&str]) {
-    let out = output(cmd, args);
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A scratch directory holding the damaged image `t.qcow2`.
-struct Scratch {
-    dir: TempDir,
-    path: PathBuf,
-}
-
+/// What only these tests do with the scratch image.
 impl Scratch {
-    fn new() -> Scratch {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("t.qcow2");
-        Scratch { dir, path }
-    }
-
-    fn p(&self) -> &str {
-        self.path.to_str().expect("utf-8 path")
-    }
-
-    fn create(&self, opts: &str, size: &str) {
-        let mut args = vec!["create", "-q", "-f", "qcow2"];
-        if !opts.is_empty() {
-            args.extend(["-o", opts]);
-        }
-        args.extend([self.p(), size]);
-        run("qemu-img", &args);
-    }
-
-    fn io(&self, cmds: &[&str]) {
-        let mut args = vec!["-f", "qcow2"];
-        for c in cmds {
-            args.extend(["-c", c]);
-        }
-        args.push(self.p());
-        run("qemu-io", &args);
-    }
-
     /// qemu-io writing `cmds`, then killed before it closes the image.
     fn io_killed(&self, cmds: &[&str]) {
         let mut args = vec!["-f", "qcow2"];
@@ -115,58 +46,13 @@ impl Scratch {
         assert!(!out.status.success(), "qemu-io was to be killed");
     }
 
-    fn read_be64(&self, at: u64) -> u64 {
-        file_bytes::read_be64(&self.path, at)
-    }
-
-    fn poke(&self, at: u64, bytes: &[u8]) {
-        file_bytes::patch(&self.path, at, bytes);
-    }
-
-    fn poke_be64(&self, at: u64, v: u64) {
-        self.poke(at, &v.to_be_bytes());
-    }
-
-    fn set_len(&self, len: u64) {
-        let f = OpenOptions::new()
-            .write(true)
-            .open(&self.path)
-            .expect("open");
-        f.set_len(len).expect("truncate");
-    }
-
-    fn len(&self) -> u64 {
-        std::fs::metadata(&self.path).expect("stat").len()
-    }
-
-    fn l1(&self) -> u64 {
-        self.read_be64(40)
-    }
-
-    fn reftable(&self) -> u64 {
-        self.read_be64(48)
-    }
-
-    fn l2(&self) -> u64 {
-        self.read_be64(self.l1()) & OFFSET_MASK
-    }
-
-    fn refblock(&self) -> u64 {
-        self.read_be64(self.reftable()) & OFFSET_MASK
-    }
-
-    /// Sets the 16-bit refcount of `cluster` (in the first refcount block).
-    fn set_refcount(&self, cluster: u64, value: u16) {
-        self.poke(self.refblock() + 2 * cluster, &value.to_be_bytes());
-    }
-
     fn incompatible(&self) -> u64 {
         self.read_be64(72)
     }
 
     /// A copy of the image beside it.
     fn copy(&self, name: &str) -> PathBuf {
-        let to = self.dir.path().join(name);
+        let to = self.path.with_file_name(name);
         std::fs::copy(&self.path, &to).expect("copy");
         to
     }
@@ -380,10 +266,8 @@ fn repairs_cleanly(s: &Scratch, mode: RepairMode) -> RepairOutcome {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn a_clean_image_is_left_as_it_is() {
-    if !have_qemu() {
-        return;
-    }
     let s = base();
     let before = std::fs::read(&s.path).expect("read");
     for mode in [RepairMode::Leaks, RepairMode::All] {
@@ -397,10 +281,8 @@ fn a_clean_image_is_left_as_it_is() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn leaked_clusters_are_freed_in_both_modes() {
-    if !have_qemu() {
-        return;
-    }
     let s = base();
     s.set_len(10 * CLUSTER);
     s.set_refcount(8, 1);
@@ -419,13 +301,11 @@ fn leaked_clusters_are_freed_in_both_modes() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn a_leaked_cluster_with_data_is_discarded() {
-    if !have_qemu() {
-        return;
-    }
     // Guest cluster 1 (host cluster 6) dropped from the L2 table.
     let s = base();
-    s.poke_be64(s.l2() + 8, 0);
+    s.patch_be64(s.l2_offset() + 8, 0);
     let (_, _, ours) = compare_repair(&s, RepairMode::Leaks);
     let f = std::fs::File::open(&ours).expect("open");
     let mut cluster = vec![0u8; CLUSTER as usize];
@@ -437,13 +317,11 @@ fn a_leaked_cluster_with_data_is_discarded() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn refcounts_too_low_are_raised_with_all_only() {
-    if !have_qemu() {
-        return;
-    }
     // After a snapshot the data clusters have two references.
     let s = base();
-    run("qemu-img", &["snapshot", "-c", "s1", s.p()]);
+    qemu_img(&["snapshot", "-c", "s1", s.p()]);
     s.set_refcount(5, 1);
     let (outcome, _, _) = compare_repair(&s, RepairMode::Leaks);
     assert_eq!(outcome.repair.corruptions, 2);
@@ -452,14 +330,12 @@ fn refcounts_too_low_are_raised_with_all_only() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn wrong_copied_flags_are_set_right() {
-    if !have_qemu() {
-        return;
-    }
     let s = base();
-    let (l1, l2) = (s.l1(), s.l2());
-    s.poke_be64(l1, s.read_be64(l1) & !COPIED);
-    s.poke_be64(l2, s.read_be64(l2) & !COPIED);
+    let (l1, l2) = (s.l1_offset(), s.l2_offset());
+    s.patch_be64(l1, s.read_be64(l1) & !COPIED);
+    s.patch_be64(l2, s.read_be64(l2) & !COPIED);
     for mode in [RepairMode::Leaks, RepairMode::All] {
         let outcome = repairs_cleanly(&s, mode);
         assert_eq!(outcome.corruptions_fixed, 2);
@@ -467,10 +343,8 @@ fn wrong_copied_flags_are_set_right() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn a_cluster_without_refcount_needs_a_rebuild() {
-    if !have_qemu() {
-        return;
-    }
     let s = base();
     s.set_refcount(5, 0);
     let (outcome, _, _) = compare_repair(&s, RepairMode::Leaks);
@@ -484,36 +358,30 @@ fn a_cluster_without_refcount_needs_a_rebuild() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn a_refcount_block_on_an_l2_table_is_rebuilt() {
-    if !have_qemu() {
-        return;
-    }
     let s = base();
-    s.poke_be64(s.reftable(), s.l2());
+    s.patch_be64(s.reftable_offset(), s.l2_offset());
     compare_repair(&s, RepairMode::Leaks);
     let outcome = repairs_cleanly(&s, RepairMode::All);
     assert_eq!((outcome.leaks_fixed, outcome.corruptions_fixed), (4, 5));
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn a_refcount_block_beyond_the_end_of_the_file_gets_a_longer_file() {
-    if !have_qemu() {
-        return;
-    }
     let s = base();
-    s.poke_be64(s.reftable() + 8, 0x10_0000);
+    s.patch_be64(s.reftable_offset() + 8, 0x10_0000);
     compare_repair(&s, RepairMode::Leaks);
     let (_, _, ours) = compare_repair(&s, RepairMode::All);
     assert_eq!(std::fs::metadata(ours).expect("stat").len(), 0x11_0000);
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn an_unaligned_preallocated_zero_cluster_becomes_a_zero_cluster() {
-    if !have_qemu() {
-        return;
-    }
     let s = base();
-    s.poke_be64(s.l2() + 24, COPIED | 0x7_0200 | 1);
+    s.patch_be64(s.l2_offset() + 24, COPIED | 0x7_0200 | 1);
     compare_repair(&s, RepairMode::Leaks);
     repairs_cleanly(&s, RepairMode::All);
 
@@ -521,35 +389,31 @@ fn an_unaligned_preallocated_zero_cluster_becomes_a_zero_cluster() {
     let s = Scratch::new();
     s.create("extended_l2=on", "4M");
     s.io(&["write -P 1 0 128k"]);
-    s.poke_be64(s.l2() + 16 * 3, 0x7_0200);
-    s.poke_be64(s.l2() + 16 * 3 + 8, 0xffff_ffff_0000_0000);
+    s.patch_be64(s.l2_offset() + 16 * 3, 0x7_0200);
+    s.patch_be64(s.l2_offset() + 16 * 3 + 8, 0xffff_ffff_0000_0000);
     compare_repair(&s, RepairMode::Leaks);
     repairs_cleanly(&s, RepairMode::All);
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn l2_entries_pointing_into_metadata() {
-    if !have_qemu() {
-        return;
-    }
     for target in ["l1", "reftable", "refblock"] {
         let s = base();
         let at = match target {
-            "l1" => COPIED | s.l1(),
-            "reftable" => s.reftable(),
-            _ => COPIED | s.refblock(),
+            "l1" => COPIED | s.l1_offset(),
+            "reftable" => s.reftable_offset(),
+            _ => COPIED | s.refblock_offset(),
         };
-        s.poke_be64(s.l2() + 16, at);
+        s.patch_be64(s.l2_offset() + 16, at);
         compare_repair(&s, RepairMode::Leaks);
         compare_repair(&s, RepairMode::All);
     }
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn a_dirty_lazy_refcounts_image_is_rebuilt_and_marked_clean() {
-    if !have_qemu() {
-        return;
-    }
     let s = Scratch::new();
     s.create("lazy_refcounts=on", "4M");
     s.io_killed(&["write -P 7 0 64k", "write -P 8 1M 128k"]);
@@ -575,10 +439,8 @@ fn a_dirty_lazy_refcounts_image_is_rebuilt_and_marked_clean() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn dirty_images_with_small_clusters_and_every_refcount_width() {
-    if !have_qemu() {
-        return;
-    }
     // 512-byte clusters: the rebuilt structure needs many refcount blocks
     // and a refcount table of more than one cluster.
     let s = Scratch::new();
@@ -598,29 +460,25 @@ fn dirty_images_with_small_clusters_and_every_refcount_width() {
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn many_leaks_across_many_refcount_blocks() {
-    if !have_qemu() {
-        return;
-    }
     // More refcount blocks change than qimg keeps in memory at once.
     let s = Scratch::new();
     s.create("cluster_size=512", "32M");
     s.io(&["write -P 3 0 12M"]);
     for i in 0..40 {
-        s.poke_be64(s.l1() + 8 * i, 0);
+        s.patch_be64(s.l1_offset() + 8 * i, 0);
     }
     let outcome = repairs_cleanly(&s, RepairMode::Leaks);
     assert!(outcome.leaks_fixed > 2000);
 }
 
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn compressed_v2_and_snapshot_images() {
-    if !have_qemu() {
-        return;
-    }
     let b = base();
     let s = Scratch::new();
-    run("qemu-img", &["convert", "-c", "-O", "qcow2", b.p(), s.p()]);
+    qemu_img(&["convert", "-c", "-O", "qcow2", b.p(), s.p()]);
     s.set_len(s.len() + 2 * CLUSTER);
     s.set_refcount(s.len() / CLUSTER - 1, 1);
     repairs_cleanly(&s, RepairMode::Leaks);
@@ -636,7 +494,7 @@ fn compressed_v2_and_snapshot_images() {
     let s = Scratch::new();
     s.create("lazy_refcounts=on", "4M");
     s.io(&["write -P 1 0 64k"]);
-    run("qemu-img", &["snapshot", "-c", "s", s.p()]);
+    qemu_img(&["snapshot", "-c", "s", s.p()]);
     s.io_killed(&["write -P 2 0 64k", "write -P 3 2M 64k"]);
     repairs_cleanly(&s, RepairMode::All);
 }
@@ -647,17 +505,15 @@ fn compressed_v2_and_snapshot_images() {
 /// reftable entry points (its overlap check still sees the old entry) and
 /// fails; qimg rebuilds.
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn broken_refcount_table_entries_are_rebuilt() {
-    if !have_qemu() {
-        return;
-    }
     for damage in ["reserved bits", "unaligned"] {
         let s = base();
-        let rt = s.reftable();
+        let rt = s.reftable_offset();
         let entry = s.read_be64(rt);
         match damage {
-            "reserved bits" => s.poke_be64(rt, entry | 1),
-            _ => s.poke_be64(rt, entry + 512),
+            "reserved bits" => s.patch_be64(rt, entry | 1),
+            _ => s.patch_be64(rt, entry + 512),
         }
         let reference = base();
         let ours = s.copy("qimg.qcow2");
@@ -691,10 +547,8 @@ fn broken_refcount_table_entries_are_rebuilt() {
 /// repair that could not complete; qimg keeps it, so that the image is
 /// still repaired before anyone writes to it.
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn dirty_bit_stays_when_the_repair_fails() {
-    if !have_qemu() {
-        return;
-    }
     let s = Scratch::new();
     s.create("lazy_refcounts=on", "4M");
     s.io_killed(&["write -P 7 0 64k"]);
@@ -709,10 +563,8 @@ fn dirty_bit_stays_when_the_repair_fails() {
 
 /// A writer's view: a dirty image is repaired before it is written to.
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn rebuild_if_dirty_repairs_dirty_images_only() {
-    if !have_qemu() {
-        return;
-    }
     let clean = base();
     assert!(rebuild_if_dirty(&clean.path).expect("clean").is_none());
     let s = Scratch::new();
@@ -731,10 +583,8 @@ fn rebuild_if_dirty_repairs_dirty_images_only() {
 
 /// Another QEMU process using the image keeps the repair out.
 #[test]
+#[ignore = "needs QEMU's qemu-img and qemu-io; run with --include-ignored"]
 fn an_image_in_use_is_not_repaired() {
-    if !have_qemu() {
-        return;
-    }
     let s = base();
     let mut holder: Child = Command::new("qemu-io")
         .args(["-f", "qcow2", s.p()])

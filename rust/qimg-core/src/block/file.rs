@@ -395,7 +395,15 @@ impl FileNode {
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.fault(IoType::Discard, offset, len)?;
         match &self.io {
-            Io::Local { .. } => self.zeroes(offset, len, true),
+            // Past the end of the file there is nothing to give back (and
+            // growing the file to punch a hole there would only grow it).
+            Io::Local { .. } => {
+                let inside = offset.saturating_add(len).min(self.file_len());
+                if inside <= offset {
+                    return Ok(());
+                }
+                self.zeroes(offset, inside - offset, true)
+            }
             Io::Nbd(export) => export.discard(offset, len),
         }
     }

@@ -476,6 +476,28 @@ unsafe impl Send for Sink {}
 /// A lent buffer, or None once the caller has taken it back.
 struct SinkSlot(Mutex<Option<Sink>>);
 
+/// The regions of one caller's buffer lent for a read. Dropping it takes
+/// them all back, so no way out of the read (an error, a panic) leaves a
+/// reader thread writing into the buffer once its owner has it again.
+struct Lent(Vec<Arc<SinkSlot>>);
+
+impl Lent {
+    /// Lends `len` bytes at `base + at` (see [`SinkSlot::lend`]).
+    fn lend(&mut self, base: *mut u8, at: usize, len: usize) -> Arc<SinkSlot> {
+        let slot = SinkSlot::lend(base, at, len);
+        self.0.push(Arc::clone(&slot));
+        slot
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        for slot in &self.0 {
+            slot.revoke();
+        }
+    }
+}
+
 /// The bytes a reply puts into a lent buffer.
 enum Bytes<'a> {
     /// The next bytes of the connection.
@@ -1127,10 +1149,11 @@ impl BlockDev for NbdNode {
         // of `buf`, which is not touched here until every region is taken
         // back.
         let base = buf.as_mut_ptr();
+        let mut lent = Lent(Vec::new());
         let mut sent = Vec::new();
         let mut first_err: Option<Error> = None;
         for (at, n) in self.pieces(offset, buf.len() as u64, READ_PIECE) {
-            let slot = SinkSlot::lend(base, (at - offset) as usize, n as usize);
+            let slot = lent.lend(base, (at - offset) as usize, n as usize);
             let conn = self.conn();
             match conn.send_to(CMD_READ, 0, at, n, &[], Some(Arc::clone(&slot))) {
                 Ok(rx) => sent.push((conn, rx, slot)),
@@ -1147,6 +1170,7 @@ impl BlockDev for NbdNode {
                 first_err.get_or_insert(self.error("Read failed", e));
             }
         }
+        drop(lent);
         match first_err {
             Some(e) => Err(e),
             None => Ok(()),
