@@ -13,7 +13,7 @@ use qimg_core::convert::{self as engine, Sparse};
 use qimg_core::prealloc::Prealloc;
 use qimg_core::probe::Format;
 use qimg_core::qcow2::amend::{AmendSpec, Backing};
-use qimg_core::qcow2::image_header::AUTOCLEAR_BITMAPS;
+use qimg_core::qcow2::format::AUTOCLEAR_BITMAPS;
 use qimg_core::qcow2::{bitmaps, snapshot, ClusterSize, Compat, RefcountOrder};
 use qimg_core::quorum::events::EventLog;
 use qimg_core::Error;

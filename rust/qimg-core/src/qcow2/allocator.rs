@@ -12,9 +12,9 @@
 //! to clusters the image on disk does not use, and clusters the change frees
 //! are held back from reuse until one header write switches to the new table.
 
+use super::format::{MAX_HOST_OFFSET, REFT_OFFSET_MASK};
 use super::image_header::ImageHeader;
 use super::refcount::{get_entry, set_entry};
-use super::refcount_reader::REFT_OFFSET_MASK;
 use super::types::{ClusterSize, RefcountOrder};
 use crate::block::{BlockDev, FileNode};
 use crate::error::{Error, Result};
@@ -23,8 +23,6 @@ use std::sync::Arc;
 
 /// Clean refcount blocks kept in memory at most (dirty ones are always kept).
 const MAX_CLEAN_BLOCKS: usize = 1024;
-/// Host offsets must fit the 56-bit offset fields of L1/L2 entries.
-const MAX_HOST_OFFSET: u64 = 1 << 56;
 
 struct Block {
     offset: u64,

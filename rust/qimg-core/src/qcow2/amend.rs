@@ -7,16 +7,19 @@
 //! the header switches to them, and old ones are released afterwards.
 
 use super::allocator::Allocator;
+use super::format::{
+    COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
+    MAX_REFTABLE_BYTES, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
+};
 use super::header::{
-    Header, SnapshotsField, COMPAT_LAZY_REFCOUNTS, EXT_BACKING_FORMAT, EXT_END, EXT_FEATURE_TABLE,
-    INCOMPAT_COMPRESSION, INCOMPAT_EXTL2, V2_HEADER_LEN, V3_HEADER_LEN,
+    Header, SnapshotsField, EXT_BACKING_FORMAT, EXT_END, EXT_FEATURE_TABLE, V2_HEADER_LEN,
+    V3_HEADER_LEN,
 };
 use super::image_header::{BitmapsExtension, ImageHeader, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE};
-use super::reader::{Qcow2Node, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO};
+use super::reader::Qcow2Node;
 use super::refcount::set_entry;
 use super::types::{Compat, CompressionType, RefcountOrder};
 use super::writer::WriteState;
-use super::OFLAG_COPIED;
 use crate::block::BlockDev;
 use crate::error::{Error, Result};
 use crate::prealloc::Prealloc;
@@ -449,7 +452,7 @@ impl Qcow2Node {
             }
             (blocks, table) = (b, t);
         }
-        if table * cs > super::MAX_REFTABLE_BYTES {
+        if table * cs > MAX_REFTABLE_BYTES {
             return Err(Error::TooLarge(
                 "the new refcount table would exceed QEMU's limit".into(),
             ));

@@ -14,8 +14,12 @@
 //! to have missed writes. Closing stores the tracked bits and clears the flag.
 
 use super::bitmaps::{
-    bitmap_shape, encode_directory, read_directory, DirEntry, FLAG_AUTO, FLAG_IN_USE,
-    GRANULARITY_BITS, MAX_BITMAPS, MAX_NAME_BYTES,
+    bitmap_shape, encode_directory, read_directory, DirEntry, GRANULARITY_BITS, MAX_BITMAPS,
+    MAX_NAME_BYTES,
+};
+use super::format::{
+    BITMAP_ENTRY_ALL_ONES, BITMAP_ENTRY_OFFSET_MASK, BITMAP_FLAG_AUTO, BITMAP_FLAG_IN_USE,
+    BITMAP_TYPE_DIRTY_TRACKING, MAX_BITMAP_BYTES,
 };
 use super::image_header::{be64, BitmapsExtension, ImageHeader};
 use super::reader::Qcow2Node;
@@ -23,16 +27,6 @@ use super::types::Compat;
 use super::writer::WriteState;
 use crate::block::{BlockDev, FileNode};
 use crate::error::{Error, Result};
-
-/// Type 1: dirty tracking, the only kind of bitmap QEMU defines.
-const KIND_DIRTY: u8 = 1;
-/// Bitmap table entry: bits 9-55 hold the offset of a cluster of bits.
-const ENTRY_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-/// Bitmap table entry without a cluster: every bit of its range is set.
-const ENTRY_ALL_ONES: u64 = 1;
-/// Most bytes of bits one bitmap may have (QEMU's limit): what a hostile
-/// directory can make qimg allocate.
-const MAX_BITMAP_BYTES: u64 = 512 << 20;
 
 /// One change `qimg bitmap` makes to a bitmap; several apply in order.
 #[derive(Debug, Clone)]
@@ -161,9 +155,9 @@ fn load_bits(file: &FileNode, cluster: u64, size: u64, e: &DirEntry) -> Result<V
         let entry = be64(raw, 0);
         let from = i * cluster as usize;
         let to = (from + cluster as usize).min(out.len());
-        let host = entry & ENTRY_OFFSET_MASK;
+        let host = entry & BITMAP_ENTRY_OFFSET_MASK;
         if host == 0 {
-            if entry & ENTRY_ALL_ONES != 0 {
+            if entry & BITMAP_ENTRY_ALL_ONES != 0 {
                 out[from..to].fill(0xff);
             }
             continue;
@@ -188,7 +182,7 @@ fn clusters_of(file: &FileNode, cluster: u64, e: &DirEntry) -> Result<Vec<(u64, 
     let mut out = vec![(e.table_offset, table_bytes.max(1).next_multiple_of(cluster))];
     for raw in table.chunks_exact(8) {
         let entry = be64(raw, 0);
-        let host = entry & ENTRY_OFFSET_MASK;
+        let host = entry & BITMAP_ENTRY_OFFSET_MASK;
         if host != 0 && host % cluster == 0 {
             out.push((host, cluster));
         }
@@ -205,7 +199,7 @@ pub(super) fn start_tracking(file: &FileNode, header: &ImageHeader) -> Result<Ve
     let cluster = header.cluster_size.bytes();
     let mut tracked = Vec::new();
     for e in read_directory(file, ext)? {
-        if e.flags & FLAG_AUTO == 0 || e.flags & FLAG_IN_USE != 0 {
+        if e.flags & BITMAP_FLAG_AUTO == 0 || e.flags & BITMAP_FLAG_IN_USE != 0 {
             continue;
         }
         tracked.push(Tracked {
@@ -245,7 +239,7 @@ impl Qcow2Node {
         let mut entries = read_directory(&self.file, ext)?;
         for e in &mut entries {
             if st.bitmaps.iter().any(|t| t.name == e.name) {
-                e.flags |= FLAG_IN_USE;
+                e.flags |= BITMAP_FLAG_IN_USE;
             }
         }
         self.file
@@ -271,7 +265,7 @@ impl Qcow2Node {
             .into_iter()
             .find(|e| e.name == name)
             .ok_or_else(|| Error::invalid(format!("Dirty bitmap '{name}' not found")))?;
-        if entry.flags & FLAG_IN_USE != 0 {
+        if entry.flags & BITMAP_FLAG_IN_USE != 0 {
             return Err(in_use(name));
         }
         let bits = match self.tracked_bits(name) {
@@ -326,11 +320,12 @@ impl Qcow2Node {
             if !loaded {
                 if let Some(i) = index {
                     let e = &entries[i];
-                    let bits = if e.flags & FLAG_IN_USE != 0 || matches!(op, BitmapOp::Remove) {
-                        Vec::new()
-                    } else {
-                        load_bits(&self.file, cluster, size, e)?
-                    };
+                    let bits =
+                        if e.flags & BITMAP_FLAG_IN_USE != 0 || matches!(op, BitmapOp::Remove) {
+                            Vec::new()
+                        } else {
+                            load_bits(&self.file, cluster, size, e)?
+                        };
                     target = Some((e.clone(), bits));
                 }
                 loaded = true;
@@ -390,8 +385,8 @@ impl Qcow2Node {
                         DirEntry {
                             table_offset: 0,
                             table_entries,
-                            flags: FLAG_AUTO,
-                            kind: KIND_DIRTY,
+                            flags: BITMAP_FLAG_AUTO,
+                            kind: BITMAP_TYPE_DIRTY_TRACKING,
                             granularity_bits: bits,
                             extra_len: 0,
                             name: name.to_string(),
@@ -409,13 +404,13 @@ impl Qcow2Node {
                     let Some((entry, bits)) = target.as_mut() else {
                         return Err(fail(op, format!("Dirty bitmap '{name}' not found")));
                     };
-                    if entry.flags & FLAG_IN_USE != 0 {
+                    if entry.flags & BITMAP_FLAG_IN_USE != 0 {
                         return Err(fail(op, in_use(name).to_string()));
                     }
                     match op {
                         BitmapOp::Clear => bits.fill(0),
-                        BitmapOp::Enable => entry.flags |= FLAG_AUTO,
-                        BitmapOp::Disable => entry.flags &= !FLAG_AUTO,
+                        BitmapOp::Enable => entry.flags |= BITMAP_FLAG_AUTO,
+                        BitmapOp::Disable => entry.flags &= !BITMAP_FLAG_AUTO,
                         BitmapOp::Merge(src) => {
                             merge(bits, entry.granularity_bits, src, size)
                                 .map_err(|why| fail(op, why))?;
@@ -475,7 +470,7 @@ impl Qcow2Node {
             match st.bitmaps.iter().find(|t| t.name == e.name) {
                 Some(t) => {
                     release.extend(clusters_of(&self.file, cluster, &e)?);
-                    e.flags &= !FLAG_IN_USE;
+                    e.flags &= !BITMAP_FLAG_IN_USE;
                     let bits = t.bits.clone();
                     updated.push((e, Some(bits)));
                 }
@@ -502,7 +497,7 @@ impl Qcow2Node {
             return Ok(Vec::new());
         };
         let entries = read_directory(&self.file, ext)?;
-        if let Some(e) = entries.iter().find(|e| e.flags & FLAG_IN_USE != 0) {
+        if let Some(e) = entries.iter().find(|e| e.flags & BITMAP_FLAG_IN_USE != 0) {
             return Err(Error::Unsupported(format!(
                 "Cannot resize: bitmap '{}' is inconsistent (a writer did not close the image); remove it first",
                 e.name
@@ -516,7 +511,7 @@ impl Qcow2Node {
         let flagged: Vec<DirEntry> = entries
             .into_iter()
             .map(|mut e| {
-                e.flags |= FLAG_IN_USE;
+                e.flags |= BITMAP_FLAG_IN_USE;
                 e
             })
             .collect();

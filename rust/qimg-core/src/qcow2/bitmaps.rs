@@ -2,6 +2,7 @@
 //! with every count, size, offset and length bounded before use. `info` lists
 //! the bitmaps from it; `check` counts their tables and data.
 
+use super::format::{BITMAP_FLAG_AUTO, BITMAP_FLAG_IN_USE};
 use super::image_header::{be16, be32, be64, BitmapsExtension};
 use crate::block::{BlockDev, FileNode};
 use crate::error::{Error, Result};
@@ -15,8 +16,6 @@ pub const MAX_NAME_BYTES: usize = 1023;
 pub const GRANULARITY_BITS: std::ops::RangeInclusive<u8> = 9..=31;
 /// Bytes of a directory entry before its extra data and name.
 const ENTRY_HEAD: usize = 24;
-pub const FLAG_IN_USE: u32 = 1;
-pub const FLAG_AUTO: u32 = 2;
 
 /// One entry of the bitmap directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,8 +164,8 @@ pub fn read_bitmap_directory(file: &FileNode, ext: &BitmapsExtension) -> Result<
         .into_iter()
         .map(|e| BitmapInfo {
             granularity: 1u64 << e.granularity_bits,
-            in_use: e.flags & FLAG_IN_USE != 0,
-            auto: e.flags & FLAG_AUTO != 0,
+            in_use: e.flags & BITMAP_FLAG_IN_USE != 0,
+            auto: e.flags & BITMAP_FLAG_AUTO != 0,
             name: e.name,
         })
         .collect())

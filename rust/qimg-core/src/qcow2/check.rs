@@ -21,14 +21,21 @@
 //! qemu-img repairs, and words its lines ("Repairing ...") as qemu-img does.
 
 use super::bitmaps;
-use super::image_header::{be64, ImageHeader, AUTOCLEAR_BITMAPS};
-use super::reader::{Qcow2Node, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO};
+use super::format::{
+    AUTOCLEAR_BITMAPS, BITMAP_ENTRY_ALL_ONES, BITMAP_ENTRY_OFFSET_MASK, BITMAP_ENTRY_RESERVED,
+    BITMAP_FLAG_IN_USE, BITMAP_TYPE_DIRTY_TRACKING, L1E_OFFSET_MASK, L1E_RESERVED_MASK,
+    L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK, MAX_BITMAP_BYTES, MAX_L1_BYTES, MAX_REFTABLE_BYTES,
+    OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, REFT_OFFSET_MASK, REFT_RESERVED_MASK,
+    SNAPSHOT_REQUIRED_EXTRA, SUBCLUSTERS_ALLOCATED,
+};
+use super::image_header::{be64, ImageHeader};
+use super::reader::Qcow2Node;
 use super::refcount::set_entry;
-use super::refcount_reader::{decode_refcount, REFT_OFFSET_MASK};
+use super::refcount_reader::decode_refcount;
 use super::repair::{ImageWriter, MetadataIndex, Overlap, ZeroFix};
 use super::snapshot::{self, Snapshot};
 use super::types::{Compat, RefcountOrder};
-use super::{MAX_L1_BYTES, MAX_REFTABLE_BYTES, OFLAG_COPIED};
+
 use crate::block::file::MAX_REQUEST_END;
 use crate::block::{BlockDev, FileNode};
 use crate::error::{strerror, Error, Result};
@@ -56,24 +63,9 @@ pub struct CheckReport {
     pub messages: Vec<String>,
 }
 
-/// L1 entry bits that must be zero: 0-8 and 56-62.
-const L1E_RESERVED_MASK: u64 = 0x7f00_0000_0000_01ff;
-/// Standard L2 descriptor bits that must be zero: 1-8 and 56-61.
-const L2E_STD_RESERVED_MASK: u64 = 0x3f00_0000_0000_01fe;
-/// Refcount table entry bits that must be zero: 0-8.
-const REFT_RESERVED_MASK: u64 = 0x1ff;
-/// Allocation half of an extended L2 subcluster bitmap.
-const SUBCLUSTERS_ALLOCATED: u64 = 0xffff_ffff;
-/// Extra data a v3 snapshot entry must have (vm_state_size_large, disk_size).
-const SNAPSHOT_REQUIRED_EXTRA: u64 = 16;
 /// Bitmap directory limits and layout (docs/interop/qcow2.rst, "Bitmaps").
 const BITMAP_MAX_TABLE_ENTRIES: u64 = 0x800_0000;
-const BITMAP_MAX_DATA_BYTES: u64 = 0x2000_0000;
 const BITMAP_KNOWN_FLAGS: u32 = 0b11;
-const BITMAP_TYPE_DIRTY_TRACKING: u8 = 1;
-const BITMAP_ENTRY_RESERVED: u64 = 0xff00_0000_0000_01fe;
-const BITMAP_ENTRY_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-const BITMAP_ENTRY_ALL_ONES: u64 = 1;
 /// QEMU refuses to check files of more clusters than this (INT_MAX).
 const MAX_CHECK_CLUSTERS: u64 = i32::MAX as u64;
 /// Stored refcount blocks kept decoded between lookups.
@@ -928,10 +920,10 @@ impl<'a> Checker<'a> {
                 return None;
             }
             let data_bytes = e.table_entries * cs;
-            if data_bytes > BITMAP_MAX_DATA_BYTES {
+            if data_bytes > MAX_BITMAP_BYTES {
                 return None;
             }
-            if e.flags & bitmaps::FLAG_IN_USE == 0
+            if e.flags & BITMAP_FLAG_IN_USE == 0
                 && virtual_size > (data_bytes * 8) << e.granularity_bits
             {
                 return None;

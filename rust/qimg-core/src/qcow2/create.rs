@@ -1,11 +1,11 @@
 //! Creating qcow2 images: validation, then one sequential stream of metadata
 //! from offset 0, then the data region as the preallocation mode asks.
 
+use super::format::OFLAG_COPIED;
 use super::header::Header;
 use super::layout::{l2_entry_bytes, CreateLayout};
 use super::refcount::fill_leading_ones;
 use super::types::{ClusterSize, Compat, CompressionType, RefcountOrder};
-use super::OFLAG_COPIED;
 use crate::error::{Error, Result};
 use crate::file::{fallocate, write_zeroes, FileOptions, NewFile};
 use crate::prealloc::Prealloc;

@@ -2,7 +2,10 @@
 //! backing file name, encoded exactly as QEMU lays them out so that images
 //! are interchangeable byte for byte.
 
-use super::image_header::{BitmapsExtension, AUTOCLEAR_BITMAPS, EXT_BITMAPS};
+use super::format::{
+    AUTOCLEAR_BITMAPS, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2,
+};
+use super::image_header::{BitmapsExtension, EXT_BITMAPS};
 use super::types::{ClusterSize, Compat, CompressionType, RefcountOrder};
 use crate::error::{Error, Result};
 
@@ -17,13 +20,6 @@ pub const MAX_BACKING_NAME: usize = 1023;
 pub const EXT_END: u32 = 0;
 pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 pub const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
-
-pub const INCOMPAT_DIRTY: u64 = 1 << 0;
-pub const INCOMPAT_CORRUPT: u64 = 1 << 1;
-pub const INCOMPAT_DATA_FILE: u64 = 1 << 2;
-pub const INCOMPAT_COMPRESSION: u64 = 1 << 3;
-pub const INCOMPAT_EXTL2: u64 = 1 << 4;
-pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 
 /// Names of the feature bits, published in the header so that tools that do
 /// not know a bit can still name it. (kind, bit, name); kind 0 incompatible,

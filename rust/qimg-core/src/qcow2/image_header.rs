@@ -5,13 +5,16 @@
 //! file length before anything is sized or sought by it. The result is a
 //! plain value (`ImageHeader`) whose fields can be trusted by the reader.
 
+use super::format::{
+    AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION,
+    INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, MAX_L1_BYTES,
+    MAX_REFTABLE_BYTES, MAX_SNAPSHOTS,
+};
 use super::header::{
-    COMPAT_LAZY_REFCOUNTS, EXT_BACKING_FORMAT, EXT_END, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION,
-    INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, MAGIC, MAX_BACKING_NAME,
-    V2_HEADER_LEN,
+    EXT_BACKING_FORMAT, EXT_END, EXT_FEATURE_TABLE, MAGIC, MAX_BACKING_NAME, V2_HEADER_LEN,
 };
 use super::types::{ClusterSize, Compat, CompressionType, RefcountOrder};
-use super::{MAX_L1_BYTES, MAX_REFTABLE_BYTES};
+
 use crate::error::{Error, Result};
 
 pub const EXT_BITMAPS: u32 = 0x2385_2875;
@@ -21,12 +24,6 @@ pub const EXT_DATA_FILE: u32 = 0x4441_5441;
 /// Incompatible feature bits qimg knows how to read.
 const KNOWN_INCOMPAT: u64 =
     INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
-/// The bitmaps autoclear bit: persistent dirty bitmaps are present.
-pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
-/// The raw-external-data autoclear bit.
-pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
-/// Offset of the autoclear feature bits in the header.
-pub const HEADER_AUTOCLEAR: u64 = 88;
 
 /// The autoclear bits a writer may leave set: the ones QEMU knows. The spec
 /// makes a writer clear every other one before it modifies the image (their
@@ -35,8 +32,6 @@ pub const HEADER_AUTOCLEAR: u64 = 88;
 pub fn kept_autoclear(bits: u64) -> u64 {
     bits & (AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW)
 }
-/// Most snapshots QEMU accepts in one image.
-pub const MAX_SNAPSHOTS: u32 = 65536;
 /// Header extension payloads larger than this are not plausible.
 const MAX_EXTENSION_LEN: u64 = 1 << 20;
 

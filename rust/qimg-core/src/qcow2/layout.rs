@@ -1,8 +1,9 @@
 //! Pure layout math for qcow2: how many clusters of each kind an image needs
 //! and where they go. No I/O here; everything is unit-tested directly.
 
+use super::format::{MAX_L1_BYTES, MAX_REFTABLE_BYTES};
 use super::types::{ClusterSize, RefcountOrder};
-use super::{MAX_L1_BYTES, MAX_REFTABLE_BYTES};
+
 use crate::error::{Error, Result};
 use crate::prealloc::Prealloc;
 

@@ -7,6 +7,7 @@ pub mod bitmaps;
 pub mod check;
 pub mod compress;
 pub mod create;
+pub mod format;
 pub mod header;
 pub mod image_header;
 pub mod l2cache;
@@ -23,10 +24,3 @@ pub mod writer;
 
 pub use create::{create, BackingSpec, CreateSpec};
 pub use types::{ClusterSize, Compat, CompressionType, RefcountOrder};
-
-/// Largest L1 table QEMU will open (bytes); images needing more are "too large".
-pub const MAX_L1_BYTES: u64 = 32 * 1024 * 1024;
-/// Largest refcount table QEMU will open (bytes).
-pub const MAX_REFTABLE_BYTES: u64 = 8 * 1024 * 1024;
-/// Set in L1 and L2 entries whose target has refcount exactly one.
-pub const OFLAG_COPIED: u64 = 1 << 63;

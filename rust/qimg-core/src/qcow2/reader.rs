@@ -3,6 +3,7 @@
 //! clusters, and fall-through to the backing node.
 
 use super::compress::decompress;
+use super::format::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO};
 use super::image_header::ImageHeader;
 use super::l2cache::L2Cache;
 use super::writer::WriteState;
@@ -12,12 +13,6 @@ use rayon::prelude::*;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 
-/// L1 entry: bits 9-55 hold the L2 table offset.
-pub const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-/// Standard L2 entry: bits 9-55 hold the host cluster offset.
-pub const L2E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-pub const OFLAG_COMPRESSED: u64 = 1 << 62;
-pub const OFLAG_ZERO: u64 = 1;
 /// Reads at least this long are split across threads.
 const PARALLEL_READ_MIN: usize = 4 << 20;
 /// Piece of a parallel read handed to one thread.

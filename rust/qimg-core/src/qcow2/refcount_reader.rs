@@ -1,13 +1,11 @@
 //! Reading stored refcounts of an existing image.
 
+use super::format::REFT_OFFSET_MASK;
 use super::image_header::{be16, be32, be64, ImageHeader};
 use crate::block::{BlockDev, FileNode};
 use crate::error::{Error, Result};
 use std::cell::RefCell;
 use std::rc::Rc;
-
-/// Reftable entry: bits 9-63 hold the refcount block offset.
-pub const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 
 pub struct RefcountReader<'a> {
     file: &'a FileNode,

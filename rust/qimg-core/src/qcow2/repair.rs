@@ -51,13 +51,15 @@
 //! when it closes an image it opened for writing).
 
 use super::check::{check_opened, CheckReport, Checker, Counters, Fix, Fixed};
-use super::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
-use super::image_header::{be64, kept_autoclear, ImageHeader, AUTOCLEAR_BITMAPS, HEADER_AUTOCLEAR};
-use super::reader::L1E_OFFSET_MASK;
-use super::refcount_reader::REFT_OFFSET_MASK;
+use super::format::{
+    AUTOCLEAR_BITMAPS, HEADER_AUTOCLEAR, HEADER_INCOMPATIBLE, HEADER_REFTABLE_OFFSET,
+    INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK, MAX_REFTABLE_BYTES, OFLAG_ZERO,
+    REFT_OFFSET_MASK,
+};
+
+use super::image_header::{be64, kept_autoclear, ImageHeader};
 use super::snapshot::Snapshot;
 use super::types::{ClusterSize, Compat};
-use super::MAX_REFTABLE_BYTES;
 use crate::block::file::MAX_REQUEST_END;
 use crate::block::lock::{self, LockRequest, Sharing};
 use crate::block::FileNode;
@@ -439,15 +441,11 @@ fn update_incompatible(
     }
     // Everything the header's state depends on is on disk before it changes.
     writer.sync()?;
-    writer.write_at(&bits.to_be_bytes(), INCOMPATIBLE_FEATURES_OFFSET)
+    writer.write_at(&bits.to_be_bytes(), HEADER_INCOMPATIBLE)
 }
 
 /// How much a repair grows a file for a refcount block beyond its end, at most.
 const MAX_GROWTH: u64 = 1 << 30;
-
-/// Byte offsets of header fields (docs/interop/qcow2.rst).
-const INCOMPATIBLE_FEATURES_OFFSET: u64 = 72;
-const REFTABLE_OFFSET_OFFSET: u64 = 48;
 
 // ---- writing -----------------------------------------------------------------
 
@@ -739,7 +737,7 @@ impl<'a> Checker<'a> {
             bytes.extend_from_slice(&0u64.to_be_bytes());
             bytes.extend_from_slice(&zeroes.to_be_bytes());
         } else {
-            bytes.extend_from_slice(&super::reader::OFLAG_ZERO.to_be_bytes());
+            bytes.extend_from_slice(&OFLAG_ZERO.to_be_bytes());
         }
         let own = if active {
             Overlap::ACTIVE_L2
@@ -1004,7 +1002,7 @@ impl<'a> Checker<'a> {
         let mut pointer = [0u8; 12];
         pointer[..8].copy_from_slice(&table_offset.to_be_bytes());
         pointer[8..].copy_from_slice(&clusters.to_be_bytes());
-        w.write_at(&pointer, REFTABLE_OFFSET_OFFSET)
+        w.write_at(&pointer, HEADER_REFTABLE_OFFSET)
             .and_then(|()| w.sync())
             .map_err(|e| failed("ERROR setting reftable", &e))?;
         Ok(())

@@ -2,20 +2,15 @@
 //! L1 table (moved to a larger place when it must), preallocating the new
 //! area, or dropping everything past a smaller size and cutting the file.
 
+use super::format::{HEADER_L1_SIZE, HEADER_SIZE, L1E_OFFSET_MASK, MAX_L1_BYTES, OFLAG_COPIED};
 use super::reader::Qcow2Node;
 use super::writer::{Release, WriteState};
 use super::Compat;
-use super::MAX_L1_BYTES;
-use super::OFLAG_COPIED;
 use crate::block::BlockDev;
 use crate::error::{Error, Result};
 use crate::prealloc::Prealloc;
 use std::sync::atomic::Ordering;
 use std::sync::PoisonError;
-
-/// Header offsets of the fields a resize changes.
-const HEADER_SIZE: u64 = 24;
-const HEADER_L1_SIZE: u64 = 36;
 
 impl Qcow2Node {
     /// Sets the virtual size to `new_size` (a multiple of 512). A larger size
@@ -208,7 +203,7 @@ impl Qcow2Node {
         let l1_len = self.l1_read().len();
         for index in needed..l1_len {
             let entry = self.l1_read()[index];
-            let offset = entry & super::reader::L1E_OFFSET_MASK;
+            let offset = entry & L1E_OFFSET_MASK;
             if offset != 0 {
                 self.set_l1(st, index, 0);
                 self.l2_cache.remove(offset);

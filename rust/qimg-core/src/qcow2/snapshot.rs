@@ -2,16 +2,13 @@
 //! `check` and the snapshot commands, bounded as QEMU bounds the table, and
 //! the encoder the snapshot commands write a new table with.
 
+use super::format::{MAX_SNAPSHOT_EXTRA, MAX_SNAPSHOT_TABLE_BYTES};
 use super::image_header::{be16, be32, be64, ImageHeader};
 use crate::block::{BlockDev, FileNode};
 use crate::error::{Error, Result};
 
 /// Fixed part of a snapshot table entry.
 const ENTRY_FIXED: u64 = 40;
-/// Largest extra-data area QEMU accepts per entry.
-const MAX_EXTRA: u64 = 1024;
-/// Largest whole snapshot table QEMU accepts (1 KiB for each of 65536 snapshots).
-const MAX_TABLE_BYTES: u64 = 1024 * 65536;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
@@ -70,7 +67,7 @@ impl TableProblem {
     pub fn repair_line(self) -> String {
         match self {
             TableProblem::TooMuchExtra { index, bytes } => format!(
-                "Discarding too much extra metadata in snapshot table entry {index} ({bytes} > {MAX_EXTRA})"
+                "Discarding too much extra metadata in snapshot table entry {index} ({bytes} > {MAX_SNAPSHOT_EXTRA})"
             ),
             TableProblem::TooBig { overhanging } => format!(
                 "Discarding {overhanging} overhanging snapshots (snapshot table is too big)"
@@ -113,12 +110,12 @@ pub fn read_table(file: &FileNode, header: &ImageHeader) -> Result<SnapshotTable
         let id_len = u64::from(be16(&fixed, 12));
         let name_len = u64::from(be16(&fixed, 14));
         let extra_len = u64::from(be32(&fixed, 36));
-        let kept_extra = if extra_len > MAX_EXTRA {
+        let kept_extra = if extra_len > MAX_SNAPSHOT_EXTRA {
             problems.push(TableProblem::TooMuchExtra {
                 index,
                 bytes: extra_len,
             });
-            MAX_EXTRA
+            MAX_SNAPSHOT_EXTRA
         } else {
             extra_len
         };
@@ -129,7 +126,7 @@ pub fn read_table(file: &FileNode, header: &ImageHeader) -> Result<SnapshotTable
         let name = c_string(&file.read_vec(offset, name_len)?);
         offset += name_len;
         table_len += ENTRY_FIXED + kept_extra + id_len + name_len;
-        if table_len > MAX_TABLE_BYTES || offset - start > i32::MAX as u64 {
+        if table_len > MAX_SNAPSHOT_TABLE_BYTES || offset - start > i32::MAX as u64 {
             problems.push(TableProblem::TooBig {
                 overhanging: count - index,
             });

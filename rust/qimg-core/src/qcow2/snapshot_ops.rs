@@ -16,21 +16,20 @@
 //! at most unused clusters past the old one's end.
 
 use super::allocator::Allocator;
+use super::format::{
+    HEADER_SIZE, L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAX_L1_BYTES, MAX_SNAPSHOTS, OFLAG_COMPRESSED,
+    OFLAG_COPIED,
+};
 use super::image_header::{be64, ImageHeader};
-use super::reader::{Qcow2Node, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED};
+use super::reader::Qcow2Node;
 use super::snapshot::{encode_table, read_snapshots, Snapshot};
 use super::writer::{compressed_range, WriteState};
-use super::{MAX_L1_BYTES, OFLAG_COPIED};
+
 use crate::block::BlockDev;
 use crate::error::{Error, Result};
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
-
-/// Header offsets of the fields the snapshot commands change.
-const HEADER_SIZE: u64 = 24;
-/// QEMU's limit on the number of snapshots.
-const MAX_SNAPSHOTS: usize = 65536;
 
 /// Which snapshot to read (`convert -l`, `qimg.open(..., snapshot=)`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,7 +66,7 @@ impl Qcow2Node {
     /// not be unique, the new snapshot gets the next free numeric ID.
     pub fn create_snapshot(&self, name: &str, date_sec: u32, date_nsec: u32) -> Result<()> {
         let mut list = self.snapshot_list()?;
-        if list.len() >= MAX_SNAPSHOTS {
+        if list.len() >= MAX_SNAPSHOTS as usize {
             return Err(Error::invalid(format!(
                 "Too many snapshots (QEMU's limit is {MAX_SNAPSHOTS})"
             )));

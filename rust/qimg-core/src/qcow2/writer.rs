@@ -16,21 +16,18 @@
 
 use super::allocator::Allocator;
 use super::compress::compress;
-use super::image_header::{kept_autoclear, ImageHeader, HEADER_AUTOCLEAR};
-use super::reader::{Qcow2Node, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO};
+use super::format::{
+    HEADER_AUTOCLEAR, HEADER_INCOMPATIBLE, HEADER_REFTABLE_OFFSET, INCOMPAT_DIRTY, L1E_OFFSET_MASK,
+    L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTERS_ALLOCATED,
+    SUBCLUSTERS_ZERO,
+};
+use super::image_header::{kept_autoclear, ImageHeader};
+use super::reader::Qcow2Node;
 use super::types::Compat;
-use super::OFLAG_COPIED;
 use crate::block::{check_request, BlockDev, FileNode};
 use crate::error::{Error, Result};
 use std::sync::{MutexGuard, PoisonError};
 
-/// Offset of the incompatible feature bits in a v3 header.
-const HEADER_INCOMPATIBLE: u64 = 72;
-const HEADER_REFTABLE_OFFSET: u64 = 48;
-const INCOMPAT_DIRTY: u64 = 1;
-/// Extended L2 bitmap: every subcluster reads as zeroes.
-const ALL_ZEROES: u64 = 0xffff_ffff << 32;
-const ALL_ALLOCATED: u64 = 0xffff_ffff;
 /// Dirty metadata beyond this is written back even without a flush.
 const DIRTY_TABLES_LIMIT: usize = 256;
 /// Zeroes written per request where a format cannot mark zeroes.
@@ -405,7 +402,7 @@ impl Qcow2Node {
                 let first = lo / unit;
                 let n = (hi - lo) / unit;
                 if n >= 32 {
-                    ALL_ALLOCATED
+                    SUBCLUSTERS_ALLOCATED
                 } else {
                     ((1u64 << n) - 1) << first
                 }
@@ -416,7 +413,7 @@ impl Qcow2Node {
                         let bitmap = t[p.index * 2 + 1];
                         let mask = unit_bits(p.lo, p.hi);
                         let new_bitmap = match p.action {
-                            Action::New { whole: true } => ALL_ALLOCATED,
+                            Action::New { whole: true } => SUBCLUSTERS_ALLOCATED,
                             _ => (bitmap | mask) & !(mask << 32),
                         };
                         t[p.index * 2] = host | OFLAG_COPIED;
@@ -487,7 +484,7 @@ impl Qcow2Node {
                 } else if discard {
                     if has_backing || allocated {
                         if ext {
-                            (0, ALL_ZEROES, old_range)
+                            (0, SUBCLUSTERS_ZERO, old_range)
                         } else if v3 {
                             (OFLAG_ZERO, 0, old_range)
                         } else {
@@ -506,12 +503,12 @@ impl Qcow2Node {
                     (entry, (bitmap & !mask) | (mask << 32), None)
                 } else if unmap || compressed {
                     if ext {
-                        (0, ALL_ZEROES, old_range)
+                        (0, SUBCLUSTERS_ZERO, old_range)
                     } else {
                         (OFLAG_ZERO, 0, old_range)
                     }
                 } else if ext {
-                    (entry, ALL_ZEROES, None)
+                    (entry, SUBCLUSTERS_ZERO, None)
                 } else {
                     (entry | OFLAG_ZERO, 0, None)
                 };
