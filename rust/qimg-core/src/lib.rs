@@ -8,14 +8,14 @@ pub mod commit;
 pub mod compare;
 pub mod convert;
 pub mod error;
-pub mod file;
+pub mod host_file;
 pub mod measure;
 pub mod prealloc;
 pub mod probe;
 pub mod progress;
 pub mod qcow2;
 pub mod quorum;
-pub mod raw;
+pub mod raw_create;
 pub mod rebase;
 
 pub use error::{Error, ErrorKind, Result};

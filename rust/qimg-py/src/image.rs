@@ -1,8 +1,8 @@
 //! Open images as Python objects: reads, map, the facts `info` shows,
 //! compare and convert. Every call that touches the disk releases the GIL.
 
-use crate::long::run_long;
-use crate::to_py;
+use crate::convey::run_long;
+use crate::convey::to_py;
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList};
 use qimg_core::block::cache::CacheMode;
@@ -383,8 +383,8 @@ impl Image {
 
     /// The quorum events recorded since the last call, oldest first:
     /// (name, seconds, microseconds, QMP data).
-    fn take_events<'py>(&self, py: Python<'py>) -> PyResult<Vec<crate::quorum::EventTuple<'py>>> {
-        crate::quorum::take_events(py, self.events.as_ref())
+    fn take_events<'py>(&self, py: Python<'py>) -> PyResult<Vec<crate::convey::EventTuple<'py>>> {
+        crate::convey::take_events(py, self.events.as_ref())
     }
 
     /// The backing image, if the chain was opened.
@@ -586,5 +586,5 @@ pub fn check_image<'py>(
         None => Err(Error::invalid("not a qcow2 image")),
     })?
     .map_err(to_py)?;
-    crate::repair::report_dict(py, &report).map(Some)
+    crate::convey::report_dict(py, &report).map(Some)
 }

@@ -1,59 +1,21 @@
 //! qimg._core: the Python face of qimg-core. Arguments come in as owned
 //! values, real work runs with the GIL released, and every core error is
-//! mapped to a `qimg.errors` exception in one place (`to_py`).
+//! mapped to a `qimg.errors` exception in one place (`convey::to_py`).
 
+use convey::to_py;
 use pyo3::prelude::*;
-use qimg_core::file::FileOptions;
+use qimg_core::host_file::FileOptions;
 use qimg_core::measure::{self, Qcow2Target};
 use qimg_core::qcow2::layout::CreateLayout;
 use qimg_core::qcow2::{self, BackingSpec, ClusterSize, Compat, CompressionType, RefcountOrder};
-use qimg_core::{Error, ErrorKind, Prealloc};
+use qimg_core::{Error, Prealloc};
 use std::path::PathBuf;
 
+mod convey;
 mod image;
 mod lifecycle;
-mod long;
-mod quorum;
-mod repair;
-
-mod errors {
-    pyo3::import_exception!(qimg.errors, InvalidOptionError);
-    pyo3::import_exception!(qimg.errors, ImageTooLargeError);
-    pyo3::import_exception!(qimg.errors, InvalidImageError);
-    pyo3::import_exception!(qimg.errors, ImageIOError);
-    pyo3::import_exception!(qimg.errors, ImageNotFoundError);
-    pyo3::import_exception!(qimg.errors, ImagePermissionError);
-    pyo3::import_exception!(qimg.errors, ImageIsADirectoryError);
-    pyo3::import_exception!(qimg.errors, ReadOnlyError);
-    pyo3::import_exception!(qimg.errors, NoSpaceError);
-    pyo3::import_exception!(qimg.errors, ImageLockedError);
-    pyo3::import_exception!(qimg.errors, UnsupportedError);
-    pyo3::import_exception!(qimg.errors, CancelledError);
-}
-
-/// The single mapping from core errors to Python exceptions.
-pub(crate) fn to_py(err: Error) -> PyErr {
-    let msg = err.to_string();
-    match err {
-        Error::InvalidArgument(_) => errors::InvalidOptionError::new_err(msg),
-        Error::TooLarge(_) => errors::ImageTooLargeError::new_err(msg),
-        Error::InvalidImage(_) => errors::InvalidImageError::new_err(msg),
-        Error::Busy(_) => errors::ImageLockedError::new_err(msg),
-        Error::Unsupported(_) => errors::UnsupportedError::new_err(msg),
-        Error::Cancelled(_) => errors::CancelledError::new_err(msg),
-        Error::Io { ref source, .. } => {
-            let errno = source.raw_os_error().unwrap_or(0);
-            match err.kind() {
-                ErrorKind::NotFound => errors::ImageNotFoundError::new_err((msg, errno)),
-                ErrorKind::Permission => errors::ImagePermissionError::new_err((msg, errno)),
-                ErrorKind::IsADirectory => errors::ImageIsADirectoryError::new_err((msg, errno)),
-                ErrorKind::ReadOnly => errors::ReadOnlyError::new_err((msg, errno)),
-                ErrorKind::NoSpace => errors::NoSpaceError::new_err((msg, errno)),
-                _ => errors::ImageIOError::new_err((msg, errno)),
-            }
-        }
-    }
-}
+mod repairing;
+mod trees;
 
 fn prealloc(name: &str) -> PyResult<Prealloc> {
     Prealloc::from_name(name).ok_or_else(|| {
@@ -164,7 +126,7 @@ impl Qcow2Spec {
     ) -> PyResult<()> {
         let opts = file_options(nocow, extent_size_hint);
         let spec = self.spec.clone();
-        long::run_long(py, None, move |_| qcow2::create(&path, &spec, opts))?
+        convey::run_long(py, None, move |_| qcow2::create(&path, &spec, opts))?
             .map(|_| ())
             .map_err(to_py)
     }
@@ -182,8 +144,8 @@ fn create_raw(
 ) -> PyResult<()> {
     let mode = prealloc(preallocation)?;
     let opts = file_options(nocow, extent_size_hint);
-    long::run_long(py, None, move |_| {
-        qimg_core::raw::create(&path, size, mode, opts)
+    convey::run_long(py, None, move |_| {
+        qimg_core::raw_create::create(&path, size, mode, opts)
     })?
     .map_err(to_py)
 }
@@ -236,8 +198,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Qcow2Spec>()?;
     m.add_class::<image::Image>()?;
     m.add_function(wrap_pyfunction!(image::open_image, m)?)?;
-    m.add_function(wrap_pyfunction!(quorum::open_spec, m)?)?;
-    m.add_function(wrap_pyfunction!(quorum::scrub, m)?)?;
+    m.add_function(wrap_pyfunction!(trees::open_spec, m)?)?;
+    m.add_function(wrap_pyfunction!(trees::scrub, m)?)?;
     m.add_function(wrap_pyfunction!(image::compare_images, m)?)?;
     m.add_function(wrap_pyfunction!(image::convert, m)?)?;
     m.add_function(wrap_pyfunction!(image::check_image, m)?)?;
@@ -248,7 +210,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(lifecycle::delete_snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(lifecycle::change_bitmap, m)?)?;
     m.add_function(wrap_pyfunction!(lifecycle::open_snapshot, m)?)?;
-    m.add_function(wrap_pyfunction!(repair::repair_image, m)?)?;
+    m.add_function(wrap_pyfunction!(repairing::repair_image, m)?)?;
     m.add_function(wrap_pyfunction!(create_raw, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_backing, m)?)?;
     m.add_function(wrap_pyfunction!(local_path, m)?)?;

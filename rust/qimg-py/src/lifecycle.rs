@@ -1,9 +1,9 @@
 //! The life-cycle commands that change an image chain in place: commit and
 //! the copying half of a safe rebase. Both are long and report progress.
 
+use crate::convey::run_long;
+use crate::convey::to_py;
 use crate::image::Image;
-use crate::long::run_long;
-use crate::to_py;
 use pyo3::prelude::*;
 use qimg_core::commit::{self, CommitOptions};
 use qimg_core::convert::default_workers_for;

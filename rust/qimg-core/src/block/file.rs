@@ -311,7 +311,7 @@ impl FileNode {
         match (&self.io, mode) {
             (_, Prealloc::Off | Prealloc::Metadata) => Ok(()),
             (Io::Local { file, .. }, Prealloc::Falloc) => {
-                crate::file::fallocate(file, offset, len).map_err(err)?;
+                crate::host_file::fallocate(file, offset, len).map_err(err)?;
                 self.len.fetch_max(offset + len, Ordering::AcqRel);
                 Ok(())
             }
@@ -319,7 +319,7 @@ impl FileNode {
                 self.write_zero_bytes(offset, len)
             }
             (Io::Local { file, path }, Prealloc::Full) => {
-                crate::file::write_zeroes(file, path, offset, len).map_err(err)?;
+                crate::host_file::write_zeroes(file, path, offset, len).map_err(err)?;
                 self.len.fetch_max(offset + len, Ordering::AcqRel);
                 Ok(())
             }
@@ -426,16 +426,16 @@ impl FileNode {
                 Io::Local { file, path } => (file, path),
             };
             let done = if unmap {
-                crate::file::punch_hole(file, offset, n)
+                crate::host_file::punch_hole(file, offset, n)
             } else {
-                crate::file::zero_in_place(file, offset, n)
+                crate::host_file::zero_in_place(file, offset, n)
             };
             // Where the file system cannot, zeroes are written: through the
             // aligned path on an O_DIRECT file, else by the bulk zero writer.
             match (done, &self.direct) {
                 (Ok(()), _) => {}
                 (Err(_), Some(_)) => self.write_zero_bytes(offset, n)?,
-                (Err(_), None) => crate::file::write_zeroes(file, path, offset, n)
+                (Err(_), None) => crate::host_file::write_zeroes(file, path, offset, n)
                     .map_err(|e| self.error("write", e))?,
             }
         }

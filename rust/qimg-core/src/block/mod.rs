@@ -9,14 +9,14 @@ pub mod file;
 pub mod lock;
 pub mod nbd;
 pub mod open;
-pub mod quorum;
+pub mod quorum_node;
 pub mod raw;
 pub mod spec;
 pub mod status;
 
 use crate::error::{Error, Result};
 use crate::prealloc::Prealloc;
-use crate::qcow2::reader::Qcow2Node;
+use std::any::Any;
 use std::sync::Arc;
 
 pub use file::FileNode;
@@ -49,7 +49,20 @@ pub struct Status {
 
 /// One node of the graph. Every node is shared between threads: reads may be
 /// served in parallel.
-pub trait BlockDev: Send + Sync {
+/// Any node as [`Any`], so that a driver can find its own nodes among the
+/// trait objects (`as_qcow2`, `as_quorum`) without the block layer naming
+/// every driver.
+pub trait AsAny: Any {
+    fn as_any(&self) -> &dyn Any;
+}
+
+impl<T: Any> AsAny for T {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+pub trait BlockDev: AsAny + Send + Sync {
     /// The node's size in bytes (what a reader can address).
     fn size(&self) -> u64;
 
@@ -98,16 +111,6 @@ pub trait BlockDev: Send + Sync {
     /// of such formats read as zeroes when there is none).
     fn supports_backing(&self) -> bool {
         false
-    }
-
-    /// The qcow2 node itself, for callers that need its header or tables.
-    fn as_qcow2(&self) -> Option<&Qcow2Node> {
-        None
-    }
-
-    /// The quorum node itself, for a scrub.
-    fn as_quorum(&self) -> Option<&quorum::QuorumNode> {
-        None
     }
 
     /// The local file this node writes guest bytes into unchanged, at the

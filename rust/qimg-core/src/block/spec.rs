@@ -11,7 +11,7 @@ use super::cache::CacheMode;
 use super::lock::{self, Sharing};
 use super::nbd::{NbdNode, NbdOptions, NbdServer};
 use super::open::{open_image_on, open_qcow2_over, OpenOptions};
-use super::quorum::{Child, QuorumNode, QuorumOptions, ReadPattern};
+use super::quorum_node::{Child, QuorumNode, QuorumOptions, ReadPattern};
 use super::raw::RawNode;
 use super::{BlockDev, FileNode};
 use crate::error::{Error, Result};

@@ -500,7 +500,7 @@ impl Qcow2Node {
 mod tests {
     use super::*;
     use crate::block::{open_image, OpenOptions};
-    use crate::file::FileOptions;
+    use crate::host_file::FileOptions;
     use crate::qcow2::{create, BackingSpec, CreateSpec};
     use std::path::Path;
 

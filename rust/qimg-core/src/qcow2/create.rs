@@ -7,7 +7,7 @@ use super::layout::{l2_entry_bytes, CreateLayout};
 use super::refcount::fill_leading_ones;
 use super::types::{ClusterSize, Compat, CompressionType, RefcountOrder};
 use crate::error::{Error, Result};
-use crate::file::{fallocate, write_zeroes, FileOptions, NewFile};
+use crate::host_file::{fallocate, write_zeroes, FileOptions, NewFile};
 use crate::prealloc::Prealloc;
 use std::fs::File;
 use std::io;

@@ -439,10 +439,6 @@ impl BlockDev for Qcow2Node {
         true
     }
 
-    fn as_qcow2(&self) -> Option<&Qcow2Node> {
-        Some(self)
-    }
-
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         super::writer::write_at(self, buf, offset)
     }
@@ -465,5 +461,12 @@ impl BlockDev for Qcow2Node {
 
     fn resize(&self, new_size: u64, prealloc: crate::prealloc::Prealloc) -> Result<()> {
         Qcow2Node::resize(self, new_size, prealloc)
+    }
+}
+
+impl dyn BlockDev {
+    /// The qcow2 node itself, for callers that need its header or tables.
+    pub fn as_qcow2(&self) -> Option<&Qcow2Node> {
+        self.as_any().downcast_ref::<Qcow2Node>()
     }
 }

@@ -1,7 +1,7 @@
 //! Scrub: read a whole quorum, vote on every block, and say per child what
 //! was wrong; optionally write the winning bytes back over what was.
 
-use crate::block::quorum::{Findings, QuorumNode, Rewrite, MAX_PIECE};
+use crate::block::quorum_node::{Findings, QuorumNode, Rewrite, MAX_PIECE};
 use crate::block::{block_status, BlockDev};
 use crate::error::Result;
 use crate::progress::Progress;
@@ -191,7 +191,7 @@ fn absorb(q: &QuorumNode, report: &mut ScrubReport, piece: PieceResult) {
         q.report(&f);
         for (c, off, len, e) in &f.errors {
             let list = &mut report.children[*c].read_errors;
-            let text = crate::block::quorum::event_error(e);
+            let text = crate::block::quorum_node::event_error(e);
             match list.last_mut() {
                 Some((o, l, t)) if *o + *l == *off && *t == text => *l += len,
                 _ => list.push((*off, *len, text)),
@@ -207,11 +207,11 @@ fn absorb(q: &QuorumNode, report: &mut ScrubReport, piece: PieceResult) {
             let child = &mut report.children[*c];
             match r {
                 Ok(()) => child.repaired_bytes += len,
-                Err(e) => {
-                    child
-                        .repair_errors
-                        .push((*off, *len, crate::block::quorum::event_error(e)))
-                }
+                Err(e) => child.repair_errors.push((
+                    *off,
+                    *len,
+                    crate::block::quorum_node::event_error(e),
+                )),
             }
         }
     }

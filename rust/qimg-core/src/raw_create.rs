@@ -1,7 +1,7 @@
 //! The raw format: the image file is the guest disk, byte for byte.
 
 use crate::error::{Error, Result};
-use crate::file::{fallocate, write_zeroes, FileOptions, NewFile};
+use crate::host_file::{fallocate, write_zeroes, FileOptions, NewFile};
 use crate::prealloc::Prealloc;
 use std::os::unix::fs::FileExt;
 use std::path::Path;

@@ -489,10 +489,6 @@ impl BlockDev for QuorumNode {
         "quorum"
     }
 
-    fn as_quorum(&self) -> Option<&QuorumNode> {
-        Some(self)
-    }
-
     fn is_remote(&self) -> bool {
         self.children.iter().any(|c| c.node.is_remote())
     }
@@ -618,4 +614,11 @@ fn push_error(
         return;
     }
     runs.push((child, offset, len, e));
+}
+
+impl dyn BlockDev {
+    /// The quorum node itself, for a scrub.
+    pub fn as_quorum(&self) -> Option<&QuorumNode> {
+        self.as_any().downcast_ref::<QuorumNode>()
+    }
 }

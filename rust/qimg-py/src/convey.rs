@@ -1,3 +1,8 @@
+//! What crosses from the core to Python, in one place: core errors become
+//! `qimg.errors` exceptions (`to_py`); long calls run with progress reports
+//! and cancellation (`run_long`); events and check reports become Python
+//! values.
+//!
 //! Long calls (convert, compare, scrub, repair): the work runs on a thread
 //! of its own while the calling thread waits and, every few milliseconds,
 //! lets Python run its signal handlers and hands the progress made so far to
@@ -7,10 +12,52 @@
 //! `Progress` hook, and the exception is re-raised here.
 
 use pyo3::prelude::*;
-use qimg_core::Error;
+use pyo3::types::{PyDict, PyList};
+use qimg_core::qcow2::check::CheckReport;
+use qimg_core::quorum::events::{Event, EventData, EventLog};
+use qimg_core::{Error, ErrorKind};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
+
+mod errors {
+    pyo3::import_exception!(qimg.errors, InvalidOptionError);
+    pyo3::import_exception!(qimg.errors, ImageTooLargeError);
+    pyo3::import_exception!(qimg.errors, InvalidImageError);
+    pyo3::import_exception!(qimg.errors, ImageIOError);
+    pyo3::import_exception!(qimg.errors, ImageNotFoundError);
+    pyo3::import_exception!(qimg.errors, ImagePermissionError);
+    pyo3::import_exception!(qimg.errors, ImageIsADirectoryError);
+    pyo3::import_exception!(qimg.errors, ReadOnlyError);
+    pyo3::import_exception!(qimg.errors, NoSpaceError);
+    pyo3::import_exception!(qimg.errors, ImageLockedError);
+    pyo3::import_exception!(qimg.errors, UnsupportedError);
+    pyo3::import_exception!(qimg.errors, CancelledError);
+}
+
+/// The single mapping from core errors to Python exceptions.
+pub(crate) fn to_py(err: Error) -> PyErr {
+    let msg = err.to_string();
+    match err {
+        Error::InvalidArgument(_) => errors::InvalidOptionError::new_err(msg),
+        Error::TooLarge(_) => errors::ImageTooLargeError::new_err(msg),
+        Error::InvalidImage(_) => errors::InvalidImageError::new_err(msg),
+        Error::Busy(_) => errors::ImageLockedError::new_err(msg),
+        Error::Unsupported(_) => errors::UnsupportedError::new_err(msg),
+        Error::Cancelled(_) => errors::CancelledError::new_err(msg),
+        Error::Io { ref source, .. } => {
+            let errno = source.raw_os_error().unwrap_or(0);
+            match err.kind() {
+                ErrorKind::NotFound => errors::ImageNotFoundError::new_err((msg, errno)),
+                ErrorKind::Permission => errors::ImagePermissionError::new_err((msg, errno)),
+                ErrorKind::IsADirectory => errors::ImageIsADirectoryError::new_err((msg, errno)),
+                ErrorKind::ReadOnly => errors::ReadOnlyError::new_err((msg, errno)),
+                ErrorKind::NoSpace => errors::NoSpaceError::new_err((msg, errno)),
+                _ => errors::ImageIOError::new_err((msg, errno)),
+            }
+        }
+    }
+}
 
 /// How often the waiting thread checks for signals and reports progress.
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
@@ -154,4 +201,80 @@ where
             return Err(e);
         }
     }
+}
+
+/// An event as Python gets it: (name, seconds, microseconds, QMP data).
+pub(crate) type EventTuple<'py> = (&'static str, u64, u32, Bound<'py, PyDict>);
+
+fn event_tuple<'py>(py: Python<'py>, e: &Event) -> PyResult<EventTuple<'py>> {
+    let d = PyDict::new(py);
+    match &e.data {
+        EventData::ReportBad {
+            op,
+            error,
+            node_name,
+            sector_num,
+            sectors_count,
+        } => {
+            d.set_item("type", op.name())?;
+            if let Some(err) = error {
+                d.set_item("error", err)?;
+            }
+            d.set_item("node-name", node_name)?;
+            d.set_item("sector-num", sector_num)?;
+            d.set_item("sectors-count", sectors_count)?;
+        }
+        EventData::Failure {
+            reference,
+            sector_num,
+            sectors_count,
+        } => {
+            d.set_item("reference", reference)?;
+            d.set_item("sector-num", sector_num)?;
+            d.set_item("sectors-count", sectors_count)?;
+        }
+    }
+    Ok((e.data.name(), e.seconds, e.microseconds, d))
+}
+
+/// The events `log` recorded since the last call, oldest first:
+/// (name, seconds, microseconds, data).
+pub(crate) fn take_events<'py>(
+    py: Python<'py>,
+    log: Option<&Arc<EventLog>>,
+) -> PyResult<Vec<EventTuple<'py>>> {
+    let Some(log) = log else {
+        return Ok(Vec::new());
+    };
+    log.take().iter().map(|e| event_tuple(py, e)).collect()
+}
+
+pub(crate) fn ranges<'py>(py: Python<'py>, r: &[(u64, u64)]) -> PyResult<Bound<'py, PyList>> {
+    PyList::new(py, r.iter().map(|(o, l)| vec![*o, *l]))
+}
+
+pub(crate) fn error_ranges<'py>(
+    py: Python<'py>,
+    r: &[(u64, u64, String)],
+) -> PyResult<Bound<'py, PyList>> {
+    let items: Vec<(u64, u64, String)> = r.to_vec();
+    PyList::new(py, items)
+}
+
+/// A check report as the dict `qimg.check.CheckReport` is built from.
+pub(crate) fn report_dict<'py>(
+    py: Python<'py>,
+    report: &CheckReport,
+) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("corruptions", report.corruptions)?;
+    d.set_item("leaks", report.leaks)?;
+    d.set_item("check_errors", report.check_errors)?;
+    d.set_item("image_end_offset", report.image_end_offset)?;
+    d.set_item("total_clusters", report.total_clusters)?;
+    d.set_item("allocated_clusters", report.allocated_clusters)?;
+    d.set_item("fragmented_clusters", report.fragmented_clusters)?;
+    d.set_item("compressed_clusters", report.compressed_clusters)?;
+    d.set_item("messages", &report.messages)?;
+    Ok(d)
 }

@@ -1,31 +1,12 @@
 //! `check -r`: repairing a qcow2 image in place, then checking it again.
 
-use crate::long::run_long;
-use crate::to_py;
+use crate::convey::run_long;
+use crate::convey::{report_dict, to_py};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use qimg_core::qcow2::check::CheckReport;
 use qimg_core::qcow2::repair::{self, RepairMode};
 use qimg_core::Error;
 use std::path::PathBuf;
-
-/// A check report as the dict `qimg.check.CheckReport` is built from.
-pub(crate) fn report_dict<'py>(
-    py: Python<'py>,
-    report: &CheckReport,
-) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("corruptions", report.corruptions)?;
-    d.set_item("leaks", report.leaks)?;
-    d.set_item("check_errors", report.check_errors)?;
-    d.set_item("image_end_offset", report.image_end_offset)?;
-    d.set_item("total_clusters", report.total_clusters)?;
-    d.set_item("allocated_clusters", report.allocated_clusters)?;
-    d.set_item("fragmented_clusters", report.fragmented_clusters)?;
-    d.set_item("compressed_clusters", report.compressed_clusters)?;
-    d.set_item("messages", &report.messages)?;
-    Ok(d)
-}
 
 /// Repairs the qcow2 image at `path` (`mode`: "leaks" or "all") and checks
 /// it again when anything was repaired. Returns a dict: `repair` (the report

@@ -1,12 +1,12 @@
-//! Node trees from specs, quorum events and scrub, as Python objects.
+//! Node trees opened from specs, and the scrub of a quorum of replicas.
 
+use crate::convey::run_long;
+use crate::convey::{error_ranges, ranges, to_py};
 use crate::image::Image;
-use crate::long::run_long;
-use crate::to_py;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use qimg_core::block::{self, BlockDev, SpecOptions};
-use qimg_core::quorum::events::{Event, EventData, EventLog};
+use qimg_core::quorum::events::EventLog;
 use qimg_core::quorum::scrub as engine;
 use qimg_core::Error;
 use std::sync::Arc;
@@ -38,61 +38,6 @@ pub fn open_spec(
         node,
         events: Some(log),
     })
-}
-
-/// An event as Python gets it: (name, seconds, microseconds, QMP data).
-pub(crate) type EventTuple<'py> = (&'static str, u64, u32, Bound<'py, PyDict>);
-
-fn event_tuple<'py>(py: Python<'py>, e: &Event) -> PyResult<EventTuple<'py>> {
-    let d = PyDict::new(py);
-    match &e.data {
-        EventData::ReportBad {
-            op,
-            error,
-            node_name,
-            sector_num,
-            sectors_count,
-        } => {
-            d.set_item("type", op.name())?;
-            if let Some(err) = error {
-                d.set_item("error", err)?;
-            }
-            d.set_item("node-name", node_name)?;
-            d.set_item("sector-num", sector_num)?;
-            d.set_item("sectors-count", sectors_count)?;
-        }
-        EventData::Failure {
-            reference,
-            sector_num,
-            sectors_count,
-        } => {
-            d.set_item("reference", reference)?;
-            d.set_item("sector-num", sector_num)?;
-            d.set_item("sectors-count", sectors_count)?;
-        }
-    }
-    Ok((e.data.name(), e.seconds, e.microseconds, d))
-}
-
-/// The events `log` recorded since the last call, oldest first:
-/// (name, seconds, microseconds, data).
-pub(crate) fn take_events<'py>(
-    py: Python<'py>,
-    log: Option<&Arc<EventLog>>,
-) -> PyResult<Vec<crate::quorum::EventTuple<'py>>> {
-    let Some(log) = log else {
-        return Ok(Vec::new());
-    };
-    log.take().iter().map(|e| event_tuple(py, e)).collect()
-}
-
-fn ranges<'py>(py: Python<'py>, r: &[(u64, u64)]) -> PyResult<Bound<'py, PyList>> {
-    PyList::new(py, r.iter().map(|(o, l)| vec![*o, *l]))
-}
-
-fn error_ranges<'py>(py: Python<'py>, r: &[(u64, u64, String)]) -> PyResult<Bound<'py, PyList>> {
-    let items: Vec<(u64, u64, String)> = r.to_vec();
-    PyList::new(py, items)
 }
 
 /// Reads the whole quorum `image`, votes on every block, and returns what
