@@ -1,4 +1,4 @@
-//! `qcow2::repair::repair` against the real `qemu-img check -r`.
+//! `qcow2::check::repair::repair` against the real `qemu-img check -r`.
 //!
 //! Each case makes a damaged image with qemu-img / qemu-io and byte pokes,
 //! copies it, repairs one copy with `qemu-img check -r MODE --output=json`
@@ -10,7 +10,7 @@
 //! qemu-img's repair (`qemu-img compare`).
 //!
 //! Where qimg differs from QEMU 10.0.2 on purpose, a test of its own says
-//! what qimg does instead (see the module docs of `qcow2/repair.rs`).
+//! what qimg does instead (see the module docs of `qcow2/check/repair.rs`).
 //!
 //! The tests that need QEMU's qemu-img and qemu-io are ignored by default;
 //! CI (scripts/test) runs them with `--include-ignored`.
@@ -21,8 +21,8 @@ mod common;
 mod qemu;
 use common::Rng;
 use qemu::{output, qemu_img, Scratch};
+use qimg_core::qcow2::check::repair::{rebuild_if_dirty, repair, RepairMode, RepairOutcome};
 use qimg_core::qcow2::check::CheckReport;
-use qimg_core::qcow2::repair::{rebuild_if_dirty, repair, RepairMode, RepairOutcome};
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};

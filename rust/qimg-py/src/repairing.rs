@@ -4,7 +4,7 @@ use crate::convey::run_long;
 use crate::convey::{report_dict, to_py};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use qimg_core::qcow2::repair::{self, RepairMode};
+use qimg_core::qcow2::check::repair::{self, RepairMode};
 use qimg_core::Error;
 use std::path::PathBuf;
 

@@ -285,7 +285,7 @@ fn layer_of(
             )));
         };
         drop(file);
-        crate::qcow2::repair::rebuild_if_dirty(&path)?;
+        crate::qcow2::check::repair::rebuild_if_dirty(&path)?;
         file = FileNode::open_rw(&path)?;
         header = Some(parse(&read_head(&file)?, &file)?);
     }

@@ -15,7 +15,6 @@ pub mod layout;
 pub mod reader;
 pub mod refcount;
 pub mod refcount_reader;
-pub mod repair;
 pub mod resize;
 pub mod snapshot;
 pub mod snapshot_ops;

@@ -20,6 +20,8 @@
 //! writer and a [`Fix`] mode repairs what it finds at the points where
 //! qemu-img repairs, and words its lines ("Repairing ...") as qemu-img does.
 
+pub mod repair;
+
 use super::bitmaps;
 use super::format::{
     AUTOCLEAR_BITMAPS, BITMAP_ENTRY_ALL_ONES, BITMAP_ENTRY_OFFSET_MASK, BITMAP_ENTRY_RESERVED,
@@ -32,9 +34,9 @@ use super::image_header::{be64, ImageHeader};
 use super::reader::Qcow2Node;
 use super::refcount::set_entry;
 use super::refcount_reader::decode_refcount;
-use super::repair::{ImageWriter, MetadataIndex, Overlap, ZeroFix};
 use super::snapshot::{self, Snapshot};
 use super::types::{Compat, RefcountOrder};
+use repair::{MetadataIndex, Overlap, ZeroFix};
 
 use crate::block::file::MAX_REQUEST_END;
 use crate::block::{BlockDev, FileNode};
@@ -282,7 +284,7 @@ enum StoredError {
 /// updated blocks are kept (dirty) until [`StoredRefcounts::flush`].
 pub(crate) struct StoredRefcounts<'a> {
     file: &'a FileNode,
-    writer: Option<&'a ImageWriter>,
+    writer: Option<&'a FileNode>,
     pub(crate) reftable: Vec<u64>,
     cluster_size: u64,
     order: u32,
@@ -426,7 +428,7 @@ impl<'a> StoredRefcounts<'a> {
         };
         while let Some(offset) = self.dirty.pop_first() {
             if let Some(block) = self.cache.get(&offset) {
-                writer.write_at(block, offset)?;
+                writer.pwrite(block, offset)?;
             }
         }
         Ok(())
@@ -453,7 +455,7 @@ pub(crate) struct Checker<'a> {
     pub(crate) report: CheckReport,
     /// What this run repairs (nothing without a writer).
     pub(crate) fix: Fix,
-    pub(crate) writer: Option<&'a ImageWriter>,
+    pub(crate) writer: Option<&'a FileNode>,
     pub(crate) fixed: Fixed,
     /// The refcount structure itself is broken: only a rebuild repairs it.
     pub(crate) rebuild: bool,
@@ -474,7 +476,7 @@ impl<'a> Checker<'a> {
         file: &'a FileNode,
         header: &'a ImageHeader,
         l1: Vec<u64>,
-        writer: Option<&'a ImageWriter>,
+        writer: Option<&'a FileNode>,
     ) -> Result<Checker<'a>> {
         let cluster_size = header.cluster_size.bytes();
         let cluster_bits = header.cluster_size.bits();

@@ -50,24 +50,20 @@
 //! and persistent bitmaps are left where they are (QEMU stores them anew
 //! when it closes an image it opened for writing).
 
-use super::check::{check_opened, CheckReport, Checker, Counters, Fix, Fixed};
-use super::format::{
+use super::{check_opened, CheckReport, Checker, Counters, Fix, Fixed};
+use crate::qcow2::format::{
     AUTOCLEAR_BITMAPS, HEADER_AUTOCLEAR, HEADER_INCOMPATIBLE, HEADER_REFTABLE_OFFSET,
     INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK, MAX_REFTABLE_BYTES, OFLAG_ZERO,
     REFT_OFFSET_MASK,
 };
 
-use super::image_header::{be64, kept_autoclear, ImageHeader};
-use super::snapshot::Snapshot;
-use super::types::{ClusterSize, Compat};
-use crate::block::file::MAX_REQUEST_END;
-use crate::block::lock::{self, LockRequest, Sharing};
+use crate::block::lock::{self, Sharing};
 use crate::block::FileNode;
 use crate::error::{Error, Result};
-use std::fs::{File, OpenOptions};
+use crate::qcow2::image_header::{be64, kept_autoclear, ImageHeader};
+use crate::qcow2::snapshot::Snapshot;
+use crate::qcow2::types::{ClusterSize, Compat};
 use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 /// Which problems `check -r` repairs.
@@ -226,7 +222,7 @@ impl Opened {
         Ok(Opened { file, header, l1 })
     }
 
-    fn checker<'a>(&'a self, writer: &'a ImageWriter) -> Result<Checker<'a>> {
+    fn checker<'a>(&'a self, writer: &'a FileNode) -> Result<Checker<'a>> {
         Checker::from_parts(&self.file, &self.header, self.l1.clone(), Some(writer))
     }
 }
@@ -265,13 +261,12 @@ impl Carried {
 /// One repair pass (no double check): what qemu-img's first check with
 /// `-r` does, then the header bits.
 fn repair_pass(path: &Path, mode: RepairMode) -> Result<RepairOutcome> {
-    let writer = ImageWriter::open(path)?;
-    writer.lock()?;
+    let writer = open_writer(path)?;
     // Refuse what is not a qcow2 image before anything is written.
     let first = Opened::open(path)?;
     let kept = kept_autoclear(first.header.autoclear);
     if kept != first.header.autoclear {
-        writer.write_at(&kept.to_be_bytes(), HEADER_AUTOCLEAR)?;
+        writer.pwrite(&kept.to_be_bytes(), HEADER_AUTOCLEAR)?;
         writer.sync()?;
     }
     let fix = mode.fix();
@@ -305,7 +300,7 @@ fn repair_pass(path: &Path, mode: RepairMode) -> Result<RepairOutcome> {
 struct Rebuilt {
     /// The counters before the rebuild.
     before: Counters,
-    snapshots: Vec<super::snapshot::Snapshot>,
+    snapshots: Vec<crate::qcow2::snapshot::Snapshot>,
     snapshots_size: u64,
     highest: u64,
 }
@@ -314,7 +309,7 @@ struct Rebuilt {
 /// the refcount and COPIED repairs or a new refcount structure.
 fn first_phase(
     image: &Opened,
-    writer: &ImageWriter,
+    writer: &FileNode,
     fix: Fix,
     carried: &mut Carried,
 ) -> Result<Option<Rebuilt>> {
@@ -359,7 +354,7 @@ fn first_phase(
 /// one (now leaked), and repairs the COPIED flags.
 fn second_phase(
     path: &Path,
-    writer: &ImageWriter,
+    writer: &FileNode,
     fix: Fix,
     carried: &mut Carried,
     rebuilt: Rebuilt,
@@ -421,7 +416,7 @@ fn eio_failure(preface: &str) -> Error {
 /// Sets the incompatible feature bits a repair changes: dirty and corrupt
 /// cleared on a clean result, corrupt set where a corruption was signaled.
 fn update_incompatible(
-    writer: &ImageWriter,
+    writer: &FileNode,
     header: &ImageHeader,
     clean: bool,
     mark_corrupt: bool,
@@ -441,7 +436,7 @@ fn update_incompatible(
     }
     // Everything the header's state depends on is on disk before it changes.
     writer.sync()?;
-    writer.write_at(&bits.to_be_bytes(), HEADER_INCOMPATIBLE)
+    writer.pwrite(&bits.to_be_bytes(), HEADER_INCOMPATIBLE)
 }
 
 /// How much a repair grows a file for a refcount block beyond its end, at most.
@@ -449,91 +444,15 @@ const MAX_GROWTH: u64 = 1 << 30;
 
 // ---- writing -----------------------------------------------------------------
 
-/// The image file opened for writing: every write bounded, every sync
-/// explicit.
-pub(crate) struct ImageWriter {
-    file: File,
-    name: String,
-}
-
-impl Drop for ImageWriter {
-    fn drop(&mut self) {
-        lock::release(&self.file);
-    }
-}
-
-impl ImageWriter {
-    pub(crate) fn open(path: &Path) -> Result<ImageWriter> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| Error::open(path, e))?;
-        Ok(ImageWriter {
-            file,
-            name: path.display().to_string(),
-        })
-    }
-
-    fn error(&self, what: &str, err: io::Error) -> Error {
-        Error::io(format!("Could not {what} '{}'", self.name), err)
-    }
-
-    /// Writes all of `buf` at `offset`.
-    pub(crate) fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        if offset
-            .checked_add(buf.len() as u64)
-            .is_none_or(|end| end > MAX_REQUEST_END)
-        {
-            return Err(self.error("write", io::Error::from_raw_os_error(libc::EFBIG)));
-        }
-        self.file
-            .write_all_at(buf, offset)
-            .map_err(|e| self.error("write", e))
-    }
-
-    /// fdatasync: what was written is on stable storage.
-    pub(crate) fn sync(&self) -> Result<()> {
-        self.file.sync_data().map_err(|e| self.error("flush", e))
-    }
-
-    fn len(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
-    }
-
-    /// Makes `[offset, offset + len)` a hole where the file system can,
-    /// and leaves it alone where it cannot: discarding is advisory.
-    fn discard(&self, offset: u64, len: u64) {
-        let Ok(file_len) = self.len() else { return };
-        let end = offset.saturating_add(len).min(file_len);
-        if end <= offset {
-            return;
-        }
-        let (Ok(off), Ok(n)) = (
-            libc::off_t::try_from(offset),
-            libc::off_t::try_from(end - offset),
-        ) else {
-            return;
-        };
-        // SAFETY: fallocate on a descriptor we own has no memory effects.
-        let _ = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off,
-                n,
-            )
-        };
-    }
-
-    /// Takes QEMU's image locks of a qcow2 writer, so that a running QEMU
-    /// neither is written under nor starts writing during the repair. The
-    /// locks go with the file.
-    pub(crate) fn lock(&self) -> Result<()> {
-        let want = lock::request(Sharing::default(), true, true, true);
-        lock::apply(&self.file, &self.name, LockRequest::default(), want)
-            .map_err(|e| e.context(&format!("Could not open '{}'", self.name)))
-    }
+/// Opens the image file for the repair's writes, with QEMU's locks of a
+/// qcow2 writer, so that a running QEMU neither is written under nor starts
+/// writing during the repair. The locks go with the node.
+fn open_writer(path: &Path) -> Result<FileNode> {
+    let node = FileNode::open_rw(path)?;
+    let want = lock::request(Sharing::default(), true, true, true);
+    node.lock(want)
+        .map_err(|e| e.context(&format!("Could not open '{}'", path.display())))?;
+    Ok(node)
 }
 
 /// What a zero cluster repair did.
@@ -676,7 +595,7 @@ impl MetadataIndex {
 }
 
 impl<'a> Checker<'a> {
-    fn writer(&self) -> Result<&'a ImageWriter> {
+    fn writer(&self) -> Result<&'a FileNode> {
         self.writer.ok_or_else(|| eio_failure(""))
     }
 
@@ -751,7 +670,7 @@ impl<'a> Checker<'a> {
         }
         let written = self
             .writer()
-            .and_then(|w| w.write_at(&bytes, at).and_then(|()| w.sync()));
+            .and_then(|w| w.pwrite(&bytes, at).and_then(|()| w.sync()));
         if let Err(e) = written {
             self.say(format!(
                 "ERROR: Failed to overwrite L2 table entry: {}",
@@ -778,17 +697,14 @@ impl<'a> Checker<'a> {
         let w = self.writer()?;
         // A broken entry could ask for a file of exabytes: grow by at most
         // MAX_GROWTH (beyond that the refcount structure is rebuilt instead).
-        let old_len = w.len().map_err(|e| w.error("stat", e))?;
+        let old_len = w.file_len();
         if new_len > old_len.saturating_add(MAX_GROWTH) || new_len.div_ceil(cs) > i32::MAX as u64 {
             return Ok(Err(libc::EFBIG));
         }
-        if let Err(e) = w.file.set_len(new_len) {
-            return Ok(Err(e.raw_os_error().unwrap_or(libc::EIO)));
+        if let Err(e) = w.truncate(new_len) {
+            return Ok(Err(e.errno()));
         }
-        let len = match w.len() {
-            Ok(len) => len,
-            Err(e) => return Ok(Err(e.raw_os_error().unwrap_or(libc::EIO))),
-        };
+        let len = w.file_len();
         self.file_len = len.div_ceil(512) * 512;
         self.computed.grow(self.file_len.div_ceil(cs));
         if offset / cs >= self.computed.len {
@@ -813,7 +729,8 @@ impl<'a> Checker<'a> {
         let w = self.writer()?;
         w.sync()?;
         for (first, count) in std::mem::take(&mut self.freed) {
-            w.discard(first << self.cluster_bits, count << self.cluster_bits);
+            // Discarding is advice: a failure loses nothing.
+            let _ = w.discard(first << self.cluster_bits, count << self.cluster_bits);
         }
         Ok(())
     }
@@ -827,7 +744,7 @@ impl<'a> Checker<'a> {
         }
         let written = self
             .writer()
-            .and_then(|w| w.write_at(&entry.to_be_bytes(), at).and_then(|()| w.sync()));
+            .and_then(|w| w.pwrite(&entry.to_be_bytes(), at).and_then(|()| w.sync()));
         if let Err(e) = written {
             self.report.check_errors += 1;
             return Err(e);
@@ -853,7 +770,7 @@ impl<'a> Checker<'a> {
             self.report.check_errors += 1;
             return Err(eio_failure(""));
         }
-        if let Err(e) = self.writer().and_then(|w| w.write_at(table, l2_offset)) {
+        if let Err(e) = self.writer().and_then(|w| w.pwrite(table, l2_offset)) {
             self.say(format!(
                 "ERROR: Could not write L2 table: {}",
                 e.short_text()
@@ -947,7 +864,7 @@ impl<'a> Checker<'a> {
                 return Err(eio_failure("ERROR writing refblock: Input/output error"));
             }
             let block = self.computed.encode_block(index, block_bits, order, cs);
-            if let Err(e) = self.writer()?.write_at(&block, offset) {
+            if let Err(e) = self.writer()?.pwrite(&block, offset) {
                 self.report.check_errors += 1;
                 return Err(Error::io(
                     format!("ERROR writing refblock: {}\nCheck failed", e.short_text()),
@@ -995,14 +912,14 @@ impl<'a> Checker<'a> {
                 io::Error::from_raw_os_error(e.errno()),
             )
         };
-        w.write_at(&table, table_offset)
+        w.pwrite(&table, table_offset)
             .and_then(|()| w.sync())
             .map_err(|e| failed("ERROR writing reftable", &e))?;
         let clusters = u32::try_from(table_clusters).map_err(|_| eio_failure(""))?;
         let mut pointer = [0u8; 12];
         pointer[..8].copy_from_slice(&table_offset.to_be_bytes());
         pointer[8..].copy_from_slice(&clusters.to_be_bytes());
-        w.write_at(&pointer, HEADER_REFTABLE_OFFSET)
+        w.pwrite(&pointer, HEADER_REFTABLE_OFFSET)
             .and_then(|()| w.sync())
             .map_err(|e| failed("ERROR setting reftable", &e))?;
         Ok(())
