@@ -26,8 +26,6 @@ Node trees (a quorum of replicas, ...) open from QEMU's ``json:`` strings,
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
 from qimg._core import __version__
 
@@ -39,12 +37,12 @@ if TYPE_CHECKING:
     # every command line stay quick; an unknown name is an error for both.
     from typing import Any
 
-    from qimg.check import CheckReport, check
-    from qimg.commit import commit
-    from qimg.compare import CompareResult, compare
-    from qimg.convert import convert
-    from qimg.create import create
-    from qimg.dd import dd
+    from qimg.blockcopy import dd
+    from qimg.committing import commit
+    from qimg.comparison import CompareResult, compare
+    from qimg.consistency import CheckReport, check
+    from qimg.conversion import convert
+    from qimg.creation import create
     from qimg.errors import (
         CancelledError,
         ImageIOError,
@@ -64,24 +62,24 @@ if TYPE_CHECKING:
     from qimg.events import Event, EventStream
     from qimg.image import Image, MapExtent
     from qimg.image import open_image as open
-    from qimg.info import ImageInfo, info
-    from qimg.measure import Measurement, measure
+    from qimg.info_report import ImageInfo, info
+    from qimg.measurement import Measurement, measure
     from qimg.prealloc import PreallocMode
-    from qimg.rebase import rebase
-    from qimg.scrub import ScrubReport, scrub
+    from qimg.rebasing import rebase
+    from qimg.scrubbing import ScrubReport, scrub
     from qimg.spec import ImageSpec, NodeSpec, parse_spec
     from qimg.stream import ImageStream
 
 # Where each public name lives.
 _HOMES = {
-    "CheckReport": "qimg.check",
-    "check": "qimg.check",
-    "commit": "qimg.commit",
-    "CompareResult": "qimg.compare",
-    "compare": "qimg.compare",
-    "convert": "qimg.convert",
-    "create": "qimg.create",
-    "dd": "qimg.dd",
+    "CheckReport": "qimg.consistency",
+    "check": "qimg.consistency",
+    "commit": "qimg.committing",
+    "CompareResult": "qimg.comparison",
+    "compare": "qimg.comparison",
+    "convert": "qimg.conversion",
+    "create": "qimg.creation",
+    "dd": "qimg.blockcopy",
     "CancelledError": "qimg.errors",
     "ImageIOError": "qimg.errors",
     "ImageIsADirectoryError": "qimg.errors",
@@ -102,14 +100,14 @@ _HOMES = {
     "ImageSpec": "qimg.spec",
     "MapExtent": "qimg.image",
     "open": "qimg.image",
-    "ImageInfo": "qimg.info",
-    "info": "qimg.info",
-    "Measurement": "qimg.measure",
-    "measure": "qimg.measure",
+    "ImageInfo": "qimg.info_report",
+    "info": "qimg.info_report",
+    "Measurement": "qimg.measurement",
+    "measure": "qimg.measurement",
     "PreallocMode": "qimg.prealloc",
-    "rebase": "qimg.rebase",
-    "ScrubReport": "qimg.scrub",
-    "scrub": "qimg.scrub",
+    "rebase": "qimg.rebasing",
+    "ScrubReport": "qimg.scrubbing",
+    "scrub": "qimg.scrubbing",
     "NodeSpec": "qimg.spec",
     "parse_spec": "qimg.spec",
     "ImageStream": "qimg.stream",
@@ -127,22 +125,6 @@ if not TYPE_CHECKING:
         value = getattr(importlib.import_module(home), _RENAMED.get(name, name))
         globals()[name] = value
         return value
-
-
-class _Package(types.ModuleType):
-    """The package module. check, commit, compare, convert, create, dd, info, measure, rebase and
-    scrub are functions that share their name with the module they live in; importing such a
-    module (which qimg does internally) would set the package attribute to the module,
-    so that ``qimg.create`` became a module. Those assignments are dropped: the name
-    resolves to the function, and the module stays in ``sys.modules``."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and _HOMES.get(name) == f"{__name__}.{name}":
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def __dir__() -> list[str]:

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     # Python 3.12 has it as collections.abc.Buffer; only the type checker needs it.
     from typing_extensions import Buffer
 
-    from qimg.info import BitmapInfo, ImageInfo, SnapshotInfo
+    from qimg.info_report import BitmapInfo, ImageInfo, SnapshotInfo
     from qimg.snapshot_ref import SnapshotRef
     from qimg.spec import ImageSpec, Node, NodeSpec
     from qimg.stream import ImageStream
@@ -348,7 +348,7 @@ class Image:
         """:func:`qimg.rebase` of this image (open for writing; the safe mode needs it
         opened with its backing chain). Close it afterwards: its open backing chain
         is the old one."""
-        from qimg.rebase import rebase_open
+        from qimg.rebasing import rebase_open
 
         try:
             rebase_open(

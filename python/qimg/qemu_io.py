@@ -27,7 +27,7 @@ from qimg.errors import ImageIOError, QimgError
 from qimg.image import MapExtent
 
 if TYPE_CHECKING:
-    from qimg.info import ImageInfo
+    from qimg.info_report import ImageInfo
 
 __all__ = [
     "COMMANDS",

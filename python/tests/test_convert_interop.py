@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 import pytest
+from corpus import Corpus, Image, Recipe, compressed, created
 
 import qimg
 
@@ -59,186 +60,113 @@ def compressed_slack(reference_length: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# The sources
+# The sources: each made when a test first asks the corpus for it (see corpus.py)
 
 
-@dataclass(frozen=True)
-class Source:
-    """A file given to convert: its path, its format, and its backing file if any."""
+def mixed_raw(corpus: Corpus) -> Image:
+    """Random data, zeroes written as data, holes, a zero run inside random data, unaligned
+    extents and a length that is no multiple of 512."""
+    rng = random.Random(0xC0FFEE)
+    size = 5 * MiB + 1000
+    raw = corpus.create("mixed.raw", "raw", size)
+    middle = bytearray(rng.randbytes(512 * KiB))
+    middle[128 * KiB : 192 * KiB] = bytes(64 * KiB)
+    with raw.path.open("r+b") as f:
+        for offset, data in (
+            (0, rng.randbytes(768 * KiB)),
+            (768 * KiB, bytes(256 * KiB)),
+            (2 * MiB + 1000, rng.randbytes(70000)),
+            (3 * MiB + 512 * KiB, bytes(middle)),
+            (size - 1000, rng.randbytes(1000)),
+        ):
+            f.seek(offset)
+            f.write(data)
+    return raw
 
-    path: Path
-    fmt: str
-    backing: Path | None = None
-    backing_fmt: str | None = None
 
-
-class Corpus:
-    """Makes the sources with qemu-img and qemu-io, once per module."""
-
-    def __init__(self, root: Path, run_qemu_img: RunCommand, run_qemu_io: RunCommand) -> None:
-        self.root = root
-        self._qemu_img = run_qemu_img
-        self._qemu_io = run_qemu_io
-        self.sources: dict[str, Source] = {}
-
-    def qemu_img(self, *args: str | Path | int) -> None:
-        proc = self._qemu_img(*args)
-        assert proc.returncode == 0, f"corpus: qemu-img {args} failed: {proc.stderr}"
-
-    def qemu_io(self, fmt: str, path: Path, *commands: str) -> None:
-        argv: list[str] = []
-        for command in commands:
-            argv += ["-c", command]
-        proc = self._qemu_io("-f", fmt, *argv, path)
-        out = proc.stdout + proc.stderr
-        assert proc.returncode == 0 and "error" not in out.lower(), (
-            f"corpus: qemu-io {commands} on {path} failed: {out}"
-        )
-
-    def qcow2(
-        self,
-        name: str,
-        size: int | None,
-        *writes: str,
-        options: str = "",
-        backing: Source | None = None,
-    ) -> Source:
-        path = self.root / name
-        argv: list[str | Path | int] = ["create", "-q", "-f", "qcow2"]
-        if backing is not None:
-            argv += ["-b", backing.path, "-F", backing.fmt]
-        if options:
-            argv += ["-o", options]
-        argv.append(path)
-        if size is not None:
-            argv.append(size)
-        self.qemu_img(*argv)
-        if writes:
-            self.qemu_io("qcow2", path, *writes)
-        return Source(
-            path,
-            "qcow2",
-            None if backing is None else backing.path,
-            None if backing is None else backing.fmt,
-        )
-
-    def build(self) -> None:
-        rng = random.Random(0xC0FFEE)
-
-        # raw: random data, zeroes written as data, holes, a zero run inside random data,
-        # unaligned extents and a length that is no multiple of 512.
-        raw = self.root / "mixed.raw"
-        raw_size = 5 * MiB + 1000
-        self.qemu_img("create", "-q", "-f", "raw", raw, raw_size)
-        middle = bytearray(rng.randbytes(512 * KiB))
-        middle[128 * KiB : 192 * KiB] = bytes(64 * KiB)
-        with raw.open("r+b") as f:
-            for offset, data in (
-                (0, rng.randbytes(768 * KiB)),
-                (768 * KiB, bytes(256 * KiB)),
-                (2 * MiB + 1000, rng.randbytes(70000)),
-                (3 * MiB + 512 * KiB, bytes(middle)),
-                (raw_size - 1000, rng.randbytes(1000)),
-            ):
-                f.seek(offset)
-                f.write(data)
-        self.sources["raw"] = Source(raw, "raw")
-
-        self.sources["qcow2"] = self.qcow2(
-            "patterns.qcow2",
-            6 * MiB,
-            "write -P 0x11 0 1M",
-            "write -P 0x22 1536k 64k",
-            "write -z 2M 512k",
-            "write -P 0 3M 256k",
-            "discard 256k 128k",
-            "write -P 0x33 4195304 5000",
-            "write -P 0x44 6140k 4k",
-        )
-
-        # Compressed clusters: converted with -c, then partly overwritten (one cluster
-        # decompressed for the write) and given more compressed clusters by qemu-io.
-        zlib = self.root / "zlib.qcow2"
-        self.qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", raw, zlib)
-        self.qemu_io("qcow2", zlib, "write -P 0x66 64k 4k", "write -c -P 0x77 4M 128k")
-        self.sources["zlib"] = Source(zlib, "qcow2")
-        zstd = self.root / "zstd.qcow2"
-        self.qemu_img(
-            "convert",
-            "-c",
-            "-O",
-            "qcow2",
-            "-o",
-            "compression_type=zstd",
-            self.sources["qcow2"].path,
-            zstd,
-        )
-        self.qemu_io("qcow2", zstd, "write -P 0x66 64k 4k", "write -c -P 0x77 5M 128k")
-        self.sources["zstd"] = Source(zstd, "qcow2")
-
-        # A chain of three: raw base, qcow2 middle, a top longer than the middle.
-        base = self.root / "base.raw"
-        self.qemu_img("create", "-q", "-f", "raw", base, 6 * MiB)
-        self.qemu_io("raw", base, "write -P 0xaa 0 3M", "write -P 0xab 5M 1M")
-        base_src = Source(base, "raw")
-        self.sources["chain-base"] = base_src
-        mid = self.qcow2(
-            "mid.qcow2",
-            None,
-            "write -z 1M 512k",
-            "write -P 0xbb 2M 64k",
-            "discard 2560k 64k",
-            "write -P 0xbc 3M 1M",
-            backing=base_src,
-        )
-        self.sources["chain-mid"] = mid
-        self.sources["chain"] = self.qcow2(
-            "top.qcow2",
-            7 * MiB,
-            "write -z 0 64k",
-            "write -P 0xcc 100k 4k",
-            "write -P 0xcd 3584k 64k",
-            "write -P 0xdd 6208k 64k",
-            "write -P 0 6400k 64k",
-            backing=mid,
-        )
-
-        # Extended L2 over a full backing file: subclusters written, zeroed, left unallocated.
-        xbase = self.qcow2("xbase.qcow2", 6 * MiB, "write -P 0x12 0 6M")
-        self.sources["extl2-base"] = xbase
-        self.sources["extl2"] = self.qcow2(
-            "extl2.qcow2",
-            None,
-            "write -P 0x21 4k 2k",
-            "write -z 128k 2k",
-            "write -P 0 192k 64k",
-            "write -P 0x23 1048676 3000",
-            "write -z 2M 64k",
-            "write -P 0x24 5M 128k",
-            "discard 5M 2k",
-            options="extended_l2=on",
-            backing=xbase,
-        )
-
-        # compat=0.10, 5000000 bytes: neither a multiple of the cluster size nor of 512.
-        self.sources["v2"] = self.qcow2(
-            "v2.qcow2",
-            5000000,
-            "write -P 7 0 100k",
-            "write -z 200k 64k",
-            "discard 64k 64k",
-            "write -P 8 4998000 2000",
-            options="compat=0.10",
-        )
+SOURCES: dict[str, Recipe] = {
+    "raw": mixed_raw,
+    "qcow2": created(
+        "patterns.qcow2",
+        "qcow2",
+        6 * MiB,
+        "write -P 0x11 0 1M",
+        "write -P 0x22 1536k 64k",
+        "write -z 2M 512k",
+        "write -P 0 3M 256k",
+        "discard 256k 128k",
+        "write -P 0x33 4195304 5000",
+        "write -P 0x44 6140k 4k",
+    ),
+    # Compressed clusters: converted with -c, then partly overwritten (one cluster
+    # decompressed for the write) and given more compressed clusters by qemu-io.
+    "zlib": compressed("zlib.qcow2", "raw", "write -P 0x66 64k 4k", "write -c -P 0x77 4M 128k"),
+    "zstd": compressed(
+        "zstd.qcow2",
+        "qcow2",
+        "write -P 0x66 64k 4k",
+        "write -c -P 0x77 5M 128k",
+        options="compression_type=zstd",
+    ),
+    # A chain of three: raw base, qcow2 middle, a top longer than the middle.
+    "chain-base": created("base.raw", "raw", 6 * MiB, "write -P 0xaa 0 3M", "write -P 0xab 5M 1M"),
+    "chain-mid": created(
+        "mid.qcow2",
+        "qcow2",
+        None,
+        "write -z 1M 512k",
+        "write -P 0xbb 2M 64k",
+        "discard 2560k 64k",
+        "write -P 0xbc 3M 1M",
+        backing="chain-base",
+    ),
+    "chain": created(
+        "top.qcow2",
+        "qcow2",
+        7 * MiB,
+        "write -z 0 64k",
+        "write -P 0xcc 100k 4k",
+        "write -P 0xcd 3584k 64k",
+        "write -P 0xdd 6208k 64k",
+        "write -P 0 6400k 64k",
+        backing="chain-mid",
+    ),
+    # Extended L2 over a full backing file: subclusters written, zeroed, left unallocated.
+    "extl2-base": created("xbase.qcow2", "qcow2", 6 * MiB, "write -P 0x12 0 6M"),
+    "extl2": created(
+        "extl2.qcow2",
+        "qcow2",
+        None,
+        "write -P 0x21 4k 2k",
+        "write -z 128k 2k",
+        "write -P 0 192k 64k",
+        "write -P 0x23 1048676 3000",
+        "write -z 2M 64k",
+        "write -P 0x24 5M 128k",
+        "discard 5M 2k",
+        options="extended_l2=on",
+        backing="extl2-base",
+    ),
+    # compat=0.10, 5000000 bytes: neither a multiple of the cluster size nor of 512.
+    "v2": created(
+        "v2.qcow2",
+        "qcow2",
+        5000000,
+        "write -P 7 0 100k",
+        "write -z 200k 64k",
+        "discard 64k 64k",
+        "write -P 8 4998000 2000",
+        options="compat=0.10",
+    ),
+}
 
 
 @pytest.fixture(scope="module")
 def corpus(
     tmp_path_factory: pytest.TempPathFactory, run_qemu_img: RunCommand, run_qemu_io: RunCommand
 ) -> Corpus:
-    c = Corpus(tmp_path_factory.mktemp("convert-corpus"), run_qemu_img, run_qemu_io)
-    c.build()
-    return c
+    root = tmp_path_factory.mktemp("convert-corpus")
+    return Corpus(root, run_qemu_img, run_qemu_io, SOURCES)
 
 
 ALL_SOURCES = ("raw", "qcow2", "zlib", "zstd", "chain", "extl2", "v2")
@@ -446,7 +374,7 @@ MATRIX = [
 ]
 
 
-def source_args(source: Source) -> list[str]:
+def source_args(source: Image) -> list[str]:
     return ["-f", source.fmt]
 
 
@@ -459,7 +387,7 @@ def test_convert_to_qcow2_matches_qemu_img(
     name: str,
     variant: Variant,
 ) -> None:
-    source = corpus.sources[name]
+    source = corpus[name]
     ours, ref = tmp_path / "qimg.qcow2", tmp_path / "qemu.qcow2"
     args = [*variant.args, *source_args(source), "-O", "qcow2"]
     proc = run_qimg("convert", *args, source.path, ours)
@@ -538,7 +466,7 @@ def test_backing_file_output_matches_qemu_img(
     run_qemu_img: RunCommand,
     case: BackingCase,
 ) -> None:
-    source, backing = corpus.sources[case.source], corpus.sources[case.backing]
+    source, backing = corpus[case.source], corpus[case.backing]
     assert source.backing == backing.path, "the output gets the source's own backing file"
     if case.as_option:
         how = ["-o", f"backing_file={backing.path},backing_fmt={backing.fmt}"]
@@ -566,7 +494,7 @@ def test_backing_file_output_holds_no_more_than_the_top_layer(
     corpus: Corpus, tmp_path: Path, run_qimg: RunCommand, run_qemu_img: RunCommand
 ) -> None:
     """What the output holds itself lies where the source's top layer holds something."""
-    source, backing = corpus.sources["chain"], corpus.sources["chain-mid"]
+    source, backing = corpus["chain"], corpus["chain-mid"]
     ours = tmp_path / "qimg.qcow2"
     proc = run_qimg("convert", "-B", backing.path, "-F", "qcow2", "-O", "qcow2", source.path, ours)
     assert proc.returncode == 0, proc.stderr
@@ -633,7 +561,7 @@ def test_existing_target_matches_qemu_img(
     name: str,
     case: ExistingCase,
 ) -> None:
-    source = corpus.sources[name]
+    source = corpus[name]
     ours, ref = tmp_path / f"qimg.{case.out_fmt}", tmp_path / f"qemu.{case.out_fmt}"
     make_target(run_qemu_img, run_qemu_io, ours, case.out_fmt, case.prefill)
     shutil.copyfile(ours, ref)
@@ -699,7 +627,7 @@ def test_several_sources_match_qemu_img(
     args: tuple[str, ...],
     differs: str | None,
 ) -> None:
-    paths = [corpus.sources[n].path for n in SEVERAL]
+    paths = [corpus[n].path for n in SEVERAL]
     ours, ref = tmp_path / f"qimg.{out_fmt}", tmp_path / f"qemu.{out_fmt}"
     # Probed formats: one -f would apply to every source.
     proc = run_qimg("convert", *args, "-O", out_fmt, *paths, ours)
@@ -723,7 +651,7 @@ def test_several_sources_match_qemu_img(
 def test_api_reports_monotonic_progress_up_to_the_total(
     corpus: Corpus, tmp_path: Path, run_qemu_img: RunCommand
 ) -> None:
-    paths = [corpus.sources[n].path for n in SEVERAL]
+    paths = [corpus[n].path for n in SEVERAL]
     total = sum(int(info(run_qemu_img, p)["virtual-size"]) for p in paths)
     seen: list[tuple[int, int]] = []
     out = tmp_path / "api.qcow2"
@@ -748,7 +676,7 @@ def test_api_reports_monotonic_progress_up_to_the_total(
 def test_api_output_is_the_cli_output(
     corpus: Corpus, tmp_path: Path, run_qemu_img: RunCommand
 ) -> None:
-    source, backing = corpus.sources["chain"], corpus.sources["chain-mid"]
+    source, backing = corpus["chain"], corpus["chain-mid"]
     out, ref = tmp_path / "api.qcow2", tmp_path / "qemu.qcow2"
     qimg.convert(
         source.path,
@@ -785,7 +713,7 @@ def test_size_option_is_overridden_by_the_sources(
     corpus: Corpus, tmp_path: Path, run_qimg: RunCommand, run_qemu_img: RunCommand
 ) -> None:
     """qemu-img checks a -o size= value, then sizes the output from the sources."""
-    source = corpus.sources["v2"]
+    source = corpus["v2"]
     ours, ref = tmp_path / "qimg.qcow2", tmp_path / "qemu.qcow2"
     args = ("-O", "qcow2", "-o", "size=64M", source.path)
     assert run_qimg("convert", *args, ours).returncode == 0
@@ -800,7 +728,7 @@ def test_api_errors_leave_no_target(corpus: Corpus, tmp_path: Path) -> None:
     out = tmp_path / "api.qcow2"
     with pytest.raises(qimg.QimgError, match="Compression and preallocation"):
         qimg.convert(
-            corpus.sources["qcow2"].path,
+            corpus["qcow2"].path,
             out,
             out_format="qcow2",
             compress=True,
@@ -808,7 +736,7 @@ def test_api_errors_leave_no_target(corpus: Corpus, tmp_path: Path) -> None:
         )
     assert not out.exists()
     with pytest.raises(qimg.QimgError):
-        qimg.convert(corpus.sources["qcow2"].path, out, out_format="qcow2", workers=0)
+        qimg.convert(corpus["qcow2"].path, out, out_format="qcow2", workers=0)
     assert not out.exists()
 
 
@@ -899,7 +827,7 @@ def broken_source(corpus: Corpus) -> Path:
     """The zlib source with garbage in place of its first compressed cluster: opening
     works, reading that cluster fails."""
     path = corpus.root / "broken.qcow2"
-    shutil.copyfile(corpus.sources["zlib"].path, path)
+    shutil.copyfile(corpus["zlib"].path, path)
     host = first_compressed_host_offset(path)
     with path.open("r+b") as f:
         f.seek(host)
@@ -941,14 +869,14 @@ def test_errors_exit_1_with_one_line_and_leave_targets_alone(
     elif case.source == "missing":
         source = tmp_path / "no-such-source.qcow2"
     else:
-        source = corpus.sources[case.source].path
+        source = corpus[case.source].path
     names = {
-        "{base}": str(corpus.sources["chain-mid"].path),
+        "{base}": str(corpus["chain-mid"].path),
         "{missing}": str(tmp_path / "no-such-base.qcow2"),
     }
     args = [a.replace("{base}", names["{base}"]) for a in case.args]
     args = [names.get(a, a) for a in args]
-    sources = [source, *(corpus.sources[n].path for n in case.more)]
+    sources = [source, *(corpus[n].path for n in case.more)]
 
     def target(name: str) -> Path:
         path = tmp_path / name

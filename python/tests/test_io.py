@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import TypeAlias
 
 import pytest
+from corpus import Corpus, Image, Recipe, commands, created
 
 from qimg.errors import ImageIOError
 from qimg.image import MapExtent
-from qimg.info import ImageInfo
+from qimg.info_report import ImageInfo
 from qimg.qemu_io import (
     Interpreter,
     NumberError,
@@ -552,45 +553,12 @@ def transcript(proc: subprocess.CompletedProcess[str]) -> Transcript:
     return Transcript(filter_timings(proc.stdout), stderr, proc.returncode)
 
 
-def commands(*lines: str) -> list[str]:
-    argv: list[str] = []
-    for line in lines:
-        argv += ["-c", line]
-    return argv
-
-
 def both(
     run_qemu_io: RunCommand, fmt: str, path: Path, lines: list[str], *options: str
 ) -> tuple[Transcript, Transcript]:
     """(qimg io, qemu-io) transcripts of the same command lines on the same image."""
     args = [*options, "-f", fmt, *commands(*lines), str(path)]
     return transcript(qimg_io(*args)), transcript(run_qemu_io(*args))
-
-
-@dataclass(frozen=True)
-class Made:
-    fmt: str
-    path: Path
-
-
-class Corpus:
-    """Images made with qemu-img and qemu-io only (never with qimg)."""
-
-    def __init__(self, root: Path, run_qemu_img: RunCommand, run_qemu_io: RunCommand) -> None:
-        self.root = root
-        self.qemu_img = run_qemu_img
-        self.qemu_io = run_qemu_io
-
-    def img(self, *args: str | Path) -> None:
-        proc = self.qemu_img(*args)
-        assert proc.returncode == 0, f"qemu-img {args}: {proc.stderr}"
-
-    def io(self, fmt: str, path: Path, *lines: str) -> None:
-        proc = self.qemu_io("-f", fmt, *commands(*lines), path)
-        assert proc.returncode == 0, f"qemu-io {lines}: {proc.stdout}{proc.stderr}"
-
-    def make(self, name: str) -> Made:
-        return IMAGES[name](self)
 
 
 HISTORY = (
@@ -602,52 +570,50 @@ HISTORY = (
 )
 
 
-def _raw_sparse(c: Corpus) -> Made:
+def _raw_sparse(c: Corpus) -> Image:
     path = c.root / "sparse.raw"
     path.write_bytes(b"")
-    c.img("resize", "-f", "raw", path, "1M")
-    c.io("raw", path, "write -P 1 64k 64k", "write -P 2 512k 4k")
-    return Made("raw", path)
+    c.qemu_img("resize", "-f", "raw", path, "1M")
+    c.qemu_io("raw", path, "write -P 1 64k 64k", "write -P 2 512k 4k")
+    return Image(path, "raw")
 
 
-def _raw_odd(c: Corpus) -> Made:
+def _raw_odd(c: Corpus) -> Image:
     path = c.root / "odd.raw"
     path.write_bytes(b"\x01" * 1000)
-    return Made("raw", path)
+    return Image(path, "raw")
 
 
-def _qcow2(name: str, *options: str) -> Callable[[Corpus], Made]:
-    def build(c: Corpus) -> Made:
-        path = c.root / f"{name}.qcow2"
-        c.img("create", "-q", "-f", "qcow2", *options, path, "2M")
-        c.io("qcow2", path, *HISTORY)
-        return Made("qcow2", path)
-
-    return build
+def _qcow2(file: str, options: str = "") -> Recipe:
+    return created(file, "qcow2", "2M", *HISTORY, options=options)
 
 
-def _backing(c: Corpus) -> Made:
-    base = _qcow2("base")(c).path
-    path = c.root / "top.qcow2"
-    c.img("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", path, "4M")
-    c.io("qcow2", path, "write -P 9 128k 64k", "write -P 9 1M 1", "write -z 1600k 64k")
-    return Made("qcow2", path)
+# IMAGES is also the list test_reads_print_what_qemu_io_prints runs over, so the images others
+# are made from (base.qcow2, csource.qcow2) are made inside those recipes, not listed.
+def _backing(c: Corpus) -> Image:
+    base = _qcow2("base.qcow2")(c)
+    return c.create(
+        "top.qcow2",
+        "qcow2",
+        "4M",
+        "write -P 9 128k 64k",
+        "write -P 9 1M 1",
+        "write -z 1600k 64k",
+        backing=base,
+    )
 
 
-def _compressed(c: Corpus) -> Made:
-    source = _qcow2("csource")(c).path
-    path = c.root / "compressed.qcow2"
-    c.img("convert", "-c", "-f", "qcow2", "-O", "qcow2", source, path)
-    return Made("qcow2", path)
+def _compressed(c: Corpus) -> Image:
+    return c.compress("compressed.qcow2", _qcow2("csource.qcow2")(c))
 
 
-IMAGES: dict[str, Callable[[Corpus], Made]] = {
+IMAGES: dict[str, Recipe] = {
     "raw-sparse": _raw_sparse,
     "raw-odd-length": _raw_odd,
-    "qcow2": _qcow2("plain"),
-    "qcow2-v2": _qcow2("v2", "-o", "compat=0.10"),
-    "qcow2-extended-l2": _qcow2("extl2", "-o", "extended_l2=on,cluster_size=64k"),
-    "qcow2-512b-clusters": _qcow2("c512", "-o", "cluster_size=512"),
+    "qcow2": _qcow2("plain.qcow2"),
+    "qcow2-v2": _qcow2("v2.qcow2", "compat=0.10"),
+    "qcow2-extended-l2": _qcow2("extl2.qcow2", "extended_l2=on,cluster_size=64k"),
+    "qcow2-512b-clusters": _qcow2("c512.qcow2", "cluster_size=512"),
     "qcow2-backing": _backing,
     "qcow2-compressed": _compressed,
 }
@@ -658,7 +624,7 @@ def corpus(
     tmp_path_factory: pytest.TempPathFactory, run_qemu_img: RunCommand, run_qemu_io: RunCommand
 ) -> Iterator[Corpus]:
     root = tmp_path_factory.mktemp("io-corpus")
-    yield Corpus(root, run_qemu_img, run_qemu_io)
+    yield Corpus(root, run_qemu_img, run_qemu_io, IMAGES)
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -698,7 +664,7 @@ READS = [
 def test_reads_print_what_qemu_io_prints(
     name: str, corpus: Corpus, run_qemu_io: RunCommand
 ) -> None:
-    made = corpus.make(name)
+    made = corpus[name]
     size_lines = [f"read {x} {y}" for x, y in (("2M", 0), ("2M", 1), ("2097151", 2), ("4M", 0))]
     ours, theirs = both(run_qemu_io, made.fmt, made.path, READS + size_lines, "-r")
     assert ours == theirs
@@ -724,7 +690,7 @@ USAGE_LINES = ("read -x", "read 0 1 -x", "read --foo", "read -s", "read -l", "re
 
 @pytest.mark.qemu
 def test_misuse_is_reported_as_qemu_io_reports_it(corpus: Corpus, run_qemu_io: RunCommand) -> None:
-    made = corpus.make("qcow2")
+    made = corpus["qcow2"]
     for line in MISUSE:
         ours, theirs = both(run_qemu_io, made.fmt, made.path, [line], "-r")
         if line.startswith(USAGE_LINES):
@@ -741,9 +707,7 @@ def test_misuse_is_reported_as_qemu_io_reports_it(corpus: Corpus, run_qemu_io: R
 @pytest.fixture(scope="session")
 def huge_image(corpus: Corpus) -> Path:
     """A 2 EiB qcow2 image: `read N 0` then prints N for any N up to 2 EiB."""
-    path = corpus.root / "huge.qcow2"
-    corpus.img("create", "-q", "-f", "qcow2", "-o", "cluster_size=2M", path, "2E")
-    return path
+    return corpus.create("huge.qcow2", "qcow2", "2E", options="cluster_size=2M").path
 
 
 @pytest.mark.qemu
@@ -758,7 +722,7 @@ def test_numbers_are_read_as_qemu_io_reads_them(huge_image: Path, run_qemu_io: R
 
 @pytest.mark.qemu
 def test_commands_from_stdin(corpus: Corpus, run_qemu_io: RunCommand, qemu_io: str) -> None:
-    made = corpus.make("raw-sparse")
+    made = corpus["raw-sparse"]
     script = "read -P 1 64k 64k\n\nbogus\nread -q 0 1\n  read   0   2  \nquit\nread 0 3\n"
     ours = transcript(qimg_io("-r", "-f", "raw", made.path, stdin=script))
     proc = subprocess.run(
@@ -887,26 +851,24 @@ class Written:
 
 
 @pytest.fixture(scope="session")
-def written(corpus: Corpus) -> Callable[[str], Written]:
+def written(corpus: Corpus, run_qemu_io: RunCommand) -> Callable[[str], Written]:
     made: dict[str, Written] = {}
     source = corpus.root / "source.bin"
     source.write_bytes(b"abc")
-    base = corpus.root / "write-base.qcow2"
-    corpus.img("create", "-q", "-f", "qcow2", base, "2M")
-    corpus.io("qcow2", base, "write -P 0x99 0 2M")
+    base = corpus.create("write-base.qcow2", "qcow2", "2M", "write -P 0x99 0 2M").path
 
     def make(name: str) -> Written:
         if name not in made:
             fmt, options = TARGETS[name]
             options = [o.format(base=base) for o in options]
             a, b = corpus.root / f"w-{name}.qemu", corpus.root / f"w-{name}.qimg"
-            corpus.img("create", "-q", "-f", fmt, *options, a, "2M")
+            corpus.qemu_img("create", "-q", "-f", fmt, *options, a, "2M")
             shutil.copyfile(a, b)
             script = [w.format(source=source) for w in WRITES]
             if fmt == "qcow2":
                 script += QCOW2_WRITES
             args = ["-f", fmt, *commands(*script)]
-            theirs = transcript(corpus.qemu_io(*args, a))
+            theirs = transcript(run_qemu_io(*args, a))
             ours = transcript(qimg_io(*args, b))
             made[name] = Written(fmt, a, b, theirs, ours)
         return made[name]

@@ -1,11 +1,12 @@
 """qimg's read path against QEMU: info, map, check, compare, convert -O raw, measure, the API.
 
-One corpus of images is made once per session with qemu-img / qemu-io (never with qimg): raw
-files with data, holes and odd lengths; qcow2 images with patterns, zero writes, discards,
-partial-cluster writes, compressed clusters (zlib and zstd), backing chains with relative and
-probed backing names, extended L2 subclusters, compat=0.10, 512-byte and 2 MiB clusters, every
-preallocation mode, lazy refcounts (clean and dirty), 1-bit refcounts, internal snapshots,
-leaked and corrupted refcounts, and an image opened by a path relative to the working directory.
+One corpus of images, made with qemu-img / qemu-io (never with qimg) by corpus.py when a test
+first asks for one, and kept for the session: raw files with data, holes and odd lengths; qcow2
+images with patterns, zero writes, discards, partial-cluster writes, compressed clusters (zlib
+and zstd), backing chains with relative and probed backing names, extended L2 subclusters,
+compat=0.10, 512-byte and 2 MiB clusters, every preallocation mode, lazy refcounts (clean and
+dirty), 1-bit refcounts, internal snapshots, leaked and corrupted refcounts, and an image
+opened by a path relative to the working directory.
 
 Every test runs the same command line through ``qimg`` and ``qemu-img`` and compares what they
 print (stdout byte for byte, stderr with the ``qemu-img:`` prefix read as ``qimg:``) and their
@@ -24,12 +25,13 @@ import shutil
 import struct
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
 
 import pytest
+from corpus import Corpus, Image, Recipe, compressed, created
 
 import qimg
 from conftest import seek_data_ranges
@@ -43,67 +45,8 @@ MiB = 1024 * KiB
 
 
 # --------------------------------------------------------------------------------------------
-# The corpus: recipes (static, so tests can be parametrized over them) and the session builder
-
-
-class Builder:
-    """Makes corpus files under *root* with QEMU's tools; every step must succeed."""
-
-    def __init__(self, root: Path, run_qemu_img: RunCommand, run_qemu_io: RunCommand) -> None:
-        self.root = root
-        self._qemu_img = run_qemu_img
-        self._qemu_io = run_qemu_io
-        self._made: dict[str, Path] = {}
-
-    def path(self, name: str) -> Path:
-        path = self.root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def once(self, name: str, make: Callable[[Path], None]) -> Path:
-        """A shared file (a backing file, a compression source), made on first use."""
-        if name not in self._made:
-            path = self.path(name)
-            make(path)
-            self._made[name] = path
-        return self._made[name]
-
-    def qemu_img(self, *args: str | Path | int) -> None:
-        proc = self._qemu_img(*args)
-        assert proc.returncode == 0, f"corpus: qemu-img {args} failed: {proc.stderr}"
-
-    def qemu_io(self, fmt: str, path: Path, *commands: str) -> None:
-        argv: list[str] = []
-        for command in commands:
-            argv += ["-c", command]
-        proc = self._qemu_io("-f", fmt, *argv, path)
-        assert proc.returncode == 0 and "error" not in (proc.stdout + proc.stderr).lower(), (
-            f"corpus: qemu-io {commands} on {path} failed: {proc.stdout}{proc.stderr}"
-        )
-
-    def qcow2(
-        self,
-        name: str,
-        size: int | None,
-        *writes: str,
-        options: str = "",
-        backing: str | None = None,
-        backing_fmt: str | None = None,
-    ) -> Path:
-        """``qemu-img create -f qcow2`` then the qemu-io commands *writes*."""
-        path = self.path(name)
-        argv: list[str | Path | int] = ["create", "-q", "-f", "qcow2"]
-        if backing is not None:
-            argv += ["-b", backing, "-F", backing_fmt or "qcow2"]
-        if options:
-            argv += ["-o", options]
-        argv.append(path)
-        if size is not None:
-            argv.append(size)
-        self.qemu_img(*argv)
-        if writes:
-            self.qemu_io("qcow2", path, *writes)
-        return path
+# The corpus: a recipe table (static, so tests can be parametrized over it), its images made
+# by corpus.py's Corpus when a test first asks for them
 
 
 def write_raw(path: Path, size: int, extents: list[tuple[int, bytes]]) -> None:
@@ -164,18 +107,96 @@ def set_refcount(path: Path, cluster_index: int, refcount: int) -> None:
         f.write(struct.pack(">H", refcount))
 
 
-def first_data_offset(run_qemu_img: RunCommand, path: Path) -> int:
-    proc = run_qemu_img("map", "--output=json", "-f", "qcow2", path)
-    assert proc.returncode == 0, proc.stderr
-    entries: list[dict[str, Any]] = json.loads(proc.stdout)
+def first_data_offset(map_json: str) -> int:
+    """The host offset of the first data cluster in ``qemu-img map --output=json``'s output."""
+    entries: list[dict[str, Any]] = json.loads(map_json)
     return int(next(e["offset"] for e in entries if e["data"] and "offset" in e))
 
 
+def raw(file: str, size: int, *extents: tuple[int, bytes]) -> Recipe:
+    """A raw file written from Python, not made by ``qemu-img create``: that one allocates the
+    first block, and where the holes are is part of what map, convert and compare see."""
+
+    def make(c: Corpus) -> Image:
+        path = c.path(file)
+        write_raw(path, size, list(extents))
+        return Image(path, "raw")
+
+    return make
+
+
+def qcow2(
+    file: str, size: int | None, *writes: str, options: str = "", backing: str | None = None
+) -> Recipe:
+    """A qcow2 image; its backing file (another corpus name) is named relative to it: the
+    chains test relative backing names, resolved next to the overlay."""
+    return created(
+        file, "qcow2", size, *writes, options=options, backing=backing, relative_backing=True
+    )
+
+
+def without_backing_format(make: Recipe) -> Recipe:
+    """*make*'s image with its backing-format header extension dropped."""
+
+    def build(c: Corpus) -> Image:
+        image = make(c)
+        strip_backing_format(image.path)
+        return image
+
+    return build
+
+
+def _prealloc(mode: str) -> Recipe:
+    return qcow2(
+        f"qcow2/prealloc-{mode}.qcow2",
+        2 * MiB,
+        "write -P 0x66 512k 64k",
+        "write -z 1M 64k",
+        options=f"preallocation={mode}",
+    )
+
+
+def _qcow2_lazy_dirty(c: Corpus) -> Image:
+    """Killed after writing: the dirty bit stays set and the refcounts were never written."""
+    image = c.create("qcow2/dirty.qcow2", "qcow2", 2 * MiB, options="lazy_refcounts=on")
+    c.qemu_io("qcow2", image.path, "write -P 7 0 128k", "flush", "sigraise 9", status=-9)
+    return image
+
+
+def _qcow2_snapshot(c: Corpus) -> Image:
+    image = c.create("qcow2/snap.qcow2", "qcow2", 1 * MiB, "write -P 1 0 64k")
+    c.qemu_img("snapshot", "-c", "snap1", image.path)
+    c.qemu_io("qcow2", image.path, "write -P 2 0 4k", "write -P 3 512k 64k")
+    c.qemu_img("snapshot", "-c", "second snapshot", image.path)
+    c.qemu_io("qcow2", image.path, "write -P 4 4k 4k")
+    return image
+
+
+def _qcow2_leak(c: Corpus) -> Image:
+    image = c.create("qcow2/leak.qcow2", "qcow2", 1 * MiB, "write -P 0x90 0 128k")
+    cluster = 64 * KiB
+    end = image.path.stat().st_size
+    index = -(-end // cluster)
+    with image.path.open("r+b") as f:  # a referenced-by-nothing cluster at the end of the file
+        f.truncate((index + 1) * cluster)
+    set_refcount(image.path, index, 1)
+    return image
+
+
+def _qcow2_corrupt(c: Corpus) -> Image:
+    image = c.create("qcow2/corrupt.qcow2", "qcow2", 1 * MiB, "write -P 0x91 0 128k")
+    data = first_data_offset(c.qemu_img("map", "--output=json", "-f", "qcow2", image.path))
+    set_refcount(image.path, data // (64 * KiB), 0)
+    return image
+
+
 @dataclass(frozen=True)
-class Recipe:
-    id: str
-    fmt: str
-    build: Callable[[Builder], Path]
+class Entry:
+    """An image the tests run over: how it is made, and what parametrizing needs to know of it
+    before it is made."""
+
+    make: Recipe
+    fmt: str = "qcow2"
     #: Run commands from this directory (relative to the corpus root) and name the image by its
     #: path relative to it; None: absolute paths.
     cwd: str | None = None
@@ -183,419 +204,249 @@ class Recipe:
     backing: bool = False
 
 
-RECIPES: list[Recipe] = []
+#: Files the images below are made from and no test runs over by themselves.
+SOURCES: dict[str, Recipe] = {
+    "compress-source": raw(
+        "compressed/source.raw",
+        2 * MiB,
+        (0, fill(0xAB, 256 * KiB)),  # compresses well
+        (256 * KiB, noise(4, 64 * KiB)),  # does not compress: stored plain
+        (320 * KiB, fill(0, 64 * KiB)),  # zeros written as data
+        (1 * MiB + 4 * KiB, b"qimg reads what qemu-img wrote. " * 256),  # partial cluster
+        (2 * MiB - 512, fill(0xEE, 512)),
+    ),
+    "chain-base": raw(
+        "chain/base.raw", 2 * MiB, (0, fill(0x01, 1 * MiB)), (1536 * KiB, fill(0x02, 4 * KiB))
+    ),
+    "odd-length-raw": raw("oddback/odd.raw", 100007, (0, fill(0x5A, 100007))),
+    "probe-base": qcow2("probe/base.qcow2", 1 * MiB, "write -P 0x50 0 128k"),
+    "probe-base-raw": raw("probe/base.raw", 1 * MiB, (0, fill(0x52, 64 * KiB))),
+    "extl2-base": qcow2("extl2/base.qcow2", 1 * MiB, "write -P 0x0b 0 1M"),
+    "rel-base": qcow2("rel/base.qcow2", 1 * MiB, "write -P 0x80 0 64k"),
+}
 
-
-def recipe(
-    id: str, fmt: str = "qcow2", *, cwd: str | None = None, backing: bool = False
-) -> Callable[[Callable[[Builder], Path]], Callable[[Builder], Path]]:
-    def register(build: Callable[[Builder], Path]) -> Callable[[Builder], Path]:
-        RECIPES.append(Recipe(id, fmt, build, cwd, backing))
-        return build
-
-    return register
-
-
-# ---- raw
-
-
-@recipe("raw-sparse", "raw")
-def _raw_sparse(b: Builder) -> Path:
-    path = b.path("raw/sparse.raw")
-    write_raw(
-        path,
-        4 * MiB,
-        [
+IMAGES: dict[str, Entry] = {
+    # ---- raw
+    "raw-sparse": Entry(
+        raw(
+            "raw/sparse.raw",
+            4 * MiB,
             (0, fill(0xAB, 64 * KiB)),
             (1 * MiB + 512, noise(1, 3584)),
             (2 * MiB, fill(0, 64 * KiB)),  # data blocks that hold zeros
             (3 * MiB - 100, fill(0xCD, 100)),
-        ],
-    )
-    return path
-
-
-@recipe("raw-odd-length", "raw")
-def _raw_odd_length(b: Builder) -> Path:
-    path = b.path("raw/odd.raw")
-    write_raw(path, 100007, [(0, noise(2, 512)), (99000, fill(0x5A, 1007))])
-    return path
-
-
-@recipe("raw-empty", "raw")
-def _raw_empty(b: Builder) -> Path:
-    path = b.path("raw/empty.raw")
-    write_raw(path, 0, [])
-    return path
-
-
-@recipe("raw-dense", "raw")
-def _raw_dense(b: Builder) -> Path:
-    path = b.path("raw/dense.raw")
-    write_raw(path, 256 * KiB, [(0, noise(3, 256 * KiB))])
-    return path
-
-
-# ---- plain qcow2
-
-
-@recipe("qcow2-patterns")
-def _qcow2_patterns(b: Builder) -> Path:
-    return b.qcow2(
-        "qcow2/patterns.qcow2",
-        4 * MiB,
-        "write -P 0xab 0 64k",
-        "write -P 0xcd 131584 3k",  # partial cluster, unaligned start
-        "write -P 0xef 1044480 8k",  # across a cluster boundary
-        "write -z 2M 128k",  # zero clusters, never allocated
-        "write -P 0x11 3M 256k",
-        "write -z 3M 64k",  # zero flag on an allocated cluster
-        "write -z -u 3211264 64k",  # zeroed and unmapped
-        "discard 3276800 64k",
-        "write -P 0x22 3350000 1",  # one byte
-    )
-
-
-@recipe("qcow2-odd-size")
-def _qcow2_odd_size(b: Builder) -> Path:
-    # 1000000 rounds up to 1000448 (512-byte multiple), not a cluster multiple
-    return b.qcow2("qcow2/odd.qcow2", 1000000, "write -P 0x09 999424 1024", "write -P 8 0 1")
-
-
-@recipe("qcow2-empty")
-def _qcow2_empty(b: Builder) -> Path:
-    return b.qcow2("qcow2/empty.qcow2", 0)
-
-
-@recipe("qcow2-compat0.10")
-def _qcow2_v2(b: Builder) -> Path:
-    return b.qcow2(
-        "qcow2/v2.qcow2",
-        2 * MiB,
-        "write -P 0xab 0 64k",
-        "write -z 64k 64k",
-        "write -P 0x01 1M 8k",
-        "write -z 1M 4k",  # no zero flag in v2: real zeros
-        "discard 0 64k",
-        options="compat=0.10",
-    )
-
-
-@recipe("qcow2-cluster512")
-def _qcow2_cluster512(b: Builder) -> Path:
-    return b.qcow2(
-        "qcow2/c512.qcow2",
-        4 * MiB,
-        "write -P 0x33 0 1k",
-        "write -P 0x34 102500 1000",
-        "write -z 200k 2k",
-        "write -P 0x36 1M 64k",  # spans several L2 tables (64 entries each)
-        "write -P 0x35 4193792 512",  # the last sector
-        options="cluster_size=512",
-    )
-
-
-@recipe("qcow2-cluster2M")
-def _qcow2_cluster2m(b: Builder) -> Path:
-    return b.qcow2(
-        "qcow2/c2m.qcow2",
-        8 * MiB,
-        "write -P 0x44 3149824 4k",
-        "write -P 0x45 6M 2M",
-        "write -z 7M 4k",
-        "write -z 2M 2M",
-        options="cluster_size=2M",
-    )
-
-
-def _prealloc(mode: str) -> Callable[[Builder], Path]:
-    def build(b: Builder) -> Path:
-        return b.qcow2(
-            f"qcow2/prealloc-{mode}.qcow2",
-            2 * MiB,
-            "write -P 0x66 512k 64k",
-            "write -z 1M 64k",
-            options=f"preallocation={mode}",
+        ),
+        "raw",
+    ),
+    "raw-odd-length": Entry(
+        raw("raw/odd.raw", 100007, (0, noise(2, 512)), (99000, fill(0x5A, 1007))), "raw"
+    ),
+    "raw-empty": Entry(raw("raw/empty.raw", 0), "raw"),
+    "raw-dense": Entry(raw("raw/dense.raw", 256 * KiB, (0, noise(3, 256 * KiB))), "raw"),
+    # ---- plain qcow2
+    "qcow2-patterns": Entry(
+        qcow2(
+            "qcow2/patterns.qcow2",
+            4 * MiB,
+            "write -P 0xab 0 64k",
+            "write -P 0xcd 131584 3k",  # partial cluster, unaligned start
+            "write -P 0xef 1044480 8k",  # across a cluster boundary
+            "write -z 2M 128k",  # zero clusters, never allocated
+            "write -P 0x11 3M 256k",
+            "write -z 3M 64k",  # zero flag on an allocated cluster
+            "write -z -u 3211264 64k",  # zeroed and unmapped
+            "discard 3276800 64k",
+            "write -P 0x22 3350000 1",  # one byte
         )
-
-    return build
-
-
-for _mode in ("metadata", "falloc", "full"):
-    recipe(f"qcow2-prealloc-{_mode}")(_prealloc(_mode))
-
-
-@recipe("qcow2-lazy-refcounts")
-def _qcow2_lazy(b: Builder) -> Path:
-    return b.qcow2("qcow2/lazy.qcow2", 2 * MiB, "write -P 0x70 0 128k", options="lazy_refcounts=on")
-
-
-@recipe("qcow2-lazy-dirty")
-def _qcow2_lazy_dirty(b: Builder) -> Path:
-    """Killed after writing: the dirty bit stays set and the refcounts were never written."""
-    path = b.qcow2("qcow2/dirty.qcow2", 2 * MiB, options="lazy_refcounts=on")
-    proc = b._qemu_io(
-        "-f", "qcow2", "-c", "write -P 7 0 128k", "-c", "flush", "-c", "sigraise 9", path
-    )
-    assert proc.returncode == -9, f"corpus: qemu-io was not killed: {proc.stdout}{proc.stderr}"
-    return path
-
-
-@recipe("qcow2-refcount-bits-1")
-def _qcow2_refcount1(b: Builder) -> Path:
-    return b.qcow2(
-        "qcow2/rb1.qcow2",
-        1 * MiB,
-        "write -P 0x71 0 64k",
-        "write -P 0x72 700k 3k",
-        options="refcount_bits=1",
-    )
-
-
-@recipe("qcow2-snapshot")
-def _qcow2_snapshot(b: Builder) -> Path:
-    path = b.qcow2("qcow2/snap.qcow2", 1 * MiB, "write -P 1 0 64k")
-    b.qemu_img("snapshot", "-c", "snap1", path)
-    b.qemu_io("qcow2", path, "write -P 2 0 4k", "write -P 3 512k 64k")
-    b.qemu_img("snapshot", "-c", "second snapshot", path)
-    b.qemu_io("qcow2", path, "write -P 4 4k 4k")
-    return path
-
-
-@recipe("qcow2-leaked-cluster")
-def _qcow2_leak(b: Builder) -> Path:
-    path = b.qcow2("qcow2/leak.qcow2", 1 * MiB, "write -P 0x90 0 128k")
-    cluster = 64 * KiB
-    end = path.stat().st_size
-    index = -(-end // cluster)
-    with path.open("r+b") as f:  # a referenced-by-nothing cluster at the end of the file
-        f.truncate((index + 1) * cluster)
-    set_refcount(path, index, 1)
-    return path
-
-
-@recipe("qcow2-corrupt-refcount")
-def _qcow2_corrupt(b: Builder) -> Path:
-    path = b.qcow2("qcow2/corrupt.qcow2", 1 * MiB, "write -P 0x91 0 128k")
-    data = first_data_offset(b._qemu_img, path)
-    set_refcount(path, data // (64 * KiB), 0)
-    return path
-
-
-# ---- compressed
-
-
-def _compress_source(path: Path) -> None:
-    text = b"qimg reads what qemu-img wrote. " * 256
-    write_raw(
-        path,
-        2 * MiB,
-        [
-            (0, fill(0xAB, 256 * KiB)),  # compresses well
-            (256 * KiB, noise(4, 64 * KiB)),  # does not compress: stored plain
-            (320 * KiB, fill(0, 64 * KiB)),  # zeros written as data
-            (1 * MiB + 4 * KiB, text),  # partial cluster
-            (2 * MiB - 512, fill(0xEE, 512)),
-        ],
-    )
-
-
-def _compressed(name: str, options: str, *writes: str) -> Callable[[Builder], Path]:
-    def build(b: Builder) -> Path:
-        source = b.once("compressed/source.raw", _compress_source)
-        path = b.path(f"compressed/{name}.qcow2")
-        argv: list[str | Path] = ["convert", "-c", "-f", "raw", "-O", "qcow2"]
-        if options:
-            argv += ["-o", options]
-        b.qemu_img(*argv, source, path)
-        if writes:
-            b.qemu_io("qcow2", path, *writes)
-        return path
-
-    return build
-
-
-recipe("qcow2-zlib")(_compressed("zlib", ""))
-recipe("qcow2-zlib-cluster4k")(_compressed("zlib-4k", "cluster_size=4k"))
-recipe("qcow2-zstd")(
-    _compressed(
-        "zstd",
-        "compression_type=zstd",
-        "write -c -P 0x77 1536k 64k",  # a compressed write into the image
-        "write -P 0x78 1M 4k",  # a plain write over part of a compressed cluster
-    )
-)
-recipe("qcow2-zstd-extl2")(_compressed("zstd-extl2", "compression_type=zstd,extended_l2=on"))
-
-
-# ---- backing chains (relative backing names, resolved next to the overlay)
-
-
-def _chain_base(path: Path) -> None:
-    write_raw(path, 2 * MiB, [(0, fill(0x01, 1 * MiB)), (1536 * KiB, fill(0x02, 4 * KiB))])
-
-
-def _chain_mid(b: Builder) -> Path:
-    b.once("chain/base.raw", _chain_base)
-
-    def make(path: Path) -> None:
-        b.qcow2(
+    ),
+    # 1000000 rounds up to 1000448 (512-byte multiple), not a cluster multiple
+    "qcow2-odd-size": Entry(
+        qcow2("qcow2/odd.qcow2", 1000000, "write -P 0x09 999424 1024", "write -P 8 0 1")
+    ),
+    "qcow2-empty": Entry(qcow2("qcow2/empty.qcow2", 0)),
+    "qcow2-compat0.10": Entry(
+        qcow2(
+            "qcow2/v2.qcow2",
+            2 * MiB,
+            "write -P 0xab 0 64k",
+            "write -z 64k 64k",
+            "write -P 0x01 1M 8k",
+            "write -z 1M 4k",  # no zero flag in v2: real zeros
+            "discard 0 64k",
+            options="compat=0.10",
+        )
+    ),
+    "qcow2-cluster512": Entry(
+        qcow2(
+            "qcow2/c512.qcow2",
+            4 * MiB,
+            "write -P 0x33 0 1k",
+            "write -P 0x34 102500 1000",
+            "write -z 200k 2k",
+            "write -P 0x36 1M 64k",  # spans several L2 tables (64 entries each)
+            "write -P 0x35 4193792 512",  # the last sector
+            options="cluster_size=512",
+        )
+    ),
+    "qcow2-cluster2M": Entry(
+        qcow2(
+            "qcow2/c2m.qcow2",
+            8 * MiB,
+            "write -P 0x44 3149824 4k",
+            "write -P 0x45 6M 2M",
+            "write -z 7M 4k",
+            "write -z 2M 2M",
+            options="cluster_size=2M",
+        )
+    ),
+    **{f"qcow2-prealloc-{mode}": Entry(_prealloc(mode)) for mode in ("metadata", "falloc", "full")},
+    "qcow2-lazy-refcounts": Entry(
+        qcow2("qcow2/lazy.qcow2", 2 * MiB, "write -P 0x70 0 128k", options="lazy_refcounts=on")
+    ),
+    "qcow2-lazy-dirty": Entry(_qcow2_lazy_dirty),
+    "qcow2-refcount-bits-1": Entry(
+        qcow2(
+            "qcow2/rb1.qcow2",
+            1 * MiB,
+            "write -P 0x71 0 64k",
+            "write -P 0x72 700k 3k",
+            options="refcount_bits=1",
+        )
+    ),
+    "qcow2-snapshot": Entry(_qcow2_snapshot),
+    "qcow2-leaked-cluster": Entry(_qcow2_leak),
+    "qcow2-corrupt-refcount": Entry(_qcow2_corrupt),
+    # ---- compressed
+    "qcow2-zlib": Entry(compressed("compressed/zlib.qcow2", "compress-source")),
+    "qcow2-zlib-cluster4k": Entry(
+        compressed("compressed/zlib-4k.qcow2", "compress-source", options="cluster_size=4k")
+    ),
+    "qcow2-zstd": Entry(
+        compressed(
+            "compressed/zstd.qcow2",
+            "compress-source",
+            "write -c -P 0x77 1536k 64k",  # a compressed write into the image
+            "write -P 0x78 1M 4k",  # a plain write over part of a compressed cluster
+            options="compression_type=zstd",
+        )
+    ),
+    "qcow2-zstd-extl2": Entry(
+        compressed(
+            "compressed/zstd-extl2.qcow2",
+            "compress-source",
+            options="compression_type=zstd,extended_l2=on",
+        )
+    ),
+    # ---- backing chains (relative backing names, resolved next to the overlay)
+    "chain-mid": Entry(
+        qcow2(
             "chain/mid.qcow2",
             None,
             "write -P 0x10 64k 64k",
             "write -z 256k 64k",  # zeros over backing data
             "write -P 0x11 1573376 512",
             "discard 512k 64k",
-            backing="base.raw",
-            backing_fmt="raw",
+            backing="chain-base",
+        ),
+        backing=True,
+    ),
+    "chain-top": Entry(
+        qcow2(
+            "chain/top.qcow2",
+            3 * MiB,  # bigger than its backing file
+            "write -P 0x20 128k 4k",
+            "write -z 0 4k",
+            "write -z 1536k 4k",
+            "write -P 0x21 2560k 64k",  # beyond the backing file's end
+            backing="chain-mid",
+        ),
+        backing=True,
+    ),
+    "chain-small-overlay": Entry(
+        qcow2(
+            "chain/small.qcow2",
+            1 * MiB + 512,  # smaller than its backing file
+            "write -P 0x30 512k 4k",
+            "write -P 0x31 1M 512",
+            backing="chain-mid",
+        ),
+        backing=True,
+    ),
+    "chain-compat0.10-over-raw": Entry(
+        qcow2(
+            "chain/v2.qcow2",
+            None,
+            "write -z 0 64k",  # v2 has no zero flag: zeros over backing data must be real
+            "write -P 0x40 65636 10",
+            options="compat=0.10",
+            backing="chain-base",
+        ),
+        backing=True,
+    ),
+    "backing-odd-length-raw": Entry(
+        qcow2("oddback/top.qcow2", None, "write -P 0x5b 0 512", backing="odd-length-raw"),
+        backing=True,
+    ),
+    # ---- probed backing formats (no backing-format header extension)
+    "probed-qcow2-backing": Entry(
+        without_backing_format(
+            qcow2("probe/top.qcow2", None, "write -P 0x51 64k 4k", backing="probe-base")
+        ),
+        backing=True,
+    ),
+    "probed-raw-backing": Entry(
+        without_backing_format(
+            qcow2("probe/top-raw.qcow2", None, "write -P 0x53 512k 4k", backing="probe-base-raw")
+        ),
+        backing=True,
+    ),
+    # ---- extended L2 (32 subclusters of 2 KiB in 64 KiB clusters)
+    "qcow2-extl2-backing": Entry(
+        qcow2(
+            "extl2/extl2.qcow2",
+            2 * MiB,
+            "write -P 0x5a 4k 4k",  # two subclusters; the rest still shows the backing file
+            "write -P 0x5b 66560 1k",  # half a subcluster: COW from the backing file
+            "write -z 135168 4k",  # zero subclusters in an unallocated cluster
+            "write -P 0x5c 192k 64k",
+            "write -z 204800 2k",  # one zero subcluster in an allocated cluster
+            "write -P 0x5d 1052672 4k",  # beyond the backing file
+            options="extended_l2=on",
+            backing="extl2-base",
+        ),
+        backing=True,
+    ),
+    "qcow2-extl2": Entry(
+        qcow2(
+            "extl2/plain.qcow2",
+            1 * MiB,
+            "write -P 0x61 4k 4k",
+            "write -P 0x62 67584 6k",
+            "write -z 69632 2k",
+            "write -z 256k 64k",
+            "write -P 0x63 512k 64k",
+            "write -z 557056 4k",
+            options="extended_l2=on",
         )
+    ),
+    # ---- opened by a relative path from another directory
+    "relative-path-in-subdir": Entry(
+        qcow2("rel/sub/img.qcow2", None, "write -P 0x81 32k 4k", backing="rel-base"),
+        cwd="rel",
+        backing=True,
+    ),
+}
 
-    return b.once("chain/mid.qcow2", make)
-
-
-recipe("chain-mid", backing=True)(_chain_mid)
-
-
-@recipe("chain-top", backing=True)
-def _chain_top(b: Builder) -> Path:
-    _chain_mid(b)
-    return b.qcow2(
-        "chain/top.qcow2",
-        3 * MiB,  # bigger than its backing file
-        "write -P 0x20 128k 4k",
-        "write -z 0 4k",
-        "write -z 1536k 4k",
-        "write -P 0x21 2560k 64k",  # beyond the backing file's end
-        backing="mid.qcow2",
-        backing_fmt="qcow2",
-    )
-
-
-@recipe("chain-small-overlay", backing=True)
-def _chain_small(b: Builder) -> Path:
-    _chain_mid(b)
-    return b.qcow2(
-        "chain/small.qcow2",
-        1 * MiB + 512,  # smaller than its backing file
-        "write -P 0x30 512k 4k",
-        "write -P 0x31 1M 512",
-        backing="mid.qcow2",
-        backing_fmt="qcow2",
-    )
-
-
-@recipe("chain-compat0.10-over-raw", backing=True)
-def _chain_v2(b: Builder) -> Path:
-    b.once("chain/base.raw", _chain_base)
-    return b.qcow2(
-        "chain/v2.qcow2",
-        None,
-        "write -z 0 64k",  # v2 has no zero flag: zeros over backing data must be real
-        "write -P 0x40 65636 10",
-        options="compat=0.10",
-        backing="base.raw",
-        backing_fmt="raw",
-    )
-
-
-@recipe("backing-odd-length-raw", backing=True)
-def _backing_odd_raw(b: Builder) -> Path:
-    def make(path: Path) -> None:
-        write_raw(path, 100007, [(0, fill(0x5A, 100007))])
-
-    b.once("oddback/odd.raw", make)
-    return b.qcow2(
-        "oddback/top.qcow2", None, "write -P 0x5b 0 512", backing="odd.raw", backing_fmt="raw"
-    )
-
-
-# ---- probed backing formats (no backing-format header extension)
-
-
-@recipe("probed-qcow2-backing", backing=True)
-def _probed_qcow2(b: Builder) -> Path:
-    b.qcow2("probe/base.qcow2", 1 * MiB, "write -P 0x50 0 128k")
-    path = b.qcow2(
-        "probe/top.qcow2", None, "write -P 0x51 64k 4k", backing="base.qcow2", backing_fmt="qcow2"
-    )
-    strip_backing_format(path)
-    return path
-
-
-@recipe("probed-raw-backing", backing=True)
-def _probed_raw(b: Builder) -> Path:
-    base = b.path("probe/base.raw")
-    write_raw(base, 1 * MiB, [(0, fill(0x52, 64 * KiB))])
-    path = b.qcow2(
-        "probe/top-raw.qcow2",
-        None,
-        "write -P 0x53 512k 4k",
-        backing="base.raw",
-        backing_fmt="raw",
-    )
-    strip_backing_format(path)
-    return path
-
-
-# ---- extended L2 (32 subclusters of 2 KiB in 64 KiB clusters)
-
-
-@recipe("qcow2-extl2-backing", backing=True)
-def _extl2_backing(b: Builder) -> Path:
-    b.qcow2("extl2/base.qcow2", 1 * MiB, "write -P 0x0b 0 1M")
-    return b.qcow2(
-        "extl2/extl2.qcow2",
-        2 * MiB,
-        "write -P 0x5a 4k 4k",  # two subclusters; the rest still shows the backing file
-        "write -P 0x5b 66560 1k",  # half a subcluster: COW from the backing file
-        "write -z 135168 4k",  # zero subclusters in an unallocated cluster
-        "write -P 0x5c 192k 64k",
-        "write -z 204800 2k",  # one zero subcluster in an allocated cluster
-        "write -P 0x5d 1052672 4k",  # beyond the backing file
-        options="extended_l2=on",
-        backing="base.qcow2",
-        backing_fmt="qcow2",
-    )
-
-
-@recipe("qcow2-extl2")
-def _extl2(b: Builder) -> Path:
-    return b.qcow2(
-        "extl2/plain.qcow2",
-        1 * MiB,
-        "write -P 0x61 4k 4k",
-        "write -P 0x62 67584 6k",
-        "write -z 69632 2k",
-        "write -z 256k 64k",
-        "write -P 0x63 512k 64k",
-        "write -z 557056 4k",
-        options="extended_l2=on",
-    )
-
-
-# ---- opened by a relative path from another directory
-
-
-@recipe("relative-path-in-subdir", cwd="rel", backing=True)
-def _relative(b: Builder) -> Path:
-    b.qcow2("rel/base.qcow2", 1 * MiB, "write -P 0x80 0 64k")
-    return b.qcow2(
-        "rel/sub/img.qcow2",
-        None,
-        "write -P 0x81 32k 4k",
-        backing="../base.qcow2",
-        backing_fmt="qcow2",
-    )
-
-
-IMAGE_IDS = [r.id for r in RECIPES]
-QCOW2_IDS = [r.id for r in RECIPES if r.fmt == "qcow2"]
-BACKING_IDS = [r.id for r in RECIPES if r.backing]
+IMAGE_IDS = list(IMAGES)
+QCOW2_IDS = [i for i, e in IMAGES.items() if e.fmt == "qcow2"]
+BACKING_IDS = [i for i, e in IMAGES.items() if e.backing]
 NONEMPTY_IDS = [i for i in IMAGE_IDS if i not in ("raw-empty", "qcow2-empty")]
 
 
 @dataclass(frozen=True)
-class Image:
+class ReadImage:
+    """A corpus image as the tests name it."""
+
     id: str
     fmt: str
     path: Path  # absolute
@@ -603,18 +454,42 @@ class Image:
     cwd: Path | None
 
 
-@dataclass
-class Corpus:
-    images: dict[str, Image]
-    refdir: Path
-    run_qemu_img: RunCommand
-    _refs: dict[str, Path] = field(default_factory=dict)
+class Listing(Mapping[str, ReadImage]):
+    """IMAGES by id, each made by the corpus when first looked up."""
 
-    def reference(self, image: Image) -> Path:
+    def __init__(self, corpus: Corpus) -> None:
+        self._corpus = corpus
+
+    def __getitem__(self, image_id: str) -> ReadImage:
+        entry = IMAGES[image_id]
+        path = self._corpus[image_id].path.resolve()
+        if entry.cwd is None:
+            return ReadImage(image_id, entry.fmt, path, str(path), None)
+        cwd = self._corpus.root / entry.cwd
+        return ReadImage(image_id, entry.fmt, path, os.path.relpath(path, cwd), cwd)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(IMAGES)
+
+    def __len__(self) -> int:
+        return len(IMAGES)
+
+
+class ReadCorpus:
+    """The shared corpus as the read tests use it: its ``images`` by id, and their contents
+    as ``qemu-img convert -O raw`` writes them (the oracle most tests compare against)."""
+
+    def __init__(self, corpus: Corpus, refdir: Path, run_qemu_img: RunCommand) -> None:
+        self.images = Listing(corpus)
+        self._refdir = refdir
+        self._run_qemu_img = run_qemu_img
+        self._refs: dict[str, Path] = {}
+
+    def reference(self, image: ReadImage) -> Path:
         """``qemu-img convert -O raw`` of the image, made once (absolute path)."""
         if image.id not in self._refs:
-            out = self.refdir / f"{image.id}.raw"
-            proc = self.run_qemu_img("convert", "-f", image.fmt, "-O", "raw", image.path, out)
+            out = self._refdir / f"{image.id}.raw"
+            proc = self._run_qemu_img("convert", "-f", image.fmt, "-O", "raw", image.path, out)
             assert proc.returncode == 0, f"qemu-img convert {image.id}: {proc.stderr}"
             self._refs[image.id] = out
         return self._refs[image.id]
@@ -623,21 +498,17 @@ class Corpus:
 @pytest.fixture(scope="session")
 def corpus(
     tmp_path_factory: pytest.TempPathFactory, run_qemu_img: RunCommand, run_qemu_io: RunCommand
-) -> Corpus:
+) -> ReadCorpus:
     root = tmp_path_factory.mktemp("corpus")
-    builder = Builder(root, run_qemu_img, run_qemu_io)
-    images: dict[str, Image] = {}
-    for r in RECIPES:
-        path = r.build(builder).resolve()
-        if r.cwd is None:
-            images[r.id] = Image(r.id, r.fmt, path, str(path), None)
-        else:
-            cwd = root / r.cwd
-            images[r.id] = Image(r.id, r.fmt, path, os.path.relpath(path, cwd), cwd)
-    return Corpus(images, tmp_path_factory.mktemp("references"), run_qemu_img)
+    recipes = {**SOURCES, **{image_id: e.make for image_id, e in IMAGES.items()}}
+    return ReadCorpus(
+        Corpus(root, run_qemu_img, run_qemu_io, recipes),
+        tmp_path_factory.mktemp("references"),
+        run_qemu_img,
+    )
 
 
-def _enter(corpus: Corpus, image_id: str, monkeypatch: pytest.MonkeyPatch) -> Image:
+def _enter(corpus: ReadCorpus, image_id: str, monkeypatch: pytest.MonkeyPatch) -> ReadImage:
     image = corpus.images[image_id]
     if image.cwd is not None:
         monkeypatch.chdir(image.cwd)  # both tools inherit it
@@ -645,39 +516,41 @@ def _enter(corpus: Corpus, image_id: str, monkeypatch: pytest.MonkeyPatch) -> Im
 
 
 @pytest.fixture(params=IMAGE_IDS)
-def image(request: pytest.FixtureRequest, corpus: Corpus, monkeypatch: pytest.MonkeyPatch) -> Image:
+def image(
+    request: pytest.FixtureRequest, corpus: ReadCorpus, monkeypatch: pytest.MonkeyPatch
+) -> ReadImage:
     return _enter(corpus, request.param, monkeypatch)
 
 
 @pytest.fixture(params=QCOW2_IDS)
 def qcow2_image(
-    request: pytest.FixtureRequest, corpus: Corpus, monkeypatch: pytest.MonkeyPatch
-) -> Image:
+    request: pytest.FixtureRequest, corpus: ReadCorpus, monkeypatch: pytest.MonkeyPatch
+) -> ReadImage:
     return _enter(corpus, request.param, monkeypatch)
 
 
 @pytest.fixture(params=BACKING_IDS)
 def backed_image(
-    request: pytest.FixtureRequest, corpus: Corpus, monkeypatch: pytest.MonkeyPatch
-) -> Image:
+    request: pytest.FixtureRequest, corpus: ReadCorpus, monkeypatch: pytest.MonkeyPatch
+) -> ReadImage:
     return _enter(corpus, request.param, monkeypatch)
 
 
 @pytest.fixture(params=NONEMPTY_IDS)
 def nonempty_image(
-    request: pytest.FixtureRequest, corpus: Corpus, monkeypatch: pytest.MonkeyPatch
-) -> Image:
+    request: pytest.FixtureRequest, corpus: ReadCorpus, monkeypatch: pytest.MonkeyPatch
+) -> ReadImage:
     return _enter(corpus, request.param, monkeypatch)
 
 
-def test_corpus_is_what_the_recipes_say(corpus: Corpus, run_qemu_img: RunCommand) -> None:
+def test_corpus_is_what_the_recipes_say(corpus: ReadCorpus, run_qemu_img: RunCommand) -> None:
     """The oracle's own view of the corpus: formats, backing files, dirty and corrupt images."""
     for image in corpus.images.values():
         proc = run_qemu_img("info", "--output=json", image.path)
         assert proc.returncode == 0, f"{image.id}: {proc.stderr}"
         info = json.loads(proc.stdout)
         assert info["format"] == image.fmt, image.id
-        has_backing = next(r.backing for r in RECIPES if r.id == image.id)
+        has_backing = IMAGES[image.id].backing
         assert ("backing-filename" in info) == has_backing, image.id
     expected_checks = {
         "qcow2-leaked-cluster": 3,
@@ -861,7 +734,7 @@ def assert_same_bytes(ours: Path, theirs: Path) -> None:
 
 
 def test_convert_to_raw_matches_qemu_img(
-    image: Image, tmp_path: Path, run_qimg: RunCommand, run_qemu_img: RunCommand
+    image: ReadImage, tmp_path: Path, run_qimg: RunCommand, run_qemu_img: RunCommand
 ) -> None:
     ours, theirs = tmp_path / "qimg.raw", tmp_path / "qemu-img.raw"
     assert_same_run(
@@ -880,7 +753,7 @@ CONVERT_VARIANT_IDS = ["qcow2-patterns", "chain-top", "qcow2-extl2-backing", "ra
 def test_convert_sparse_size_matches_qemu_img(
     image_id: str,
     sparse: str,
-    corpus: Corpus,
+    corpus: ReadCorpus,
     tmp_path: Path,
     run_qimg: RunCommand,
     run_qemu_img: RunCommand,
@@ -901,7 +774,7 @@ def test_convert_sparse_size_matches_qemu_img(
 def test_convert_into_existing_target_matches_qemu_img(
     image_id: str,
     extra: int,
-    corpus: Corpus,
+    corpus: ReadCorpus,
     tmp_path: Path,
     run_qimg: RunCommand,
     run_qemu_img: RunCommand,
@@ -923,7 +796,7 @@ def test_convert_into_existing_target_matches_qemu_img(
 
 @pytest.mark.parametrize("output", ["json", "human"])
 def test_map_matches_qemu_img(
-    image: Image, output: str, run_qimg: RunCommand, run_qemu_img: RunCommand
+    image: ReadImage, output: str, run_qimg: RunCommand, run_qemu_img: RunCommand
 ) -> None:
     assert_same_run(*run_both(run_qimg, run_qemu_img, "map", f"--output={output}", image.arg))
 
@@ -946,7 +819,7 @@ def test_map_window_matches_qemu_img(
     image_id: str,
     window: list[str],
     output: str,
-    corpus: Corpus,
+    corpus: ReadCorpus,
     run_qimg: RunCommand,
     run_qemu_img: RunCommand,
 ) -> None:
@@ -961,13 +834,13 @@ def test_map_window_matches_qemu_img(
 
 @pytest.mark.parametrize("output", ["json", "human"])
 def test_info_matches_qemu_img(
-    image: Image, output: str, run_qimg: RunCommand, run_qemu_img: RunCommand
+    image: ReadImage, output: str, run_qimg: RunCommand, run_qemu_img: RunCommand
 ) -> None:
     assert_same_info(run_qimg, run_qemu_img, "info", f"--output={output}", image.arg)
 
 
 def test_info_with_format_matches_qemu_img(
-    qcow2_image: Image, run_qimg: RunCommand, run_qemu_img: RunCommand
+    qcow2_image: ReadImage, run_qimg: RunCommand, run_qemu_img: RunCommand
 ) -> None:
     image = qcow2_image
     assert_same_info(run_qimg, run_qemu_img, "info", "--output=json", "-f", image.fmt, image.arg)
@@ -975,7 +848,7 @@ def test_info_with_format_matches_qemu_img(
 
 @pytest.mark.parametrize("output", ["json", "human"])
 def test_info_backing_chain_matches_qemu_img(
-    backed_image: Image, output: str, run_qimg: RunCommand, run_qemu_img: RunCommand
+    backed_image: ReadImage, output: str, run_qimg: RunCommand, run_qemu_img: RunCommand
 ) -> None:
     image = backed_image
     assert_same_info(
@@ -984,7 +857,7 @@ def test_info_backing_chain_matches_qemu_img(
 
 
 def test_info_backing_chain_of_raw_file_matches_qemu_img(
-    corpus: Corpus, run_qimg: RunCommand, run_qemu_img: RunCommand
+    corpus: ReadCorpus, run_qimg: RunCommand, run_qemu_img: RunCommand
 ) -> None:
     image = corpus.images["raw-sparse"]
     assert_same_info(run_qimg, run_qemu_img, "info", "--output=json", "--backing-chain", image.arg)
@@ -996,7 +869,7 @@ def test_info_backing_chain_of_raw_file_matches_qemu_img(
 
 @pytest.mark.parametrize("output", ["json", "human"])
 def test_check_matches_qemu_img(
-    image: Image, output: str, run_qimg: RunCommand, run_qemu_img: RunCommand
+    image: ReadImage, output: str, run_qimg: RunCommand, run_qemu_img: RunCommand
 ) -> None:
     assert_same_run(*run_both(run_qimg, run_qemu_img, "check", f"--output={output}", image.arg))
 
@@ -1005,7 +878,7 @@ def test_check_matches_qemu_img(
     "image_id", ["qcow2-patterns", "qcow2-leaked-cluster", "qcow2-corrupt-refcount", "raw-sparse"]
 )
 def test_check_with_format_matches_qemu_img(
-    image_id: str, corpus: Corpus, run_qimg: RunCommand, run_qemu_img: RunCommand
+    image_id: str, corpus: ReadCorpus, run_qimg: RunCommand, run_qemu_img: RunCommand
 ) -> None:
     image = corpus.images[image_id]
     argv = ["check", "-f", image.fmt, image.arg]
@@ -1017,7 +890,7 @@ def test_check_with_format_matches_qemu_img(
 
 
 def test_compare_with_own_raw_conversion_is_identical(
-    image: Image, corpus: Corpus, run_qimg: RunCommand, run_qemu_img: RunCommand
+    image: ReadImage, corpus: ReadCorpus, run_qimg: RunCommand, run_qemu_img: RunCommand
 ) -> None:
     ref = corpus.reference(image)
     ours, theirs = run_both(run_qimg, run_qemu_img, "compare", image.arg, ref)
@@ -1048,9 +921,9 @@ def _diff_offset(ref: Path, image_id: str, where: str) -> int:
 
 
 def assert_same_one_byte_difference(
-    image: Image,
+    image: ReadImage,
     offset: int,
-    corpus: Corpus,
+    corpus: ReadCorpus,
     tmp_path: Path,
     run_qimg: RunCommand,
     run_qemu_img: RunCommand,
@@ -1068,9 +941,9 @@ def assert_same_one_byte_difference(
 
 @pytest.mark.parametrize("where", ["random", "in-data"])
 def test_compare_one_byte_difference_matches_qemu_img(
-    nonempty_image: Image,
+    nonempty_image: ReadImage,
     where: str,
-    corpus: Corpus,
+    corpus: ReadCorpus,
     tmp_path: Path,
     run_qimg: RunCommand,
     run_qemu_img: RunCommand,
@@ -1089,7 +962,7 @@ def test_compare_one_byte_difference_matches_qemu_img(
 )
 def test_compare_last_byte_difference_matches_qemu_img(
     image_id: str,
-    corpus: Corpus,
+    corpus: ReadCorpus,
     tmp_path: Path,
     run_qimg: RunCommand,
     run_qemu_img: RunCommand,
@@ -1122,7 +995,7 @@ def test_compare_different_sizes_matches_qemu_img(
     change: str,
     order: str,
     strict: list[str],
-    corpus: Corpus,
+    corpus: ReadCorpus,
     tmp_path: Path,
     run_qimg: RunCommand,
     run_qemu_img: RunCommand,
@@ -1166,7 +1039,7 @@ COMPARE_PAIRS = [
 def test_compare_two_images_matches_qemu_img(
     pair: tuple[str, str],
     strict: list[str],
-    corpus: Corpus,
+    corpus: ReadCorpus,
     run_qimg: RunCommand,
     run_qemu_img: RunCommand,
 ) -> None:
@@ -1188,7 +1061,7 @@ def _run_bytes(argv: list[str | Path]) -> subprocess.CompletedProcess[bytes]:
 @pytest.mark.parametrize("command", ["compare-identical", "compare-one-byte-changed", "convert"])
 def test_progress_output_ends_like_qemu_img(
     command: str,
-    corpus: Corpus,
+    corpus: ReadCorpus,
     tmp_path: Path,
     qemu_img: str,
     run_qemu_io: RunCommand,
@@ -1228,7 +1101,7 @@ def test_progress_output_ends_like_qemu_img(
     ids=["human", "json-cluster4k"],
 )
 def test_measure_qcow2_input_matches_qemu_img(
-    qcow2_image: Image, options: list[str], run_qimg: RunCommand, run_qemu_img: RunCommand
+    qcow2_image: ReadImage, options: list[str], run_qimg: RunCommand, run_qemu_img: RunCommand
 ) -> None:
     argv = ["measure", *options, "-O", "qcow2", qcow2_image.arg]
     assert_same_run(*run_both(run_qimg, run_qemu_img, *argv))
@@ -1240,7 +1113,7 @@ def test_measure_qcow2_input_matches_qemu_img(
 
 @pytest.fixture(scope="module")
 def broken(
-    tmp_path_factory: pytest.TempPathFactory, corpus: Corpus, run_qemu_img: RunCommand
+    tmp_path_factory: pytest.TempPathFactory, corpus: ReadCorpus, run_qemu_img: RunCommand
 ) -> dict[str, Path]:
     directory = tmp_path_factory.mktemp("broken")
     truncated = directory / "truncated.qcow2"
@@ -1310,12 +1183,14 @@ def test_info_without_backing_chain_does_not_open_the_backing_file(
 
 
 @pytest.fixture
-def opened(image: Image) -> Iterator[qimg.Image]:
+def opened(image: ReadImage) -> Iterator[qimg.Image]:
     with qimg.open(image.arg) as handle:
         yield handle
 
 
-def test_api_reads_like_qemu_img_convert(opened: qimg.Image, image: Image, corpus: Corpus) -> None:
+def test_api_reads_like_qemu_img_convert(
+    opened: qimg.Image, image: ReadImage, corpus: ReadCorpus
+) -> None:
     ref = corpus.reference(image).read_bytes()
     assert (opened.size, opened.format) == (len(ref), image.fmt)
     rng = random.Random(image.id)
@@ -1337,7 +1212,7 @@ def test_api_reads_like_qemu_img_convert(opened: qimg.Image, image: Image, corpu
         assert_equal_bytes(view, expected, f"readinto({offset}, <memoryview of {length}>)")
 
 
-def test_api_open_with_explicit_format_reads_the_same(image: Image, corpus: Corpus) -> None:
+def test_api_open_with_explicit_format_reads_the_same(image: ReadImage, corpus: ReadCorpus) -> None:
     ref = corpus.reference(image).read_bytes()
     with qimg.open(image.arg, image.fmt) as img:
         assert_equal_bytes(img.read(0, len(ref)), ref, f"read(0, {len(ref)})")
@@ -1360,7 +1235,7 @@ def _qemu_map(run_qemu_img: RunCommand, *args: str) -> list[dict[str, Any]]:
 
 
 def test_api_map_matches_qemu_img(
-    opened: qimg.Image, image: Image, run_qemu_img: RunCommand
+    opened: qimg.Image, image: ReadImage, run_qemu_img: RunCommand
 ) -> None:
     assert _extents(opened.map()) == _qemu_map(run_qemu_img, image.arg)
 
@@ -1368,7 +1243,7 @@ def test_api_map_matches_qemu_img(
 @pytest.mark.parametrize(("start", "length"), [(65536, None), (100000, 300000), (1000, 1)], ids=str)
 @pytest.mark.parametrize("image_id", ["qcow2-patterns", "chain-top", "raw-odd-length"])
 def test_api_map_window_matches_qemu_img(
-    image_id: str, start: int, length: int | None, corpus: Corpus, run_qemu_img: RunCommand
+    image_id: str, start: int, length: int | None, corpus: ReadCorpus, run_qemu_img: RunCommand
 ) -> None:
     image = corpus.images[image_id]
     window = [f"--start-offset={start}"] + ([] if length is None else [f"--max-length={length}"])
@@ -1386,7 +1261,7 @@ def _without_actual_size(value: Any) -> Any:
 
 
 def test_api_info_matches_qemu_img(
-    opened: qimg.Image, image: Image, run_qemu_img: RunCommand
+    opened: qimg.Image, image: ReadImage, run_qemu_img: RunCommand
 ) -> None:
     proc = run_qemu_img("info", "--output=json", image.arg)
     assert proc.returncode == 0, proc.stderr
@@ -1394,7 +1269,7 @@ def test_api_info_matches_qemu_img(
     assert _without_actual_size(opened.info()) == theirs
 
 
-def test_api_check_matches_qemu_img(qcow2_image: Image, run_qemu_img: RunCommand) -> None:
+def test_api_check_matches_qemu_img(qcow2_image: ReadImage, run_qemu_img: RunCommand) -> None:
     """Every ImageCheck member, the exit status, and one message per stderr line."""
     image = qcow2_image
     proc = run_qemu_img("check", "--output=json", image.arg)
@@ -1407,7 +1282,7 @@ def test_api_check_matches_qemu_img(qcow2_image: Image, run_qemu_img: RunCommand
     assert report.messages == proc.stderr.splitlines()
 
 
-def test_api_check_refuses_raw_images(corpus: Corpus) -> None:
+def test_api_check_refuses_raw_images(corpus: ReadCorpus) -> None:
     with pytest.raises(qimg.QimgError, match="does not support checks"):
         qimg.check(corpus.images["raw-sparse"].arg)
 

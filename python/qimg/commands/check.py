@@ -8,7 +8,6 @@ import sys
 from dataclasses import replace
 
 from qimg import qjson
-from qimg.check import CheckReport, check_image, parse_repair_mode, repair_image, repair_summary
 from qimg.commands._common import (
     add_events_arg,
     add_format_arg,
@@ -20,6 +19,13 @@ from qimg.commands._common import (
     output_mode,
 )
 from qimg.commands._parser import examples
+from qimg.consistency import (
+    CheckReport,
+    check_image,
+    parse_repair_mode,
+    repair_image,
+    repair_summary,
+)
 from qimg.errors import QimgError, UsageError
 from qimg.events import EventCallback
 from qimg.image import check_cache_mode, open_image

@@ -6,7 +6,7 @@ import argparse
 
 from qimg.commands._common import Progress, add_cache_arg, add_format_arg
 from qimg.commands._parser import examples, refused_by_name
-from qimg.commit import commit
+from qimg.committing import commit
 from qimg.errors import UsageError
 from qimg.image import check_cache_mode
 

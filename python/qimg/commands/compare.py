@@ -15,7 +15,7 @@ from qimg.commands._common import (
     event_hub,
 )
 from qimg.commands._parser import examples
-from qimg.compare import compare_open
+from qimg.comparison import compare_open
 from qimg.errors import QimgError, UsageError
 from qimg.events import EventCallback
 from qimg.image import Image, check_cache_mode, open_image

@@ -19,8 +19,8 @@ from qimg.commands._common import (
     event_hub,
 )
 from qimg.commands._parser import examples, refused_by_name
-from qimg.convert import ConvertRequest
-from qimg.convert import run as run_convert
+from qimg.conversion import ConvertRequest
+from qimg.conversion import run as run_convert
 from qimg.errors import QimgError, UsageError
 from qimg.formats import format_info
 from qimg.options import parse_option_lists, parse_size

@@ -7,7 +7,7 @@ import argparse
 
 from qimg.commands._common import add_options_arg
 from qimg.commands._parser import examples
-from qimg.create import plan_create
+from qimg.creation import plan_create
 from qimg.errors import QimgError, UsageError
 from qimg.formats import format_info
 from qimg.options import parse_image_size, parse_option_lists

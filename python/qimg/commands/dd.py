@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 
+from qimg.blockcopy import check_block_size, check_blocks, dd
 from qimg.commands._common import add_format_arg, add_image_opts_arg, add_share_arg
 from qimg.commands._parser import examples
-from qimg.dd import check_block_size, check_blocks, dd
 from qimg.errors import InvalidOptionError, UsageError
 from qimg.options import parse_size
 

@@ -17,7 +17,7 @@ from qimg.commands._common import (
 )
 from qimg.commands._parser import examples
 from qimg.formats import format_info
-from qimg.measure import measure_items
+from qimg.measurement import measure_items
 from qimg.options import parse_image_size, parse_option_lists
 from qimg.snapshot_ref import SnapshotRef
 

@@ -15,7 +15,7 @@ from qimg.commands._common import (
 from qimg.commands._parser import examples
 from qimg.errors import UsageError
 from qimg.image import check_cache_mode
-from qimg.rebase import rebase
+from qimg.rebasing import rebase
 
 NAME = "rebase"
 

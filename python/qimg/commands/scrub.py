@@ -20,7 +20,7 @@ from qimg.commands._common import (
 )
 from qimg.commands._parser import examples
 from qimg.errors import UsageError
-from qimg.scrub import ChildReport, ChildVerdict, ScrubReport, scrub
+from qimg.scrubbing import ChildReport, ChildVerdict, ScrubReport, scrub
 from qimg.sizes import size_to_str
 
 NAME = "scrub"

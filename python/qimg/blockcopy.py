@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from qimg.create import plan_create
+from qimg.creation import plan_create
 from qimg.errors import InvalidOptionError
 from qimg.image import open_image
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from qimg import _core, _log
-from qimg.create import OptionValue, option_items, plan_create
+from qimg.creation import OptionValue, option_items, plan_create
 from qimg.deprecated import renamed
 from qimg.devices import is_block_device, resolve_host_device
 from qimg.errors import InvalidImageError, InvalidOptionError, UnsupportedError, UsageError

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qimg import _core
-from qimg.create import OptionValue, option_items, qcow2_spec
+from qimg.creation import OptionValue, option_items, qcow2_spec
 from qimg.deprecated import renamed
 from qimg.errors import UsageError
 from qimg.events import EventCallback
