@@ -1,6 +1,6 @@
 //! Recognising an image's format from its first bytes, as qemu-img probes.
 
-use crate::qcow2::header::MAGIC;
+use crate::qcow2::format::MAGIC;
 
 /// Formats qimg knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

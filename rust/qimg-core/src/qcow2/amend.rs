@@ -8,14 +8,12 @@
 
 use super::allocator::Allocator;
 use super::format::{
-    COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
-    MAX_REFTABLE_BYTES, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
+    COMPAT_LAZY_REFCOUNTS, EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE, EXT_END,
+    EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
+    MAX_REFTABLE_BYTES, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, V2_HEADER_LEN, V3_HEADER_LEN,
 };
-use super::header::{
-    Header, SnapshotsField, EXT_BACKING_FORMAT, EXT_END, EXT_FEATURE_TABLE, V2_HEADER_LEN,
-    V3_HEADER_LEN,
-};
-use super::image_header::{BitmapsExtension, ImageHeader, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE};
+use super::header::{Header, SnapshotsField};
+use super::image_header::{BitmapsExtension, ImageHeader};
 use super::reader::Qcow2Node;
 use super::refcount::set_entry;
 use super::types::{Compat, CompressionType, RefcountOrder};
@@ -500,8 +498,10 @@ impl Qcow2Node {
 mod tests {
     use super::*;
     use crate::block::{open_image, OpenOptions};
+
     use crate::host_file::FileOptions;
     use crate::qcow2::{create, BackingSpec, CreateSpec};
+
     use std::path::Path;
 
     const FOREIGN_KIND: u32 = 0x5149_4d47;

@@ -17,11 +17,12 @@ use super::bitmaps::{
     bitmap_shape, encode_directory, read_directory, DirEntry, GRANULARITY_BITS, MAX_BITMAPS,
     MAX_NAME_BYTES,
 };
+use super::bytes::be64;
 use super::format::{
     BITMAP_ENTRY_ALL_ONES, BITMAP_ENTRY_OFFSET_MASK, BITMAP_FLAG_AUTO, BITMAP_FLAG_IN_USE,
     BITMAP_TYPE_DIRTY_TRACKING, MAX_BITMAP_BYTES,
 };
-use super::image_header::{be64, BitmapsExtension, ImageHeader};
+use super::image_header::{BitmapsExtension, ImageHeader};
 use super::reader::Qcow2Node;
 use super::types::Compat;
 use super::writer::WriteState;

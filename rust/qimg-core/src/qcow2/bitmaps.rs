@@ -1,9 +1,11 @@
 //! The directory of persistent dirty bitmaps: its entries, read from the file
 //! with every count, size, offset and length bounded before use. `info` lists
 //! the bitmaps from it; `check` counts their tables and data.
+#![deny(clippy::indexing_slicing)]
 
+use super::bytes::Fields;
 use super::format::{BITMAP_FLAG_AUTO, BITMAP_FLAG_IN_USE};
-use super::image_header::{be16, be32, be64, BitmapsExtension};
+use super::image_header::BitmapsExtension;
 use crate::block::{BlockDev, FileNode};
 use crate::error::{Error, Result};
 
@@ -57,8 +59,11 @@ pub fn parse_directory(dir: &[u8], count: u32) -> std::result::Result<Vec<DirEnt
         }
         let past = || format!("entry {index} lies past the directory's end");
         let head = dir.get(at..at + ENTRY_HEAD).ok_or_else(past)?;
-        let name_len = usize::from(be16(head, 18));
-        let granularity_bits = head[17];
+        // Every field lies inside the ENTRY_HEAD bytes just taken.
+        let head = Fields::new(head, "a bitmap directory entry");
+        let field = |e: Error| e.to_string();
+        let name_len = usize::from(head.u16(18).map_err(field)?);
+        let granularity_bits = head.u8(17).map_err(field)?;
         if name_len > MAX_NAME_BYTES {
             return Err(format!(
                 "entry {index} has a {name_len}-byte name (at most {MAX_NAME_BYTES})"
@@ -69,7 +74,7 @@ pub fn parse_directory(dir: &[u8], count: u32) -> std::result::Result<Vec<DirEnt
                 "entry {index} has granularity 2^{granularity_bits} (2^9 to 2^31 are valid)"
             ));
         }
-        let extra_len = be32(head, 20) as usize;
+        let extra_len = head.u32(20).map_err(field)? as usize;
         let name_at = at.saturating_add(ENTRY_HEAD).saturating_add(extra_len);
         let name = dir
             .get(name_at..name_at.saturating_add(name_len))
@@ -80,10 +85,10 @@ pub fn parse_directory(dir: &[u8], count: u32) -> std::result::Result<Vec<DirEnt
             return Err(past());
         }
         out.push(DirEntry {
-            table_offset: be64(head, 0),
-            table_entries: u64::from(be32(head, 8)),
-            flags: be32(head, 12),
-            kind: head[16],
+            table_offset: head.u64(0).map_err(field)?,
+            table_entries: u64::from(head.u32(8).map_err(field)?),
+            flags: head.u32(12).map_err(field)?,
+            kind: head.u8(16).map_err(field)?,
             granularity_bits,
             extra_len: extra_len as u64,
             name: String::from_utf8_lossy(name).into_owned(),

@@ -3,6 +3,24 @@
 //! bits, and the limits QEMU sets. Readers, writers, check, repair and amend
 //! all take them from here (see QEMU's docs/interop/qcow2.rst).
 
+// ---- The header ----
+
+/// The first four bytes of every qcow2 file.
+pub const MAGIC: [u8; 4] = *b"QFI\xfb";
+/// Length of the fixed v2 header; v2 extensions start right after it.
+pub const V2_HEADER_LEN: usize = 72;
+/// Length of the v3 header as QEMU writes it (with the compression type byte, padded).
+pub const V3_HEADER_LEN: usize = 112;
+/// Longest backing file name QEMU accepts.
+pub const MAX_BACKING_NAME: usize = 1023;
+/// Header extension types.
+pub const EXT_END: u32 = 0;
+pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+pub const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
+pub const EXT_BITMAPS: u32 = 0x2385_2875;
+pub const EXT_CRYPTO: u32 = 0x0537_be77;
+pub const EXT_DATA_FILE: u32 = 0x4441_5441;
+
 // ---- Header fields rewritten in place (byte offsets) ----
 
 /// Guest size (u64).

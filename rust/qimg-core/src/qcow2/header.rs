@@ -3,23 +3,13 @@
 //! are interchangeable byte for byte.
 
 use super::format::{
-    AUTOCLEAR_BITMAPS, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2,
+    AUTOCLEAR_BITMAPS, COMPAT_LAZY_REFCOUNTS, EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_END,
+    EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2, MAGIC, MAX_BACKING_NAME,
+    V2_HEADER_LEN, V3_HEADER_LEN,
 };
-use super::image_header::{BitmapsExtension, EXT_BITMAPS};
+use super::image_header::BitmapsExtension;
 use super::types::{ClusterSize, Compat, CompressionType, RefcountOrder};
 use crate::error::{Error, Result};
-
-pub const MAGIC: [u8; 4] = *b"QFI\xfb";
-/// Length of the fixed v2 header; v2 extensions start right after it.
-pub const V2_HEADER_LEN: usize = 72;
-/// Length of the v3 header as QEMU writes it (with the compression type byte, padded).
-pub const V3_HEADER_LEN: usize = 112;
-/// Longest backing file name qcow2 allows.
-pub const MAX_BACKING_NAME: usize = 1023;
-
-pub const EXT_END: u32 = 0;
-pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
-pub const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
 
 /// Names of the feature bits, published in the header so that tools that do
 /// not know a bit can still name it. (kind, bit, name); kind 0 incompatible,

@@ -4,22 +4,19 @@
 //! so every field is checked against the format's limits and against the
 //! file length before anything is sized or sought by it. The result is a
 //! plain value (`ImageHeader`) whose fields can be trusted by the reader.
+//! Every field is read through [`Fields`], which bounds each read.
+#![deny(clippy::indexing_slicing)]
 
+use super::bytes::Fields;
 use super::format::{
-    AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION,
-    INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, MAX_L1_BYTES,
-    MAX_REFTABLE_BYTES, MAX_SNAPSHOTS,
-};
-use super::header::{
-    EXT_BACKING_FORMAT, EXT_END, EXT_FEATURE_TABLE, MAGIC, MAX_BACKING_NAME, V2_HEADER_LEN,
+    AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, EXT_BACKING_FORMAT,
+    EXT_BITMAPS, EXT_END, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT,
+    INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, MAGIC, MAX_BACKING_NAME, MAX_L1_BYTES,
+    MAX_REFTABLE_BYTES, MAX_SNAPSHOTS, V2_HEADER_LEN,
 };
 use super::types::{ClusterSize, Compat, CompressionType, RefcountOrder};
 
 use crate::error::{Error, Result};
-
-pub const EXT_BITMAPS: u32 = 0x2385_2875;
-pub const EXT_CRYPTO: u32 = 0x0537_be77;
-pub const EXT_DATA_FILE: u32 = 0x4441_5441;
 
 /// Incompatible feature bits qimg knows how to read.
 const KNOWN_INCOMPAT: u64 =
@@ -134,16 +131,17 @@ impl ImageHeader {
     /// or the whole file if shorter) of a file of `file_len` bytes.
     pub fn parse(head: &[u8], file_len: u64) -> Result<ImageHeader> {
         let bad = |msg: String| Err(Error::InvalidImage(msg));
-        if head.len() < V2_HEADER_LEN || head[..4] != MAGIC {
+        let f = Fields::new(head, "the qcow2 header");
+        if head.len() < V2_HEADER_LEN || f.slice(0, 4)? != MAGIC {
             return bad("Image is not in qcow2 format".into());
         }
-        let version = be32(head, 4);
+        let version = f.u32(4)?;
         let compat = match version {
             2 => Compat::V2,
             3 => Compat::V3,
             v => return bad(format!("Unsupported qcow2 version {v}")),
         };
-        let cluster_size = ClusterSize::from_bits(be32(head, 20))?;
+        let cluster_size = ClusterSize::from_bits(f.u32(20)?)?;
         let cs = cluster_size.bytes();
         if head.len() < V2_HEADER_LEN {
             return bad("qcow2 header is truncated".into());
@@ -154,7 +152,7 @@ impl ImageHeader {
                 if head.len() < 104 {
                     return bad("qcow2 header is truncated".into());
                 }
-                let header_length = u64::from(be32(head, 100));
+                let header_length = u64::from(f.u32(100)?);
                 if header_length < 104 {
                     return bad(format!(
                         "qcow2 header too short: header_length is {header_length}, v3 needs at least 104"
@@ -168,18 +166,18 @@ impl ImageHeader {
                 if header_length as usize > head.len() {
                     return bad("qcow2 header is truncated".into());
                 }
-                let order = be32(head, 96);
+                let order = f.u32(96)?;
                 let order = RefcountOrder::from_order(order).map_err(|_| {
                     Error::InvalidImage(format!(
                         "Unsupported refcount order {order} (refcount_bits {}); qcow2 allows at most 64-bit refcounts",
                         if order < 64 { (1u128 << order).to_string() } else { "2^".to_string() + &order.to_string() }
                     ))
                 })?;
-                let compression_byte = if header_length > 104 { head[104] } else { 0 };
+                let compression_byte = if header_length > 104 { f.u8(104)? } else { 0 };
                 (
-                    be64(head, 72),
-                    be64(head, 80),
-                    be64(head, 88),
+                    f.u64(72)?,
+                    f.u64(80)?,
+                    f.u64(88)?,
                     order,
                     header_length,
                     compression_byte,
@@ -188,7 +186,7 @@ impl ImageHeader {
                 (0, 0, 0, RefcountOrder::DEFAULT, V2_HEADER_LEN as u64, 0)
             };
 
-        let crypt_method = be32(head, 32);
+        let crypt_method = f.u32(32)?;
         if crypt_method != 0 {
             return bad(format!(
                 "Encrypted qcow2 images (crypt_method {crypt_method}) are not supported by qimg yet"
@@ -201,15 +199,15 @@ impl ImageHeader {
         } else {
             V2_HEADER_LEN as u64
         };
-        let backing_offset = be64(head, 8);
-        let backing_len = u64::from(be32(head, 16));
+        let backing_offset = f.u64(8)?;
+        let backing_len = u64::from(f.u32(16)?);
         let mut ext = Extensions::default();
         let ext_limit = if backing_offset != 0 {
             backing_offset.min(cs)
         } else {
             cs
         };
-        parse_extensions(head, ext_end, ext_limit.min(head.len() as u64), &mut ext)?;
+        parse_extensions(f, ext_end, ext_limit.min(head.len() as u64), &mut ext)?;
 
         let unknown = incompatible & !KNOWN_INCOMPAT;
         if unknown != 0 {
@@ -265,7 +263,7 @@ impl ImageHeader {
                     "Invalid backing file name: {backing_len} bytes at offset {backing_offset} do not fit the header cluster"
                 ));
             }
-            let raw = &head[backing_offset as usize..(backing_offset + backing_len) as usize];
+            let raw = f.slice(backing_offset, backing_len)?;
             // Like QEMU, the name ends at a NUL byte; an empty name means none.
             let raw = raw.split(|b| *b == 0).next().unwrap_or_default();
             (!raw.is_empty()).then(|| String::from_utf8_lossy(raw).into_owned())
@@ -273,13 +271,13 @@ impl ImageHeader {
             None
         };
 
-        let virtual_size = be64(head, 24);
+        let virtual_size = f.u64(24)?;
         if virtual_size > i64::MAX as u64 {
             return bad(format!("Image size {virtual_size} is too large"));
         }
 
-        let l1_entries = u64::from(be32(head, 36));
-        let l1_table_offset = be64(head, 40);
+        let l1_entries = u64::from(f.u32(36)?);
+        let l1_table_offset = f.u64(40)?;
         check_table(
             "L1 table",
             l1_table_offset,
@@ -290,8 +288,8 @@ impl ImageHeader {
             file_len,
         )?;
 
-        let reftable_offset = be64(head, 48);
-        let reftable_clusters = u64::from(be32(head, 56));
+        let reftable_offset = f.u64(48)?;
+        let reftable_clusters = u64::from(f.u32(56)?);
         if reftable_clusters == 0 {
             return bad("Image does not contain a reference count table".into());
         }
@@ -305,8 +303,8 @@ impl ImageHeader {
             file_len,
         )?;
 
-        let snapshot_count = be32(head, 60);
-        let snapshots_offset = be64(head, 64);
+        let snapshot_count = f.u32(60)?;
+        let snapshots_offset = f.u64(64)?;
         if snapshot_count > MAX_SNAPSHOTS {
             return bad(format!(
                 "Snapshot table has {snapshot_count} entries; qcow2 allows at most {MAX_SNAPSHOTS}"
@@ -368,7 +366,7 @@ struct Extensions {
     unknown: Vec<u32>,
 }
 
-fn parse_extensions(head: &[u8], start: u64, limit: u64, out: &mut Extensions) -> Result<()> {
+fn parse_extensions(f: Fields<'_>, start: u64, limit: u64, out: &mut Extensions) -> Result<()> {
     let bad = |msg: &str| {
         Err(Error::InvalidImage(format!(
             "Invalid header extension: {msg}"
@@ -381,8 +379,8 @@ fn parse_extensions(head: &[u8], start: u64, limit: u64, out: &mut Extensions) -
             // as QEMU does when the extensions run into the backing name.
             return Ok(());
         }
-        let kind = be32(head, at as usize);
-        let len = u64::from(be32(head, at as usize + 4));
+        let kind = f.u32(at)?;
+        let len = u64::from(f.u32(at + 4)?);
         at += 8;
         if kind == EXT_END {
             return Ok(());
@@ -392,25 +390,26 @@ fn parse_extensions(head: &[u8], start: u64, limit: u64, out: &mut Extensions) -
                 "extension {kind:#010x} of {len} bytes runs past the end of the header cluster"
             ));
         }
-        let data = &head[at as usize..(at + len) as usize];
+        let data = f.slice(at, len)?;
         match kind {
             EXT_BACKING_FORMAT => {
                 out.backing_format = Some(String::from_utf8_lossy(data).into_owned());
             }
             EXT_FEATURE_TABLE => {
                 for entry in data.chunks_exact(48) {
-                    let kind = match entry[0] {
+                    let entry = Fields::new(entry, "a feature name table entry");
+                    let kind = match entry.u8(0)? {
                         0 => FeatureKind::Incompatible,
                         1 => FeatureKind::Compatible,
                         2 => FeatureKind::Autoclear,
                         _ => continue,
                     };
-                    let name = &entry[2..];
-                    let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+                    // The name ends at its first NUL byte.
+                    let name = entry.rest(2)?.split(|b| *b == 0).next().unwrap_or_default();
                     out.feature_names.push(FeatureName {
                         kind,
-                        bit: entry[1],
-                        name: String::from_utf8_lossy(&name[..end]).into_owned(),
+                        bit: entry.u8(1)?,
+                        name: String::from_utf8_lossy(name).into_owned(),
                     });
                 }
             }
@@ -418,10 +417,11 @@ fn parse_extensions(head: &[u8], start: u64, limit: u64, out: &mut Extensions) -
                 if data.len() < 24 {
                     return bad("bitmaps extension is shorter than 24 bytes");
                 }
+                let data = Fields::new(data, "the bitmaps extension");
                 out.bitmaps = Some(BitmapsExtension {
-                    count: be32(data, 0),
-                    directory_size: be64(data, 8),
-                    directory_offset: be64(data, 16),
+                    count: data.u32(0)?,
+                    directory_size: data.u64(8)?,
+                    directory_offset: data.u64(16)?,
                 });
             }
             other => out.unknown.push(other),
@@ -464,23 +464,8 @@ fn check_table(
     Ok(())
 }
 
-pub(crate) fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-pub(crate) fn be32(b: &[u8], at: usize) -> u32 {
-    let mut v = [0u8; 4];
-    v.copy_from_slice(&b[at..at + 4]);
-    u32::from_be_bytes(v)
-}
-
-pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
-    let mut v = [0u8; 8];
-    v.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(v)
-}
-
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // Tests build images by hand.
 mod tests {
     use super::super::header::Header;
     use super::*;

@@ -4,6 +4,7 @@ pub mod allocator;
 pub mod amend;
 pub mod bitmap_ops;
 pub mod bitmaps;
+pub mod bytes;
 pub mod check;
 pub mod compress;
 pub mod create;
@@ -22,4 +23,5 @@ pub mod types;
 pub mod writer;
 
 pub use create::{create, BackingSpec, CreateSpec};
+
 pub use types::{ClusterSize, Compat, CompressionType, RefcountOrder};

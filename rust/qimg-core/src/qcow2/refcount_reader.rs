@@ -1,7 +1,8 @@
 //! Reading stored refcounts of an existing image.
 
+use super::bytes::{be16, be32, be64};
 use super::format::REFT_OFFSET_MASK;
-use super::image_header::{be16, be32, be64, ImageHeader};
+use super::image_header::ImageHeader;
 use crate::block::{BlockDev, FileNode};
 use crate::error::{Error, Result};
 use std::cell::RefCell;

@@ -1,9 +1,11 @@
 //! The internal snapshot table of a qcow2 image: one parser for `info`,
 //! `check` and the snapshot commands, bounded as QEMU bounds the table, and
 //! the encoder the snapshot commands write a new table with.
+#![deny(clippy::indexing_slicing)]
 
+use super::bytes::Fields;
 use super::format::{MAX_SNAPSHOT_EXTRA, MAX_SNAPSHOT_TABLE_BYTES};
-use super::image_header::{be16, be32, be64, ImageHeader};
+use super::image_header::ImageHeader;
 use crate::block::{BlockDev, FileNode};
 use crate::error::{Error, Result};
 
@@ -86,8 +88,8 @@ impl TableProblem {
 
 /// A C string field: the bytes up to the first NUL.
 fn c_string(bytes: &[u8]) -> String {
-    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..end]).into_owned()
+    let text = bytes.split(|b| *b == 0).next().unwrap_or_default();
+    String::from_utf8_lossy(text).into_owned()
 }
 
 /// Reads every entry as QEMU does: bytes past the end of the file read as
@@ -105,11 +107,12 @@ pub fn read_table(file: &FileNode, header: &ImageHeader) -> Result<SnapshotTable
         let entry_start = offset;
         table_len = table_len.next_multiple_of(8);
         offset = offset.next_multiple_of(8);
-        let fixed = file.read_vec(offset, ENTRY_FIXED)?;
+        let raw = file.read_vec(offset, ENTRY_FIXED)?;
+        let fixed = Fields::new(&raw, "a snapshot table entry");
         offset += ENTRY_FIXED;
-        let id_len = u64::from(be16(&fixed, 12));
-        let name_len = u64::from(be16(&fixed, 14));
-        let extra_len = u64::from(be32(&fixed, 36));
+        let id_len = u64::from(fixed.u16(12)?);
+        let name_len = u64::from(fixed.u16(14)?);
+        let extra_len = u64::from(fixed.u32(36)?);
         let kept_extra = if extra_len > MAX_SNAPSHOT_EXTRA {
             problems.push(TableProblem::TooMuchExtra {
                 index,
@@ -133,16 +136,18 @@ pub fn read_table(file: &FileNode, header: &ImageHeader) -> Result<SnapshotTable
             offset = entry_start;
             break;
         }
-        let field = |at: usize| (extra.len() >= at + 8).then(|| be64(&extra, at));
+        // Fields of the extra data that this entry's extra data holds.
+        let extra_fields = Fields::new(&extra, "a snapshot's extra data");
+        let field = |at: u64| extra_fields.u64(at).ok();
         snapshots.push(Snapshot {
             id,
             name,
-            l1_table_offset: be64(&fixed, 0),
-            l1_entries: u64::from(be32(&fixed, 8)),
-            date_sec: be32(&fixed, 16),
-            date_nsec: be32(&fixed, 20),
-            vm_clock_nsec: be64(&fixed, 24),
-            vm_state_size: field(0).unwrap_or(u64::from(be32(&fixed, 32))),
+            l1_table_offset: fixed.u64(0)?,
+            l1_entries: u64::from(fixed.u32(8)?),
+            date_sec: fixed.u32(16)?,
+            date_nsec: fixed.u32(20)?,
+            vm_clock_nsec: fixed.u64(24)?,
+            vm_state_size: field(0).unwrap_or(u64::from(fixed.u32(32)?)),
             disk_size: field(8),
             icount: field(16).filter(|v| *v != u64::MAX),
             extra_data_size: kept_extra,

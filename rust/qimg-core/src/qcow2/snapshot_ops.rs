@@ -16,11 +16,12 @@
 //! at most unused clusters past the old one's end.
 
 use super::allocator::Allocator;
+use super::bytes::be64;
 use super::format::{
     HEADER_SIZE, L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAX_L1_BYTES, MAX_SNAPSHOTS, OFLAG_COMPRESSED,
     OFLAG_COPIED,
 };
-use super::image_header::{be64, ImageHeader};
+use super::image_header::ImageHeader;
 use super::reader::Qcow2Node;
 use super::snapshot::{encode_table, read_snapshots, Snapshot};
 use super::writer::{compressed_range, WriteState};

@@ -23,19 +23,20 @@
 pub mod repair;
 
 use super::bitmaps;
-use super::format::{
+use super::bytes::be64;
+use super::image_header::ImageHeader;
+use super::reader::Qcow2Node;
+use super::refcount::set_entry;
+use super::refcount_reader::decode_refcount;
+use super::snapshot::{self, Snapshot};
+use super::types::{Compat, RefcountOrder};
+use crate::qcow2::format::{
     AUTOCLEAR_BITMAPS, BITMAP_ENTRY_ALL_ONES, BITMAP_ENTRY_OFFSET_MASK, BITMAP_ENTRY_RESERVED,
     BITMAP_FLAG_IN_USE, BITMAP_TYPE_DIRTY_TRACKING, L1E_OFFSET_MASK, L1E_RESERVED_MASK,
     L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK, MAX_BITMAP_BYTES, MAX_L1_BYTES, MAX_REFTABLE_BYTES,
     OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, REFT_OFFSET_MASK, REFT_RESERVED_MASK,
     SNAPSHOT_REQUIRED_EXTRA, SUBCLUSTERS_ALLOCATED,
 };
-use super::image_header::{be64, ImageHeader};
-use super::reader::Qcow2Node;
-use super::refcount::set_entry;
-use super::refcount_reader::decode_refcount;
-use super::snapshot::{self, Snapshot};
-use super::types::{Compat, RefcountOrder};
 use repair::{MetadataIndex, Overlap, ZeroFix};
 
 use crate::block::file::MAX_REQUEST_END;

@@ -60,7 +60,8 @@ use crate::qcow2::format::{
 use crate::block::lock::{self, Sharing};
 use crate::block::FileNode;
 use crate::error::{Error, Result};
-use crate::qcow2::image_header::{be64, kept_autoclear, ImageHeader};
+use crate::qcow2::bytes::be64;
+use crate::qcow2::image_header::{kept_autoclear, ImageHeader};
 use crate::qcow2::snapshot::Snapshot;
 use crate::qcow2::types::{ClusterSize, Compat};
 use std::io;
