@@ -7,7 +7,7 @@ use super::raw::RawNode;
 use super::{BlockDev, FileNode};
 use crate::error::{Error, Result};
 use crate::probe::{probe, Format};
-use crate::qcow2::image_header::ImageHeader;
+use crate::qcow2::image_header::{read_head, ImageHeader};
 use crate::qcow2::reader::Qcow2Node;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -298,33 +298,6 @@ fn layer_of(
         probed,
         backing_path: None,
     })
-}
-
-/// The start of the image: its first cluster when it looks like qcow2 (the
-/// header and its extensions live there), else its first 4 KiB, which is
-/// enough to probe any format. Reading no more keeps a blkdebug rule on a
-/// data sector away from the header's read, as in QEMU.
-pub(crate) fn read_head(file: &FileNode) -> Result<Vec<u8>> {
-    const PROBE_LEN: u64 = 4096;
-    let mut head = vec![0u8; file.file_len().min(PROBE_LEN) as usize];
-    file.pread(&mut head, 0)?;
-    let bits = match head.get(..24) {
-        Some(h) if h[..4] == *b"QFI\xfb" => u32::from_be_bytes([h[20], h[21], h[22], h[23]]),
-        _ => return Ok(head),
-    };
-    let (lo, hi) = (
-        crate::qcow2::ClusterSize::MIN_BITS,
-        crate::qcow2::ClusterSize::MAX_BITS,
-    );
-    // An invalid size is the header parser's to report; read what is there.
-    let cluster = 1u64 << bits.clamp(lo, hi);
-    let want = file.file_len().min(cluster.max(PROBE_LEN));
-    if want > head.len() as u64 {
-        let at = head.len();
-        head.resize(want as usize, 0);
-        file.pread(&mut head[at..], at as u64)?;
-    }
-    Ok(head)
 }
 
 /// Resolves a backing file name stored in `overlay` the way QEMU does:

@@ -16,6 +16,7 @@ use super::format::{
 };
 use super::types::{ClusterSize, Compat, CompressionType, RefcountOrder};
 
+use crate::block::FileNode;
 use crate::error::{Error, Result};
 
 /// Incompatible feature bits qimg knows how to read.
@@ -364,6 +365,31 @@ struct Extensions {
     feature_names: Vec<FeatureName>,
     bitmaps: Option<BitmapsExtension>,
     unknown: Vec<u32>,
+}
+
+/// The start of an image: its first cluster when it looks like qcow2 (the
+/// header and its extensions live there), else its first 4 KiB, which is
+/// enough to probe any format. Reading no more keeps a blkdebug rule on a
+/// data sector away from the header's read, as in QEMU.
+pub fn read_head(file: &FileNode) -> Result<Vec<u8>> {
+    const PROBE_LEN: u64 = 4096;
+    let mut head = vec![0u8; file.file_len().min(PROBE_LEN) as usize];
+    file.pread(&mut head, 0)?;
+    let fields = Fields::new(&head, "the image's first bytes");
+    let bits = match (fields.slice(0, 4), fields.u32(20)) {
+        (Ok(magic), Ok(bits)) if magic == MAGIC => bits,
+        _ => return Ok(head),
+    };
+    // An invalid size is the header parser's to report; read what is there.
+    let cluster = 1u64 << bits.clamp(ClusterSize::MIN_BITS, ClusterSize::MAX_BITS);
+    let want = file.file_len().min(cluster.max(PROBE_LEN));
+    let have = head.len() as u64;
+    if want > have {
+        let mut more = vec![0u8; (want - have) as usize];
+        file.pread(&mut more, have)?;
+        head.extend_from_slice(&more);
+    }
+    Ok(head)
 }
 
 fn parse_extensions(f: Fields<'_>, start: u64, limit: u64, out: &mut Extensions) -> Result<()> {

@@ -116,7 +116,7 @@ impl Qcow2Node {
     /// The header as the file holds it now: snapshot, bitmap and amend
     /// commands change fields after this node read [`header`](Self::header).
     pub(super) fn disk_header(&self) -> Result<ImageHeader> {
-        let head = crate::block::open::read_head(&self.file)?;
+        let head = super::image_header::read_head(&self.file)?;
         ImageHeader::parse(&head, self.file.file_len())
     }
 
