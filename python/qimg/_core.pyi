@@ -4,9 +4,13 @@ from collections.abc import Callable
 from os import PathLike
 from typing import Any, TypeAlias, final
 
+from qimg.errors import QimgError
+
 __all__ = [
+    "CheckCounts",
     "Image",
     "Qcow2Spec",
+    "RepairOutcome",
     "__version__",
     "apply_snapshot",
     "change_bitmap",
@@ -86,6 +90,46 @@ def measure_qcow2(
 def measure_raw(virtual_size: int) -> tuple[int, int, int | None]: ...
 
 _MapTuple: TypeAlias = tuple[int, int, int, bool, bool, bool, bool, int | None, str | None]
+
+@final
+class CheckCounts:
+    """The counts and lines of one check."""
+
+    @property
+    def corruptions(self) -> int: ...
+    @property
+    def leaks(self) -> int: ...
+    @property
+    def check_errors(self) -> int: ...
+    @property
+    def image_end_offset(self) -> int: ...
+    @property
+    def total_clusters(self) -> int: ...
+    @property
+    def allocated_clusters(self) -> int: ...
+    @property
+    def fragmented_clusters(self) -> int: ...
+    @property
+    def compressed_clusters(self) -> int: ...
+    @property
+    def messages(self) -> list[str]: ...
+
+@final
+class RepairOutcome:
+    """What ``check -r`` did."""
+
+    @property
+    def repair(self) -> CheckCounts: ...
+    @property
+    def leaks_fixed(self) -> int: ...
+    @property
+    def corruptions_fixed(self) -> int: ...
+    @property
+    def failure(self) -> QimgError | None: ...
+    @property
+    def recheck(self) -> CheckCounts | None: ...
+    @property
+    def recheck_failure(self) -> QimgError | None: ...
 
 @final
 class Image:
@@ -171,7 +215,7 @@ def convert(
     copy_offload: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> None: ...
-def check_image(image: Image) -> dict[str, Any] | None: ...
+def check_image(image: Image) -> CheckCounts | None: ...
 def commit_image(
     image: Image,
     *,
@@ -201,4 +245,4 @@ def rebase_copy(
     compress: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> int: ...
-def repair_image(path: str | PathLike[str], mode: str) -> dict[str, Any]: ...
+def repair_image(path: str | PathLike[str], mode: str) -> RepairOutcome: ...

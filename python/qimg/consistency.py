@@ -166,8 +166,21 @@ def parse_repair_mode(value: str) -> RepairMode:
     raise UsageError(f"--repair (-r) expects 'leaks' or 'all' not '{value}'")
 
 
-def _report(filename: str, fmt: str, result: dict[str, Any], **extra: Any) -> CheckReport:
-    return CheckReport(filename=filename, format=fmt, **result, **extra)
+def _report(filename: str, fmt: str, counts: _core.CheckCounts, **extra: Any) -> CheckReport:
+    return CheckReport(
+        filename=filename,
+        format=fmt,
+        corruptions=counts.corruptions,
+        leaks=counts.leaks,
+        check_errors=counts.check_errors,
+        image_end_offset=counts.image_end_offset,
+        total_clusters=counts.total_clusters,
+        allocated_clusters=counts.allocated_clusters,
+        fragmented_clusters=counts.fragmented_clusters,
+        compressed_clusters=counts.compressed_clusters,
+        messages=counts.messages,
+        **extra,
+    )
 
 
 def _nothing_to_check(image: Image) -> UsageError:
@@ -205,14 +218,9 @@ def repair_image(image: Image, mode: str) -> RepairResult:
     # there; this open (locked for the repair, so nobody got in) lets go first.
     image._img.release_locks()
     out = _core.repair_image(path, checked_mode)
-    leaks_fixed: int = out["leaks_fixed"]
-    corruptions_fixed: int = out["corruptions_fixed"]
-    first: dict[str, Any] = out["repair"]
-    messages: list[str] = first["messages"]
-    failure: QimgError | None = out["failure"]
-    recheck: dict[str, Any] | None = out["recheck"]
-    recheck_failure: QimgError | None = out["recheck_failure"]
-    fixed = {"leaks_fixed": leaks_fixed, "corruptions_fixed": corruptions_fixed}
+    first, messages = out.repair, out.repair.messages
+    failure, recheck, recheck_failure = out.failure, out.recheck, out.recheck_failure
+    fixed = {"leaks_fixed": out.leaks_fixed, "corruptions_fixed": out.corruptions_fixed}
     report: CheckReport | None = None
     if failure is None and recheck is not None:
         report = _report(filename, fmt, recheck, repair_messages=messages, **fixed)

@@ -261,20 +261,33 @@ pub(crate) fn error_ranges<'py>(
     PyList::new(py, items)
 }
 
-/// A check report as the dict `qimg.check.CheckReport` is built from.
-pub(crate) fn report_dict<'py>(
-    py: Python<'py>,
-    report: &CheckReport,
-) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("corruptions", report.corruptions)?;
-    d.set_item("leaks", report.leaks)?;
-    d.set_item("check_errors", report.check_errors)?;
-    d.set_item("image_end_offset", report.image_end_offset)?;
-    d.set_item("total_clusters", report.total_clusters)?;
-    d.set_item("allocated_clusters", report.allocated_clusters)?;
-    d.set_item("fragmented_clusters", report.fragmented_clusters)?;
-    d.set_item("compressed_clusters", report.compressed_clusters)?;
-    d.set_item("messages", &report.messages)?;
-    Ok(d)
+/// The counts and lines of one check, as `qimg.consistency.CheckReport` is
+/// built from them.
+#[pyclass(frozen, get_all, module = "qimg._core")]
+pub struct CheckCounts {
+    corruptions: u64,
+    leaks: u64,
+    check_errors: u64,
+    image_end_offset: u64,
+    total_clusters: u64,
+    allocated_clusters: u64,
+    fragmented_clusters: u64,
+    compressed_clusters: u64,
+    messages: Vec<String>,
+}
+
+impl From<&CheckReport> for CheckCounts {
+    fn from(report: &CheckReport) -> CheckCounts {
+        CheckCounts {
+            corruptions: report.corruptions,
+            leaks: report.leaks,
+            check_errors: report.check_errors,
+            image_end_offset: report.image_end_offset,
+            total_clusters: report.total_clusters,
+            allocated_clusters: report.allocated_clusters,
+            fragmented_clusters: report.fragmented_clusters,
+            compressed_clusters: report.compressed_clusters,
+            messages: report.messages.clone(),
+        }
+    }
 }

@@ -573,10 +573,10 @@ pub fn convert(
 
 /// Runs the qcow2 consistency check on `image`; None for formats without one.
 #[pyfunction]
-pub fn check_image<'py>(
-    py: Python<'py>,
+pub fn check_image(
+    py: Python<'_>,
     image: PyRef<'_, Image>,
-) -> PyResult<Option<Bound<'py, PyDict>>> {
+) -> PyResult<Option<crate::convey::CheckCounts>> {
     let node = Arc::clone(&image.node);
     if node.as_qcow2().is_none() {
         return Ok(None);
@@ -586,5 +586,5 @@ pub fn check_image<'py>(
         None => Err(Error::invalid("not a qcow2 image")),
     })?
     .map_err(to_py)?;
-    crate::convey::report_dict(py, &report).map(Some)
+    Ok(Some(crate::convey::CheckCounts::from(&report)))
 }

@@ -197,6 +197,8 @@ fn measure_raw(virtual_size: u64) -> (u64, u64, Option<u64>) {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Qcow2Spec>()?;
     m.add_class::<image::Image>()?;
+    m.add_class::<convey::CheckCounts>()?;
+    m.add_class::<repairing::RepairOutcome>()?;
     m.add_function(wrap_pyfunction!(image::open_image, m)?)?;
     m.add_function(wrap_pyfunction!(trees::open_spec, m)?)?;
     m.add_function(wrap_pyfunction!(trees::scrub, m)?)?;
