@@ -13,7 +13,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from qimg.spec import ImageSpec
 
-__all__ = ["rebase", "rebase_open"]
+__all__ = ["rebase"]
 
 
 def rebase(
@@ -50,8 +50,7 @@ def rebase(
         cache=cache,
         image_opts=image_opts,
     ) as opened:
-        rebase_open(
-            opened,
+        opened.rebase(
             backing_file,
             backing_format=backing_format,
             unsafe=unsafe,
@@ -73,8 +72,8 @@ def rebase_open(
     force_share: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> None:
-    """:func:`rebase` of an image already open for writing (:meth:`Image.rebase`); the
-    safe mode needs it opened with its backing chain."""
+    """:func:`rebase` of an image already open for writing; :meth:`Image.rebase` is its
+    public face. The safe mode needs the image opened with its backing chain."""
     source_cache = check_cache_mode(source_cache, source=True)
     _check_names(backing_file, backing_format)
     name = backing_file or None

@@ -276,8 +276,8 @@ pub struct CheckCounts {
     messages: Vec<String>,
 }
 
-impl From<&CheckReport> for CheckCounts {
-    fn from(report: &CheckReport) -> CheckCounts {
+impl From<CheckReport> for CheckCounts {
+    fn from(report: CheckReport) -> CheckCounts {
         CheckCounts {
             corruptions: report.corruptions,
             leaks: report.leaks,
@@ -287,7 +287,7 @@ impl From<&CheckReport> for CheckCounts {
             allocated_clusters: report.allocated_clusters,
             fragmented_clusters: report.fragmented_clusters,
             compressed_clusters: report.compressed_clusters,
-            messages: report.messages.clone(),
+            messages: report.messages,
         }
     }
 }

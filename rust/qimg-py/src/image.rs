@@ -586,5 +586,5 @@ pub fn check_image(
         None => Err(Error::invalid("not a qcow2 image")),
     })?
     .map_err(to_py)?;
-    Ok(Some(crate::convey::CheckCounts::from(&report)))
+    Ok(Some(crate::convey::CheckCounts::from(report)))
 }

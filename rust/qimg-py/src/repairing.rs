@@ -32,11 +32,11 @@ pub fn repair_image(py: Python<'_>, path: PathBuf, mode: &str) -> PyResult<Repai
     let outcome = run_long(py, None, move |_| repair::repair(&path, mode))?.map_err(to_py)?;
     let (recheck, recheck_failure) = match outcome.recheck {
         None => (None, None),
-        Some(Ok(report)) => (Some(Py::new(py, CheckCounts::from(&report))?), None),
+        Some(Ok(report)) => (Some(Py::new(py, CheckCounts::from(report))?), None),
         Some(Err(e)) => (None, Some(to_py(e).into_value(py).into_any())),
     };
     Ok(RepairOutcome {
-        repair: Py::new(py, CheckCounts::from(&outcome.repair))?,
+        repair: Py::new(py, CheckCounts::from(outcome.repair))?,
         leaks_fixed: outcome.leaks_fixed,
         corruptions_fixed: outcome.corruptions_fixed,
         failure: outcome.failure.map(|e| to_py(e).into_value(py).into_any()),

@@ -184,14 +184,15 @@ impl Allocator {
             .blocks
             .get_mut(&index)
             .ok_or_else(|| Error::InvalidImage("refcount block vanished from the cache".into()))?;
-        let was = get_entry(&block.data, order, slot);
-        set_entry(&mut block.data, order, slot, value);
-        block.dirty = true;
         if let Some(shadow) = &mut self.shadow {
+            // Only a shadow needs to know which clusters it counted from 0.
+            let was = get_entry(&block.data, order, slot);
             if was == 0 && value > 0 && !shadow.held.contains(&cluster) {
                 shadow.fresh.insert(cluster);
             }
         }
+        set_entry(&mut block.data, order, slot, value);
+        block.dirty = true;
         Ok(())
     }
 
@@ -521,19 +522,22 @@ impl Allocator {
                 .map(|(&i, _)| i)
                 .collect();
             let table_moved = shadow.table_moved;
-            if let Some(&index) = unmoved.first() {
-                // Allocating may change (and move) other blocks: one at a time.
-                let old = self.blocks.get(&index).map_or(0, |b| b.offset);
-                let new = self.alloc_clusters(1)?;
-                if let Some(b) = self.blocks.get_mut(&index) {
-                    b.offset = new;
+            if !unmoved.is_empty() {
+                // Each move allocates, which may dirty blocks not moved yet:
+                // the loop comes back for those.
+                for index in unmoved {
+                    let old = self.blocks.get(&index).map_or(0, |b| b.offset);
+                    let new = self.alloc_clusters(1)?;
+                    if let Some(b) = self.blocks.get_mut(&index) {
+                        b.offset = new;
+                    }
+                    self.reftable[index as usize] = new;
+                    self.reftable_dirty = true;
+                    if let Some(shadow) = &mut self.shadow {
+                        shadow.moved.insert(index);
+                    }
+                    self.decref(old / self.cs)?;
                 }
-                self.reftable[index as usize] = new;
-                self.reftable_dirty = true;
-                if let Some(shadow) = &mut self.shadow {
-                    shadow.moved.insert(index);
-                }
-                self.decref(old / self.cs)?;
                 continue;
             }
             if !table_moved {
