@@ -2,17 +2,21 @@
 
 from collections.abc import Callable
 from os import PathLike
-from typing import Any, TypeAlias, final
+from typing import Any, Literal, TypeAlias, final
 
 from qimg.errors import QimgError
 
 __all__ = [
+    "CACHE_MODES",
+    "REPAIR_MODES",
     "CheckCounts",
+    "ConvertOptions",
     "Image",
     "Qcow2Spec",
     "RepairOutcome",
     "__version__",
     "apply_snapshot",
+    "cache_mode",
     "change_bitmap",
     "check_image",
     "commit_image",
@@ -29,6 +33,7 @@ __all__ = [
     "open_spec",
     "rebase_copy",
     "repair_image",
+    "repair_mode",
     "resolve_backing",
     "scrub",
 ]
@@ -41,13 +46,13 @@ class Qcow2Spec:
         cls,
         *,
         size: int,
-        cluster_size: int,
-        compat: str,
-        refcount_bits: int,
-        lazy_refcounts: bool,
-        extended_l2: bool,
-        compression_type: str,
-        preallocation: str,
+        cluster_size: int | None = None,
+        compat: str | None = None,
+        refcount_bits: int | None = None,
+        lazy_refcounts: bool = False,
+        extended_l2: bool = False,
+        compression_type: str | None = None,
+        preallocation: str = "off",
         backing_file: str | None = None,
         backing_fmt: str | None = None,
     ) -> Qcow2Spec: ...
@@ -205,15 +210,11 @@ def compare_images(
 def convert(
     sources: list[Image],
     target: Image,
+    options: ConvertOptions,
     *,
-    sparse_size: int = 4096,
-    compress: bool = False,
     zero_init: bool = True,
     top_only: bool = False,
-    in_order: bool = True,
-    workers: int | None = None,
-    copy_offload: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], object] | None = None,
 ) -> None: ...
 def check_image(image: Image) -> CheckCounts | None: ...
 def commit_image(
@@ -246,3 +247,42 @@ def rebase_copy(
     progress: Callable[[int, int], None] | None = None,
 ) -> int: ...
 def repair_image(path: str | PathLike[str], mode: str) -> RepairOutcome: ...
+
+#: QEMU's cache mode names (``off`` is also taken, as ``none``).
+CACHE_MODES: tuple[str, ...]
+#: ``check -r``'s modes.
+REPAIR_MODES: tuple[Literal["leaks", "all"], ...]
+
+def cache_mode(name: str, *, source: bool = False) -> str: ...
+def repair_mode(name: str) -> Literal["leaks", "all"]: ...
+
+@final
+class ConvertOptions:
+    """``convert``'s copy options, checked as a whole when built."""
+
+    def __new__(
+        cls,
+        *,
+        sparse_size: int | None = None,
+        compress: bool = False,
+        workers: int | None = None,
+        in_order: bool = True,
+        copy_offload: bool = False,
+        target_format: str | None = None,
+        cache: str = "unsafe",
+        source_cache: str = "writeback",
+    ) -> ConvertOptions: ...
+    @property
+    def sparse_size(self) -> int: ...
+    @property
+    def compress(self) -> bool: ...
+    @property
+    def workers(self) -> int | None: ...
+    @property
+    def in_order(self) -> bool: ...
+    @property
+    def copy_offload(self) -> bool: ...
+    @property
+    def cache(self) -> str: ...
+    @property
+    def source_cache(self) -> str: ...

@@ -30,7 +30,7 @@ RepairMode = Literal["leaks", "all"]
 #: ``-r leaks``: leaked clusters (refcounts above their references), and COPIED flags when
 #: nothing else is wrong. ``-r all``: also refcounts that are too low, COPIED flags, and broken
 #: refcount structures (rebuilt).
-REPAIR_MODES: tuple[RepairMode, ...] = ("leaks", "all")
+REPAIR_MODES: tuple[RepairMode, ...] = _core.REPAIR_MODES
 
 
 @dataclass(frozen=True)
@@ -159,11 +159,8 @@ class RepairResult:
 
 
 def parse_repair_mode(value: str) -> RepairMode:
-    """``-r``'s argument: ``leaks`` or ``all``."""
-    for mode in REPAIR_MODES:
-        if value == mode:
-            return mode
-    raise UsageError(f"--repair (-r) expects 'leaks' or 'all' not '{value}'")
+    """``-r``'s argument: ``leaks`` or ``all`` (checked by the core)."""
+    return _core.repair_mode(value)
 
 
 def _report(filename: str, fmt: str, counts: _core.CheckCounts, **extra: Any) -> CheckReport:

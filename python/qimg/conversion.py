@@ -16,7 +16,7 @@ from qimg.deprecated import renamed
 from qimg.devices import is_block_device, resolve_host_device
 from qimg.errors import InvalidImageError, InvalidOptionError, UnsupportedError, UsageError
 from qimg.events import EventCallback
-from qimg.image import Image, check_cache_mode, drain_events, open_image, with_events
+from qimg.image import Image, drain_events, open_image, with_events
 from qimg.names import is_plain_filename
 from qimg.options import OptionItem, parse_size
 from qimg.prealloc import PreallocMode
@@ -29,14 +29,6 @@ if TYPE_CHECKING:
     from qimg.spec import ImageSpec
 
 __all__ = ["ConvertRequest", "convert"]
-
-
-# qemu-img's bounds for -m and -S.
-MAX_WORKERS = 16
-MAX_SPARSE_SIZE = 16 << 20
-
-#: ``-S`` when it is not given: 4 KiB blocks of zeroes become holes.
-DEFAULT_SPARSE_SIZE = 4096
 
 
 @dataclass
@@ -54,7 +46,9 @@ class ConvertRequest:
     backing_fmt: str | None = None
     existing: bool = False
     target_is_zero: bool = False
-    sparse_size: int = DEFAULT_SPARSE_SIZE
+    sparse_size: int | None = None
+    """``-S``: zero blocks of this many bytes become holes (0: none); None: not given,
+    qemu-img's default (4 KiB), which ``copy_offload`` needs."""
     workers: int | None = None
     in_order: bool = True
     copy_offload: bool = False
@@ -84,7 +78,9 @@ class ConvertRequest:
         """Whether the target is a node tree rather than a file name."""
         return self.target_image_opts or not is_plain_filename(self.target)
 
-    def validate(self) -> None:
+    def validate(self) -> _core.ConvertOptions:
+        """Refuses what cannot be done, before anything is opened; returns the copy
+        options, checked by the core."""
         if not self.sources:
             raise UsageError("Expecting at least one source image")
         if self.skip_broken_bitmaps and not self.bitmaps:
@@ -95,19 +91,17 @@ class ConvertRequest:
             raise UsageError("Copying bitmaps only possible with single source")
         if self.bitmaps and self.out_fmt != "qcow2":
             raise UnsupportedError(f"Format driver '{self.out_fmt}' does not support bitmaps")
-        if self.workers is not None and not 1 <= self.workers <= MAX_WORKERS:
-            raise UsageError(
-                f"Invalid number of coroutines specified. Must be between 1 and {MAX_WORKERS}."
-            )
-        check_cache_mode(self.cache)
-        check_cache_mode(self.source_cache, source=True)
-        if self.sparse_size != 0 and (
-            self.sparse_size % 512 != 0 or not 0 < self.sparse_size <= MAX_SPARSE_SIZE
-        ):
-            raise UsageError(
-                f"Invalid buffer size for sparse output specified: {self.sparse_size} "
-                "(must be a multiple of 512 up to 16 MiB, or 0)"
-            )
+        options = _core.ConvertOptions(
+            sparse_size=self.sparse_size,
+            compress=self.compress,
+            workers=self.workers,
+            in_order=self.in_order,
+            copy_offload=self.copy_offload,
+            # A node tree names its own format, known once it is open.
+            target_format=None if self.target_is_spec else self.out_fmt,
+            cache=self.cache,
+            source_cache=self.source_cache,
+        )
         if self.target_is_zero and not self.existing:
             raise UsageError("--target-is-zero requires use of -n flag")
         if self.target_is_zero and self.backing_file is not None:
@@ -124,14 +118,6 @@ class ConvertRequest:
             resolve_host_device(self.out_fmt, _core.local_path(self.target))
         if self.backing_file is not None and self.out_fmt in ("raw", "host_device"):
             raise InvalidOptionError(f"Backing file not supported for file format '{self.out_fmt}'")
-        if self.copy_offload and self.compress:
-            raise UsageError("Cannot enable copy offloading when -c is used")
-        if self.copy_offload and self.sparse_size != DEFAULT_SPARSE_SIZE:
-            raise UsageError("Cannot enable copy offloading when -S is used")
-        if self.compress and self.out_fmt != "qcow2":
-            raise InvalidOptionError(
-                f"Compression not supported for this file format ({self.out_fmt})"
-            )
         if self.existing and self.options:
             raise UsageError(
                 "-o options create the output image; with -n the existing image is used as it is"
@@ -147,12 +133,13 @@ class ConvertRequest:
                 f"{flag} describes a new qcow2 target; it cannot be used with an NBD URL, "
                 "json: or --target-image-opts target"
             )
+        return options
 
 
 def run(request: ConvertRequest, progress: Callable[[int, int], None] | None = None) -> None:
     """Carries out ``request``; a target created here is removed again if
     the conversion fails."""
-    request.validate()
+    options = request.validate()
     if request.out_fmt == "host_device":
         request = replace(request, out_fmt="raw")
     with contextlib.ExitStack() as stack:
@@ -163,7 +150,7 @@ def run(request: ConvertRequest, progress: Callable[[int, int], None] | None = N
                     request.fmt,
                     image_opts=request.image_opts,
                     events=request.events,
-                    cache=request.source_cache,
+                    cache=options.source_cache,
                     force_share=request.force_share,
                     purpose="copy-source",
                     snapshot=request.snapshot,
@@ -181,22 +168,17 @@ def run(request: ConvertRequest, progress: Callable[[int, int], None] | None = N
                     # A node tree names its own driver.
                     None if request.target_is_spec else request.out_fmt,
                     writable=True,
-                    cache=request.cache,
+                    cache=options.cache,
                     image_opts=request.target_image_opts,
                     events=request.events,
                 )
             )
             _log.opened("existing target", request.target, target)
-            if target.size < total:
-                raise InvalidOptionError(
-                    f"output file '{target.filename}' is smaller than the input "
-                    f"({target.size} < {total} bytes)"
-                )
             top_only = request.backing_file is not None
             _copy(
                 sources,
                 target,
-                request,
+                options,
                 zero_init=request.target_is_zero,
                 top_only=top_only,
                 progress=progress,
@@ -224,13 +206,13 @@ def run(request: ConvertRequest, progress: Callable[[int, int], None] | None = N
             _log.info("creating %s: format %s, %d bytes", request.target, request.out_fmt, total)
             plan.run()
             with open_image(
-                request.target, request.out_fmt, writable=True, cache=request.cache
+                request.target, request.out_fmt, writable=True, cache=options.cache
             ) as target:
                 _log.opened("new target", request.target, target)
                 _copy(
                     sources,
                     target,
-                    request,
+                    options,
                     # A new image reads as zeroes wherever it is not written
                     # and its backing file (if any) does not reach; raw bytes
                     # on a block device are whatever the device held.
@@ -290,26 +272,22 @@ def _given(flag: str | None, options: list[OptionItem], key: str) -> str | None:
 def _copy(
     sources: list[Image],
     target: Image,
-    request: ConvertRequest,
+    options: _core.ConvertOptions,
     *,
     zero_init: bool,
     top_only: bool,
     progress: Callable[[int, int], None] | None,
 ) -> None:
     images = [*sources, target]
-    _log.info("copy: %s", "; ".join(_copy_paths(request, zero_init=zero_init, top_only=top_only)))
+    _log.info("copy: %s", "; ".join(_copy_paths(options, zero_init=zero_init, top_only=top_only)))
     started = time.monotonic()
     try:
         _core.convert(
             [s._img for s in sources],
             target._img,
-            sparse_size=request.sparse_size,
-            compress=request.compress,
+            options,
             zero_init=zero_init,
             top_only=top_only,
-            in_order=request.in_order,
-            workers=request.workers,
-            copy_offload=request.copy_offload,
             progress=with_events(images, progress),
         )
     finally:
@@ -317,7 +295,7 @@ def _copy(
     _log.debug("copied %d bytes in %.3f s", target.size, time.monotonic() - started)
 
 
-def _copy_paths(request: ConvertRequest, *, zero_init: bool, top_only: bool) -> list[str]:
+def _copy_paths(request: _core.ConvertOptions, *, zero_init: bool, top_only: bool) -> list[str]:
     """Which ways the copy takes, in words, for ``-v``."""
     if request.copy_offload:
         paths = [
@@ -372,7 +350,7 @@ def convert(
     backing_fmt: str | None = None,
     existing: bool = False,
     target_is_zero: bool = False,
-    sparse_size: int = 4096,
+    sparse_size: int | None = None,
     workers: int | None = None,
     in_order: bool = True,
     copy_offload: bool = False,

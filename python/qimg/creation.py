@@ -135,16 +135,23 @@ def qcow2_spec(
     backing_file: str | None = None,
     backing_fmt: str | None = None,
 ) -> _core.Qcow2Spec:
-    """The core's validated qcow2 parameters from parsed ``-o`` options,
-    with qemu-img's defaults for those not given."""
+    """The core's validated qcow2 parameters from parsed ``-o`` options; the core
+    gives those not given qemu-img's defaults."""
+
+    def given(name: str) -> int | bool | str | None:
+        item = parsed.get(name)
+        return None if item is None else item.value
+
+    cluster_size, refcount_bits = given("cluster_size"), given("refcount_bits")
+    compat, compression_type = given("compat"), given("compression_type")
     return _core.Qcow2Spec(
         size=size,
-        cluster_size=int(option_value(parsed, "cluster_size", 65536)),
-        compat=str(option_value(parsed, "compat", "v3")),
-        refcount_bits=int(option_value(parsed, "refcount_bits", 16)),
-        lazy_refcounts=bool(option_value(parsed, "lazy_refcounts", False)),
-        extended_l2=bool(option_value(parsed, "extended_l2", False)),
-        compression_type=str(option_value(parsed, "compression_type", "zlib")),
+        cluster_size=None if cluster_size is None else int(cluster_size),
+        compat=None if compat is None else str(compat),
+        refcount_bits=None if refcount_bits is None else int(refcount_bits),
+        lazy_refcounts=bool(given("lazy_refcounts")),
+        extended_l2=bool(given("extended_l2")),
+        compression_type=None if compression_type is None else str(compression_type),
         preallocation=prealloc.value,
         backing_file=backing_file,
         backing_fmt=backing_fmt,

@@ -670,15 +670,13 @@ def probed_formats(spec: NodeSpec) -> dict[str, str]:
 #: QEMU's cache modes: ``writeback`` (the page cache, flushed when asked), ``unsafe``
 #: (never flushed), ``none`` (O_DIRECT), ``directsync`` (O_DIRECT and O_DSYNC) and
 #: ``writethrough`` (O_DSYNC).
-CACHE_MODES = ("writeback", "unsafe", "none", "directsync", "writethrough")
+CACHE_MODES: tuple[str, ...] = _core.CACHE_MODES
 
 
 def check_cache_mode(mode: str, *, source: bool = False) -> str:
     """``mode`` if it is one of QEMU's cache modes, else qemu-img's refusal (``source``:
     of a ``-T`` value)."""
-    if mode in CACHE_MODES or mode == "off":
-        return "none" if mode == "off" else mode
-    raise UsageError(f"Invalid {'source ' if source else ''}cache option: {mode}")
+    return _core.cache_mode(mode, source=source)
 
 
 def _open_node(node: Node) -> _core.Image:

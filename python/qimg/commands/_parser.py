@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from qimg import __version__
+from qimg import __version__, _core
+from qimg.prealloc import PreallocMode
 
 # typing.TYPE_CHECKING without importing typing (mypy and ruff know the name).
 TYPE_CHECKING = False
@@ -170,7 +171,6 @@ def build(names: Iterable[str]) -> tuple[ArgumentParser, dict[str, argparse.Argu
 
 #: Image formats, for completing -f, -O, -F.
 FORMATS = ("qcow2", "raw")
-_CACHE_MODES = ("writeback", "unsafe", "none", "directsync", "writethrough")
 
 #: What the value of an option (by ``dest``) can be: words to offer, or FILE.
 FILE = "FILE"
@@ -180,11 +180,11 @@ _VALUES: dict[str, tuple[str, ...] | str] = {
     "fmt2": FORMATS,
     "out_fmt": FORMATS,
     "backing_fmt": FORMATS,
-    "cache": _CACHE_MODES,
-    "source_cache": _CACHE_MODES,
+    "cache": _core.CACHE_MODES,
+    "source_cache": _core.CACHE_MODES,
     "output": ("human", "json"),
-    "preallocation": ("off", "metadata", "falloc", "full"),
-    "repair": ("leaks", "all"),
+    "preallocation": tuple(mode.value for mode in PreallocMode),
+    "repair": _core.REPAIR_MODES,
     "backing_file": FILE,
     "events": FILE,
     "filename": FILE,

@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
         backing_fmt=args.backing_fmt,
         existing=args.existing,
         target_is_zero=args.target_is_zero,
-        sparse_size=parse_size("4k" if args.sparse is None else args.sparse, "-S"),
+        sparse_size=None if args.sparse is None else parse_size(args.sparse, "-S"),
         workers=workers,
         in_order=not args.out_of_order,
         cache=args.cache,
@@ -178,9 +178,6 @@ def run(args: argparse.Namespace) -> int:
         skip_broken_bitmaps=args.skip_broken_bitmaps,
         snapshot=None if args.snapshot is None else SnapshotRef.parse(args.snapshot),
     )
-    if args.copy_offload and args.sparse is not None and not args.compress:
-        # Even "-S 4k", the default: zero detection needs the data read.
-        raise UsageError("Cannot enable copy offloading when -S is used")
     if args.target_image_opts and not args.existing:
         raise UsageError("--target-image-opts requires use of -n flag")
     progress = Progress(args.progress and not args.quiet)

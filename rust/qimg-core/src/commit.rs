@@ -8,7 +8,7 @@
 //! covers, and the image is emptied only once the base holds it all on disk.
 
 use crate::block::BlockDev;
-use crate::convert::{convert, ConvertOptions, Layers, Sparse};
+use crate::convert::{convert, ConvertOptions, Layers, Sparse, Workers};
 use crate::error::{Error, Result};
 use crate::prealloc::Prealloc;
 use crate::progress::Progress;
@@ -23,7 +23,7 @@ pub struct CommitOptions {
     /// Empty the image afterwards (qemu-img's default; `-d` and `-b` keep it).
     pub empty_top: bool,
     /// Threads reading the image.
-    pub workers: usize,
+    pub workers: Workers,
 }
 
 /// The node `depth` layers below `top`.

@@ -36,6 +36,7 @@ pub const MAX_SPARSE: u64 = 16 << 20;
 pub struct Sparse(Option<u64>);
 
 impl Sparse {
+    /// `-S` when it is not given: 4 KiB blocks of zeroes become holes.
     pub const DEFAULT: Sparse = Sparse(Some(4096));
 
     pub fn new(bytes: u64) -> Result<Sparse> {
@@ -43,12 +44,127 @@ impl Sparse {
             return Ok(Sparse(None));
         }
         if bytes % 512 != 0 || bytes > MAX_SPARSE {
-            return Err(Error::invalid(format!(
+            return Err(Error::usage(format!(
                 "Invalid buffer size for sparse output specified: {bytes} (must be a multiple of 512 up to 16 MiB, or 0)"
             )));
         }
         Ok(Sparse(Some(bytes)))
     }
+
+    /// The block size in bytes; 0 when zeroes are written as data.
+    pub fn bytes(self) -> u64 {
+        self.0.unwrap_or(0)
+    }
+}
+
+/// `-m`: how many threads copy at once, 1 to [`MAX_WORKERS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Workers(usize);
+
+impl Workers {
+    pub fn new(n: usize) -> Result<Workers> {
+        if (1..=MAX_WORKERS).contains(&n) {
+            Ok(Workers(n))
+        } else {
+            Err(Error::usage(format!(
+                "Invalid number of coroutines specified. Must be between 1 and {MAX_WORKERS}."
+            )))
+        }
+    }
+
+    /// The default for copying `sources`: one per core (2 to 16), and at
+    /// least [`REMOTE_WORKERS`] when a source is read over a network.
+    pub fn default_for(sources: &[Arc<dyn BlockDev>]) -> Workers {
+        let local = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .clamp(2, MAX_WORKERS);
+        if sources.iter().any(|s| s.is_remote()) {
+            Workers(local.max(REMOTE_WORKERS))
+        } else {
+            Workers(local)
+        }
+    }
+
+    pub fn get(self) -> usize {
+        self.0
+    }
+}
+
+/// What the user chose for a copy (`-S`, `-c`, `-m`, `-W`, `-C`), checked
+/// as a whole when it is built: the one place these rules are written.
+#[derive(Debug, Clone, Copy)]
+pub struct CopyChoices {
+    pub sparse: Sparse,
+    pub compress: bool,
+    /// None: [`Workers::default_for`] the sources.
+    pub workers: Option<Workers>,
+    pub in_order: bool,
+    pub copy_offload: bool,
+}
+
+impl CopyChoices {
+    /// `sparse` is None when `-S` was not given; `target_format` is the
+    /// target's format when it is known before the target is opened.
+    pub fn new(
+        sparse: Option<u64>,
+        compress: bool,
+        workers: Option<Workers>,
+        in_order: bool,
+        copy_offload: bool,
+        target_format: Option<&str>,
+    ) -> Result<CopyChoices> {
+        let checked = sparse.map(Sparse::new).transpose()?;
+        if copy_offload && compress {
+            return Err(Error::usage(
+                "Cannot enable copy offloading when -c is used",
+            ));
+        }
+        if copy_offload && checked.is_some() {
+            return Err(Error::usage(
+                "Cannot enable copy offloading when -S is used",
+            ));
+        }
+        if let (true, Some(format)) = (compress, target_format) {
+            if format != "qcow2" {
+                return Err(not_compressible(format));
+            }
+        }
+        Ok(CopyChoices {
+            sparse: checked.unwrap_or(Sparse::DEFAULT),
+            compress,
+            workers,
+            in_order,
+            copy_offload,
+        })
+    }
+
+    /// The engine's options for copying `sources`.
+    pub fn options(
+        &self,
+        sources: &[Arc<dyn BlockDev>],
+        zero_init: bool,
+        layers: Layers,
+    ) -> ConvertOptions {
+        ConvertOptions {
+            sparse: self.sparse,
+            compress: self.compress,
+            zero_init,
+            layers,
+            in_order: self.in_order,
+            workers: self
+                .workers
+                .unwrap_or_else(|| Workers::default_for(sources)),
+            copy_offload: self.copy_offload,
+        }
+    }
+}
+
+/// The refusal of `-c` for a target of a format that cannot store
+/// compressed data (only qcow2 can).
+fn not_compressible(format: &str) -> Error {
+    Error::invalid(format!(
+        "Compression not supported for this file format ({format})"
+    ))
 }
 
 /// How to copy.
@@ -66,7 +182,7 @@ pub struct ConvertOptions {
     /// Write pieces in guest order (qemu-img's default; `-W` lifts it).
     pub in_order: bool,
     /// Worker threads (`-m`).
-    pub workers: usize,
+    pub workers: Workers,
     /// `-C`: data that lies plainly in a local file goes into a raw local
     /// target by copy_file_range, inside the kernel, without being read
     /// (so without `-S` zero detection); the rest is copied as usual.
@@ -104,38 +220,9 @@ impl ConvertOptions {
     }
 }
 
-impl Default for ConvertOptions {
-    fn default() -> Self {
-        ConvertOptions {
-            sparse: Sparse::DEFAULT,
-            compress: false,
-            zero_init: true,
-            layers: Layers::Chain,
-            in_order: true,
-            workers: default_workers(),
-            copy_offload: false,
-        }
-    }
-}
-
-pub fn default_workers() -> usize {
-    std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .clamp(2, MAX_WORKERS)
-}
-
 /// Workers waiting on a network: enough to keep several requests in flight
 /// whatever the core count (qemu-img's default of 8 coroutines).
 pub const REMOTE_WORKERS: usize = 8;
-
-/// The default worker count for copying `sources`.
-pub fn default_workers_for(sources: &[Arc<dyn BlockDev>]) -> usize {
-    if sources.iter().any(|s| s.is_remote()) {
-        default_workers().max(REMOTE_WORKERS)
-    } else {
-        default_workers()
-    }
-}
 
 /// Read buffers handed back after their bytes are written, so that every
 /// piece does not fault in fresh memory (on a virtual machine, memory the
@@ -211,7 +298,7 @@ pub fn convert(
     let total: u64 = sources.iter().map(|s| s.size()).sum();
     if dst.size() < total {
         return Err(Error::invalid(format!(
-            "The output '{}' is smaller than the input ({} < {total} bytes)",
+            "output file '{}' is smaller than the input ({} < {total} bytes)",
             dst.filename(),
             dst.size()
         )));
@@ -219,22 +306,14 @@ pub fn convert(
     let cluster = match (opts.compress, dst.as_qcow2()) {
         (false, _) => None,
         (true, Some(q)) => Some((q.header().cluster_size.bytes(), q.header().compression)),
-        (true, None) => {
-            return Err(Error::invalid(format!(
-                "Compression not supported for this file format ({})",
-                dst.format_name()
-            )))
-        }
+        (true, None) => return Err(not_compressible(dst.format_name())),
     };
     // With a backing file on a new target, zeroes past the backing file's
     // end need no writes either (qemu-img leaves them unallocated).
     let backing_end =
         (opts.top_only() && opts.zero_init).then(|| dst.backing().map_or(0, |b| b.size()));
     let pieces = total.div_ceil(PIECE);
-    let workers = opts
-        .workers
-        .clamp(1, MAX_WORKERS)
-        .min(pieces.max(1) as usize);
+    let workers = opts.workers.get().min(pieces.max(1) as usize);
     let window = AHEAD_PER_WORKER * workers as u64;
     let next = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
@@ -748,6 +827,49 @@ mod tests {
         v[4098] = 1;
         assert!(!is_zero(&v[1..]));
         assert!(is_zero(&v[..4098]));
+    }
+
+    #[test]
+    fn copy_choices_are_checked_once_at_construction() {
+        let plain = CopyChoices::new(None, false, None, true, false, Some("raw"));
+        assert!(plain.is_ok_and(|c| c.sparse == Sparse::DEFAULT));
+        let refused = |r: Result<CopyChoices>| r.err().map(|e| (e.kind(), e.to_string()));
+        assert_eq!(
+            refused(CopyChoices::new(None, true, None, true, true, None)),
+            Some((
+                crate::ErrorKind::Usage,
+                "Cannot enable copy offloading when -c is used".into()
+            ))
+        );
+        assert_eq!(
+            refused(CopyChoices::new(Some(4096), false, None, true, true, None)),
+            Some((
+                crate::ErrorKind::Usage,
+                "Cannot enable copy offloading when -S is used".into()
+            ))
+        );
+        assert_eq!(
+            refused(CopyChoices::new(None, true, None, true, false, Some("raw"))),
+            Some((
+                crate::ErrorKind::InvalidArgument,
+                "Compression not supported for this file format (raw)".into()
+            ))
+        );
+        assert!(CopyChoices::new(None, true, None, true, false, Some("qcow2")).is_ok());
+        // A target opened later (a node tree) is checked by the engine.
+        assert!(CopyChoices::new(None, true, None, true, false, None).is_ok());
+        assert!(CopyChoices::new(Some(1000), false, None, true, false, None).is_err());
+    }
+
+    #[test]
+    fn workers_are_one_to_sixteen() {
+        assert!(Workers::new(0).is_err());
+        assert!(Workers::new(1).is_ok());
+        assert!(Workers::new(MAX_WORKERS).is_ok());
+        assert_eq!(
+            Workers::new(17).err().map(|e| e.to_string()),
+            Some("Invalid number of coroutines specified. Must be between 1 and 16.".into())
+        );
     }
 
     #[test]

@@ -6,6 +6,11 @@ use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The request is malformed as a whole: a value outside what the
+    /// option takes, or options that exclude each other (qemu-img's usage
+    /// errors).
+    #[error("{0}")]
+    Usage(String),
     /// A value given by the user (an option, a size) is not acceptable.
     #[error("{0}")]
     InvalidArgument(String),
@@ -40,6 +45,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// to each (the Python binding maps these to built-in exception classes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
+    Usage,
     InvalidArgument,
     TooLarge,
     InvalidImage,
@@ -60,6 +66,10 @@ impl Error {
         Error::InvalidArgument(msg.into())
     }
 
+    pub fn usage(msg: impl Into<String>) -> Self {
+        Error::Usage(msg.into())
+    }
+
     /// An I/O error about `path`, worded like QEMU's: `Could not open 'x': No such file or directory`.
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
         Error::Io {
@@ -71,6 +81,7 @@ impl Error {
     /// The same error with `prefix: ` in front of its message (same kind, same errno).
     pub fn context(self, prefix: &str) -> Self {
         match self {
+            Error::Usage(m) => Error::Usage(format!("{prefix}: {m}")),
             Error::Busy(m) => Error::Busy(format!("{prefix}: {m}")),
             Error::Unsupported(m) => Error::Unsupported(format!("{prefix}: {m}")),
             Error::Cancelled(m) => Error::Cancelled(m),
@@ -95,6 +106,7 @@ impl Error {
 
     pub fn kind(&self) -> ErrorKind {
         match self {
+            Error::Usage(_) => ErrorKind::Usage,
             Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
             Error::TooLarge(_) => ErrorKind::TooLarge,
             Error::InvalidImage(_) => ErrorKind::InvalidImage,
@@ -135,6 +147,7 @@ impl Error {
     /// The same error again (errors hold an `io::Error`, which cannot be cloned).
     pub fn duplicate(&self) -> Error {
         match self {
+            Error::Usage(m) => Error::Usage(m.clone()),
             Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
             Error::TooLarge(m) => Error::TooLarge(m.clone()),
             Error::InvalidImage(m) => Error::InvalidImage(m.clone()),

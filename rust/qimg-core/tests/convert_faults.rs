@@ -6,7 +6,7 @@
 #![allow(clippy::expect_used)] // A test stops at the first surprise.
 
 use qimg_core::block::{BlockDev, FileNode, Status};
-use qimg_core::convert::{convert, ConvertOptions};
+use qimg_core::convert::{convert, CopyChoices, Layers, Workers};
 use qimg_core::{Error, ErrorKind, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -128,10 +128,16 @@ fn copy_within_deadline(
             }
             Ok(())
         };
-        let opts = ConvertOptions {
-            workers,
-            ..ConvertOptions::default()
-        };
+        let opts = CopyChoices::new(
+            None,
+            false,
+            Some(Workers::new(workers).expect("a valid worker count")),
+            true,
+            false,
+            None,
+        )
+        .expect("plain copy options")
+        .options(&sources, true, Layers::Chain);
         let _ = tx.send(convert(&sources, &target, &opts, &progress));
     });
     match rx.recv_timeout(DEADLINE) {

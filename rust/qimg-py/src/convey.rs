@@ -21,6 +21,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 mod errors {
+    pyo3::import_exception!(qimg.errors, UsageError);
     pyo3::import_exception!(qimg.errors, InvalidOptionError);
     pyo3::import_exception!(qimg.errors, ImageTooLargeError);
     pyo3::import_exception!(qimg.errors, InvalidImageError);
@@ -39,6 +40,7 @@ mod errors {
 pub(crate) fn to_py(err: Error) -> PyErr {
     let msg = err.to_string();
     match err {
+        Error::Usage(_) => errors::UsageError::new_err(msg),
         Error::InvalidArgument(_) => errors::InvalidOptionError::new_err(msg),
         Error::TooLarge(_) => errors::ImageTooLargeError::new_err(msg),
         Error::InvalidImage(_) => errors::InvalidImageError::new_err(msg),

@@ -5,12 +5,10 @@ use crate::convey::run_long;
 use crate::convey::to_py;
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList};
-use qimg_core::block::cache::CacheMode;
 use qimg_core::block::lock::{LockRequest, Purpose, Sharing};
 use qimg_core::block::{self, BlockDev, OpenOptions};
 use qimg_core::compare::{self, Outcome};
-use qimg_core::convert::{self as engine, Sparse};
-use qimg_core::prealloc::Prealloc;
+use qimg_core::convert as engine;
 use qimg_core::probe::Format;
 use qimg_core::qcow2::amend::{AmendSpec, Backing};
 use qimg_core::qcow2::format::AUTOCLEAR_BITMAPS;
@@ -58,21 +56,11 @@ pub fn open_image(
         no_backing,
         writable,
         writable_backing,
-        cache: cache_mode(cache)?,
+        cache: crate::requests::target_cache(cache)?,
         sharing: sharing(force_share, purpose)?,
     };
     let node = run_long(py, None, move |_| block::open_image(&path, &opts))?.map_err(to_py)?;
     Ok(Image { node, events: None })
-}
-
-/// QEMU's cache mode named `name`.
-pub(crate) fn cache_mode(name: &str) -> PyResult<CacheMode> {
-    CacheMode::from_name(name).ok_or_else(|| {
-        to_py(Error::invalid(format!(
-            "Invalid cache option: {name} (use {})",
-            CacheMode::NAMES.join(", ")
-        )))
-    })
 }
 
 /// The lock intent of an open: `purpose` is one of `lock::Purpose`'s names.
@@ -168,11 +156,7 @@ impl Image {
     /// Changes the virtual size; `preallocation` applies to a grown area.
     #[pyo3(signature = (size, *, preallocation="off"))]
     fn resize(&self, py: Python<'_>, size: u64, preallocation: &str) -> PyResult<()> {
-        let mode = Prealloc::from_name(preallocation).ok_or_else(|| {
-            to_py(Error::invalid(format!(
-                "Invalid preallocation mode '{preallocation}'"
-            )))
-        })?;
+        let mode = crate::requests::prealloc(preallocation)?;
         let node = Arc::clone(&self.node);
         run_long(py, None, move |_| node.resize(size, mode))?.map_err(to_py)
     }
@@ -527,43 +511,28 @@ pub fn compare_images(
 }
 
 /// Copies the guest contents of `sources` (concatenated) into `target`,
-/// which must be open for writing.
+/// which must be open for writing, as `options` say. `zero_init`: the
+/// target reads as zeroes where nothing is written; `top_only`: only what
+/// the sources' top layers hold is copied (the target's backing file has
+/// the rest).
 #[pyfunction]
-#[pyo3(signature = (sources, target, *, sparse_size=4096, compress=false, zero_init=true,
-                    top_only=false, in_order=true, workers=None, copy_offload=false,
-                    progress=None))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (sources, target, options, *, zero_init=true, top_only=false, progress=None))]
 pub fn convert(
     py: Python<'_>,
     sources: Vec<PyRef<'_, Image>>,
     target: PyRef<'_, Image>,
-    sparse_size: u64,
-    compress: bool,
+    options: PyRef<'_, crate::requests::ConvertOptions>,
     zero_init: bool,
     top_only: bool,
-    in_order: bool,
-    workers: Option<usize>,
-    copy_offload: bool,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<()> {
-    let opts = engine::ConvertOptions {
-        sparse: Sparse::new(sparse_size).map_err(to_py)?,
-        compress,
-        zero_init,
-        layers: if top_only {
-            engine::Layers::Top(1)
-        } else {
-            engine::Layers::Chain
-        },
-        in_order,
-        workers: 0,
-        copy_offload,
-    };
     let nodes: Vec<Arc<dyn BlockDev>> = sources.iter().map(|s| Arc::clone(&s.node)).collect();
-    let opts = engine::ConvertOptions {
-        workers: workers.unwrap_or_else(|| engine::default_workers_for(&nodes)),
-        ..opts
+    let layers = if top_only {
+        engine::Layers::Top(1)
+    } else {
+        engine::Layers::Chain
     };
+    let opts = options.choices.options(&nodes, zero_init, layers);
     let dst = Arc::clone(&target.node);
     run_long(py, progress, move |p| {
         engine::convert(&nodes, dst.as_ref(), &opts, p)

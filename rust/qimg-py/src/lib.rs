@@ -8,22 +8,16 @@ use qimg_core::host_file::FileOptions;
 use qimg_core::measure::{self, Qcow2Target};
 use qimg_core::qcow2::layout::CreateLayout;
 use qimg_core::qcow2::{self, BackingSpec, ClusterSize, Compat, CompressionType, RefcountOrder};
-use qimg_core::{Error, Prealloc};
+use qimg_core::Error;
+use requests::prealloc;
 use std::path::PathBuf;
 
 mod convey;
 mod image;
 mod lifecycle;
 mod repairing;
+mod requests;
 mod trees;
-
-fn prealloc(name: &str) -> PyResult<Prealloc> {
-    Prealloc::from_name(name).ok_or_else(|| {
-        to_py(Error::invalid(format!(
-            "Parameter 'preallocation' does not accept value '{name}'"
-        )))
-    })
-}
 
 fn file_options(nocow: bool, extent_size_hint: Option<u64>) -> FileOptions {
     FileOptions {
@@ -42,47 +36,53 @@ struct Qcow2Spec {
 
 #[pymethods]
 impl Qcow2Spec {
+    /// Options left out (None) take QEMU's defaults, which live in the core
+    /// (`CreateSpec::new`).
     #[new]
-    #[pyo3(signature = (*, size, cluster_size, compat, refcount_bits, lazy_refcounts,
-                        extended_l2, compression_type, preallocation,
-                        backing_file=None, backing_fmt=None))]
+    #[pyo3(signature = (*, size, cluster_size=None, compat=None, refcount_bits=None,
+                        lazy_refcounts=false, extended_l2=false, compression_type=None,
+                        preallocation="off", backing_file=None, backing_fmt=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         size: u64,
-        cluster_size: u64,
-        compat: &str,
-        refcount_bits: u64,
+        cluster_size: Option<u64>,
+        compat: Option<&str>,
+        refcount_bits: Option<u64>,
         lazy_refcounts: bool,
         extended_l2: bool,
-        compression_type: &str,
+        compression_type: Option<&str>,
         preallocation: &str,
         backing_file: Option<String>,
         backing_fmt: Option<String>,
     ) -> PyResult<Self> {
-        let compat = Compat::parse(compat).ok_or_else(|| {
-            to_py(Error::invalid(format!(
-                "Parameter 'version' does not accept value '{compat}'"
-            )))
-        })?;
-        let compression = CompressionType::parse(compression_type).ok_or_else(|| {
-            to_py(Error::invalid(format!(
-                "Parameter 'compression-type' does not accept value '{compression_type}'"
-            )))
-        })?;
-        let spec = qcow2::CreateSpec {
-            size,
-            cluster_size: ClusterSize::new(cluster_size).map_err(to_py)?,
-            compat,
-            refcount_order: RefcountOrder::from_bits(refcount_bits).map_err(to_py)?,
-            lazy_refcounts,
-            extended_l2,
-            compression,
-            prealloc: prealloc(preallocation)?,
-            backing: backing_file.map(|file| BackingSpec {
-                file,
-                format: backing_fmt,
-            }),
-        };
+        let mut spec = qcow2::CreateSpec::new(size);
+        if let Some(bytes) = cluster_size {
+            spec.cluster_size = ClusterSize::new(bytes).map_err(to_py)?;
+        }
+        if let Some(name) = compat {
+            spec.compat = Compat::parse(name).ok_or_else(|| {
+                to_py(Error::invalid(format!(
+                    "Parameter 'version' does not accept value '{name}'"
+                )))
+            })?;
+        }
+        if let Some(bits) = refcount_bits {
+            spec.refcount_order = RefcountOrder::from_bits(bits).map_err(to_py)?;
+        }
+        if let Some(name) = compression_type {
+            spec.compression = CompressionType::parse(name).ok_or_else(|| {
+                to_py(Error::invalid(format!(
+                    "Parameter 'compression-type' does not accept value '{name}'"
+                )))
+            })?;
+        }
+        spec.lazy_refcounts = lazy_refcounts;
+        spec.extended_l2 = extended_l2;
+        spec.prealloc = prealloc(preallocation)?;
+        spec.backing = backing_file.map(|file| BackingSpec {
+            file,
+            format: backing_fmt,
+        });
         let layout = spec.plan().map_err(to_py)?;
         Ok(Qcow2Spec { spec, layout })
     }
@@ -218,6 +218,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(local_path, m)?)?;
     m.add_function(wrap_pyfunction!(measure_qcow2, m)?)?;
     m.add_function(wrap_pyfunction!(measure_raw, m)?)?;
+    requests::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

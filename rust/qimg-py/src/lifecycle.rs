@@ -6,7 +6,7 @@ use crate::convey::to_py;
 use crate::image::Image;
 use pyo3::prelude::*;
 use qimg_core::commit::{self, CommitOptions};
-use qimg_core::convert::default_workers_for;
+use qimg_core::convert::Workers;
 use qimg_core::qcow2::bitmap_ops::BitmapOp;
 use qimg_core::qcow2::reader::Qcow2Node;
 use qimg_core::qcow2::snapshot_ops::SnapshotRef;
@@ -29,7 +29,7 @@ pub fn commit_image(
     let opts = CommitOptions {
         base_depth,
         empty_top,
-        workers: default_workers_for(std::slice::from_ref(&top)),
+        workers: Workers::default_for(std::slice::from_ref(&top)),
     };
     run_long(py, progress, move |p| commit::commit(&top, &opts, p))?.map_err(to_py)
 }

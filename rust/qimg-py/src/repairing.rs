@@ -4,7 +4,6 @@ use crate::convey::run_long;
 use crate::convey::{to_py, CheckCounts};
 use pyo3::prelude::*;
 use qimg_core::qcow2::check::repair::{self, RepairMode};
-use qimg_core::Error;
 use std::path::PathBuf;
 
 /// What `check -r` did: the report of the repair pass (its lines included),
@@ -24,11 +23,7 @@ pub struct RepairOutcome {
 /// it again when anything was repaired.
 #[pyfunction]
 pub fn repair_image(py: Python<'_>, path: PathBuf, mode: &str) -> PyResult<RepairOutcome> {
-    let mode = RepairMode::from_name(mode).ok_or_else(|| {
-        to_py(Error::invalid(format!(
-            "--repair (-r) expects 'leaks' or 'all' not '{mode}'"
-        )))
-    })?;
+    let mode = RepairMode::parse(mode).map_err(to_py)?;
     let outcome = run_long(py, None, move |_| repair::repair(&path, mode))?.map_err(to_py)?;
     let (recheck, recheck_failure) = match outcome.recheck {
         None => (None, None),

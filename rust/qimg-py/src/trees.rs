@@ -26,7 +26,7 @@ pub fn open_spec(
     let log = EventLog::new();
     let opts = SpecOptions {
         writable,
-        cache: crate::image::cache_mode(cache)?,
+        cache: crate::requests::target_cache(cache)?,
         sharing: crate::image::sharing(force_share, purpose)?,
     };
     let opened = Arc::clone(&log);

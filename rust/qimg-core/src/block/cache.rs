@@ -18,19 +18,48 @@ pub enum CacheMode {
     WriteThrough,
 }
 
+/// Whose cache mode a name is: the target's (`-t`) or the sources' (`-T`).
+/// qemu-img's refusal names which.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheRole {
+    Target,
+    Source,
+}
+
 impl CacheMode {
+    /// The names QEMU takes; `off` is also taken, as an alias of `none`.
     pub const NAMES: [&'static str; 5] =
         ["writeback", "unsafe", "none", "directsync", "writethrough"];
 
-    pub fn from_name(name: &str) -> Option<CacheMode> {
-        Some(match name {
+    /// The mode named `name`, or qemu-img's refusal of it.
+    pub fn parse(name: &str, role: CacheRole) -> crate::Result<CacheMode> {
+        Ok(match name {
             "writeback" => CacheMode::Writeback,
             "unsafe" => CacheMode::Unsafe,
             "none" | "off" => CacheMode::None,
             "directsync" => CacheMode::DirectSync,
             "writethrough" => CacheMode::WriteThrough,
-            _ => return None,
+            _ => {
+                let whose = match role {
+                    CacheRole::Target => "",
+                    CacheRole::Source => "source ",
+                };
+                return Err(crate::Error::usage(format!(
+                    "Invalid {whose}cache option: {name}"
+                )));
+            }
         })
+    }
+
+    /// The mode's name as QEMU prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheMode::Writeback => "writeback",
+            CacheMode::Unsafe => "unsafe",
+            CacheMode::None => "none",
+            CacheMode::DirectSync => "directsync",
+            CacheMode::WriteThrough => "writethrough",
+        }
     }
 
     /// I/O goes around the page cache (O_DIRECT): requests must be aligned.

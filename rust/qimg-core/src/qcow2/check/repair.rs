@@ -79,12 +79,24 @@ pub enum RepairMode {
 }
 
 impl RepairMode {
-    /// The names qemu-img's `-r` takes: `leaks` and `all`.
-    pub fn from_name(name: &str) -> Option<RepairMode> {
+    /// The names qemu-img's `-r` takes.
+    pub const NAMES: [&'static str; 2] = ["leaks", "all"];
+
+    /// The mode `-r name` asks for, or qemu-img's refusal.
+    pub fn parse(name: &str) -> Result<RepairMode> {
         match name {
-            "leaks" => Some(RepairMode::Leaks),
-            "all" => Some(RepairMode::All),
-            _ => None,
+            "leaks" => Ok(RepairMode::Leaks),
+            "all" => Ok(RepairMode::All),
+            _ => Err(Error::usage(format!(
+                "--repair (-r) expects 'leaks' or 'all' not '{name}'"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            RepairMode::Leaks => "leaks",
+            RepairMode::All => "all",
         }
     }
 
@@ -948,9 +960,18 @@ mod tests {
 
     #[test]
     fn repair_modes_are_named_as_in_qemu_img() {
-        assert_eq!(RepairMode::from_name("leaks"), Some(RepairMode::Leaks));
-        assert_eq!(RepairMode::from_name("all"), Some(RepairMode::All));
-        assert_eq!(RepairMode::from_name("errors"), None);
+        assert_eq!(RepairMode::parse("leaks").ok(), Some(RepairMode::Leaks));
+        assert_eq!(RepairMode::parse("all").ok(), Some(RepairMode::All));
+        assert_eq!(
+            RepairMode::parse("errors").err().map(|e| e.to_string()),
+            Some("--repair (-r) expects 'leaks' or 'all' not 'errors'".into())
+        );
+        for name in RepairMode::NAMES {
+            assert_eq!(
+                RepairMode::parse(name).map(RepairMode::name).ok(),
+                Some(name)
+            );
+        }
         assert!(!RepairMode::Leaks.fix().errors);
         assert!(RepairMode::All.fix().errors && RepairMode::All.fix().leaks);
     }
