@@ -483,6 +483,32 @@ impl BlockDev for FileNode {
         self.pread(buf, offset)
     }
 
+    // Through the trait a file takes writes like any node: inside its size,
+    // and only when it was opened for writing (the inherent `pwrite` may
+    // also grow the file, which format drivers need).
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.writable_inside(offset, buf.len() as u64)?;
+        self.pwrite(buf, offset)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.writable_inside(offset, len)?;
+        self.zero_range(offset, len, unmap)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.writable_inside(offset, len)?;
+        FileNode::discard(self, offset, len)
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.writable {
+            self.sync()
+        } else {
+            Ok(())
+        }
+    }
+
     fn status(&self, offset: u64, len: u64) -> Result<Status> {
         if let Io::Nbd(export) = &self.io {
             return export.status(offset, len);
@@ -526,6 +552,15 @@ impl BlockDev for FileNode {
 }
 
 impl FileNode {
+    /// Refuses a change through the `BlockDev` trait to a file opened
+    /// read-only, or outside its size.
+    fn writable_inside(&self, offset: u64, len: u64) -> Result<()> {
+        if !self.writable {
+            return Err(super::read_only(&self.name));
+        }
+        super::check_request(self, offset, len)
+    }
+
     /// Whether `offset` starts data or a hole, and how far that lasts (<= len).
     fn extent_at(&self, offset: u64, len: u64) -> Result<(bool, u64)> {
         use std::os::fd::AsRawFd;
@@ -593,5 +628,35 @@ mod tests {
         assert!(out[4096..54_096] == data[1000..51_000]);
         assert!(out[60_000..70_000] == data[90_000..]);
         assert!(out[..4096].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn writes_through_the_trait_stay_inside_a_writable_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![7u8; 4096]).expect("write file");
+        let ro: &dyn BlockDev = &FileNode::open(&path).expect("open read-only");
+        let refused = ro.write_at(b"x", 0).err().map(|e| e.to_string());
+        assert_eq!(
+            refused,
+            Some(format!("'{}' is open read-only", path.display()))
+        );
+        assert!(ro.write_zeroes(0, 512, false).is_err());
+        assert!(ro.discard(0, 512).is_err());
+        assert!(ro.flush().is_ok());
+
+        let rw_node = FileNode::open_rw(&path).expect("open read-write");
+        let rw: &dyn BlockDev = &rw_node;
+        rw.write_at(b"abc", 10).expect("write inside");
+        rw.write_zeroes(512, 512, false).expect("zeroes inside");
+        rw.flush().expect("flush");
+        // Past the end is refused (the inherent pwrite is what grows a file).
+        assert!(rw.write_at(b"abc", 4095).is_err());
+        assert!(rw.write_zeroes(4000, 512, false).is_err());
+        assert_eq!(rw_node.file_len(), 4096);
+        let out = std::fs::read(&path).expect("read back");
+        assert_eq!(&out[10..13], b"abc");
+        assert!(out[512..1024].iter().all(|&b| b == 0));
+        assert!(out[1024..].iter().all(|&b| b == 7));
     }
 }

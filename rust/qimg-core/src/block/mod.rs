@@ -170,7 +170,7 @@ pub trait BlockDev: AsAny + Send + Sync {
     }
 }
 
-fn read_only(name: &str) -> Error {
+pub(crate) fn read_only(name: &str) -> Error {
     Error::InvalidArgument(format!("'{name}' is open read-only"))
 }
 
