@@ -120,12 +120,12 @@ def compare_open(
 ) -> CompareResult:
     """:func:`compare` of two open images."""
     try:
-        outcome, offset, _ = _core.compare_images(
+        found = _core.compare_images(
             a._img, b._img, strict=strict, progress=with_events([a, b], progress)
         )
     finally:
         drain_events([a, b])
-    return CompareResult(_outcome(outcome), offset, a.size, b.size)
+    return CompareResult(_outcome(found.kind), found.offset, a.size, b.size)
 
 
 def _outcome(name: str) -> Outcome:

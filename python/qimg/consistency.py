@@ -205,7 +205,8 @@ def repair_image(image: Image, mode: str) -> RepairResult:
         raise _nothing_to_check(image)
     filename, fmt = image.filename, image.format
     # (Not details(): a snapshot table qemu-img refuses to open is one check -r repairs.)
-    protocol, path = image._img.storage or ("none", filename)
+    storage = image._img.storage
+    protocol, path = (storage.format, storage.filename) if storage else ("none", filename)
     if protocol != "file":
         raise UsageError(
             f"Cannot repair '{filename}': its bytes are not in a local file "

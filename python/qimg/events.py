@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol, TypeAlias
 
+from qimg import _core
 from qimg.errors import UsageError
 
 __all__ = [
@@ -60,11 +61,21 @@ class Event:
     microseconds: int
 
     @classmethod
-    def from_core(cls, record: tuple[str, int, int, Mapping[str, Any]]) -> Event:
-        """An event from the tuple the Rust core records:
-        ``(name, seconds, microseconds, data)``."""
-        name, seconds, microseconds, data = record
-        return cls(name, _ordered(name, data), seconds, microseconds)
+    def from_core(cls, record: _core.Event) -> Event:
+        """An event as the Rust core records it, in its QMP shape."""
+        detail = record.detail
+        data: dict[str, Any]
+        if isinstance(detail, _core.QuorumReportBad):
+            data = {"type": detail.op}
+            if detail.error is not None:
+                # As QEMU: only a child whose I/O failed has an error.
+                data["error"] = detail.error
+            data["node-name"] = detail.node_name
+        else:
+            data = {"reference": detail.reference}
+        data["sector-num"] = record.sector_num
+        data["sectors-count"] = record.sectors_count
+        return cls(record.kind, _ordered(record.kind, data), record.seconds, record.microseconds)
 
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any]) -> Event:

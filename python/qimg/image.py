@@ -216,14 +216,14 @@ class Image:
     @property
     def backing_file(self) -> str | None:
         """The backing file name as the image records it (None without one)."""
-        name = self._img.details().get("backing_filename")
-        return None if name is None else str(name)
+        backing = self._img.details().backing
+        return None if backing is None else backing.filename
 
     @property
     def backing_format(self) -> str | None:
         """The backing file format the image records, if any."""
-        fmt = self._img.details().get("backing_format")
-        return None if fmt is None else str(fmt)
+        backing = self._img.details().backing
+        return None if backing is None else backing.format
 
     def amend(
         self,
@@ -263,7 +263,20 @@ class Image:
         """Allocation extents of ``[start, start + length)``, merged as ``qemu-img map`` does."""
         check_span(start, 0 if length is None else length)
         try:
-            return [MapExtent(*e) for e in self._img.map(start, length)]
+            return [
+                MapExtent(
+                    e.start,
+                    e.length,
+                    e.depth,
+                    e.present,
+                    e.zero,
+                    e.data,
+                    e.compressed,
+                    e.offset,
+                    e.filename,
+                )
+                for e in self._img.map(start, length)
+            ]
         finally:
             self._drain()
 
@@ -738,7 +751,8 @@ def _tree_info(
                 # qemu-img shows no dirty flag for a raw image over an export.
                 info.pop("dirty-flag", None)
             export = spec.display_name_of(node.file.node_name, probed)
-            info["children"] = [{"name": "file", "info": nbd_info(export, details["file_length"])}]
+            assert details.file is not None, "a format node has a file below it"
+            info["children"] = [{"name": "file", "info": nbd_info(export, details.file.length)}]
         children.extend(info.get("children", []))  # type: ignore[arg-type]
         info["children"] = children
         return info
@@ -760,7 +774,7 @@ def _tree_info(
             out["actual-size"] = sum(known)  # type: ignore[arg-type]
     else:
         out["dirty-flag"] = False
-    out["virtual-size"] = details["virtual_size"]
+    out["virtual-size"] = details.virtual_size
     out["children"] = [{"name": name, "info": i} for name, i in child_infos]
     return out
 

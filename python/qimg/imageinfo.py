@@ -30,82 +30,93 @@ def nbd_info(filename: str, size: int) -> dict[str, JsonValue]:
     return {"filename": filename, "format": "nbd", "virtual-size": size, "children": []}
 
 
-def file_child(d: dict[str, Any]) -> dict[str, JsonValue]:
+def file_child(d: _core.ImageDetails) -> dict[str, JsonValue]:
     """The ``file`` child of a format node (its protocol node), from its ``details()``."""
-    if d["file_format"] == "nbd":
-        return {"name": "file", "info": nbd_info(d["file_filename"], d["file_length"])}
+    file = d.file
+    assert file is not None, "a format node has a file below it"
+    if file.format == "nbd":
+        return {"name": "file", "info": nbd_info(file.filename, file.length)}
     # QAPI's member order; qjson reorders members the way qemu-img prints them.
     protocol: dict[str, JsonValue] = {
-        "filename": d["file_filename"],
+        "filename": file.filename,
         "format": "file",
         "dirty-flag": False,
-        "actual-size": d["actual_size"],
-        "virtual-size": d["file_length"],
+        "actual-size": file.actual_size,
+        "virtual-size": file.length,
         "format-specific": {"type": "file", "data": {}},
         "children": [],
     }
     return {"name": "file", "info": protocol}
 
 
-def _snapshot(s: dict[str, Any]) -> dict[str, JsonValue]:
-    clock: int = s["vm_clock_nsec"]
+def _snapshot(s: _core.SnapshotDetails) -> dict[str, JsonValue]:
+    clock = s.vm_clock_nsec
     out: dict[str, JsonValue] = {
-        "id": s["id"],
-        "name": s["name"],
-        "vm-state-size": s["vm_state_size"],
-        "date-sec": s["date_sec"],
-        "date-nsec": s["date_nsec"],
+        "id": s.id,
+        "name": s.name,
+        "vm-state-size": s.vm_state_size,
+        "date-sec": s.date_sec,
+        "date-nsec": s.date_nsec,
         "vm-clock-sec": clock // 1_000_000_000,
         "vm-clock-nsec": clock % 1_000_000_000,
     }
-    if s["icount"] is not None:
+    if s.icount is not None:
         # As qemu-img: left out when the entry does not record it.
-        out["icount"] = s["icount"]
+        out["icount"] = s.icount
     return out
 
 
-def _qcow2_data(q: dict[str, Any]) -> dict[str, JsonValue]:
-    data: dict[str, JsonValue] = {"compat": q["compat"]}
+def _bitmap_flags(b: _core.BitmapDetails) -> list[JsonValue]:
+    flags: list[JsonValue] = []
+    if b.in_use:
+        flags.append("in-use")
+    if b.auto:
+        flags.append("auto")
+    return flags
+
+
+def _qcow2_data(q: _core.Qcow2Details) -> dict[str, JsonValue]:
+    data: dict[str, JsonValue] = {"compat": q.compat}
     for fact, member in (
-        ("extended_l2", "extended-l2"),
-        ("lazy_refcounts", "lazy-refcounts"),
-        ("corrupt", "corrupt"),
+        (q.extended_l2, "extended-l2"),
+        (q.lazy_refcounts, "lazy-refcounts"),
+        (q.corrupt, "corrupt"),
     ):
-        if fact in q:
-            data[member] = q[fact]
-    data["refcount-bits"] = q["refcount_bits"]
-    if "bitmaps" in q:
+        if fact is not None:
+            data[member] = fact
+    data["refcount-bits"] = q.refcount_bits
+    if q.bitmaps is not None:
         data["bitmaps"] = [
-            {"name": b["name"], "granularity": b["granularity"], "flags": b["flags"]}
-            for b in q["bitmaps"]
+            {"name": b.name, "granularity": b.granularity, "flags": _bitmap_flags(b)}
+            for b in q.bitmaps
         ]
-    data["compression-type"] = q.get("compression_type", "zlib")
+    data["compression-type"] = q.compression_type or "zlib"
     return data
 
 
-def info_of(d: dict[str, Any]) -> dict[str, JsonValue]:
+def info_of(d: _core.ImageDetails) -> dict[str, JsonValue]:
     """The ImageInfo object of one node, in QAPI member order, from its ``details()``."""
     info: dict[str, JsonValue] = {
-        "filename": d["filename"],
-        "format": d["format"],
-        "dirty-flag": bool(d.get("dirty", False)),
+        "filename": d.filename,
+        "format": d.format,
+        "dirty-flag": d.dirty,
     }
-    if "actual_size" in d:
-        info["actual-size"] = d["actual_size"]
-    info["virtual-size"] = d["virtual_size"]
-    if "cluster_size" in d:
-        info["cluster-size"] = d["cluster_size"]
-    if "backing_filename" in d:
-        info["backing-filename"] = d["backing_filename"]
-        if d["full_backing_filename"] is not None:
-            info["full-backing-filename"] = d["full_backing_filename"]
-        if d.get("backing_format") is not None:
-            info["backing-filename-format"] = d["backing_format"]
-    if "snapshots" in d:
-        info["snapshots"] = [_snapshot(s) for s in d["snapshots"]]
-    if "qcow2" in d:
-        info["format-specific"] = {"type": "qcow2", "data": _qcow2_data(d["qcow2"])}
-    if "file_filename" in d:
+    if d.file is not None and d.file.actual_size is not None:
+        info["actual-size"] = d.file.actual_size
+    info["virtual-size"] = d.virtual_size
+    if d.cluster_size is not None:
+        info["cluster-size"] = d.cluster_size
+    if d.backing is not None:
+        info["backing-filename"] = d.backing.filename
+        if d.backing.full_filename is not None:
+            info["full-backing-filename"] = d.backing.full_filename
+        if d.backing.format is not None:
+            info["backing-filename-format"] = d.backing.format
+    if d.snapshots:
+        info["snapshots"] = [_snapshot(s) for s in d.snapshots]
+    if d.qcow2 is not None:
+        info["format-specific"] = {"type": "qcow2", "data": _qcow2_data(d.qcow2)}
+    if d.file is not None:
         info["children"] = [file_child(d)]
     return info
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from qimg import _core
 from qimg.creation import OptionValue, option_items, qcow2_spec
@@ -101,8 +100,8 @@ def measure_items(
     if info.name == "raw":
         if source is not None:
             source.close()
-        required, fully, bitmaps = _core.measure_raw(virtual_size)
-        return Measurement(required, fully, bitmaps)
+        raw = _core.measure_raw(virtual_size)
+        return Measurement(raw.required, raw.fully_allocated, raw.bitmaps)
 
     # Built with create's validation, so measure refuses what create would. Backing
     # and preallocation are passed to the measurement itself: measure does not
@@ -117,15 +116,13 @@ def measure_items(
             finally:
                 drain_events([source])
             details = source._img.details()
-            source_v3 = details.get("qcow2", {}).get("compat") == "1.1"
-            if source_v3 and spec.version >= 3:
+            qcow2 = details.qcow2
+            if qcow2 is not None and qcow2.compat == "1.1" and spec.version >= 3:
                 # Only v3 qcow2 can carry persistent bitmaps, into a v3 target.
                 source_bitmaps = bitmaps_size(
-                    details["virtual_size"],
-                    details["qcow2"].get("bitmaps", []),
-                    spec.cluster_size,
+                    details.virtual_size, qcow2.bitmaps or [], spec.cluster_size
                 )
-    required, fully, bitmaps = _core.measure_qcow2(
+    found = _core.measure_qcow2(
         spec,
         virtual_size=virtual_size,
         data=data,
@@ -133,10 +130,13 @@ def measure_items(
         preallocation=prealloc.value,
         has_backing="backing_file" in parsed,
     )
-    return Measurement(required, fully, source_bitmaps if bitmaps is None else bitmaps)
+    bitmaps = source_bitmaps if found.bitmaps is None else found.bitmaps
+    return Measurement(found.required, found.fully_allocated, bitmaps)
 
 
-def bitmaps_size(virtual_size: int, bitmaps: list[dict[str, Any]], cluster_size: int) -> int:
+def bitmaps_size(
+    virtual_size: int, bitmaps: Sequence[_core.BitmapDetails], cluster_size: int
+) -> int:
     """Bytes the persistent bitmaps of a ``virtual_size`` image take in a qcow2 image with
     ``cluster_size`` clusters: each bitmap's data clusters and its table, and the
     directory that lists them all (what ``qemu-img measure`` reports as bitmaps size)."""
@@ -147,11 +147,11 @@ def bitmaps_size(virtual_size: int, bitmaps: list[dict[str, Any]], cluster_size:
     total = 0
     directory = 0
     for bitmap in bitmaps:
-        bits = -(-virtual_size // bitmap["granularity"])
+        bits = -(-virtual_size // bitmap.granularity)
         data_clusters = clusters(-(-bits // 8))
         total += (data_clusters + clusters(data_clusters * 8)) * cluster_size
         # A directory entry: 24 bytes, then the name, padded to 8 bytes.
-        directory += -(-(24 + len(bitmap["name"].encode())) // 8) * 8
+        directory += -(-(24 + len(bitmap.name.encode())) // 8) * 8
     if bitmaps:
         total += clusters(directory) * cluster_size
     return total

@@ -12,7 +12,6 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from qimg import _core
 from qimg.errors import UsageError
@@ -141,27 +140,31 @@ def _error_json(e: ReadError) -> dict[str, JsonValue]:
     return {"offset": e.offset, "length": e.length, "error": e.error}
 
 
-def _report(image: Image, raw: dict[str, Any], repair: bool) -> ScrubReport:
+def _report(image: Image, raw: _core.ScrubResult, repair: bool) -> ScrubReport:
     children = tuple(
         ChildReport(
-            node_name=c["node-name"],
-            bad_ranges=tuple((o, n) for o, n in c["bad-ranges"]),
-            read_errors=tuple(ReadError(o, n, e) for o, n, e in c["read-errors"]),
-            repaired_bytes=c["repaired-bytes"],
-            repair_errors=tuple(ReadError(o, n, e) for o, n, e in c["repair-errors"]),
+            node_name=c.node_name,
+            bad_ranges=tuple(c.bad_ranges),
+            read_errors=tuple(_read_error(e) for e in c.read_errors),
+            repaired_bytes=c.repaired_bytes,
+            repair_errors=tuple(_read_error(e) for e in c.repair_errors),
             repair=repair,
         )
-        for c in raw["children"]
+        for c in raw.children
     )
     return ScrubReport(
         image=image.filename,
-        size=raw["size"],
-        bytes_compared=raw["bytes-compared"],
-        bytes_skipped_zero=raw["bytes-skipped-zero"],
+        size=raw.size,
+        bytes_compared=raw.bytes_compared,
+        bytes_skipped_zero=raw.bytes_skipped_zero,
         children=children,
-        unvoted_ranges=tuple((o, n) for o, n in raw["unvoted-ranges"]),
+        unvoted_ranges=tuple(raw.unvoted_ranges),
         repair=repair,
     )
+
+
+def _read_error(e: _core.RangeError) -> ReadError:
+    return ReadError(e.offset, e.length, e.error)
 
 
 def scrub(

@@ -23,13 +23,17 @@ MiB = 1 << 20
 
 
 def test_event_renders_in_qmp_shape() -> None:
-    event = Event.from_core(
-        (
-            "QUORUM_REPORT_BAD",
-            1700000000,
-            42,
-            {"sectors-count": 8, "node-name": "children.2", "type": "read", "sector-num": 0},
-        )
+    event = Event.from_dict(
+        {
+            "event": "QUORUM_REPORT_BAD",
+            "data": {
+                "sectors-count": 8,
+                "node-name": "children.2",
+                "type": "read",
+                "sector-num": 0,
+            },
+            "timestamp": {"seconds": 1700000000, "microseconds": 42},
+        }
     )
     # Data members in QAPI's order, whatever order they were recorded in.
     assert event.to_json() == (
@@ -41,8 +45,12 @@ def test_event_renders_in_qmp_shape() -> None:
 
 
 def test_failure_event_members_in_qapi_order() -> None:
-    event = Event.from_core(
-        ("QUORUM_FAILURE", 1, 2, {"sectors-count": 1, "sector-num": 3, "reference": "root"})
+    event = Event.from_dict(
+        {
+            "event": "QUORUM_FAILURE",
+            "data": {"sectors-count": 1, "sector-num": 3, "reference": "root"},
+            "timestamp": {"seconds": 1, "microseconds": 2},
+        }
     )
     assert list(event.as_dict()["data"]) == ["reference", "sector-num", "sectors-count"]
 

@@ -42,6 +42,7 @@ from quorum_reference import (
 from conftest import seek_data_ranges
 from qimg import _core
 from qimg.errors import ImageIOError, InvalidOptionError
+from qimg.events import Event as QmpEvent
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -193,10 +194,12 @@ def pattern(size: int, seed: int = 1) -> bytes:
 def events_of(image: _core.Image) -> list[Event]:
     """The events the image recorded since the last call, without their timestamps."""
     out: list[Event] = []
-    for name, seconds, micros, data in image.take_events():
+    for record in image.take_events():
+        qmp = QmpEvent.from_core(record)
+        name, seconds, micros = qmp.name, qmp.seconds, qmp.microseconds
         if not (seconds > 1_600_000_000 and 0 <= micros < 1_000_000):
             pytest.fail(f"{name} has a strange timestamp: {seconds} s {micros} us")
-        out.append((name, data))
+        out.append((name, dict(qmp.data)))
     return out
 
 
@@ -220,9 +223,30 @@ def outcome(call: Any, *args: Any) -> Failure | None:
 
 
 def scrub(image: _core.Image, *, repair: bool = False, workers: int = 2) -> dict[str, Any]:
-    """``_core.scrub``'s report with JSON's types (lists, not tuples)."""
+    """``_core.scrub``'s report in the reference's shape, with JSON's types (lists, not tuples)."""
     report = _core.scrub(image, repair=repair, workers=workers)
-    result: dict[str, Any] = json.loads(json.dumps(report))
+
+    def errors(found: list[_core.RangeError]) -> list[list[Any]]:
+        return [[e.offset, e.length, e.error] for e in found]
+
+    children = [
+        {
+            "node-name": c.node_name,
+            "bad-ranges": c.bad_ranges,
+            "read-errors": errors(c.read_errors),
+            "repaired-bytes": c.repaired_bytes,
+            "repair-errors": errors(c.repair_errors),
+        }
+        for c in report.children
+    ]
+    shaped = {
+        "size": report.size,
+        "bytes-compared": report.bytes_compared,
+        "bytes-skipped-zero": report.bytes_skipped_zero,
+        "children": children,
+        "unvoted-ranges": report.unvoted_ranges,
+    }
+    result: dict[str, Any] = json.loads(json.dumps(shaped))
     return result
 
 

@@ -1,7 +1,7 @@
 //! What crosses from the core to Python, in one place: core errors become
 //! `qimg.errors` exceptions (`to_py`); long calls run with progress reports
-//! and cancellation (`run_long`); events and check reports become Python
-//! values.
+//! and cancellation (`run_long`); check reports become Python values (the
+//! other results are in `results`).
 //!
 //! Long calls (convert, compare, scrub, repair): the work runs on a thread
 //! of its own while the calling thread waits and, every few milliseconds,
@@ -12,9 +12,7 @@
 //! `Progress` hook, and the exception is re-raised here.
 
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
 use qimg_core::qcow2::check::CheckReport;
-use qimg_core::quorum::events::{Event, EventData, EventLog};
 use qimg_core::{Error, ErrorKind};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -203,64 +201,6 @@ where
             return Err(e);
         }
     }
-}
-
-/// An event as Python gets it: (name, seconds, microseconds, QMP data).
-pub(crate) type EventTuple<'py> = (&'static str, u64, u32, Bound<'py, PyDict>);
-
-fn event_tuple<'py>(py: Python<'py>, e: &Event) -> PyResult<EventTuple<'py>> {
-    let d = PyDict::new(py);
-    match &e.data {
-        EventData::ReportBad {
-            op,
-            error,
-            node_name,
-            sector_num,
-            sectors_count,
-        } => {
-            d.set_item("type", op.name())?;
-            if let Some(err) = error {
-                d.set_item("error", err)?;
-            }
-            d.set_item("node-name", node_name)?;
-            d.set_item("sector-num", sector_num)?;
-            d.set_item("sectors-count", sectors_count)?;
-        }
-        EventData::Failure {
-            reference,
-            sector_num,
-            sectors_count,
-        } => {
-            d.set_item("reference", reference)?;
-            d.set_item("sector-num", sector_num)?;
-            d.set_item("sectors-count", sectors_count)?;
-        }
-    }
-    Ok((e.data.name(), e.seconds, e.microseconds, d))
-}
-
-/// The events `log` recorded since the last call, oldest first:
-/// (name, seconds, microseconds, data).
-pub(crate) fn take_events<'py>(
-    py: Python<'py>,
-    log: Option<&Arc<EventLog>>,
-) -> PyResult<Vec<EventTuple<'py>>> {
-    let Some(log) = log else {
-        return Ok(Vec::new());
-    };
-    log.take().iter().map(|e| event_tuple(py, e)).collect()
-}
-
-pub(crate) fn ranges<'py>(py: Python<'py>, r: &[(u64, u64)]) -> PyResult<Bound<'py, PyList>> {
-    PyList::new(py, r.iter().map(|(o, l)| vec![*o, *l]))
-}
-
-pub(crate) fn error_ranges<'py>(
-    py: Python<'py>,
-    r: &[(u64, u64, String)],
-) -> PyResult<Bound<'py, PyList>> {
-    let items: Vec<(u64, u64, String)> = r.to_vec();
-    PyList::new(py, items)
 }
 
 /// The counts and lines of one check, as `qimg.consistency.CheckReport` is

@@ -1,18 +1,18 @@
 //! Open images as Python objects: reads, map, the facts `info` shows,
-//! compare and convert. Every call that touches the disk releases the GIL.
+//! compare and convert (their results are typed in `results`). Every call that touches the disk releases the GIL.
 
 use crate::convey::run_long;
 use crate::convey::to_py;
+use crate::results::{self, CompareOutcome, Event, ImageDetails, MapExtent, Storage};
 use pyo3::prelude::*;
-use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList};
+use pyo3::types::{PyByteArray, PyBytes};
 use qimg_core::block::lock::{LockRequest, Purpose, Sharing};
 use qimg_core::block::{self, BlockDev, OpenOptions};
-use qimg_core::compare::{self, Outcome};
+use qimg_core::compare;
 use qimg_core::convert as engine;
 use qimg_core::probe::Format;
 use qimg_core::qcow2::amend::{AmendSpec, Backing};
-use qimg_core::qcow2::format::AUTOCLEAR_BITMAPS;
-use qimg_core::qcow2::{bitmaps, snapshot, ClusterSize, Compat, RefcountOrder};
+use qimg_core::qcow2::{ClusterSize, Compat, RefcountOrder};
 use qimg_core::quorum::events::EventLog;
 use qimg_core::Error;
 use std::sync::Arc;
@@ -120,10 +120,8 @@ impl Image {
     /// Where the image's bytes are: the protocol node's format and name
     /// (`None` for a node with no file below it).
     #[getter]
-    fn storage(&self) -> Option<(&'static str, String)> {
-        self.node
-            .file()
-            .map(|file| (file.format_name(), file.filename().to_string()))
+    fn storage(&self) -> Option<Storage> {
+        Storage::of(self.node.as_ref())
     }
 
     /// Writes the bytes of `data` (any buffer) at guest `offset`.
@@ -319,56 +317,21 @@ impl Image {
         Ok(n)
     }
 
-    /// Merged extents as `map` prints them:
-    /// (start, length, depth, present, zero, data, compressed, offset, filename).
+    /// Merged extents as `map` prints them.
     #[pyo3(signature = (start=0, length=None))]
-    #[allow(clippy::type_complexity)]
-    fn map(
-        &self,
-        py: Python<'_>,
-        start: u64,
-        length: Option<u64>,
-    ) -> PyResult<
-        Vec<(
-            u64,
-            u64,
-            u32,
-            bool,
-            bool,
-            bool,
-            bool,
-            Option<u64>,
-            Option<String>,
-        )>,
-    > {
+    fn map(&self, py: Python<'_>, start: u64, length: Option<u64>) -> PyResult<Vec<MapExtent>> {
         let len = length.unwrap_or(u64::MAX);
         let node = Arc::clone(&self.node);
         let extents = run_long(py, None, move |_| {
             block::map_extents(node.as_ref(), start, len)
         })?
         .map_err(to_py)?;
-        Ok(extents
-            .into_iter()
-            .map(|e| {
-                (
-                    e.start,
-                    e.length,
-                    e.depth,
-                    e.present,
-                    e.zero,
-                    e.data,
-                    e.compressed,
-                    e.offset,
-                    e.filename,
-                )
-            })
-            .collect())
+        Ok(extents.into_iter().map(MapExtent::from).collect())
     }
 
-    /// The quorum events recorded since the last call, oldest first:
-    /// (name, seconds, microseconds, QMP data).
-    fn take_events<'py>(&self, py: Python<'py>) -> PyResult<Vec<crate::convey::EventTuple<'py>>> {
-        crate::convey::take_events(py, self.events.as_ref())
+    /// The quorum events recorded since the last call, oldest first.
+    fn take_events(&self, py: Python<'_>) -> PyResult<Vec<Event>> {
+        results::take_events(py, self.events.as_ref())
     }
 
     /// The backing image, if the chain was opened.
@@ -386,98 +349,13 @@ impl Image {
             .map_err(to_py)
     }
 
-    /// The facts `info` shows, as a dict of plain values.
-    fn details<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let d = PyDict::new(py);
-        let node = self.node.as_ref();
-        d.set_item("filename", node.filename())?;
-        d.set_item("format", node.format_name())?;
-        d.set_item("virtual_size", node.size())?;
-        if let Some(file) = node.file() {
-            if let Some(actual) = py.detach(|| file.allocated_bytes()).map_err(to_py)? {
-                d.set_item("actual_size", actual)?;
-            }
-            d.set_item("file_filename", file.filename())?;
-            d.set_item("file_format", file.format_name())?;
-            d.set_item("file_length", file.size())?;
-        }
-        let Some(q) = node.as_qcow2() else {
-            return Ok(d);
-        };
-        let h = q.header();
-        d.set_item("cluster_size", h.cluster_size.bytes())?;
-        d.set_item("dirty", h.dirty())?;
-        if let Some(name) = q.backing_name() {
-            d.set_item("backing_filename", name)?;
-            d.set_item("full_backing_filename", q.backing_path())?;
-            d.set_item("backing_format", h.backing_format.as_deref())?;
-        }
-        let spec = PyDict::new(py);
-        spec.set_item(
-            "compat",
-            match h.compat {
-                Compat::V2 => "0.10",
-                Compat::V3 => "1.1",
-            },
-        )?;
-        if h.compat == Compat::V3 {
-            spec.set_item("compression_type", h.compression.name())?;
-            spec.set_item("lazy_refcounts", h.lazy_refcounts())?;
-        }
-        spec.set_item("refcount_bits", h.refcount_order.width_bits())?;
-        if h.compat == Compat::V3 {
-            spec.set_item("corrupt", h.corrupt())?;
-            spec.set_item("extended_l2", h.extended_l2())?;
-        }
-        // QEMU ignores a bitmap directory whose autoclear bit a writer that
-        // does not know bitmaps has cleared.
-        let bitmaps = h.bitmaps.filter(|_| h.autoclear & AUTOCLEAR_BITMAPS != 0);
-        if let Some(ext) = bitmaps {
-            let found = py
-                .detach(|| bitmaps::read_bitmap_directory(q.file_node(), &ext))
-                .map_err(to_py)?;
-            let list = PyList::empty(py);
-            for b in found {
-                let e = PyDict::new(py);
-                e.set_item("name", b.name)?;
-                e.set_item("granularity", b.granularity)?;
-                let flags = PyList::empty(py);
-                if b.in_use {
-                    flags.append("in-use")?;
-                }
-                if b.auto {
-                    flags.append("auto")?;
-                }
-                e.set_item("flags", flags)?;
-                list.append(e)?;
-            }
-            spec.set_item("bitmaps", list)?;
-        }
-        d.set_item("qcow2", spec)?;
-        if h.snapshot_count > 0 {
-            let snaps = py
-                .detach(|| snapshot::read_snapshots(q.file_node(), h))
-                .map_err(to_py)?;
-            let list = PyList::empty(py);
-            for s in snaps {
-                let e = PyDict::new(py);
-                e.set_item("id", s.id)?;
-                e.set_item("name", s.name)?;
-                e.set_item("vm_state_size", s.vm_state_size)?;
-                e.set_item("date_sec", s.date_sec)?;
-                e.set_item("date_nsec", s.date_nsec)?;
-                e.set_item("vm_clock_nsec", s.vm_clock_nsec)?;
-                e.set_item("icount", s.icount)?;
-                list.append(e)?;
-            }
-            d.set_item("snapshots", list)?;
-        }
-        Ok(d)
+    /// The facts `info` shows.
+    fn details(&self, py: Python<'_>) -> PyResult<ImageDetails> {
+        ImageDetails::gather(py, self.node.as_ref())
     }
 }
 
-/// Compares two images: ("identical"|"mismatch"|"size-mismatch"|"status-mismatch",
-/// offset or None, sizes differ). A read error names the image (0 or 1).
+/// Compares two images (see `CompareOutcome`). A read error names the image.
 #[pyfunction]
 #[pyo3(signature = (a, b, *, strict=false, progress=None))]
 pub fn compare_images(
@@ -486,20 +364,13 @@ pub fn compare_images(
     b: PyRef<'_, Image>,
     strict: bool,
     progress: Option<Py<PyAny>>,
-) -> PyResult<(&'static str, Option<u64>, bool)> {
+) -> PyResult<CompareOutcome> {
     let (na, nb) = (Arc::clone(&a.node), Arc::clone(&b.node));
     let r = run_long(py, progress, move |p| {
         compare::compare(na.as_ref(), nb.as_ref(), strict, p)
     })?;
     match r {
-        Ok(r) => Ok(match r.outcome {
-            Outcome::Identical => ("identical", None, r.size_mismatch),
-            Outcome::Mismatch { offset } => ("mismatch", Some(offset), r.size_mismatch),
-            Outcome::SizeMismatch => ("size-mismatch", None, true),
-            Outcome::StatusMismatch { offset } => {
-                ("status-mismatch", Some(offset), r.size_mismatch)
-            }
-        }),
+        Ok(r) => Ok(CompareOutcome::from(r)),
         Err(e) => {
             let which = if e.image == 0 { &a } else { &b };
             Err(to_py(e.error.context(&format!(

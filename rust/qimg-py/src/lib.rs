@@ -17,6 +17,7 @@ mod image;
 mod lifecycle;
 mod repairing;
 mod requests;
+mod results;
 mod trees;
 
 fn file_options(nocow: bool, extent_size_hint: Option<u64>) -> FileOptions {
@@ -174,7 +175,7 @@ fn measure_qcow2(
     has_source: bool,
     preallocation: &str,
     has_backing: bool,
-) -> PyResult<(u64, u64, Option<u64>)> {
+) -> PyResult<results::Measurement> {
     let target = Qcow2Target {
         cluster_size: spec.spec.cluster_size,
         refcount_order: spec.spec.refcount_order,
@@ -183,14 +184,13 @@ fn measure_qcow2(
         has_backing,
     };
     let m = measure::qcow2(virtual_size, data, has_source, target).map_err(to_py)?;
-    Ok((m.required, m.fully_allocated, m.bitmaps))
+    Ok(m.into())
 }
 
-/// (required, fully allocated, None) for a raw target.
+/// The measurement of a raw target (no bitmaps).
 #[pyfunction]
-fn measure_raw(virtual_size: u64) -> (u64, u64, Option<u64>) {
-    let m = measure::raw(virtual_size);
-    (m.required, m.fully_allocated, m.bitmaps)
+fn measure_raw(virtual_size: u64) -> results::Measurement {
+    measure::raw(virtual_size).into()
 }
 
 #[pymodule]
@@ -199,6 +199,22 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<image::Image>()?;
     m.add_class::<convey::CheckCounts>()?;
     m.add_class::<repairing::RepairOutcome>()?;
+    m.add_class::<results::MapExtent>()?;
+    m.add_class::<results::Storage>()?;
+    m.add_class::<results::Event>()?;
+    m.add_class::<results::QuorumReportBad>()?;
+    m.add_class::<results::QuorumFailure>()?;
+    m.add_class::<results::CompareOutcome>()?;
+    m.add_class::<results::RangeError>()?;
+    m.add_class::<results::ScrubChild>()?;
+    m.add_class::<results::ScrubResult>()?;
+    m.add_class::<results::Measurement>()?;
+    m.add_class::<results::FileDetails>()?;
+    m.add_class::<results::BackingDetails>()?;
+    m.add_class::<results::BitmapDetails>()?;
+    m.add_class::<results::SnapshotDetails>()?;
+    m.add_class::<results::Qcow2Details>()?;
+    m.add_class::<results::ImageDetails>()?;
     m.add_function(wrap_pyfunction!(image::open_image, m)?)?;
     m.add_function(wrap_pyfunction!(trees::open_spec, m)?)?;
     m.add_function(wrap_pyfunction!(trees::scrub, m)?)?;

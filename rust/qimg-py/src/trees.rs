@@ -1,10 +1,10 @@
 //! Node trees opened from specs, and the scrub of a quorum of replicas.
 
 use crate::convey::run_long;
-use crate::convey::{error_ranges, ranges, to_py};
+use crate::convey::to_py;
 use crate::image::Image;
+use crate::results::ScrubResult;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
 use qimg_core::block::{self, BlockDev, SpecOptions};
 use qimg_core::quorum::events::EventLog;
 use qimg_core::quorum::scrub as engine;
@@ -45,13 +45,13 @@ pub fn open_spec(
 /// and failed reads are rewritten with the winning bytes.
 #[pyfunction]
 #[pyo3(signature = (image, *, repair=false, workers=None, progress=None))]
-pub fn scrub<'py>(
-    py: Python<'py>,
+pub fn scrub(
+    py: Python<'_>,
     image: PyRef<'_, Image>,
     repair: bool,
     workers: Option<usize>,
     progress: Option<Py<PyAny>>,
-) -> PyResult<Bound<'py, PyDict>> {
+) -> PyResult<ScrubResult> {
     let node = Arc::clone(&image.node);
     let Some(q) = node.as_quorum() else {
         return Err(to_py(Error::invalid(format!(
@@ -68,21 +68,5 @@ pub fn scrub<'py>(
         None => Err(Error::invalid("not a quorum")),
     })?
     .map_err(to_py)?;
-    let out = PyDict::new(py);
-    out.set_item("size", report.size)?;
-    out.set_item("bytes-compared", report.bytes_compared)?;
-    out.set_item("bytes-skipped-zero", report.bytes_skipped_zero)?;
-    let children = PyList::empty(py);
-    for c in &report.children {
-        let d = PyDict::new(py);
-        d.set_item("node-name", &c.name)?;
-        d.set_item("bad-ranges", ranges(py, &c.bad)?)?;
-        d.set_item("read-errors", error_ranges(py, &c.read_errors)?)?;
-        d.set_item("repaired-bytes", c.repaired_bytes)?;
-        d.set_item("repair-errors", error_ranges(py, &c.repair_errors)?)?;
-        children.append(d)?;
-    }
-    out.set_item("children", children)?;
-    out.set_item("unvoted-ranges", ranges(py, &report.unvoted)?)?;
-    Ok(out)
+    ScrubResult::new(py, report)
 }
