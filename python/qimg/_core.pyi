@@ -8,6 +8,8 @@ from qimg.errors import QimgError
 
 __all__ = [
     "CheckCounts",
+    "FormatDriverInfo",
+    "FormatOption",
     "Image",
     "Qcow2Spec",
     "RepairOutcome",
@@ -21,12 +23,14 @@ __all__ = [
     "create_raw",
     "create_snapshot",
     "delete_snapshot",
+    "format_drivers",
     "local_path",
     "measure_qcow2",
     "measure_raw",
     "open_image",
     "open_snapshot",
     "open_spec",
+    "qemu_only_formats",
     "rebase_copy",
     "repair_image",
     "resolve_backing",
@@ -88,6 +92,45 @@ def measure_qcow2(
     has_backing: bool,
 ) -> tuple[int, int, int | None]: ...
 def measure_raw(virtual_size: int) -> tuple[int, int, int | None]: ...
+
+@final
+class FormatOption:
+    """One creation option of a format."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def help(self) -> str: ...
+    @property
+    def default(self) -> str | None: ...
+
+@final
+class FormatDriverInfo:
+    """A format driver of the core's registry: its name and creation options."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def format_options(self) -> list[FormatOption]: ...
+    @property
+    def protocol_options(self) -> list[FormatOption]: ...
+    @property
+    def echo_order(self) -> list[str]: ...
+    @property
+    def prealloc_modes(self) -> list[str]: ...
+    @property
+    def not_yet(self) -> list[str]: ...
+    @property
+    def amend_options(self) -> list[str]: ...
+    @property
+    def amend_not_yet(self) -> list[str]: ...
+    def help_text(self, with_protocol: bool) -> str: ...
+    def amend_help_text(self) -> str | None: ...
+
+def format_drivers() -> list[FormatDriverInfo]: ...
+def qemu_only_formats() -> list[tuple[str, bool]]: ...
 
 _MapTuple: TypeAlias = tuple[int, int, int, bool, bool, bool, bool, int | None, str | None]
 

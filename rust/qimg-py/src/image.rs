@@ -10,11 +10,10 @@ use qimg_core::block::lock::{LockRequest, Purpose, Sharing};
 use qimg_core::block::{self, BlockDev, OpenOptions};
 use qimg_core::compare::{self, Outcome};
 use qimg_core::convert::{self as engine, Sparse};
+use qimg_core::formats::{FormatDriver, InfoValue, Registry};
 use qimg_core::prealloc::Prealloc;
-use qimg_core::probe::Format;
 use qimg_core::qcow2::amend::{AmendSpec, Backing};
-use qimg_core::qcow2::format::AUTOCLEAR_BITMAPS;
-use qimg_core::qcow2::{bitmaps, snapshot, ClusterSize, Compat, RefcountOrder};
+use qimg_core::qcow2::{snapshot, ClusterSize, Compat, RefcountOrder};
 use qimg_core::quorum::events::EventLog;
 use qimg_core::Error;
 use std::sync::Arc;
@@ -27,15 +26,10 @@ pub struct Image {
     pub(crate) events: Option<Arc<EventLog>>,
 }
 
-fn parse_format(name: Option<&str>) -> PyResult<Option<Format>> {
-    match name {
-        None => Ok(None),
-        Some(n) => Format::from_name(n).map(Some).ok_or_else(|| {
-            to_py(Error::invalid(format!(
-                "Unknown format '{n}': qimg reads qcow2 and raw images"
-            )))
-        }),
-    }
+fn parse_format(name: Option<&str>) -> PyResult<Option<&'static dyn FormatDriver>> {
+    name.map(|n| Registry::standard().lookup(n))
+        .transpose()
+        .map_err(to_py)
 }
 
 #[pyfunction]
@@ -417,59 +411,32 @@ impl Image {
             d.set_item("file_format", file.format_name())?;
             d.set_item("file_length", file.size())?;
         }
-        let Some(q) = node.as_qcow2() else {
+        if let Some(q) = node.as_qcow2() {
+            let h = q.header();
+            d.set_item("cluster_size", h.cluster_size.bytes())?;
+            d.set_item("dirty", h.dirty())?;
+            if let Some(name) = q.backing_name() {
+                d.set_item("backing_filename", name)?;
+                d.set_item("full_backing_filename", q.backing_path())?;
+                d.set_item("backing_format", h.backing_format.as_deref())?;
+            }
+        }
+        let node = Arc::clone(&self.node);
+        let specific = py
+            .detach(
+                move || match Registry::standard().driver_of(node.as_ref()) {
+                    Some(driver) => driver.format_specific(node.as_ref()),
+                    None => Ok(None),
+                },
+            )
+            .map_err(to_py)?;
+        if let Some(value) = specific {
+            d.set_item(self.node.format_name(), info_to_py(py, value)?)?;
+        }
+        let Some(q) = self.node.as_qcow2() else {
             return Ok(d);
         };
         let h = q.header();
-        d.set_item("cluster_size", h.cluster_size.bytes())?;
-        d.set_item("dirty", h.dirty())?;
-        if let Some(name) = q.backing_name() {
-            d.set_item("backing_filename", name)?;
-            d.set_item("full_backing_filename", q.backing_path())?;
-            d.set_item("backing_format", h.backing_format.as_deref())?;
-        }
-        let spec = PyDict::new(py);
-        spec.set_item(
-            "compat",
-            match h.compat {
-                Compat::V2 => "0.10",
-                Compat::V3 => "1.1",
-            },
-        )?;
-        if h.compat == Compat::V3 {
-            spec.set_item("compression_type", h.compression.name())?;
-            spec.set_item("lazy_refcounts", h.lazy_refcounts())?;
-        }
-        spec.set_item("refcount_bits", h.refcount_order.width_bits())?;
-        if h.compat == Compat::V3 {
-            spec.set_item("corrupt", h.corrupt())?;
-            spec.set_item("extended_l2", h.extended_l2())?;
-        }
-        // QEMU ignores a bitmap directory whose autoclear bit a writer that
-        // does not know bitmaps has cleared.
-        let bitmaps = h.bitmaps.filter(|_| h.autoclear & AUTOCLEAR_BITMAPS != 0);
-        if let Some(ext) = bitmaps {
-            let found = py
-                .detach(|| bitmaps::read_bitmap_directory(q.file_node(), &ext))
-                .map_err(to_py)?;
-            let list = PyList::empty(py);
-            for b in found {
-                let e = PyDict::new(py);
-                e.set_item("name", b.name)?;
-                e.set_item("granularity", b.granularity)?;
-                let flags = PyList::empty(py);
-                if b.in_use {
-                    flags.append("in-use")?;
-                }
-                if b.auto {
-                    flags.append("auto")?;
-                }
-                e.set_item("flags", flags)?;
-                list.append(e)?;
-            }
-            spec.set_item("bitmaps", list)?;
-        }
-        d.set_item("qcow2", spec)?;
         if h.snapshot_count > 0 {
             let snaps = py
                 .detach(|| snapshot::read_snapshots(q.file_node(), h))
@@ -571,20 +538,40 @@ pub fn convert(
     .map_err(to_py)
 }
 
-/// Runs the qcow2 consistency check on `image`; None for formats without one.
+/// Runs the format's consistency check on `image`; None for formats without one.
 #[pyfunction]
 pub fn check_image(
     py: Python<'_>,
     image: PyRef<'_, Image>,
 ) -> PyResult<Option<crate::convey::CheckCounts>> {
     let node = Arc::clone(&image.node);
-    if node.as_qcow2().is_none() {
+    let Some(driver) = Registry::standard().driver_of(node.as_ref()) else {
         return Ok(None);
-    }
-    let report = run_long(py, None, move |_| match node.as_qcow2() {
-        Some(q) => qimg_core::qcow2::check::check(q),
-        None => Err(Error::invalid("not a qcow2 image")),
-    })?
-    .map_err(to_py)?;
-    Ok(Some(crate::convey::CheckCounts::from(report)))
+    };
+    let report =
+        run_long(py, None, move |_| driver.check(node.as_ref()).transpose())?.map_err(to_py)?;
+    Ok(report.map(crate::convey::CheckCounts::from))
+}
+
+/// `info`'s format-specific data as Python values (maps keep their order).
+fn info_to_py<'py>(py: Python<'py>, value: InfoValue) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match value {
+        InfoValue::Str(s) => s.into_pyobject(py)?.into_any(),
+        InfoValue::Int(n) => n.into_pyobject(py)?.into_any(),
+        InfoValue::Bool(b) => pyo3::types::PyBool::new(py, b).to_owned().into_any(),
+        InfoValue::List(items) => {
+            let list = PyList::empty(py);
+            for item in items {
+                list.append(info_to_py(py, item)?)?;
+            }
+            list.into_any()
+        }
+        InfoValue::Map(entries) => {
+            let dict = PyDict::new(py);
+            for (key, item) in entries {
+                dict.set_item(key, info_to_py(py, item)?)?;
+            }
+            dict.into_any()
+        }
+    })
 }

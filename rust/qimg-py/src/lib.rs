@@ -14,6 +14,7 @@ use std::path::PathBuf;
 mod convey;
 mod image;
 mod lifecycle;
+mod registry;
 mod repairing;
 mod trees;
 
@@ -199,6 +200,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<image::Image>()?;
     m.add_class::<convey::CheckCounts>()?;
     m.add_class::<repairing::RepairOutcome>()?;
+    m.add_class::<registry::FormatDriverInfo>()?;
+    m.add_class::<registry::FormatOption>()?;
+    m.add_function(wrap_pyfunction!(registry::format_drivers, m)?)?;
+    m.add_function(wrap_pyfunction!(registry::qemu_only_formats, m)?)?;
     m.add_function(wrap_pyfunction!(image::open_image, m)?)?;
     m.add_function(wrap_pyfunction!(trees::open_spec, m)?)?;
     m.add_function(wrap_pyfunction!(trees::scrub, m)?)?;
