@@ -266,7 +266,7 @@ fn a_format_added_in_a_test_is_probed_created_opened_and_measured() {
 }
 
 #[test]
-fn a_backing_file_in_an_unknown_format_names_the_registry_formats() {
+fn unknown_formats_are_refused_naming_the_registry_formats() {
     assert_eq!(WITH_TINY.names_joined(), "qcow2, raw and tiny");
     let err = WITH_TINY.lookup("vmdk").map(|d| d.name());
     assert_eq!(
