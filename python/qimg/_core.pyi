@@ -5,22 +5,23 @@ from os import PathLike
 from typing import Literal, final
 
 from qimg.errors import QimgError
+from qimg.qjson import JsonValue
 
 __all__ = [
     "CACHE_MODES",
     "REPAIR_MODES",
     "BackingDetails",
-    "BitmapDetails",
     "CheckCounts",
     "CompareOutcome",
     "ConvertOptions",
     "Event",
     "FileDetails",
+    "FormatDriverInfo",
+    "FormatOption",
     "Image",
     "ImageDetails",
     "MapExtent",
     "Measurement",
-    "Qcow2Details",
     "Qcow2Spec",
     "QuorumFailure",
     "QuorumReportBad",
@@ -41,12 +42,14 @@ __all__ = [
     "create_raw",
     "create_snapshot",
     "delete_snapshot",
+    "format_drivers",
     "local_path",
     "measure_qcow2",
     "measure_raw",
     "open_image",
     "open_snapshot",
     "open_spec",
+    "qemu_only_formats",
     "rebase_copy",
     "repair_image",
     "repair_mode",
@@ -121,6 +124,45 @@ def measure_qcow2(
     has_backing: bool,
 ) -> Measurement: ...
 def measure_raw(virtual_size: int) -> Measurement: ...
+
+@final
+class FormatOption:
+    """One creation option of a format."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def help(self) -> str: ...
+    @property
+    def default(self) -> str | None: ...
+
+@final
+class FormatDriverInfo:
+    """A format driver of the core's registry: its name and creation options."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def format_options(self) -> list[FormatOption]: ...
+    @property
+    def protocol_options(self) -> list[FormatOption]: ...
+    @property
+    def echo_order(self) -> list[str]: ...
+    @property
+    def prealloc_modes(self) -> list[str]: ...
+    @property
+    def not_yet(self) -> list[str]: ...
+    @property
+    def amend_options(self) -> list[str]: ...
+    @property
+    def amend_not_yet(self) -> list[str]: ...
+    def help_text(self, with_protocol: bool) -> str: ...
+    def amend_help_text(self) -> str | None: ...
+
+def format_drivers() -> list[FormatDriverInfo]: ...
+def qemu_only_formats() -> list[tuple[str, bool]]: ...
 
 @final
 class CheckCounts:
@@ -306,19 +348,6 @@ class BackingDetails:
     def format(self) -> str | None: ...
 
 @final
-class BitmapDetails:
-    """A persistent dirty bitmap of a qcow2 image."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def granularity(self) -> int: ...
-    @property
-    def in_use(self) -> bool: ...
-    @property
-    def auto(self) -> bool: ...
-
-@final
 class SnapshotDetails:
     """An internal snapshot of a qcow2 image."""
 
@@ -336,25 +365,6 @@ class SnapshotDetails:
     def vm_clock_nsec(self) -> int: ...
     @property
     def icount(self) -> int | None: ...
-
-@final
-class Qcow2Details:
-    """qcow2 settings; those of compat=1.1 only are None in a compat=0.10 image."""
-
-    @property
-    def compat(self) -> Literal["0.10", "1.1"]: ...
-    @property
-    def compression_type(self) -> str | None: ...
-    @property
-    def lazy_refcounts(self) -> bool | None: ...
-    @property
-    def refcount_bits(self) -> int: ...
-    @property
-    def corrupt(self) -> bool | None: ...
-    @property
-    def extended_l2(self) -> bool | None: ...
-    @property
-    def bitmaps(self) -> list[BitmapDetails] | None: ...
 
 @final
 class ImageDetails:
@@ -377,7 +387,7 @@ class ImageDetails:
     @property
     def snapshots(self) -> list[SnapshotDetails]: ...
     @property
-    def qcow2(self) -> Qcow2Details | None: ...
+    def format_specific(self) -> dict[str, JsonValue] | None: ...
 
 @final
 class Image:

@@ -1,18 +1,21 @@
-"""Per-format option tables: the single source for ``-o help`` listings,
-for validating ``-o`` items, and for the ``Formatting ...`` line."""
+"""Per-format option tables, as the core's format registry describes them:
+the single source for ``-o help`` listings, for validating ``-o`` items, and
+for the ``Formatting ...`` line."""
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from qimg import _core
 from qimg.errors import InvalidOptionError, UsageError
 from qimg.options import OptionItem, escape_value, parse_bool, parse_number, parse_size
 from qimg.prealloc import PreallocMode
 
 __all__ = [
     "FORMATS",
+    "FORMAT_NAMES",
     "FormatInfo",
     "OptType",
     "OptionDesc",
@@ -40,10 +43,6 @@ class OptionDesc:
     default: str | None = None
     """Shown in the ``Formatting`` line when the option is not given."""
 
-    def help_line(self) -> str:
-        left = f"{self.name}={self.type.value}"
-        return f"  {left:<22} - {self.help}"
-
 
 @dataclass(frozen=True)
 class ParsedValue:
@@ -59,23 +58,6 @@ class ParsedValue:
 
 ParsedOptions = Mapping[str, ParsedValue]
 
-_SIZE = OptionDesc("size", OptType.SIZE, "Virtual size of the disk image in bytes")
-_NOCOW = OptionDesc(
-    "nocow", OptType.BOOL, "Create the file with copy-on-write disabled (btrfs only)"
-)
-_EXTENT_HINT = OptionDesc(
-    "extent_size_hint",
-    OptType.SIZE,
-    "Ask the filesystem to allocate in extents of this size (XFS); 0 turns it off",
-)
-
-
-def _prealloc(modes: tuple[PreallocMode, ...]) -> OptionDesc:
-    names = ", ".join(m.value for m in modes)
-    return OptionDesc(
-        "preallocation", OptType.STRING, f"What to allocate up front, one of: {names}"
-    )
-
 
 @dataclass(frozen=True)
 class FormatInfo:
@@ -87,6 +69,8 @@ class FormatInfo:
     echo_order: tuple[str, ...]
     prealloc_modes: tuple[PreallocMode, ...]
     """The preallocation modes this format can create."""
+    driver: _core.FormatDriverInfo = field(compare=False, repr=False)
+    """The core's driver the table came from; it words the help listings."""
     not_yet: frozenset[str] = frozenset()
     """Options qemu-img knows for this format that qimg refuses for now."""
     amend_options: tuple[str, ...] = ()
@@ -99,26 +83,13 @@ class FormatInfo:
         return self.format_options + tuple(o for o in self.protocol_options if o.name not in names)
 
     def help_text(self, *, with_protocol: bool) -> str:
-        options = self.all_options() if with_protocol else self.format_options
-        lines = [o.help_line() for o in sorted(options, key=lambda o: o.name)]
-        if with_protocol:
-            return "\n".join(["Supported options:", *lines])
-        return "\n".join(
-            [
-                f"Supported {self.name} options:",
-                *lines,
-                "",
-                "The protocol level may support further options.",
-                "Specify the target filename to include those options.",
-            ]
-        )
+        return self.driver.help_text(with_protocol)
 
     def amend_help_text(self) -> str:
-        if not self.amend_options:
+        text = self.driver.amend_help_text()
+        if text is None:
             raise UsageError(f"Format driver '{self.name}' does not support option amendment")
-        table = {o.name: o for o in self.format_options}
-        lines = [table[n].help_line() for n in sorted(self.amend_options)]
-        return "\n".join([f"Amend options for '{self.name}':", *lines])
+        return text
 
     def parse_amend(self, items: Iterable[OptionItem]) -> dict[str, ParsedValue]:
         """Typed values of ``amend -o`` items; options only creation takes are refused."""
@@ -206,108 +177,32 @@ def _convert(desc: OptionDesc, text: str) -> int | bool | str:
     return text
 
 
-QCOW2 = FormatInfo(
-    name="qcow2",
-    format_options=(
-        OptionDesc("cluster_size", OptType.SIZE, "Cluster size in bytes (512 to 2M)", "65536"),
-        OptionDesc(
-            "extended_l2",
-            OptType.BOOL,
-            "Split clusters into 32 subclusters (needs clusters of 16k or more)",
-            "off",
-        ),
-        _prealloc(tuple(PreallocMode)),
-        OptionDesc(
-            "compression_type",
-            OptType.STRING,
-            "Algorithm for compressed clusters: zlib or zstd (zstd needs v3)",
-            "zlib",
-        ),
-        _SIZE,
-        OptionDesc("compat", OptType.STRING, "qcow2 version: v2 (alias 0.10) or v3 (alias 1.1)"),
-        OptionDesc("backing_file", OptType.STRING, "Image this one is an overlay of"),
-        OptionDesc("backing_fmt", OptType.STRING, "Format of the backing image"),
-        OptionDesc(
-            "lazy_refcounts",
-            OptType.BOOL,
-            "Defer refcount updates until the image is closed (needs v3)",
-            "off",
-        ),
-        OptionDesc(
-            "refcount_bits",
-            OptType.NUMBER,
-            "Bits per refcount entry, a power of two up to 64 (only 16 on v2)",
-            "16",
-        ),
-    ),
-    protocol_options=(_NOCOW, _EXTENT_HINT),
-    echo_order=(
-        "cluster_size",
-        "extended_l2",
-        "preallocation",
-        "compression_type",
-        "size",
-        "compat",
-        "backing_file",
-        "backing_fmt",
-        "lazy_refcounts",
-        "refcount_bits",
-        "nocow",
-        "extent_size_hint",
-    ),
-    prealloc_modes=tuple(PreallocMode),
-    not_yet=frozenset(
-        {
-            "data_file",
-            "data_file_raw",
-            "keep_data_file",
-            "encryption",
-            "encrypt.format",
-            "encrypt.key-secret",
-            "encrypt.cipher-alg",
-            "encrypt.cipher-mode",
-            "encrypt.ivgen-alg",
-            "encrypt.ivgen-hash-alg",
-            "encrypt.hash-alg",
-            "encrypt.iter-time",
-        }
-    ),
-    amend_options=(
-        "backing_file",
-        "backing_fmt",
-        "compat",
-        "lazy_refcounts",
-        "refcount_bits",
-        "size",
-    ),
-    amend_not_yet=frozenset(
-        {
-            "data_file",
-            "data_file_raw",
-            "encrypt.iter-time",
-            "encrypt.keyslot",
-            "encrypt.new-secret",
-            "encrypt.old-secret",
-            "encrypt.state",
-        }
-    ),
-)
+def _option(o: _core.FormatOption) -> OptionDesc:
+    return OptionDesc(o.name, OptType(o.kind), o.help, o.default)
 
-_RAW_PREALLOC = (PreallocMode.OFF, PreallocMode.FALLOC, PreallocMode.FULL)
 
-RAW = FormatInfo(
-    name="raw",
-    format_options=(_SIZE,),
-    protocol_options=(_SIZE, _NOCOW, _prealloc(_RAW_PREALLOC), _EXTENT_HINT),
-    echo_order=("size", "nocow", "preallocation", "extent_size_hint"),
-    prealloc_modes=_RAW_PREALLOC,
-)
+def _format_info(d: _core.FormatDriverInfo) -> FormatInfo:
+    return FormatInfo(
+        name=d.name,
+        format_options=tuple(_option(o) for o in d.format_options),
+        protocol_options=tuple(_option(o) for o in d.protocol_options),
+        echo_order=tuple(d.echo_order),
+        prealloc_modes=tuple(PreallocMode(m) for m in d.prealloc_modes),
+        not_yet=frozenset(d.not_yet),
+        amend_options=tuple(d.amend_options),
+        amend_not_yet=frozenset(d.amend_not_yet),
+        driver=d,
+    )
 
-FORMATS: Mapping[str, FormatInfo] = {f.name: f for f in (QCOW2, RAW)}
+
+#: qimg's formats, in the core's probing order.
+FORMATS: Mapping[str, FormatInfo] = {d.name: _format_info(d) for d in _core.format_drivers()}
+FORMAT_NAMES: tuple[str, ...] = tuple(FORMATS)
 
 # Formats QEMU has that qimg does not write; named so the error can say why.
-_QEMU_CREATABLE = frozenset({"qcow", "qed", "vdi", "vhdx", "vmdk", "vpc", "parallels", "luks"})
-_QEMU_READ_ONLY = frozenset({"bochs", "cloop", "dmg", "vvfat"})
+_QEMU_ONLY = _core.qemu_only_formats()
+_QEMU_CREATABLE = frozenset(name for name, creatable in _QEMU_ONLY if creatable)
+_QEMU_READ_ONLY = frozenset(name for name, creatable in _QEMU_ONLY if not creatable)
 
 
 def amend_info(name: str) -> FormatInfo:
@@ -328,5 +223,7 @@ def format_info(name: str) -> FormatInfo:
     if name in _QEMU_READ_ONLY:
         raise UsageError(f"Format driver '{name}' does not support image creation")
     if name in _QEMU_CREATABLE:
-        raise UsageError(f"qimg does not support the '{name}' format yet (supported: qcow2, raw)")
+        raise UsageError(
+            f"qimg does not support the '{name}' format yet (supported: {', '.join(FORMAT_NAMES)})"
+        )
     raise UsageError(f"Unknown file format '{name}'")

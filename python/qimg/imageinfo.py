@@ -66,34 +66,6 @@ def _snapshot(s: _core.SnapshotDetails) -> dict[str, JsonValue]:
     return out
 
 
-def _bitmap_flags(b: _core.BitmapDetails) -> list[JsonValue]:
-    flags: list[JsonValue] = []
-    if b.in_use:
-        flags.append("in-use")
-    if b.auto:
-        flags.append("auto")
-    return flags
-
-
-def _qcow2_data(q: _core.Qcow2Details) -> dict[str, JsonValue]:
-    data: dict[str, JsonValue] = {"compat": q.compat}
-    for fact, member in (
-        (q.extended_l2, "extended-l2"),
-        (q.lazy_refcounts, "lazy-refcounts"),
-        (q.corrupt, "corrupt"),
-    ):
-        if fact is not None:
-            data[member] = fact
-    data["refcount-bits"] = q.refcount_bits
-    if q.bitmaps is not None:
-        data["bitmaps"] = [
-            {"name": b.name, "granularity": b.granularity, "flags": _bitmap_flags(b)}
-            for b in q.bitmaps
-        ]
-    data["compression-type"] = q.compression_type or "zlib"
-    return data
-
-
 def info_of(d: _core.ImageDetails) -> dict[str, JsonValue]:
     """The ImageInfo object of one node, in QAPI member order, from its ``details()``."""
     info: dict[str, JsonValue] = {
@@ -114,8 +86,8 @@ def info_of(d: _core.ImageDetails) -> dict[str, JsonValue]:
             info["backing-filename-format"] = d.backing.format
     if d.snapshots:
         info["snapshots"] = [_snapshot(s) for s in d.snapshots]
-    if d.qcow2 is not None:
-        info["format-specific"] = {"type": "qcow2", "data": _qcow2_data(d.qcow2)}
+    if d.format_specific is not None:
+        info["format-specific"] = {"type": d.format, "data": d.format_specific}
     if d.file is not None:
         info["children"] = [file_child(d)]
     return info

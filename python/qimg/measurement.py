@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from qimg import _core
 from qimg.creation import OptionValue, option_items, qcow2_spec
@@ -19,6 +20,7 @@ from qimg.prealloc import PreallocMode
 # typing.TYPE_CHECKING without importing typing.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from qimg.info_report import BitmapInfo
     from qimg.snapshot_ref import SnapshotRef
     from qimg.spec import ImageSpec
 
@@ -116,11 +118,17 @@ def measure_items(
             finally:
                 drain_events([source])
             details = source._img.details()
-            qcow2 = details.qcow2
-            if qcow2 is not None and qcow2.compat == "1.1" and spec.version >= 3:
+            specific = details.format_specific
+            if (
+                details.format == "qcow2"
+                and specific is not None
+                and specific.get("compat") == "1.1"
+                and spec.version >= 3
+            ):
                 # Only v3 qcow2 can carry persistent bitmaps, into a v3 target.
+                found_bitmaps = cast("list[BitmapInfo]", specific.get("bitmaps", []))
                 source_bitmaps = bitmaps_size(
-                    details.virtual_size, qcow2.bitmaps or [], spec.cluster_size
+                    details.virtual_size, found_bitmaps, spec.cluster_size
                 )
     found = _core.measure_qcow2(
         spec,
@@ -134,9 +142,7 @@ def measure_items(
     return Measurement(found.required, found.fully_allocated, bitmaps)
 
 
-def bitmaps_size(
-    virtual_size: int, bitmaps: Sequence[_core.BitmapDetails], cluster_size: int
-) -> int:
+def bitmaps_size(virtual_size: int, bitmaps: Sequence[BitmapInfo], cluster_size: int) -> int:
     """Bytes the persistent bitmaps of a ``virtual_size`` image take in a qcow2 image with
     ``cluster_size`` clusters: each bitmap's data clusters and its table, and the
     directory that lists them all (what ``qemu-img measure`` reports as bitmaps size)."""
@@ -147,11 +153,11 @@ def bitmaps_size(
     total = 0
     directory = 0
     for bitmap in bitmaps:
-        bits = -(-virtual_size // bitmap.granularity)
+        bits = -(-virtual_size // bitmap["granularity"])
         data_clusters = clusters(-(-bits // 8))
         total += (data_clusters + clusters(data_clusters * 8)) * cluster_size
         # A directory entry: 24 bytes, then the name, padded to 8 bytes.
-        directory += -(-(24 + len(bitmap.name.encode())) // 8) * 8
+        directory += -(-(24 + len(bitmap["name"].encode())) // 8) * 8
     if bitmaps:
         total += clusters(directory) * cluster_size
     return total

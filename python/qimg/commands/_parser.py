@@ -169,17 +169,13 @@ def build(names: Iterable[str]) -> tuple[ArgumentParser, dict[str, argparse.Argu
 # ---------------------------------------------------------------- the parser as data
 # Shell completion and the man page are generated from the parser; these describe it.
 
-#: Image formats, for completing -f, -O, -F.
-FORMATS = ("qcow2", "raw")
+#: Options whose value is an image format (-f, -O, -F): completed with the core
+#: registry's formats.
+_FORMAT_DESTS = frozenset({"fmt", "fmt1", "fmt2", "out_fmt", "backing_fmt"})
 
 #: What the value of an option (by ``dest``) can be: words to offer, or FILE.
 FILE = "FILE"
 _VALUES: dict[str, tuple[str, ...] | str] = {
-    "fmt": FORMATS,
-    "fmt1": FORMATS,
-    "fmt2": FORMATS,
-    "out_fmt": FORMATS,
-    "backing_fmt": FORMATS,
     "cache": _core.CACHE_MODES,
     "source_cache": _core.CACHE_MODES,
     "output": ("human", "json"),
@@ -198,6 +194,11 @@ def values_of(action: argparse.Action) -> tuple[str, ...] | str | None:
     nothing can suggest (a size, an option list)."""
     if action.choices is not None:
         return tuple(str(c) for c in action.choices)
+    if action.dest in _FORMAT_DESTS:
+        # Imported here, not at start-up: only completion and the man page ask.
+        from qimg.formats import FORMAT_NAMES
+
+        return FORMAT_NAMES
     return _VALUES.get(action.dest)
 
 

@@ -13,7 +13,7 @@ mod qemu;
 use common::Rng;
 use qemu::{qemu_img, qemu_io, run, Scratch};
 use qimg_core::block::{open_image, FileNode, OpenOptions};
-use qimg_core::probe::Format;
+use qimg_core::formats::qcow2::QCOW2;
 use qimg_core::qcow2::check::{check, CheckReport};
 use qimg_core::qcow2::image_header::ImageHeader;
 use qimg_core::qcow2::reader::Qcow2Node;
@@ -106,7 +106,7 @@ fn our_check(path: &str) -> qimg_core::Result<CheckReport> {
     let node = open_image(
         path,
         &OpenOptions {
-            format: Some(Format::Qcow2),
+            format: Some(&QCOW2),
             no_backing: true,
             ..OpenOptions::default()
         },

@@ -29,7 +29,7 @@
 
 use flate2::read::GzDecoder;
 use qimg_core::block::{map_extents, open_image, read_clipped, BlockDev, OpenOptions};
-use qimg_core::probe::Format;
+use qimg_core::formats::qcow2::QCOW2;
 use qimg_core::qcow2::bitmap_ops::BitmapOp;
 use qimg_core::qcow2::check::check;
 use qimg_core::qcow2::snapshot::read_snapshots;
@@ -605,7 +605,7 @@ fn change_a_copy(path: &str, out: &mut Outcome) {
         return;
     }
     let opts = OpenOptions {
-        format: Some(Format::Qcow2),
+        format: Some(&QCOW2),
         no_backing: true,
         writable: true,
         ..OpenOptions::default()
@@ -712,12 +712,12 @@ fn options_for(case: u64) -> OpenOptions {
     match case % 4 {
         0 | 1 => OpenOptions::default(),
         2 => OpenOptions {
-            format: Some(Format::Qcow2),
+            format: Some(&QCOW2),
             no_backing: false,
             ..OpenOptions::default()
         },
         _ => OpenOptions {
-            format: Some(Format::Qcow2),
+            format: Some(&QCOW2),
             no_backing: true,
             ..OpenOptions::default()
         },

@@ -10,7 +10,7 @@ use qimg_core::block::lock::{LockRequest, Purpose, Sharing};
 use qimg_core::block::{self, BlockDev, OpenOptions};
 use qimg_core::compare;
 use qimg_core::convert as engine;
-use qimg_core::probe::Format;
+use qimg_core::formats::{FormatDriver, Registry};
 use qimg_core::qcow2::amend::{AmendSpec, Backing};
 use qimg_core::qcow2::{ClusterSize, Compat, RefcountOrder};
 use qimg_core::quorum::events::EventLog;
@@ -25,15 +25,10 @@ pub struct Image {
     pub(crate) events: Option<Arc<EventLog>>,
 }
 
-fn parse_format(name: Option<&str>) -> PyResult<Option<Format>> {
-    match name {
-        None => Ok(None),
-        Some(n) => Format::from_name(n).map(Some).ok_or_else(|| {
-            to_py(Error::invalid(format!(
-                "Unknown format '{n}': qimg reads qcow2 and raw images"
-            )))
-        }),
-    }
+fn parse_format(name: Option<&str>) -> PyResult<Option<&'static dyn FormatDriver>> {
+    name.map(|n| Registry::standard().lookup(n))
+        .transpose()
+        .map_err(to_py)
 }
 
 #[pyfunction]
@@ -418,13 +413,10 @@ pub fn check_image(
     image: PyRef<'_, Image>,
 ) -> PyResult<Option<crate::convey::CheckCounts>> {
     let node = Arc::clone(&image.node);
-    if node.as_qcow2().is_none() {
+    let Some(driver) = Registry::standard().driver_of(node.as_ref()) else {
         return Ok(None);
-    }
-    let report = run_long(py, None, move |_| match node.as_qcow2() {
-        Some(q) => qimg_core::qcow2::check::check(q),
-        None => Err(Error::invalid("not a qcow2 image")),
-    })?
-    .map_err(to_py)?;
-    Ok(Some(crate::convey::CheckCounts::from(report)))
+    };
+    let report =
+        run_long(py, None, move |_| driver.check(node.as_ref()).transpose())?.map_err(to_py)?;
+    Ok(report.map(crate::convey::CheckCounts::from))
 }

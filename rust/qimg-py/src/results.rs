@@ -5,12 +5,13 @@
 
 use crate::convey::to_py;
 use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyDict, PyList};
 use qimg_core::block::{status, BlockDev};
 use qimg_core::compare;
+use qimg_core::formats::{InfoValue, Registry};
 use qimg_core::measure;
-use qimg_core::qcow2::format::AUTOCLEAR_BITMAPS;
 use qimg_core::qcow2::reader::Qcow2Node;
-use qimg_core::qcow2::{bitmaps, snapshot, Compat};
+use qimg_core::qcow2::snapshot;
 use qimg_core::quorum::events::{EventData, EventLog};
 use qimg_core::quorum::scrub;
 use std::sync::Arc;
@@ -276,17 +277,6 @@ pub struct BackingDetails {
     format: Option<String>,
 }
 
-/// One persistent dirty bitmap of a qcow2 image.
-#[pyclass(frozen, get_all, module = "qimg._core")]
-pub struct BitmapDetails {
-    name: String,
-    granularity: u64,
-    /// Left in use by a writer that did not close the image: its bits are stale.
-    in_use: bool,
-    /// Follows guest writes while enabled.
-    auto: bool,
-}
-
 /// One internal snapshot of a qcow2 image (`icount` None when the entry
 /// does not record it).
 #[pyclass(frozen, get_all, module = "qimg._core")]
@@ -300,24 +290,11 @@ pub struct SnapshotDetails {
     icount: Option<u64>,
 }
 
-/// The qcow2 settings of an image. The options only compat=1.1 images have
-/// are None in a compat=0.10 one; `bitmaps` is None without a bitmap
-/// directory QEMU would read.
-#[pyclass(frozen, get_all, module = "qimg._core")]
-pub struct Qcow2Details {
-    compat: &'static str,
-    compression_type: Option<&'static str>,
-    lazy_refcounts: Option<bool>,
-    refcount_bits: u64,
-    corrupt: Option<bool>,
-    extended_l2: Option<bool>,
-    bitmaps: Option<Vec<Py<BitmapDetails>>>,
-}
-
 /// The facts `info` shows of one image. `file` is its protocol node (None
-/// for a node with no file below it); `cluster_size`, `backing` and
-/// `qcow2` are set for formats that have them; `dirty` is false for those
-/// without the flag.
+/// for a node with no file below it); `cluster_size` and `backing` are set
+/// for formats that have them; `dirty` is false for those without the flag.
+/// `format_specific` is what the format's driver adds, as plain data in
+/// QEMU's member names and order (the `data` of info's `format-specific`).
 #[pyclass(frozen, get_all, module = "qimg._core")]
 pub struct ImageDetails {
     filename: String,
@@ -328,7 +305,7 @@ pub struct ImageDetails {
     dirty: bool,
     backing: Option<Py<BackingDetails>>,
     snapshots: Vec<Py<SnapshotDetails>>,
-    qcow2: Option<Py<Qcow2Details>>,
+    format_specific: Option<Py<PyAny>>,
 }
 
 impl ImageDetails {
@@ -356,15 +333,27 @@ impl ImageDetails {
             dirty: false,
             backing: None,
             snapshots: Vec::new(),
-            qcow2: None,
+            format_specific: None,
         };
         if let Some(q) = node.as_qcow2() {
-            details.add_qcow2(py, q)?;
+            details.add_qcow2_header(py, q)?;
+        }
+        let specific = py
+            .detach(|| match Registry::standard().driver_of(node) {
+                Some(driver) => driver.format_specific(node),
+                None => Ok(None),
+            })
+            .map_err(to_py)?;
+        if let Some(value) = specific {
+            details.format_specific = Some(plain_data(py, value)?.unbind());
+        }
+        if let Some(q) = node.as_qcow2() {
+            details.add_snapshots(py, q)?;
         }
         Ok(details)
     }
 
-    fn add_qcow2(&mut self, py: Python<'_>, q: &Qcow2Node) -> PyResult<()> {
+    fn add_qcow2_header(&mut self, py: Python<'_>, q: &Qcow2Node) -> PyResult<()> {
         let h = q.header();
         self.cluster_size = Some(h.cluster_size.bytes());
         self.dirty = h.dirty();
@@ -376,44 +365,11 @@ impl ImageDetails {
             };
             self.backing = Some(Py::new(py, backing)?);
         }
-        // QEMU ignores a bitmap directory whose autoclear bit a writer that
-        // does not know bitmaps has cleared.
-        let directory = h.bitmaps.filter(|_| h.autoclear & AUTOCLEAR_BITMAPS != 0);
-        let bitmaps = match directory {
-            None => None,
-            Some(ext) => {
-                let found = py
-                    .detach(|| bitmaps::read_bitmap_directory(q.file_node(), &ext))
-                    .map_err(to_py)?;
-                let list = found
-                    .into_iter()
-                    .map(|b| {
-                        let entry = BitmapDetails {
-                            name: b.name,
-                            granularity: b.granularity,
-                            in_use: b.in_use,
-                            auto: b.auto,
-                        };
-                        Py::new(py, entry)
-                    })
-                    .collect::<PyResult<_>>()?;
-                Some(list)
-            }
-        };
-        let v3 = h.compat == Compat::V3;
-        let qcow2 = Qcow2Details {
-            compat: match h.compat {
-                Compat::V2 => "0.10",
-                Compat::V3 => "1.1",
-            },
-            compression_type: v3.then(|| h.compression.name()),
-            lazy_refcounts: v3.then(|| h.lazy_refcounts()),
-            refcount_bits: h.refcount_order.width_bits(),
-            corrupt: v3.then(|| h.corrupt()),
-            extended_l2: v3.then(|| h.extended_l2()),
-            bitmaps,
-        };
-        self.qcow2 = Some(Py::new(py, qcow2)?);
+        Ok(())
+    }
+
+    fn add_snapshots(&mut self, py: Python<'_>, q: &Qcow2Node) -> PyResult<()> {
+        let h = q.header();
         if h.snapshot_count > 0 {
             let snaps = py
                 .detach(|| snapshot::read_snapshots(q.file_node(), h))
@@ -436,4 +392,27 @@ impl ImageDetails {
         }
         Ok(())
     }
+}
+
+/// A driver's `info` data as Python values (maps keep their order).
+fn plain_data<'py>(py: Python<'py>, value: InfoValue) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match value {
+        InfoValue::Str(s) => s.into_pyobject(py)?.into_any(),
+        InfoValue::Int(n) => n.into_pyobject(py)?.into_any(),
+        InfoValue::Bool(b) => PyBool::new(py, b).to_owned().into_any(),
+        InfoValue::List(items) => {
+            let list = PyList::empty(py);
+            for item in items {
+                list.append(plain_data(py, item)?)?;
+            }
+            list.into_any()
+        }
+        InfoValue::Map(entries) => {
+            let dict = PyDict::new(py);
+            for (key, item) in entries {
+                dict.set_item(key, plain_data(py, item)?)?;
+            }
+            dict.into_any()
+        }
+    })
 }

@@ -3,12 +3,9 @@
 
 use super::cache::CacheMode;
 use super::lock::{self, Sharing};
-use super::raw::RawNode;
 use super::{BlockDev, FileNode};
 use crate::error::{Error, Result};
-use crate::probe::{probe, Format};
-use crate::qcow2::image_header::{read_head, ImageHeader};
-use crate::qcow2::reader::Qcow2Node;
+use crate::formats::{FormatDriver, OpenContext, PendingLayer, Registry};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,7 +14,7 @@ use std::sync::Arc;
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
     /// The format, or None to probe it as qemu-img does.
-    pub format: Option<Format>,
+    pub format: Option<&'static dyn FormatDriver>,
     /// Open only the image itself, not its backing chain.
     pub no_backing: bool,
     /// Open the image (not its backing chain) for writing.
@@ -34,27 +31,44 @@ pub struct OpenOptions {
 
 struct Layer {
     file: Arc<FileNode>,
-    header: Option<ImageHeader>,
-    /// The format came from probing.
-    probed: bool,
+    /// The format's part, waiting for the node below.
+    pending: Box<dyn PendingLayer>,
     /// For the layer below: the resolved name it was opened by.
     backing_path: Option<String>,
 }
 
 /// Opens `path` and, unless told not to, its whole backing chain.
 pub fn open_image(path: &str, opts: &OpenOptions) -> Result<Arc<dyn BlockDev>> {
-    let file = open_local(path, opts.writable, opts.cache)?;
-    open_chain(file, path, opts)
+    Registry::standard().open_image(path, opts)
 }
 
 /// Opens the image whose bytes `file` holds (a local file or an NBD
 /// export opened by the caller) and, unless told not to, its backing chain.
 pub fn open_image_on(file: FileNode, opts: &OpenOptions) -> Result<Arc<dyn BlockDev>> {
-    let name = file.filename().to_string();
-    open_chain(file, &name, opts)
+    Registry::standard().open_image_on(file, opts)
 }
 
-fn open_chain(top: FileNode, path: &str, opts: &OpenOptions) -> Result<Arc<dyn BlockDev>> {
+impl Registry {
+    /// Opens `path` and, unless told not to, its whole backing chain, with
+    /// this registry's formats.
+    pub fn open_image(&self, path: &str, opts: &OpenOptions) -> Result<Arc<dyn BlockDev>> {
+        let file = open_local(path, opts.writable, opts.cache)?;
+        open_chain(self, file, path, opts)
+    }
+
+    /// `open_image` of the bytes `file` holds.
+    pub fn open_image_on(&self, file: FileNode, opts: &OpenOptions) -> Result<Arc<dyn BlockDev>> {
+        let name = file.filename().to_string();
+        open_chain(self, file, &name, opts)
+    }
+}
+
+fn open_chain(
+    registry: &Registry,
+    top: FileNode,
+    path: &str,
+    opts: &OpenOptions,
+) -> Result<Arc<dyn BlockDev>> {
     if opts.sharing.force_share && (opts.writable || opts.writable_backing.is_some()) {
         return Err(Error::invalid(
             "force-share=on can only be used with read-only images",
@@ -75,9 +89,18 @@ fn open_chain(top: FileNode, path: &str, opts: &OpenOptions) -> Result<Arc<dyn B
         let writable = opts.writable_backing == Some(depth);
         let opened = match top.take() {
             // The caller opened the top file in the cache mode asked for.
-            Some(file) => layer_of(file, &name, format, &mut seen, opts.sharing, true),
-            None => open_local(&name, writable, opts.cache)
-                .and_then(|f| layer_of(f, &name, format, &mut seen, opts.sharing, writable)),
+            Some(file) => layer_of(registry, file, &name, format, &mut seen, opts.sharing, true),
+            None => open_local(&name, writable, opts.cache).and_then(|f| {
+                layer_of(
+                    registry,
+                    f,
+                    &name,
+                    format,
+                    &mut seen,
+                    opts.sharing,
+                    writable,
+                )
+            }),
         };
         depth += 1;
         let layer = match (opened, layers.last()) {
@@ -90,13 +113,10 @@ fn open_chain(top: FileNode, path: &str, opts: &OpenOptions) -> Result<Arc<dyn B
                 )))
             }
         };
-        let next = match &layer.header {
-            Some(h) => h.backing_file.as_ref().map(|b| {
-                let resolved = backing_path(&layer.file, &name, b);
-                (b.clone(), resolved, h.backing_format.clone())
-            }),
-            None => None,
-        };
+        let next = layer.pending.backing().map(|b| {
+            let resolved = backing_path(&layer.file, &name, &b.name);
+            (b.name, resolved, b.format)
+        });
         layers.push(layer);
         let Some((stored, resolved, fmt)) = next else {
             break;
@@ -116,9 +136,10 @@ fn open_chain(top: FileNode, path: &str, opts: &OpenOptions) -> Result<Arc<dyn B
         })?;
         format = match fmt.as_deref() {
             None => None,
-            Some(f) => Some(Format::from_name(f).ok_or_else(|| {
+            Some(f) => Some(registry.get(f).ok_or_else(|| {
                 Error::InvalidImage(format!(
-                    "Could not open backing file of '{name}': backing format '{f}' is not supported by qimg (raw and qcow2 are)"
+                    "Could not open backing file of '{name}': backing format '{f}' is not supported by qimg ({} are)",
+                    registry.names_joined()
                 ))
             })?),
         };
@@ -135,17 +156,11 @@ fn open_chain(top: FileNode, path: &str, opts: &OpenOptions) -> Result<Arc<dyn B
 
     let mut below: Option<Arc<dyn BlockDev>> = None;
     while let Some(layer) = layers.pop() {
-        let node: Arc<dyn BlockDev> = match layer.header {
-            None => Arc::new(RawNode::new(layer.file, layer.probed)),
-            Some(h) => {
-                let filename = layer.file.filename().to_string();
-                Arc::new(
-                    Qcow2Node::open(layer.file, h, below.take(), layer.backing_path)
-                        .map_err(|e| e.context(&format!("Could not open '{filename}'")))?,
-                )
-            }
-        };
-        below = Some(node);
+        below = Some(
+            layer
+                .pending
+                .into_node(layer.file, below.take(), layer.backing_path)?,
+        );
     }
     below.ok_or_else(|| Error::InvalidImage(format!("Could not open '{path}'")))
 }
@@ -175,21 +190,18 @@ pub fn open_qcow2_over(
         ));
     }
     let layer = layer_of(
+        Registry::standard(),
         file,
         &path,
-        Some(Format::Qcow2),
+        Some(&crate::formats::qcow2::QCOW2),
         &mut seen,
         opts.sharing,
         true,
     )?;
-    let header = layer
-        .header
-        .ok_or_else(|| Error::InvalidImage(format!("Could not open '{path}'")))?;
     let name = backing.filename().to_string();
-    Ok(Arc::new(
-        Qcow2Node::open(layer.file, header, Some(backing), Some(name))
-            .map_err(|e| e.context(&format!("Could not open '{path}'")))?,
-    ))
+    layer
+        .pending
+        .into_node(layer.file, Some(backing), Some(name))
 }
 
 /// QEMU's rule for a protocol prefix in a file name: `proto:rest`, where
@@ -240,9 +252,10 @@ fn open_local(name: &str, writable: bool, cache: CacheMode) -> Result<FileNode> 
 /// Reads the format and header of the image in `file`, opened as `name`,
 /// and takes QEMU's locks for it (`top`: the image itself, not a backing file).
 fn layer_of(
+    registry: &Registry,
     file: FileNode,
     name: &str,
-    format: Option<Format>,
+    format: Option<&'static dyn FormatDriver>,
     seen: &mut HashSet<PathBuf>,
     sharing: Sharing,
     top: bool,
@@ -256,48 +269,35 @@ fn layer_of(
             "Could not open '{name}': the backing chain loops back to this file"
         )));
     }
-    let head = read_head(&file)?;
     let probed = format.is_none();
-    let format = match format {
+    let driver = match format {
         Some(f) => f,
-        None => probe(&head).map_err(|fmt| {
+        None => registry.probe(&read_probe_head(&file)?).map_err(|fmt| {
             Error::InvalidImage(format!(
                 "Could not open '{name}': the image is in {fmt} format, which qimg does not read"
             ))
         })?,
     };
-    let parse = |head: &[u8], file: &FileNode| {
-        ImageHeader::parse(head, file.file_len())
-            .map_err(|e| e.context(&format!("Could not open '{name}'")))
-    };
-    let mut header = match format {
-        Format::Raw => None,
-        Format::Qcow2 => Some(parse(&head, &file)?),
-    };
-    let mut file = file;
-    if file.is_writable() && header.as_ref().is_some_and(|h| h.dirty()) {
-        // An image with lazy refcounts left dirty by a writer that never
-        // closed it: its refcounts are rebuilt before anything writes, as
-        // QEMU does on open.
-        let Some(path) = file.path().map(Path::to_path_buf) else {
-            return Err(Error::InvalidImage(format!(
-                "Could not open '{name}' for writing: a writer left its refcounts dirty (lazy refcounts), and qimg rebuilds them only in local files; run 'qemu-img check -r all' on the image where it is stored, or open it read-only"
-            )));
-        };
-        drop(file);
-        crate::qcow2::check::repair::rebuild_if_dirty(&path)?;
-        file = FileNode::open_rw(&path)?;
-        header = Some(parse(&read_head(&file)?, &file)?);
-    }
-    let want = lock::request(sharing, header.is_some(), file.is_writable(), top);
+    let opened = driver.open(file, &OpenContext { name, probed })?;
+    let (file, pending) = (opened.file, opened.layer);
+    let want = lock::request(sharing, pending.has_metadata(), file.is_writable(), top);
     file.lock(want)
         .map_err(|e| e.context(&format!("Could not open '{name}'")))?;
     Ok(Layer {
         file: Arc::new(file),
-        header,
-        probed,
+        pending,
         backing_path: None,
     })
+}
+
+/// How much of an image's start a probe sees.
+const PROBE_LEN: u64 = 4096;
+
+/// The first bytes of `file`, for probing (fewer in a shorter file).
+fn read_probe_head(file: &FileNode) -> Result<Vec<u8>> {
+    let mut head = vec![0u8; file.file_len().min(PROBE_LEN) as usize];
+    file.pread(&mut head, 0)?;
+    Ok(head)
 }
 
 /// Resolves a backing file name stored in `overlay` the way QEMU does:

@@ -2,8 +2,8 @@
 
 use super::{check_request, BlockDev, FileNode, Status};
 use crate::error::{Error, Result};
+use crate::formats::Registry;
 use crate::prealloc::Prealloc;
-use crate::probe::{probe, Format};
 use std::sync::Arc;
 
 pub struct RawNode {
@@ -44,7 +44,10 @@ impl RawNode {
         let from = offset as usize;
         let n = buf.len().min(head.len() - from);
         head[from..from + n].copy_from_slice(&buf[..n]);
-        if probe(&head) == Ok(Format::Raw) {
+        let still_raw = Registry::standard()
+            .probe(&head)
+            .is_ok_and(|d| d.name() == self.format_name());
+        if still_raw {
             return Ok(());
         }
         Err(Error::io(

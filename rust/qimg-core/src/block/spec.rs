@@ -15,7 +15,6 @@ use super::quorum_node::{Child, QuorumNode, QuorumOptions, ReadPattern};
 use super::raw::RawNode;
 use super::{BlockDev, FileNode};
 use crate::error::{Error, Result};
-use crate::probe::Format;
 use crate::quorum::events::EventLog;
 use serde_json::{Map, Value};
 use std::path::Path;
@@ -130,7 +129,7 @@ fn open_node(
         "probe" | "qcow2" => {
             let format = if driver == "qcow2" {
                 node.only(&["driver", "node-name", "file", "backing"])?;
-                Some(Format::Qcow2)
+                crate::formats::driver(driver)
             } else {
                 // A probe node's backing is its header's, or null to leave it closed.
                 node.only(&["driver", "node-name", "file", "backing"])?;

@@ -165,7 +165,7 @@ fn rewrite_snapshot_table(path: &Path, list: Vec<Snapshot>) -> Result<()> {
         .to_str()
         .ok_or_else(|| Error::invalid(format!("'{}' is not a UTF-8 path", path.display())))?;
     let opts = crate::block::OpenOptions {
-        format: Some(crate::probe::Format::Qcow2),
+        format: Some(&crate::formats::qcow2::QCOW2),
         no_backing: true,
         writable: true,
         ..Default::default()
