@@ -7,7 +7,7 @@ use super::raw::RawNode;
 use super::{BlockDev, FileNode};
 use crate::error::{Error, Result};
 use crate::probe::{probe, Format};
-use crate::qcow2::image_header::{read_head, ImageHeader};
+use crate::qcow2::header::{read_head, Header};
 use crate::qcow2::reader::Qcow2Node;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -34,7 +34,7 @@ pub struct OpenOptions {
 
 struct Layer {
     file: Arc<FileNode>,
-    header: Option<ImageHeader>,
+    header: Option<Header>,
     /// The format came from probing.
     probed: bool,
     /// For the layer below: the resolved name it was opened by.
@@ -267,7 +267,7 @@ fn layer_of(
         })?,
     };
     let parse = |head: &[u8], file: &FileNode| {
-        ImageHeader::parse(head, file.file_len())
+        Header::parse(head, file.file_len())
             .map_err(|e| e.context(&format!("Could not open '{name}'")))
     };
     let mut header = match format {

@@ -13,7 +13,7 @@
 //! are held back from reuse until one header write switches to the new table.
 
 use super::format::{MAX_HOST_OFFSET, REFT_OFFSET_MASK};
-use super::image_header::ImageHeader;
+use super::header::Header;
 use super::refcount::{get_entry, set_entry};
 use super::types::{ClusterSize, RefcountOrder};
 use crate::block::{BlockDev, FileNode};
@@ -72,7 +72,7 @@ pub struct Allocator {
 }
 
 impl Allocator {
-    pub fn new(file: Arc<FileNode>, header: &ImageHeader) -> Result<Allocator> {
+    pub fn new(file: Arc<FileNode>, header: &Header) -> Result<Allocator> {
         Self::with_layout(
             file,
             header.cluster_size,

@@ -9,11 +9,10 @@
 use super::allocator::Allocator;
 use super::format::{
     COMPAT_LAZY_REFCOUNTS, EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE, EXT_END,
-    EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
-    MAX_REFTABLE_BYTES, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, V2_HEADER_LEN, V3_HEADER_LEN,
+    EXT_FEATURE_TABLE, L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAX_REFTABLE_BYTES, OFLAG_COMPRESSED,
+    OFLAG_COPIED, OFLAG_ZERO, V2_HEADER_LEN, V3_HEADER_LEN,
 };
-use super::header::{Header, SnapshotsField};
-use super::image_header::{BitmapsExtension, ImageHeader};
+use super::header::{BitmapsExtension, Header};
 use super::reader::Qcow2Node;
 use super::refcount::set_entry;
 use super::types::{Compat, CompressionType, RefcountOrder};
@@ -48,7 +47,7 @@ struct Fields {
 }
 
 impl Fields {
-    fn of(h: &ImageHeader) -> Fields {
+    fn of(h: &Header) -> Fields {
         Fields {
             compat: h.compat,
             lazy: h.lazy_refcounts(),
@@ -202,11 +201,13 @@ impl Qcow2Node {
         st: &mut WriteState,
         f: Fields,
         backing: Option<Backing<'_>>,
-        on_disk: &ImageHeader,
+        on_disk: &Header,
         bitmaps: Option<BitmapsExtension>,
     ) -> Result<()> {
         let (reftable_offset, reftable_clusters) = st.alloc.reftable();
-        let header = Header {
+        // The snapshot table stays as it stands on disk; the rest is the
+        // node's current layout and the new settings.
+        let mut header = Header {
             compat: f.compat,
             cluster_size: self.header.cluster_size,
             virtual_size: self.size(),
@@ -215,17 +216,15 @@ impl Qcow2Node {
             reftable_offset,
             reftable_clusters,
             refcount_order: st.alloc.order(),
-            lazy_refcounts: f.lazy,
-            extended_l2: self.header.extended_l2(),
             compression: f.compression,
-            backing_file: backing.as_ref().map(|b| b.name),
-            backing_format: backing.as_ref().and_then(|b| b.format),
-            snapshots: SnapshotsField {
-                count: on_disk.snapshot_count,
-                offset: on_disk.snapshots_offset,
-            },
+            backing_file: backing.map(|b| b.name.to_string()),
+            backing_format: backing.and_then(|b| b.format.map(str::to_string)),
+            snapshot_count: on_disk.snapshot_count,
+            snapshots_offset: on_disk.snapshots_offset,
             bitmaps,
+            ..Header::default()
         };
+        header.declare_features(f.lazy, self.header.extended_l2());
         let mut raw = header.encode()?;
         self.keep_foreign_header_parts(&mut raw, f.compat)?;
         if raw.len() as u64 > self.cs() {
@@ -236,16 +235,7 @@ impl Qcow2Node {
         self.file.pwrite(&raw, 0)?;
         self.file.sync()?;
         // The new header is clean; closing must not write the old feature bits.
-        let mut incompatible = 0;
-        if f.compat == Compat::V3 {
-            if f.compression != CompressionType::Zlib {
-                incompatible |= INCOMPAT_COMPRESSION;
-            }
-            if self.header.extended_l2() {
-                incompatible |= INCOMPAT_EXTL2;
-            }
-        }
-        st.set_clean_header(f.lazy, incompatible);
+        st.set_clean_header(f.lazy, header.incompatible);
         Ok(())
     }
 

@@ -22,7 +22,7 @@ use super::format::{
     BITMAP_ENTRY_ALL_ONES, BITMAP_ENTRY_OFFSET_MASK, BITMAP_FLAG_AUTO, BITMAP_FLAG_IN_USE,
     BITMAP_TYPE_DIRTY_TRACKING, MAX_BITMAP_BYTES,
 };
-use super::image_header::{BitmapsExtension, ImageHeader};
+use super::header::{BitmapsExtension, Header};
 use super::reader::Qcow2Node;
 use super::types::Compat;
 use super::writer::WriteState;
@@ -193,7 +193,7 @@ fn clusters_of(file: &FileNode, cluster: u64, e: &DirEntry) -> Result<Vec<(u64, 
 
 /// The enabled bitmaps of the image in `file`, loaded to track writes.
 /// Bitmaps already in use (a writer died) or disabled are left alone.
-pub(super) fn start_tracking(file: &FileNode, header: &ImageHeader) -> Result<Vec<Tracked>> {
+pub(super) fn start_tracking(file: &FileNode, header: &Header) -> Result<Vec<Tracked>> {
     let Some(ext) = header.live_bitmaps() else {
         return Ok(Vec::new());
     };

@@ -125,8 +125,8 @@ impl CreateSpec {
         })
     }
 
-    fn header(&self, layout: &CreateLayout) -> Header<'_> {
-        Header {
+    fn header(&self, layout: &CreateLayout) -> Header {
+        let mut header = Header {
             compat: self.compat,
             cluster_size: self.cluster_size,
             virtual_size: layout.virtual_size,
@@ -135,14 +135,13 @@ impl CreateSpec {
             reftable_offset: layout.reftable.offset,
             reftable_clusters: layout.reftable.clusters,
             refcount_order: self.refcount_order,
-            lazy_refcounts: self.lazy_refcounts,
-            extended_l2: self.extended_l2,
             compression: self.compression,
-            backing_file: self.backing.as_ref().map(|b| b.file.as_str()),
-            backing_format: self.backing.as_ref().and_then(|b| b.format.as_deref()),
-            snapshots: Default::default(),
-            bitmaps: None,
-        }
+            backing_file: self.backing.as_ref().map(|b| b.file.clone()),
+            backing_format: self.backing.as_ref().and_then(|b| b.format.clone()),
+            ..Header::default()
+        };
+        header.declare_features(self.lazy_refcounts, self.extended_l2);
+        header
     }
 }
 

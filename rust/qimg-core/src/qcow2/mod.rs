@@ -10,7 +10,6 @@ pub mod compress;
 pub mod create;
 pub mod format;
 pub mod header;
-pub mod image_header;
 pub mod l2cache;
 pub mod layout;
 pub mod reader;

@@ -4,7 +4,7 @@
 
 use super::compress::decompress;
 use super::format::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO};
-use super::image_header::ImageHeader;
+use super::header::Header;
 use super::l2cache::L2Cache;
 use super::writer::WriteState;
 use crate::block::{read_clipped, BlockDev, FileNode, Status};
@@ -46,7 +46,7 @@ enum Kind {
 
 pub struct Qcow2Node {
     pub(super) file: Arc<FileNode>,
-    pub(super) header: ImageHeader,
+    pub(super) header: Header,
     /// The active L1 table; a writer changes entries, never the length.
     pub(super) l1: RwLock<Vec<u64>>,
     pub(super) l2_cache: L2Cache,
@@ -67,7 +67,7 @@ pub struct Qcow2Node {
 impl Qcow2Node {
     pub fn open(
         file: Arc<FileNode>,
-        header: ImageHeader,
+        header: Header,
         backing: Option<Arc<dyn BlockDev>>,
         backing_path: Option<String>,
     ) -> Result<Qcow2Node> {
@@ -78,7 +78,7 @@ impl Qcow2Node {
     /// `open`, read-only even when the file is writable (`writable` false).
     pub(super) fn open_as(
         file: Arc<FileNode>,
-        header: ImageHeader,
+        header: Header,
         backing: Option<Arc<dyn BlockDev>>,
         backing_path: Option<String>,
         writable: bool,
@@ -109,15 +109,15 @@ impl Qcow2Node {
         })
     }
 
-    pub fn header(&self) -> &ImageHeader {
+    pub fn header(&self) -> &Header {
         &self.header
     }
 
     /// The header as the file holds it now: snapshot, bitmap and amend
     /// commands change fields after this node read [`header`](Self::header).
-    pub(super) fn disk_header(&self) -> Result<ImageHeader> {
-        let head = super::image_header::read_head(&self.file)?;
-        ImageHeader::parse(&head, self.file.file_len())
+    pub(super) fn disk_header(&self) -> Result<Header> {
+        let head = super::header::read_head(&self.file)?;
+        Header::parse(&head, self.file.file_len())
     }
 
     pub fn backing_name(&self) -> Option<&str> {

@@ -2,7 +2,7 @@
 
 use super::bytes::{be16, be32, be64};
 use super::format::REFT_OFFSET_MASK;
-use super::image_header::ImageHeader;
+use super::header::Header;
 use crate::block::{BlockDev, FileNode};
 use crate::error::{Error, Result};
 use std::cell::RefCell;
@@ -19,7 +19,7 @@ pub struct RefcountReader<'a> {
 }
 
 impl<'a> RefcountReader<'a> {
-    pub fn new(file: &'a FileNode, header: &ImageHeader) -> Result<RefcountReader<'a>> {
+    pub fn new(file: &'a FileNode, header: &Header) -> Result<RefcountReader<'a>> {
         let cs = header.cluster_size.bytes();
         // The header parser bounded the table by QEMU's 8 MiB limit and the file length.
         let mut raw = vec![0u8; (header.reftable_clusters * cs) as usize];

@@ -21,7 +21,7 @@ use super::format::{
     HEADER_SIZE, L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAX_L1_BYTES, MAX_SNAPSHOTS, OFLAG_COMPRESSED,
     OFLAG_COPIED,
 };
-use super::image_header::ImageHeader;
+use super::header::Header;
 use super::reader::Qcow2Node;
 use super::snapshot::{encode_table, read_snapshots, Snapshot};
 use super::writer::{compressed_range, WriteState};
@@ -293,7 +293,7 @@ impl Qcow2Node {
     }
 
     /// Frees the clusters of the snapshot table `header` points at.
-    fn release_table(&self, st: &mut WriteState, header: &ImageHeader) -> Result<()> {
+    fn release_table(&self, st: &mut WriteState, header: &Header) -> Result<()> {
         if header.snapshot_count == 0 {
             return Ok(());
         }
@@ -532,7 +532,7 @@ fn l1_clusters(entries: usize, cs: u64) -> u64 {
 }
 
 /// The snapshot table must start on a cluster, as QEMU requires on open.
-fn check_table_offset(header: &ImageHeader, name: &str) -> Result<()> {
+fn check_table_offset(header: &Header, name: &str) -> Result<()> {
     let cs = header.cluster_size.bytes();
     if header.snapshots_offset % cs != 0 {
         return Err(Error::InvalidImage(format!(

@@ -21,7 +21,7 @@ use super::format::{
     L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTERS_ALLOCATED,
     SUBCLUSTERS_ZERO,
 };
-use super::image_header::{kept_autoclear, ImageHeader};
+use super::header::{kept_autoclear, Header};
 use super::reader::Qcow2Node;
 use super::types::Compat;
 use crate::block::{check_request, BlockDev, FileNode};
@@ -68,7 +68,7 @@ impl WriteState {
 }
 
 impl WriteState {
-    pub fn new(file: &std::sync::Arc<FileNode>, header: &ImageHeader) -> Result<WriteState> {
+    pub fn new(file: &std::sync::Arc<FileNode>, header: &Header) -> Result<WriteState> {
         let name = file.filename();
         let refuse = |why: &str| {
             Err(Error::InvalidImage(format!(

@@ -24,7 +24,7 @@ pub mod repair;
 
 use super::bitmaps;
 use super::bytes::be64;
-use super::image_header::ImageHeader;
+use super::header::Header;
 use super::reader::Qcow2Node;
 use super::refcount::set_entry;
 use super::refcount_reader::decode_refcount;
@@ -86,11 +86,7 @@ pub fn check(node: &Qcow2Node) -> Result<CheckReport> {
 
 /// [`check`] of an image given by its parts: the file, its validated header
 /// and its active L1 table.
-pub(crate) fn check_opened(
-    file: &FileNode,
-    header: &ImageHeader,
-    l1: Vec<u64>,
-) -> Result<CheckReport> {
+pub(crate) fn check_opened(file: &FileNode, header: &Header, l1: Vec<u64>) -> Result<CheckReport> {
     let mut checker = Checker::from_parts(file, header, l1, None)?;
     checker.run()?;
     Ok(checker.report)
@@ -440,7 +436,7 @@ impl<'a> StoredRefcounts<'a> {
 /// refcount comparison and the COPIED flags, with the repairs of `fix`
 /// where a `writer` is given.
 pub(crate) struct Checker<'a> {
-    pub(crate) header: &'a ImageHeader,
+    pub(crate) header: &'a Header,
     /// The active L1 table as read when the image was opened.
     pub(crate) l1: Vec<u64>,
     file: &'a FileNode,
@@ -475,7 +471,7 @@ impl<'a> Checker<'a> {
     /// L1 table `l1`; with a writer it can repair (see [`Checker::fix`]).
     pub(crate) fn from_parts(
         file: &'a FileNode,
-        header: &'a ImageHeader,
+        header: &'a Header,
         l1: Vec<u64>,
         writer: Option<&'a FileNode>,
     ) -> Result<Checker<'a>> {

@@ -61,7 +61,7 @@ use crate::block::lock::{self, Sharing};
 use crate::block::FileNode;
 use crate::error::{Error, Result};
 use crate::qcow2::bytes::be64;
-use crate::qcow2::image_header::{kept_autoclear, ImageHeader};
+use crate::qcow2::header::{kept_autoclear, Header};
 use crate::qcow2::snapshot::Snapshot;
 use crate::qcow2::types::{ClusterSize, Compat};
 use std::io;
@@ -200,7 +200,7 @@ pub fn rebuild_if_dirty(path: &Path) -> Result<Option<RepairOutcome>> {
 /// or its length changes.
 struct Opened {
     file: FileNode,
-    header: ImageHeader,
+    header: Header,
     l1: Vec<u64>,
 }
 
@@ -212,7 +212,7 @@ impl Opened {
             0,
             len.min(ClusterSize::from_bits(ClusterSize::MAX_BITS)?.bytes()),
         )?;
-        let header = ImageHeader::parse(&head, len)
+        let header = Header::parse(&head, len)
             .map_err(|e| e.context(&format!("Could not open '{}'", path.display())))?;
         // The header parser bounded the L1 table by QEMU's limit and the file.
         let l1 = file
@@ -418,7 +418,7 @@ fn eio_failure(preface: &str) -> Error {
 /// cleared on a clean result, corrupt set where a corruption was signaled.
 fn update_incompatible(
     writer: &FileNode,
-    header: &ImageHeader,
+    header: &Header,
     clean: bool,
     mark_corrupt: bool,
 ) -> Result<()> {
