@@ -7,10 +7,10 @@
 //! the header switches to them, and old ones are released afterwards.
 
 use super::allocator::Allocator;
+use super::entries::{L1Entry, L2Entry};
 use super::format::{
     COMPAT_LAZY_REFCOUNTS, EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE, EXT_END,
-    EXT_FEATURE_TABLE, L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAX_REFTABLE_BYTES, OFLAG_COMPRESSED,
-    OFLAG_COPIED, OFLAG_ZERO, V2_HEADER_LEN, V3_HEADER_LEN,
+    EXT_FEATURE_TABLE, MAX_REFTABLE_BYTES, V2_HEADER_LEN, V3_HEADER_LEN,
 };
 use super::header::{BitmapsExtension, Header};
 use super::reader::Qcow2Node;
@@ -333,14 +333,14 @@ impl Qcow2Node {
         let stride = if ext { 2 } else { 1 };
         let l1 = self.l1_table();
         for index in 0..l1.len() as u64 {
-            if l1[index as usize] & L1E_OFFSET_MASK == 0 {
+            if L1Entry::from_raw(l1[index as usize]).table_offset() == 0 {
                 continue;
             }
             if let Some((table, _)) = self.l2_table(index)? {
                 if table
                     .iter()
                     .step_by(stride)
-                    .any(|e| e & OFLAG_COMPRESSED != 0)
+                    .any(|&e| L2Entry::from_raw(e).is_compressed())
                 {
                     return Ok(true);
                 }
@@ -359,8 +359,8 @@ impl Qcow2Node {
         let has_backing = self.backing.is_some();
         let l1_len = self.l1_read().len() as u64;
         for l1_index in 0..l1_len {
-            let entry = self.l1_read()[l1_index as usize];
-            if entry & L1E_OFFSET_MASK == 0 {
+            let entry = L1Entry::from_raw(self.l1_read()[l1_index as usize]);
+            if entry.table_offset() == 0 {
                 continue;
             }
             let Some((table, offset)) = self.l2_table(l1_index)? else {
@@ -368,9 +368,10 @@ impl Qcow2Node {
             };
             let zero_slots: Vec<(usize, u64)> = table
                 .iter()
+                .map(|&e| L2Entry::from_raw(e))
                 .enumerate()
-                .filter(|(_, &e)| e & OFLAG_ZERO != 0 && e & OFLAG_COMPRESSED == 0)
-                .map(|(i, &e)| (i, e & L2E_OFFSET_MASK))
+                .filter(|(_, e)| e.zero_flag() && !e.is_compressed())
+                .map(|(i, e)| (i, e.host_offset()))
                 .collect();
             drop(table);
             if zero_slots.is_empty() {
@@ -380,15 +381,15 @@ impl Qcow2Node {
             for (slot, host) in zero_slots {
                 let new = if host != 0 {
                     self.file.pwrite(&zeros, host)?;
-                    host | OFLAG_COPIED
+                    L2Entry::new(host, true)
                 } else if has_backing {
                     let fresh = st.alloc.alloc_clusters(1)?;
                     self.file.pwrite(&zeros, fresh)?;
-                    fresh | OFLAG_COPIED
+                    L2Entry::new(fresh, true)
                 } else {
-                    0
+                    L2Entry::UNALLOCATED
                 };
-                updates.push((slot, new));
+                updates.push((slot, new.raw()));
             }
             self.edit_l2(offset, l1_index, |t| {
                 for &(slot, new) in &updates {

@@ -1,7 +1,7 @@
 //! Creating qcow2 images: validation, then one sequential stream of metadata
 //! from offset 0, then the data region as the preallocation mode asks.
 
-use super::format::OFLAG_COPIED;
+use super::entries::{L1Entry, L2Entry};
 use super::header::Header;
 use super::layout::{l2_entry_bytes, CreateLayout};
 use super::refcount::fill_leading_ones;
@@ -216,7 +216,7 @@ fn write_metadata(
     } else {
         out.put_u64s(layout.l1.clusters * cb / 8, |i| {
             if i < l2_tables {
-                (l2_base + i * cb) | OFLAG_COPIED
+                L1Entry::new(l2_base + i * cb, true).raw()
             } else {
                 0
             }
@@ -226,7 +226,7 @@ fn write_metadata(
         // An L2 entry maps guest cluster g to data_base + g * cluster size.
         let map = |g: u64| {
             if g < data_clusters {
-                (data_base + g * cb) | OFLAG_COPIED
+                L2Entry::new(data_base + g * cb, true).raw()
             } else {
                 0
             }

@@ -8,6 +8,7 @@ pub mod bytes;
 pub mod check;
 pub mod compress;
 pub mod create;
+pub mod entries;
 pub mod format;
 pub mod header;
 pub mod l2cache;

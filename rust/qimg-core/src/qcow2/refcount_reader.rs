@@ -1,7 +1,7 @@
 //! Reading stored refcounts of an existing image.
 
 use super::bytes::{be16, be32, be64};
-use super::format::REFT_OFFSET_MASK;
+use super::entries::RefTableEntry;
 use super::header::Header;
 use crate::block::{BlockDev, FileNode};
 use crate::error::{Error, Result};
@@ -42,7 +42,7 @@ impl<'a> RefcountReader<'a> {
         let Some(&entry) = self.reftable.get(index as usize) else {
             return Ok(None);
         };
-        let offset = entry & REFT_OFFSET_MASK;
+        let offset = RefTableEntry::from_raw(entry).block_offset();
         if offset == 0 {
             return Ok(None);
         }

@@ -17,14 +17,12 @@
 
 use super::allocator::Allocator;
 use super::bytes::be64;
-use super::format::{
-    HEADER_SIZE, L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAX_L1_BYTES, MAX_SNAPSHOTS, OFLAG_COMPRESSED,
-    OFLAG_COPIED,
-};
+use super::entries::{L1Entry, L2Entry};
+use super::format::{HEADER_SIZE, MAX_L1_BYTES, MAX_SNAPSHOTS};
 use super::header::Header;
 use super::reader::Qcow2Node;
 use super::snapshot::{encode_table, read_snapshots, Snapshot};
-use super::writer::{compressed_range, WriteState};
+use super::writer::WriteState;
 
 use crate::block::BlockDev;
 use crate::error::{Error, Result};
@@ -95,13 +93,16 @@ impl Qcow2Node {
             // COPIED flags is shared as a copy without them.
             let mut shared = l1.clone();
             for entry in &mut shared {
-                let offset = *entry & L1E_OFFSET_MASK;
+                let offset = L1Entry::from_raw(*entry).table_offset();
                 *entry = offset;
                 if offset == 0 {
                     continue;
                 }
                 let table = self.cached_l2(offset)?;
-                let cleared: Vec<u64> = table.iter().map(|e| e & !OFLAG_COPIED).collect();
+                let cleared: Vec<u64> = table
+                    .iter()
+                    .map(|&e| L2Entry::from_raw(e).with_copied(false).raw())
+                    .collect();
                 if cleared[..] == table[..] {
                     st.alloc.incref(offset / cs)?;
                 } else {
@@ -203,7 +204,7 @@ impl Qcow2Node {
             }
             let mut new_l1 = vec![0u64; entries];
             for (slot, e) in new_l1.iter_mut().zip(&sn_l1) {
-                *slot = e & L1E_OFFSET_MASK;
+                *slot = L1Entry::from_raw(*e).table_offset();
             }
             let active = self.settle(st, &new_l1)?;
             self.switch(st, size, active, None)
@@ -318,8 +319,8 @@ impl Qcow2Node {
         let cs = self.cs();
         let stride = if self.header.extended_l2() { 2 } else { 1 };
         let mut out = Vec::with_capacity(l1.len());
-        for entry in l1 {
-            let offset = entry & L1E_OFFSET_MASK;
+        for &entry in l1 {
+            let offset = L1Entry::from_raw(entry).table_offset();
             if offset == 0 {
                 out.push(0);
                 continue;
@@ -327,14 +328,12 @@ impl Qcow2Node {
             let table = self.cached_l2(offset)?;
             let mut want = table.to_vec();
             for e in want.iter_mut().step_by(stride) {
-                if *e & OFLAG_COMPRESSED != 0 || *e & L2E_OFFSET_MASK == 0 {
+                let entry = L2Entry::from_raw(*e);
+                if entry.is_compressed() || entry.host_offset() == 0 {
                     continue;
                 }
-                if st.alloc.get((*e & L2E_OFFSET_MASK) / cs)? == 1 {
-                    *e |= OFLAG_COPIED;
-                } else {
-                    *e &= !OFLAG_COPIED;
-                }
+                let own = st.alloc.get(entry.host_offset() / cs)? == 1;
+                *e = entry.with_copied(own).raw();
             }
             let target = if want[..] == table[..] {
                 offset
@@ -344,7 +343,7 @@ impl Qcow2Node {
                 copy
             };
             let own = st.alloc.get(target / cs)? == 1;
-            out.push(if own { target | OFLAG_COPIED } else { target });
+            out.push(L1Entry::new(target, own).raw());
         }
         Ok(out)
     }
@@ -458,9 +457,10 @@ impl Qcow2Node {
         let ext = self.header.extended_l2();
         let stride = if ext { 2 } else { 1 };
         let file_len = self.file.file_len();
+        let bits = self.header.cluster_size.bits();
         let mut out = Vec::new();
-        for (index, entry) in l1.iter().enumerate() {
-            let offset = entry & L1E_OFFSET_MASK;
+        for (index, &entry) in l1.iter().enumerate() {
+            let offset = L1Entry::from_raw(entry).table_offset();
             if offset == 0 {
                 continue;
             }
@@ -473,9 +473,10 @@ impl Qcow2Node {
             let table = self
                 .l2_cache
                 .get_or_load(offset, |buf| self.file.pread(buf, offset))?;
-            for slot in table.iter().step_by(stride) {
-                if slot & OFLAG_COMPRESSED != 0 {
-                    let (host, len) = compressed_range(*slot, cs);
+            for &slot in table.iter().step_by(stride) {
+                let slot = L2Entry::from_raw(slot);
+                if slot.is_compressed() {
+                    let (host, len) = slot.compressed_data(bits).sectors_range();
                     if host
                         .checked_add(len)
                         .is_none_or(|end| end > file_len.next_multiple_of(cs))
@@ -485,8 +486,8 @@ impl Qcow2Node {
                         )));
                     }
                     out.push(Ref::Data { host, len });
-                } else if slot & L2E_OFFSET_MASK != 0 {
-                    let host = slot & L2E_OFFSET_MASK;
+                } else if slot.host_offset() != 0 {
+                    let host = slot.host_offset();
                     if host % cs != 0 || host + cs > file_len.next_multiple_of(cs) {
                         return Err(self.corrupt(format!(
                             "data cluster offset {host:#x} is unaligned or past the end of the file"
