@@ -91,6 +91,7 @@ impl Qcow2Node {
             }
             // Both L1 tables share every L2 table; one whose entries carry
             // COPIED flags is shared as a copy without them.
+            let stride = if self.header.extended_l2() { 2 } else { 1 };
             let mut shared = l1.clone();
             for entry in &mut shared {
                 let offset = L1Entry::from_raw(*entry).table_offset();
@@ -99,10 +100,12 @@ impl Qcow2Node {
                     continue;
                 }
                 let table = self.cached_l2(offset)?;
-                let cleared: Vec<u64> = table
-                    .iter()
-                    .map(|&e| L2Entry::from_raw(e).with_copied(false).raw())
-                    .collect();
+                // Entries only: with extended L2, bit 63 of the bitmap word
+                // after each entry is subcluster 31's zero flag.
+                let mut cleared = table.to_vec();
+                for e in cleared.iter_mut().step_by(stride) {
+                    *e = L2Entry::from_raw(*e).with_copied(false).raw();
+                }
                 if cleared[..] == table[..] {
                     st.alloc.incref(offset / cs)?;
                 } else {
@@ -542,4 +545,46 @@ fn check_table_offset(header: &Header, name: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::block::{open_image, OpenOptions};
+    use crate::host_file::FileOptions;
+    use crate::qcow2::create::{create, BackingSpec, CreateSpec};
+
+    #[test]
+    fn a_snapshot_keeps_the_zero_flag_of_the_last_subcluster() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, vec![0xaau8; 1 << 20]).expect("write base");
+        let img = dir.path().join("t.qcow2");
+        let mut spec = CreateSpec::new(1 << 20);
+        spec.extended_l2 = true;
+        spec.backing = Some(BackingSpec {
+            file: "base.raw".into(),
+            format: Some("raw".into()),
+        });
+        create(&img, &spec, FileOptions::default()).expect("create");
+        let opts = OpenOptions {
+            writable: true,
+            ..OpenOptions::default()
+        };
+        let node = open_image(img.to_str().expect("utf-8 path"), &opts).expect("open");
+        // Subcluster 31 of cluster 0 (2 KiB of a 64 KiB cluster) reads as
+        // zeroes: bit 63 of the cluster's bitmap word.
+        let (at, len) = (62 * 1024, 2048);
+        node.write_zeroes(at, len, false).expect("write zeroes");
+        let q = node.as_qcow2().expect("qcow2");
+        q.create_snapshot("s1", 0, 0).expect("snapshot");
+        let mut buf = vec![0xffu8; len as usize];
+        node.read_at(&mut buf, at).expect("read");
+        assert!(buf.iter().all(|&b| b == 0), "active image lost its zeroes");
+        q.apply_snapshot("s1").expect("apply");
+        drop(node);
+        let node = open_image(img.to_str().expect("utf-8 path"), &opts).expect("reopen");
+        buf.fill(0xff);
+        node.read_at(&mut buf, at).expect("read");
+        assert!(buf.iter().all(|&b| b == 0), "snapshot lost its zeroes");
+    }
 }
