@@ -15,7 +15,7 @@ use qemu::{qemu_img, qemu_io, run, Scratch};
 use qimg_core::block::{open_image, FileNode, OpenOptions};
 use qimg_core::formats::qcow2::QCOW2;
 use qimg_core::qcow2::check::{check, CheckReport};
-use qimg_core::qcow2::image_header::ImageHeader;
+use qimg_core::qcow2::header::Header;
 use qimg_core::qcow2::reader::Qcow2Node;
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
@@ -41,9 +41,9 @@ impl Scratch {
         u32::from_be_bytes(b)
     }
 
-    fn header(&self) -> ImageHeader {
+    fn header(&self) -> Header {
         let head = std::fs::read(&self.path).expect("read image");
-        ImageHeader::parse(&head, head.len() as u64).expect("a valid header")
+        Header::parse(&head, head.len() as u64).expect("a valid header")
     }
 
     fn cluster_size(&self) -> u64 {
@@ -669,7 +669,7 @@ fn file_of_more_than_int_max_clusters_is_refused_like_qemu() {
 
 /// Checks `path` with qimg through a node opened on `header` as given,
 /// bypassing the header parser's own limits, and compares with qemu-img.
-fn assert_same_with_header(path: &str, header: ImageHeader) -> CheckReport {
+fn assert_same_with_header(path: &str, header: Header) -> CheckReport {
     let q = qemu_check(path);
     let file = Arc::new(FileNode::open(Path::new(path)).expect("open file"));
     let node = Qcow2Node::open(file, header, None, None).expect("open qcow2 node");

@@ -11,7 +11,7 @@ use crate::measure::{self, Measurement, Qcow2Target};
 use crate::prealloc::Prealloc;
 use crate::qcow2::check::CheckReport;
 use crate::qcow2::format::{AUTOCLEAR_BITMAPS, MAGIC};
-use crate::qcow2::image_header::{read_head, ImageHeader};
+use crate::qcow2::header::{read_head, Header};
 use crate::qcow2::reader::Qcow2Node;
 use crate::qcow2::{
     bitmaps, BackingSpec, ClusterSize, Compat, CompressionType, CreateSpec, RefcountOrder,
@@ -144,7 +144,7 @@ impl FormatDriver for Qcow2Driver {
     fn open(&self, file: FileNode, ctx: &OpenContext<'_>) -> Result<OpenedLayer> {
         let name = ctx.name;
         let parse = |file: &FileNode| {
-            ImageHeader::parse(&read_head(file)?, file.file_len())
+            Header::parse(&read_head(file)?, file.file_len())
                 .map_err(|e| e.context(&format!("Could not open '{name}'")))
         };
         let header = parse(&file)?;
@@ -259,7 +259,7 @@ impl FormatDriver for Qcow2Driver {
 }
 
 /// A qcow2 image read as far as its header.
-struct Pending(ImageHeader);
+struct Pending(Header);
 
 impl PendingLayer for Pending {
     fn backing(&self) -> Option<BackingRef> {

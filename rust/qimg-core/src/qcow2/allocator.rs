@@ -12,8 +12,9 @@
 //! to clusters the image on disk does not use, and clusters the change frees
 //! are held back from reuse until one header write switches to the new table.
 
-use super::format::{MAX_HOST_OFFSET, REFT_OFFSET_MASK};
-use super::image_header::ImageHeader;
+use super::entries::RefTableEntry;
+use super::format::MAX_HOST_OFFSET;
+use super::header::Header;
 use super::refcount::{get_entry, set_entry};
 use super::types::{ClusterSize, RefcountOrder};
 use crate::block::{BlockDev, FileNode};
@@ -72,7 +73,7 @@ pub struct Allocator {
 }
 
 impl Allocator {
-    pub fn new(file: Arc<FileNode>, header: &ImageHeader) -> Result<Allocator> {
+    pub fn new(file: Arc<FileNode>, header: &Header) -> Result<Allocator> {
         Self::with_layout(
             file,
             header.cluster_size,
@@ -138,7 +139,7 @@ impl Allocator {
         let Some(&entry) = self.reftable.get(index as usize) else {
             return Ok(false);
         };
-        let offset = entry & REFT_OFFSET_MASK;
+        let offset = RefTableEntry::from_raw(entry).block_offset();
         if offset == 0 {
             return Ok(false);
         }
@@ -469,7 +470,7 @@ impl Allocator {
     pub fn block_offsets(&self) -> Vec<u64> {
         self.reftable
             .iter()
-            .map(|e| e & REFT_OFFSET_MASK)
+            .map(|&e| RefTableEntry::from_raw(e).block_offset())
             .filter(|&o| o != 0)
             .collect()
     }

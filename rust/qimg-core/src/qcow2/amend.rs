@@ -7,13 +7,12 @@
 //! the header switches to them, and old ones are released afterwards.
 
 use super::allocator::Allocator;
+use super::entries::{L1Entry, L2Entry};
 use super::format::{
     COMPAT_LAZY_REFCOUNTS, EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE, EXT_END,
-    EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
-    MAX_REFTABLE_BYTES, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, V2_HEADER_LEN, V3_HEADER_LEN,
+    EXT_FEATURE_TABLE, MAX_REFTABLE_BYTES, V2_HEADER_LEN, V3_HEADER_LEN,
 };
-use super::header::{Header, SnapshotsField};
-use super::image_header::{BitmapsExtension, ImageHeader};
+use super::header::{BitmapsExtension, Header};
 use super::reader::Qcow2Node;
 use super::refcount::set_entry;
 use super::types::{Compat, CompressionType, RefcountOrder};
@@ -48,7 +47,7 @@ struct Fields {
 }
 
 impl Fields {
-    fn of(h: &ImageHeader) -> Fields {
+    fn of(h: &Header) -> Fields {
         Fields {
             compat: h.compat,
             lazy: h.lazy_refcounts(),
@@ -202,11 +201,13 @@ impl Qcow2Node {
         st: &mut WriteState,
         f: Fields,
         backing: Option<Backing<'_>>,
-        on_disk: &ImageHeader,
+        on_disk: &Header,
         bitmaps: Option<BitmapsExtension>,
     ) -> Result<()> {
         let (reftable_offset, reftable_clusters) = st.alloc.reftable();
-        let header = Header {
+        // The snapshot table stays as it stands on disk; the rest is the
+        // node's current layout and the new settings.
+        let mut header = Header {
             compat: f.compat,
             cluster_size: self.header.cluster_size,
             virtual_size: self.size(),
@@ -215,17 +216,15 @@ impl Qcow2Node {
             reftable_offset,
             reftable_clusters,
             refcount_order: st.alloc.order(),
-            lazy_refcounts: f.lazy,
-            extended_l2: self.header.extended_l2(),
             compression: f.compression,
-            backing_file: backing.as_ref().map(|b| b.name),
-            backing_format: backing.as_ref().and_then(|b| b.format),
-            snapshots: SnapshotsField {
-                count: on_disk.snapshot_count,
-                offset: on_disk.snapshots_offset,
-            },
+            backing_file: backing.map(|b| b.name.to_string()),
+            backing_format: backing.and_then(|b| b.format.map(str::to_string)),
+            snapshot_count: on_disk.snapshot_count,
+            snapshots_offset: on_disk.snapshots_offset,
             bitmaps,
+            ..Header::default()
         };
+        header.declare_features(f.lazy, self.header.extended_l2());
         let mut raw = header.encode()?;
         self.keep_foreign_header_parts(&mut raw, f.compat)?;
         if raw.len() as u64 > self.cs() {
@@ -236,16 +235,7 @@ impl Qcow2Node {
         self.file.pwrite(&raw, 0)?;
         self.file.sync()?;
         // The new header is clean; closing must not write the old feature bits.
-        let mut incompatible = 0;
-        if f.compat == Compat::V3 {
-            if f.compression != CompressionType::Zlib {
-                incompatible |= INCOMPAT_COMPRESSION;
-            }
-            if self.header.extended_l2() {
-                incompatible |= INCOMPAT_EXTL2;
-            }
-        }
-        st.set_clean_header(f.lazy, incompatible);
+        st.set_clean_header(f.lazy, header.incompatible);
         Ok(())
     }
 
@@ -343,14 +333,14 @@ impl Qcow2Node {
         let stride = if ext { 2 } else { 1 };
         let l1 = self.l1_table();
         for index in 0..l1.len() as u64 {
-            if l1[index as usize] & L1E_OFFSET_MASK == 0 {
+            if L1Entry::from_raw(l1[index as usize]).table_offset() == 0 {
                 continue;
             }
             if let Some((table, _)) = self.l2_table(index)? {
                 if table
                     .iter()
                     .step_by(stride)
-                    .any(|e| e & OFLAG_COMPRESSED != 0)
+                    .any(|&e| L2Entry::from_raw(e).is_compressed())
                 {
                     return Ok(true);
                 }
@@ -369,8 +359,8 @@ impl Qcow2Node {
         let has_backing = self.backing.is_some();
         let l1_len = self.l1_read().len() as u64;
         for l1_index in 0..l1_len {
-            let entry = self.l1_read()[l1_index as usize];
-            if entry & L1E_OFFSET_MASK == 0 {
+            let entry = L1Entry::from_raw(self.l1_read()[l1_index as usize]);
+            if entry.table_offset() == 0 {
                 continue;
             }
             let Some((table, offset)) = self.l2_table(l1_index)? else {
@@ -378,9 +368,10 @@ impl Qcow2Node {
             };
             let zero_slots: Vec<(usize, u64)> = table
                 .iter()
+                .map(|&e| L2Entry::from_raw(e))
                 .enumerate()
-                .filter(|(_, &e)| e & OFLAG_ZERO != 0 && e & OFLAG_COMPRESSED == 0)
-                .map(|(i, &e)| (i, e & L2E_OFFSET_MASK))
+                .filter(|(_, e)| e.zero_flag() && !e.is_compressed())
+                .map(|(i, e)| (i, e.host_offset()))
                 .collect();
             drop(table);
             if zero_slots.is_empty() {
@@ -390,15 +381,15 @@ impl Qcow2Node {
             for (slot, host) in zero_slots {
                 let new = if host != 0 {
                     self.file.pwrite(&zeros, host)?;
-                    host | OFLAG_COPIED
+                    L2Entry::new(host, true)
                 } else if has_backing {
                     let fresh = st.alloc.alloc_clusters(1)?;
                     self.file.pwrite(&zeros, fresh)?;
-                    fresh | OFLAG_COPIED
+                    L2Entry::new(fresh, true)
                 } else {
-                    0
+                    L2Entry::UNALLOCATED
                 };
-                updates.push((slot, new));
+                updates.push((slot, new.raw()));
             }
             self.edit_l2(offset, l1_index, |t| {
                 for &(slot, new) in &updates {

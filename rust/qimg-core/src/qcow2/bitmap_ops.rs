@@ -18,11 +18,11 @@ use super::bitmaps::{
     MAX_NAME_BYTES,
 };
 use super::bytes::be64;
+use super::entries::BitmapTableEntry;
 use super::format::{
-    BITMAP_ENTRY_ALL_ONES, BITMAP_ENTRY_OFFSET_MASK, BITMAP_FLAG_AUTO, BITMAP_FLAG_IN_USE,
-    BITMAP_TYPE_DIRTY_TRACKING, MAX_BITMAP_BYTES,
+    BITMAP_FLAG_AUTO, BITMAP_FLAG_IN_USE, BITMAP_TYPE_DIRTY_TRACKING, MAX_BITMAP_BYTES,
 };
-use super::image_header::{BitmapsExtension, ImageHeader};
+use super::header::{BitmapsExtension, Header};
 use super::reader::Qcow2Node;
 use super::types::Compat;
 use super::writer::WriteState;
@@ -153,12 +153,12 @@ fn load_bits(file: &FileNode, cluster: u64, size: u64, e: &DirEntry) -> Result<V
     let table = file.read_vec(e.table_offset, table_bytes)?;
     let mut out = vec![0u8; bits.div_ceil(8) as usize];
     for (i, raw) in table.chunks_exact(8).enumerate() {
-        let entry = be64(raw, 0);
+        let entry = BitmapTableEntry::from_raw(be64(raw, 0));
         let from = i * cluster as usize;
         let to = (from + cluster as usize).min(out.len());
-        let host = entry & BITMAP_ENTRY_OFFSET_MASK;
+        let host = entry.data_offset();
         if host == 0 {
-            if entry & BITMAP_ENTRY_ALL_ONES != 0 {
+            if entry.all_ones() {
                 out[from..to].fill(0xff);
             }
             continue;
@@ -182,8 +182,7 @@ fn clusters_of(file: &FileNode, cluster: u64, e: &DirEntry) -> Result<Vec<(u64, 
     let table = file.read_vec(e.table_offset, table_bytes)?;
     let mut out = vec![(e.table_offset, table_bytes.max(1).next_multiple_of(cluster))];
     for raw in table.chunks_exact(8) {
-        let entry = be64(raw, 0);
-        let host = entry & BITMAP_ENTRY_OFFSET_MASK;
+        let host = BitmapTableEntry::from_raw(be64(raw, 0)).data_offset();
         if host != 0 && host % cluster == 0 {
             out.push((host, cluster));
         }
@@ -193,7 +192,7 @@ fn clusters_of(file: &FileNode, cluster: u64, e: &DirEntry) -> Result<Vec<(u64, 
 
 /// The enabled bitmaps of the image in `file`, loaded to track writes.
 /// Bitmaps already in use (a writer died) or disabled are left alone.
-pub(super) fn start_tracking(file: &FileNode, header: &ImageHeader) -> Result<Vec<Tracked>> {
+pub(super) fn start_tracking(file: &FileNode, header: &Header) -> Result<Vec<Tracked>> {
     let Some(ext) = header.live_bitmaps() else {
         return Ok(Vec::new());
     };

@@ -5,7 +5,7 @@
 
 use super::bytes::Fields;
 use super::format::{BITMAP_FLAG_AUTO, BITMAP_FLAG_IN_USE};
-use super::image_header::BitmapsExtension;
+use super::header::BitmapsExtension;
 use crate::block::{BlockDev, FileNode};
 use crate::error::{Error, Result};
 

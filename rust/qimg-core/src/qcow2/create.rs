@@ -1,7 +1,7 @@
 //! Creating qcow2 images: validation, then one sequential stream of metadata
 //! from offset 0, then the data region as the preallocation mode asks.
 
-use super::format::OFLAG_COPIED;
+use super::entries::{L1Entry, L2Entry};
 use super::header::Header;
 use super::layout::{l2_entry_bytes, CreateLayout};
 use super::refcount::fill_leading_ones;
@@ -125,8 +125,8 @@ impl CreateSpec {
         })
     }
 
-    fn header(&self, layout: &CreateLayout) -> Header<'_> {
-        Header {
+    fn header(&self, layout: &CreateLayout) -> Header {
+        let mut header = Header {
             compat: self.compat,
             cluster_size: self.cluster_size,
             virtual_size: layout.virtual_size,
@@ -135,14 +135,13 @@ impl CreateSpec {
             reftable_offset: layout.reftable.offset,
             reftable_clusters: layout.reftable.clusters,
             refcount_order: self.refcount_order,
-            lazy_refcounts: self.lazy_refcounts,
-            extended_l2: self.extended_l2,
             compression: self.compression,
-            backing_file: self.backing.as_ref().map(|b| b.file.as_str()),
-            backing_format: self.backing.as_ref().and_then(|b| b.format.as_deref()),
-            snapshots: Default::default(),
-            bitmaps: None,
-        }
+            backing_file: self.backing.as_ref().map(|b| b.file.clone()),
+            backing_format: self.backing.as_ref().and_then(|b| b.format.clone()),
+            ..Header::default()
+        };
+        header.declare_features(self.lazy_refcounts, self.extended_l2);
+        header
     }
 }
 
@@ -217,7 +216,7 @@ fn write_metadata(
     } else {
         out.put_u64s(layout.l1.clusters * cb / 8, |i| {
             if i < l2_tables {
-                (l2_base + i * cb) | OFLAG_COPIED
+                L1Entry::new(l2_base + i * cb, true).raw()
             } else {
                 0
             }
@@ -227,7 +226,7 @@ fn write_metadata(
         // An L2 entry maps guest cluster g to data_base + g * cluster size.
         let map = |g: u64| {
             if g < data_clusters {
-                (data_base + g * cb) | OFLAG_COPIED
+                L2Entry::new(data_base + g * cb, true).raw()
             } else {
                 0
             }

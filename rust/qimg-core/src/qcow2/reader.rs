@@ -3,8 +3,8 @@
 //! clusters, and fall-through to the backing node.
 
 use super::compress::decompress;
-use super::format::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO};
-use super::image_header::ImageHeader;
+use super::entries::{L1Entry, L2Entry, SubclusterBitmap};
+use super::header::Header;
 use super::l2cache::L2Cache;
 use super::writer::WriteState;
 use crate::block::{read_clipped, BlockDev, FileNode, Status};
@@ -46,7 +46,7 @@ enum Kind {
 
 pub struct Qcow2Node {
     pub(super) file: Arc<FileNode>,
-    pub(super) header: ImageHeader,
+    pub(super) header: Header,
     /// The active L1 table; a writer changes entries, never the length.
     pub(super) l1: RwLock<Vec<u64>>,
     pub(super) l2_cache: L2Cache,
@@ -67,7 +67,7 @@ pub struct Qcow2Node {
 impl Qcow2Node {
     pub fn open(
         file: Arc<FileNode>,
-        header: ImageHeader,
+        header: Header,
         backing: Option<Arc<dyn BlockDev>>,
         backing_path: Option<String>,
     ) -> Result<Qcow2Node> {
@@ -78,7 +78,7 @@ impl Qcow2Node {
     /// `open`, read-only even when the file is writable (`writable` false).
     pub(super) fn open_as(
         file: Arc<FileNode>,
-        header: ImageHeader,
+        header: Header,
         backing: Option<Arc<dyn BlockDev>>,
         backing_path: Option<String>,
         writable: bool,
@@ -109,15 +109,15 @@ impl Qcow2Node {
         })
     }
 
-    pub fn header(&self) -> &ImageHeader {
+    pub fn header(&self) -> &Header {
         &self.header
     }
 
     /// The header as the file holds it now: snapshot, bitmap and amend
     /// commands change fields after this node read [`header`](Self::header).
-    pub(super) fn disk_header(&self) -> Result<ImageHeader> {
-        let head = super::image_header::read_head(&self.file)?;
-        ImageHeader::parse(&head, self.file.file_len())
+    pub(super) fn disk_header(&self) -> Result<Header> {
+        let head = super::header::read_head(&self.file)?;
+        Header::parse(&head, self.file.file_len())
     }
 
     pub fn backing_name(&self) -> Option<&str> {
@@ -153,7 +153,7 @@ impl Qcow2Node {
         let Some(entry) = self.l1_read().get(l1_index as usize).copied() else {
             return Ok(None);
         };
-        let offset = entry & L1E_OFFSET_MASK;
+        let offset = L1Entry::from_raw(entry).table_offset();
         if offset == 0 {
             return Ok(None);
         }
@@ -181,38 +181,40 @@ impl Qcow2Node {
     fn kind(&self, table: &[u64], index: usize, sc: u64, l2_offset: u64) -> Result<Kind> {
         let ext = self.header.extended_l2();
         let (entry, bitmap) = if ext {
-            (table[index * 2], table[index * 2 + 1])
+            (
+                L2Entry::from_raw(table[index * 2]),
+                SubclusterBitmap::from_raw(table[index * 2 + 1]),
+            )
         } else {
-            (table[index], 0)
+            (L2Entry::from_raw(table[index]), SubclusterBitmap::NONE)
         };
         let cs = self.header.cluster_size.bytes();
-        if entry & OFLAG_COMPRESSED != 0 {
-            let bits = self.header.cluster_size.bits();
-            let shift = 62 - (bits - 8);
-            let host = entry & ((1u64 << shift) - 1);
-            let sectors = ((entry >> shift) & ((1u64 << (bits - 8)) - 1)) + 1;
-            let len = sectors * 512 - (host & 511);
-            return Ok(Kind::Compressed { host, len });
+        if entry.is_compressed() {
+            let data = entry.compressed_data(self.header.cluster_size.bits());
+            return Ok(Kind::Compressed {
+                host: data.host,
+                len: data.read_len(),
+            });
         }
-        let host = entry & L2E_OFFSET_MASK;
+        let host = entry.host_offset();
         if host != 0 && host % cs != 0 {
             return Err(self.corrupt(format!(
                 "Cluster offset {host:#x} is not cluster aligned (L2 table {l2_offset:#x}, index {index})"
             )));
         }
         if !ext {
-            return Ok(match (entry & OFLAG_ZERO != 0, host) {
+            return Ok(match (entry.zero_flag(), host) {
                 (true, 0) => Kind::ZeroPlain,
                 (true, h) => Kind::ZeroAlloc(h),
                 (false, 0) => Kind::Unallocated,
                 (false, h) => Kind::Normal(h),
             });
         }
-        let alloc = bitmap & (1 << sc) != 0;
-        let zero = bitmap & (1 << (32 + sc)) != 0;
+        let alloc = bitmap.allocated(sc);
+        let zero = bitmap.zero(sc);
         let sc_host = host + sc * (cs / 32);
         if host == 0 {
-            if bitmap & 0xffff_ffff != 0 {
+            if bitmap.any_allocated() {
                 return Err(self.corrupt(format!(
                     "Unallocated cluster has allocated subclusters (L2 table {l2_offset:#x}, index {index})"
                 )));

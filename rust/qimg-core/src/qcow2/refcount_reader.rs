@@ -1,8 +1,8 @@
 //! Reading stored refcounts of an existing image.
 
 use super::bytes::{be16, be32, be64};
-use super::format::REFT_OFFSET_MASK;
-use super::image_header::ImageHeader;
+use super::entries::RefTableEntry;
+use super::header::Header;
 use crate::block::{BlockDev, FileNode};
 use crate::error::{Error, Result};
 use std::cell::RefCell;
@@ -19,7 +19,7 @@ pub struct RefcountReader<'a> {
 }
 
 impl<'a> RefcountReader<'a> {
-    pub fn new(file: &'a FileNode, header: &ImageHeader) -> Result<RefcountReader<'a>> {
+    pub fn new(file: &'a FileNode, header: &Header) -> Result<RefcountReader<'a>> {
         let cs = header.cluster_size.bytes();
         // The header parser bounded the table by QEMU's 8 MiB limit and the file length.
         let mut raw = vec![0u8; (header.reftable_clusters * cs) as usize];
@@ -42,7 +42,7 @@ impl<'a> RefcountReader<'a> {
         let Some(&entry) = self.reftable.get(index as usize) else {
             return Ok(None);
         };
-        let offset = entry & REFT_OFFSET_MASK;
+        let offset = RefTableEntry::from_raw(entry).block_offset();
         if offset == 0 {
             return Ok(None);
         }

@@ -2,7 +2,8 @@
 //! L1 table (moved to a larger place when it must), preallocating the new
 //! area, or dropping everything past a smaller size and cutting the file.
 
-use super::format::{HEADER_L1_SIZE, HEADER_SIZE, L1E_OFFSET_MASK, MAX_L1_BYTES, OFLAG_COPIED};
+use super::entries::{L1Entry, L2Entry};
+use super::format::{HEADER_L1_SIZE, HEADER_SIZE, MAX_L1_BYTES};
 use super::reader::Qcow2Node;
 use super::writer::{Release, WriteState};
 use super::Compat;
@@ -161,7 +162,7 @@ impl Qcow2Node {
             }
             self.edit_l2(table_off, l1_index, |t| {
                 for (k, &i) in slots.iter().enumerate() {
-                    t[i * stride] = (host + k as u64 * cs) | OFLAG_COPIED;
+                    t[i * stride] = L2Entry::new(host + k as u64 * cs, true).raw();
                 }
             })
         })
@@ -202,10 +203,9 @@ impl Qcow2Node {
         let needed = keep.div_ceil(cs).div_ceil(self.header.l2_entries()) as usize;
         let l1_len = self.l1_read().len();
         for index in needed..l1_len {
-            let entry = self.l1_read()[index];
-            let offset = entry & L1E_OFFSET_MASK;
+            let offset = L1Entry::from_raw(self.l1_read()[index]).table_offset();
             if offset != 0 {
-                self.set_l1(st, index, 0);
+                self.set_l1(st, index, L1Entry::UNALLOCATED);
                 self.l2_cache.remove(offset);
                 st.pending_free.push((offset, cs, true));
             }

@@ -5,7 +5,7 @@
 
 use super::bytes::Fields;
 use super::format::{MAX_SNAPSHOT_EXTRA, MAX_SNAPSHOT_TABLE_BYTES};
-use super::image_header::ImageHeader;
+use super::header::Header;
 use crate::block::{BlockDev, FileNode};
 use crate::error::{Error, Result};
 
@@ -96,7 +96,7 @@ fn c_string(bytes: &[u8]) -> String {
 /// zeroes. What QEMU refuses is listed in the table's `problems` and left
 /// out as its repair leaves it out: extra data past 1 KiB, entries past the
 /// table's size limit.
-pub fn read_table(file: &FileNode, header: &ImageHeader) -> Result<SnapshotTable> {
+pub fn read_table(file: &FileNode, header: &Header) -> Result<SnapshotTable> {
     let count = u64::from(header.snapshot_count);
     let start = header.snapshots_offset;
     let mut snapshots = Vec::with_capacity(count.min(1024) as usize);
@@ -162,7 +162,7 @@ pub fn read_table(file: &FileNode, header: &ImageHeader) -> Result<SnapshotTable
 }
 
 /// The snapshot entries, for `info`; a table QEMU would refuse is an error.
-pub fn read_snapshots(file: &FileNode, header: &ImageHeader) -> Result<Vec<Snapshot>> {
+pub fn read_snapshots(file: &FileNode, header: &Header) -> Result<Vec<Snapshot>> {
     let table = read_table(file, header)?;
     match table.problems.first() {
         None => Ok(table.snapshots),

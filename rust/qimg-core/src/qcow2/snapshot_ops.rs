@@ -17,14 +17,12 @@
 
 use super::allocator::Allocator;
 use super::bytes::be64;
-use super::format::{
-    HEADER_SIZE, L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAX_L1_BYTES, MAX_SNAPSHOTS, OFLAG_COMPRESSED,
-    OFLAG_COPIED,
-};
-use super::image_header::ImageHeader;
+use super::entries::{L1Entry, L2Entry};
+use super::format::{HEADER_SIZE, MAX_L1_BYTES, MAX_SNAPSHOTS};
+use super::header::Header;
 use super::reader::Qcow2Node;
 use super::snapshot::{encode_table, read_snapshots, Snapshot};
-use super::writer::{compressed_range, WriteState};
+use super::writer::WriteState;
 
 use crate::block::BlockDev;
 use crate::error::{Error, Result};
@@ -93,15 +91,21 @@ impl Qcow2Node {
             }
             // Both L1 tables share every L2 table; one whose entries carry
             // COPIED flags is shared as a copy without them.
+            let stride = if self.header.extended_l2() { 2 } else { 1 };
             let mut shared = l1.clone();
             for entry in &mut shared {
-                let offset = *entry & L1E_OFFSET_MASK;
+                let offset = L1Entry::from_raw(*entry).table_offset();
                 *entry = offset;
                 if offset == 0 {
                     continue;
                 }
                 let table = self.cached_l2(offset)?;
-                let cleared: Vec<u64> = table.iter().map(|e| e & !OFLAG_COPIED).collect();
+                // Entries only: with extended L2, bit 63 of the bitmap word
+                // after each entry is subcluster 31's zero flag.
+                let mut cleared = table.to_vec();
+                for e in cleared.iter_mut().step_by(stride) {
+                    *e = L2Entry::from_raw(*e).with_copied(false).raw();
+                }
                 if cleared[..] == table[..] {
                     st.alloc.incref(offset / cs)?;
                 } else {
@@ -203,7 +207,7 @@ impl Qcow2Node {
             }
             let mut new_l1 = vec![0u64; entries];
             for (slot, e) in new_l1.iter_mut().zip(&sn_l1) {
-                *slot = e & L1E_OFFSET_MASK;
+                *slot = L1Entry::from_raw(*e).table_offset();
             }
             let active = self.settle(st, &new_l1)?;
             self.switch(st, size, active, None)
@@ -293,7 +297,7 @@ impl Qcow2Node {
     }
 
     /// Frees the clusters of the snapshot table `header` points at.
-    fn release_table(&self, st: &mut WriteState, header: &ImageHeader) -> Result<()> {
+    fn release_table(&self, st: &mut WriteState, header: &Header) -> Result<()> {
         if header.snapshot_count == 0 {
             return Ok(());
         }
@@ -318,8 +322,8 @@ impl Qcow2Node {
         let cs = self.cs();
         let stride = if self.header.extended_l2() { 2 } else { 1 };
         let mut out = Vec::with_capacity(l1.len());
-        for entry in l1 {
-            let offset = entry & L1E_OFFSET_MASK;
+        for &entry in l1 {
+            let offset = L1Entry::from_raw(entry).table_offset();
             if offset == 0 {
                 out.push(0);
                 continue;
@@ -327,14 +331,12 @@ impl Qcow2Node {
             let table = self.cached_l2(offset)?;
             let mut want = table.to_vec();
             for e in want.iter_mut().step_by(stride) {
-                if *e & OFLAG_COMPRESSED != 0 || *e & L2E_OFFSET_MASK == 0 {
+                let entry = L2Entry::from_raw(*e);
+                if entry.is_compressed() || entry.host_offset() == 0 {
                     continue;
                 }
-                if st.alloc.get((*e & L2E_OFFSET_MASK) / cs)? == 1 {
-                    *e |= OFLAG_COPIED;
-                } else {
-                    *e &= !OFLAG_COPIED;
-                }
+                let own = st.alloc.get(entry.host_offset() / cs)? == 1;
+                *e = entry.with_copied(own).raw();
             }
             let target = if want[..] == table[..] {
                 offset
@@ -344,7 +346,7 @@ impl Qcow2Node {
                 copy
             };
             let own = st.alloc.get(target / cs)? == 1;
-            out.push(if own { target | OFLAG_COPIED } else { target });
+            out.push(L1Entry::new(target, own).raw());
         }
         Ok(out)
     }
@@ -458,9 +460,10 @@ impl Qcow2Node {
         let ext = self.header.extended_l2();
         let stride = if ext { 2 } else { 1 };
         let file_len = self.file.file_len();
+        let bits = self.header.cluster_size.bits();
         let mut out = Vec::new();
-        for (index, entry) in l1.iter().enumerate() {
-            let offset = entry & L1E_OFFSET_MASK;
+        for (index, &entry) in l1.iter().enumerate() {
+            let offset = L1Entry::from_raw(entry).table_offset();
             if offset == 0 {
                 continue;
             }
@@ -473,9 +476,10 @@ impl Qcow2Node {
             let table = self
                 .l2_cache
                 .get_or_load(offset, |buf| self.file.pread(buf, offset))?;
-            for slot in table.iter().step_by(stride) {
-                if slot & OFLAG_COMPRESSED != 0 {
-                    let (host, len) = compressed_range(*slot, cs);
+            for &slot in table.iter().step_by(stride) {
+                let slot = L2Entry::from_raw(slot);
+                if slot.is_compressed() {
+                    let (host, len) = slot.compressed_data(bits).sectors_range();
                     if host
                         .checked_add(len)
                         .is_none_or(|end| end > file_len.next_multiple_of(cs))
@@ -485,8 +489,8 @@ impl Qcow2Node {
                         )));
                     }
                     out.push(Ref::Data { host, len });
-                } else if slot & L2E_OFFSET_MASK != 0 {
-                    let host = slot & L2E_OFFSET_MASK;
+                } else if slot.host_offset() != 0 {
+                    let host = slot.host_offset();
                     if host % cs != 0 || host + cs > file_len.next_multiple_of(cs) {
                         return Err(self.corrupt(format!(
                             "data cluster offset {host:#x} is unaligned or past the end of the file"
@@ -532,7 +536,7 @@ fn l1_clusters(entries: usize, cs: u64) -> u64 {
 }
 
 /// The snapshot table must start on a cluster, as QEMU requires on open.
-fn check_table_offset(header: &ImageHeader, name: &str) -> Result<()> {
+fn check_table_offset(header: &Header, name: &str) -> Result<()> {
     let cs = header.cluster_size.bytes();
     if header.snapshots_offset % cs != 0 {
         return Err(Error::InvalidImage(format!(
@@ -541,4 +545,46 @@ fn check_table_offset(header: &ImageHeader, name: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::block::{open_image, OpenOptions};
+    use crate::host_file::FileOptions;
+    use crate::qcow2::create::{create, BackingSpec, CreateSpec};
+
+    #[test]
+    fn a_snapshot_keeps_the_zero_flag_of_the_last_subcluster() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, vec![0xaau8; 1 << 20]).expect("write base");
+        let img = dir.path().join("t.qcow2");
+        let mut spec = CreateSpec::new(1 << 20);
+        spec.extended_l2 = true;
+        spec.backing = Some(BackingSpec {
+            file: "base.raw".into(),
+            format: Some("raw".into()),
+        });
+        create(&img, &spec, FileOptions::default()).expect("create");
+        let opts = OpenOptions {
+            writable: true,
+            ..OpenOptions::default()
+        };
+        let node = open_image(img.to_str().expect("utf-8 path"), &opts).expect("open");
+        // Subcluster 31 of cluster 0 (2 KiB of a 64 KiB cluster) reads as
+        // zeroes: bit 63 of the cluster's bitmap word.
+        let (at, len) = (62 * 1024, 2048);
+        node.write_zeroes(at, len, false).expect("write zeroes");
+        let q = node.as_qcow2().expect("qcow2");
+        q.create_snapshot("s1", 0, 0).expect("snapshot");
+        let mut buf = vec![0xffu8; len as usize];
+        node.read_at(&mut buf, at).expect("read");
+        assert!(buf.iter().all(|&b| b == 0), "active image lost its zeroes");
+        q.apply_snapshot("s1").expect("apply");
+        drop(node);
+        let node = open_image(img.to_str().expect("utf-8 path"), &opts).expect("reopen");
+        buf.fill(0xff);
+        node.read_at(&mut buf, at).expect("read");
+        assert!(buf.iter().all(|&b| b == 0), "snapshot lost its zeroes");
+    }
 }

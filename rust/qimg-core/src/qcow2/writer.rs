@@ -16,12 +16,11 @@
 
 use super::allocator::Allocator;
 use super::compress::compress;
+use super::entries::{L1Entry, L2Entry, SubclusterBitmap};
 use super::format::{
-    HEADER_AUTOCLEAR, HEADER_INCOMPATIBLE, HEADER_REFTABLE_OFFSET, INCOMPAT_DIRTY, L1E_OFFSET_MASK,
-    L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTERS_ALLOCATED,
-    SUBCLUSTERS_ZERO,
+    HEADER_AUTOCLEAR, HEADER_INCOMPATIBLE, HEADER_REFTABLE_OFFSET, INCOMPAT_DIRTY,
 };
-use super::image_header::{kept_autoclear, ImageHeader};
+use super::header::{kept_autoclear, Header};
 use super::reader::Qcow2Node;
 use super::types::Compat;
 use crate::block::{check_request, BlockDev, FileNode};
@@ -68,7 +67,7 @@ impl WriteState {
 }
 
 impl WriteState {
-    pub fn new(file: &std::sync::Arc<FileNode>, header: &ImageHeader) -> Result<WriteState> {
+    pub fn new(file: &std::sync::Arc<FileNode>, header: &Header) -> Result<WriteState> {
         let name = file.filename();
         let refuse = |why: &str| {
             Err(Error::InvalidImage(format!(
@@ -197,9 +196,9 @@ impl Qcow2Node {
         self.file.pwrite(&bits.to_be_bytes(), HEADER_INCOMPATIBLE)
     }
 
-    pub(super) fn set_l1(&self, st: &mut WriteState, index: usize, entry: u64) {
+    pub(super) fn set_l1(&self, st: &mut WriteState, index: usize, entry: L1Entry) {
         let mut l1 = self.l1.write().unwrap_or_else(PoisonError::into_inner);
-        l1[index] = entry;
+        l1[index] = entry.raw();
         st.l1_dirty = Some(match st.l1_dirty {
             None => (index, index + 1),
             Some((a, b)) => (a.min(index), b.max(index + 1)),
@@ -213,18 +212,19 @@ impl Qcow2Node {
             .l1_read()
             .get(l1_index as usize)
             .copied()
+            .map(L1Entry::from_raw)
             .ok_or_else(|| self.corrupt(format!("L1 index {l1_index} is out of range")))?;
-        if entry & L1E_OFFSET_MASK == 0 {
+        if entry.table_offset() == 0 {
             let offset = st.alloc.alloc_clusters(1)?;
             let words = (self.cs() / 8) as usize;
             self.l2_cache.insert_new(offset, vec![0u64; words]);
-            self.set_l1(st, l1_index as usize, offset | OFLAG_COPIED);
+            self.set_l1(st, l1_index as usize, L1Entry::new(offset, true));
             return Ok(offset);
         }
         let Some((table, old)) = self.l2_table(l1_index)? else {
             return Err(self.corrupt(format!("L1 index {l1_index} lost its L2 table")));
         };
-        if entry & OFLAG_COPIED != 0 {
+        if entry.copied() {
             return Ok(old);
         }
         // Shared with a snapshot: this slot gets a copy of its own. The
@@ -234,7 +234,7 @@ impl Qcow2Node {
         self.begin_update(st)?;
         let offset = st.alloc.alloc_clusters(1)?;
         self.l2_cache.insert_new(offset, table.to_vec());
-        self.set_l1(st, l1_index as usize, offset | OFLAG_COPIED);
+        self.set_l1(st, l1_index as usize, L1Entry::new(offset, true));
         st.pending_free.push((old, self.cs(), false));
         Ok(offset)
     }
@@ -272,26 +272,27 @@ impl Qcow2Node {
         };
         let mut plans = Vec::new();
         let file_end = self.file.file_len().next_multiple_of(cs);
+        let bits = self.header.cluster_size.bits();
         for cluster in offset / cs..=(end - 1) / cs {
             let index = (cluster % per_table) as usize;
             let (entry, _) = entry_at(&table, index, ext);
             let start = cluster * cs;
             let a = offset.max(start) - start;
             let b = end.min(start + cs) - start;
-            let host = entry & L2E_OFFSET_MASK;
-            let compressed = entry & OFLAG_COMPRESSED != 0;
-            if !compressed && host != 0 && entry & OFLAG_COPIED != 0 && host + cs > file_end {
+            let host = entry.host_offset();
+            let compressed = entry.is_compressed();
+            if !compressed && host != 0 && entry.copied() && host + cs > file_end {
                 // Writing there would stretch the file to wherever the entry points.
                 return Err(self.corrupt(format!(
                     "data cluster offset {host:#x} (L2 index {index}) lies past the end of the file; run 'qimg check -r all' on it"
                 )));
             }
-            let (action, free) = if !compressed && host != 0 && entry & OFLAG_COPIED != 0 {
+            let (action, free) = if !compressed && host != 0 && entry.copied() {
                 (Action::InPlace { host }, None)
             } else if compressed {
                 (
                     Action::New { whole: true },
-                    Some(compressed_range(entry, cs)),
+                    Some(entry.compressed_data(bits).sectors_range()),
                 )
             } else if host != 0 {
                 (Action::New { whole: true }, Some((host, cs)))
@@ -300,7 +301,7 @@ impl Qcow2Node {
             };
             // What must be written: the data, widened to whole units where the
             // old content has to be carried over.
-            let zero_alloc = !ext && entry & OFLAG_ZERO != 0;
+            let zero_alloc = !ext && entry.zero_flag();
             let (lo, hi) = match action {
                 Action::InPlace { .. } if !ext && !zero_alloc => (a, b),
                 Action::New { whole: true } => (0, cs),
@@ -398,28 +399,20 @@ impl Qcow2Node {
         // Then the mapping.
         if plans.iter().any(|p| p.changes_mapping(ext)) {
             self.begin_update(st)?;
-            let unit_bits = |lo: u64, hi: u64| -> u64 {
-                let first = lo / unit;
-                let n = (hi - lo) / unit;
-                if n >= 32 {
-                    SUBCLUSTERS_ALLOCATED
-                } else {
-                    ((1u64 << n) - 1) << first
-                }
-            };
             self.edit_l2(table_off, l1_index, |t| {
-                for (p, host) in plans.iter().zip(&hosts) {
+                for (p, &host) in plans.iter().zip(&hosts) {
+                    let entry = L2Entry::new(host, true).raw();
                     if ext {
-                        let bitmap = t[p.index * 2 + 1];
-                        let mask = unit_bits(p.lo, p.hi);
+                        let bitmap = SubclusterBitmap::from_raw(t[p.index * 2 + 1]);
+                        let mask = SubclusterBitmap::mask(p.lo / unit, (p.hi - p.lo) / unit);
                         let new_bitmap = match p.action {
-                            Action::New { whole: true } => SUBCLUSTERS_ALLOCATED,
-                            _ => (bitmap | mask) & !(mask << 32),
+                            Action::New { whole: true } => SubclusterBitmap::ALL_ALLOCATED,
+                            _ => bitmap.with_allocated(mask),
                         };
-                        t[p.index * 2] = host | OFLAG_COPIED;
-                        t[p.index * 2 + 1] = new_bitmap;
+                        t[p.index * 2] = entry;
+                        t[p.index * 2 + 1] = new_bitmap.raw();
                     } else {
-                        t[p.index] = host | OFLAG_COPIED;
+                        t[p.index] = entry;
                     }
                 }
             })?;
@@ -453,6 +446,7 @@ impl Qcow2Node {
         let per_table = self.header.l2_entries();
         let l1_index = offset / cs / per_table;
         let has_backing = self.backing.is_some();
+        let bits = self.header.cluster_size.bits();
         // Nothing to do for a discard of a range with no L2 table.
         if discard && self.l2_table(l1_index)?.is_none() && (!has_backing || remove) {
             return Ok(());
@@ -468,55 +462,52 @@ impl Qcow2Node {
                 let lo = offset.max(start) - start;
                 let hi = end.min(start + cs) - start;
                 let (entry, bitmap) = entry_at(t, index, ext);
-                let host = entry & L2E_OFFSET_MASK;
-                let compressed = entry & OFLAG_COMPRESSED != 0;
+                let host = entry.host_offset();
+                let compressed = entry.is_compressed();
                 let allocated = compressed || host != 0;
                 let old_range = if compressed {
-                    Some(compressed_range(entry, cs))
+                    Some(entry.compressed_data(bits).sectors_range())
                 } else if host != 0 {
                     Some((host, cs))
                 } else {
                     None
                 };
                 let whole = lo == 0 && hi == cs;
+                let (none, all_zero) = (SubclusterBitmap::NONE, SubclusterBitmap::ALL_ZERO);
                 let (new_entry, new_bitmap, release) = if remove {
-                    (0, 0, old_range)
+                    (L2Entry::UNALLOCATED, none, old_range)
                 } else if discard {
                     if has_backing || allocated {
                         if ext {
-                            (0, SUBCLUSTERS_ZERO, old_range)
+                            (L2Entry::UNALLOCATED, all_zero, old_range)
                         } else if v3 {
-                            (OFLAG_ZERO, 0, old_range)
+                            (L2Entry::ZERO, none, old_range)
                         } else {
-                            (0, 0, old_range)
+                            (L2Entry::UNALLOCATED, none, old_range)
                         }
                     } else {
                         (entry, bitmap, None)
                     }
                 } else if ext && !whole {
                     // Callers never send partial units of compressed clusters here.
-                    let mask = {
-                        let first = lo / unit;
-                        let n = (hi - lo) / unit;
-                        ((1u64 << n) - 1) << first
-                    };
-                    (entry, (bitmap & !mask) | (mask << 32), None)
+                    let mask = SubclusterBitmap::mask(lo / unit, (hi - lo) / unit);
+                    (entry, bitmap.with_zero(mask), None)
                 } else if unmap || compressed {
                     if ext {
-                        (0, SUBCLUSTERS_ZERO, old_range)
+                        (L2Entry::UNALLOCATED, all_zero, old_range)
                     } else {
-                        (OFLAG_ZERO, 0, old_range)
+                        (L2Entry::ZERO, none, old_range)
                     }
                 } else if ext {
-                    (entry, SUBCLUSTERS_ZERO, None)
+                    (entry, all_zero, None)
                 } else {
-                    (entry | OFLAG_ZERO, 0, None)
+                    (entry.with_zero_flag(), none, None)
                 };
                 if ext {
-                    t[index * 2] = new_entry;
-                    t[index * 2 + 1] = new_bitmap;
+                    t[index * 2] = new_entry.raw();
+                    t[index * 2 + 1] = new_bitmap.raw();
                 } else {
-                    t[index] = new_entry;
+                    t[index] = new_entry.raw();
                 }
                 if let Some(r) = release {
                     frees.push(r);
@@ -613,7 +604,7 @@ impl Qcow2Node {
         };
         let (entry, _) = entry_at(&table, index, ext);
         drop(table);
-        if entry & (L2E_OFFSET_MASK | OFLAG_COMPRESSED) != 0 {
+        if !entry.is_unallocated() {
             return Err(Error::invalid(format!(
                 "cannot write a compressed cluster over allocated data at offset {offset} of '{}'",
                 self.file.filename()
@@ -621,14 +612,12 @@ impl Qcow2Node {
         }
         let host = st.alloc.alloc_bytes(packed.len() as u64)?;
         self.file.pwrite(packed, host)?;
-        let bits = self.header.cluster_size.bits();
-        let shift = 62 - (bits - 8);
-        let sectors = (host + packed.len() as u64 - 1) / 512 - host / 512;
-        let new_entry = OFLAG_COMPRESSED | (sectors << shift) | host;
+        let new_entry =
+            L2Entry::compressed(host, packed.len() as u64, self.header.cluster_size.bits()).raw();
         self.edit_l2(table_off, l1_index, |t| {
             if ext {
                 t[index * 2] = new_entry;
-                t[index * 2 + 1] = 0;
+                t[index * 2 + 1] = SubclusterBitmap::NONE.raw();
             } else {
                 t[index] = new_entry;
             }
@@ -737,21 +726,16 @@ impl Qcow2Node {
 }
 
 /// The L2 entry (and bitmap, with extended L2) of slot `index`.
-fn entry_at(table: &[u64], index: usize, ext: bool) -> (u64, u64) {
+#[inline]
+fn entry_at(table: &[u64], index: usize, ext: bool) -> (L2Entry, SubclusterBitmap) {
     if ext {
-        (table[index * 2], table[index * 2 + 1])
+        (
+            L2Entry::from_raw(table[index * 2]),
+            SubclusterBitmap::from_raw(table[index * 2 + 1]),
+        )
     } else {
-        (table[index], 0)
+        (L2Entry::from_raw(table[index]), SubclusterBitmap::NONE)
     }
-}
-
-/// The host clusters a compressed entry counts against, as `check` sees them.
-pub(super) fn compressed_range(entry: u64, cs: u64) -> (u64, u64) {
-    let bits = cs.trailing_zeros();
-    let shift = 62 - (bits - 8);
-    let host = entry & ((1u64 << shift) - 1);
-    let sectors = ((entry >> shift) & ((1u64 << (bits - 8)) - 1)) + 1;
-    (host & !511, sectors * 512)
 }
 
 impl Qcow2Node {

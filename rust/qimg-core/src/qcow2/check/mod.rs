@@ -24,18 +24,16 @@ pub mod repair;
 
 use super::bitmaps;
 use super::bytes::be64;
-use super::image_header::ImageHeader;
+use super::entries::{BitmapTableEntry, L1Entry, L2Entry, RefTableEntry, SubclusterBitmap};
+use super::header::Header;
 use super::reader::Qcow2Node;
 use super::refcount::set_entry;
 use super::refcount_reader::decode_refcount;
 use super::snapshot::{self, Snapshot};
 use super::types::{Compat, RefcountOrder};
 use crate::qcow2::format::{
-    AUTOCLEAR_BITMAPS, BITMAP_ENTRY_ALL_ONES, BITMAP_ENTRY_OFFSET_MASK, BITMAP_ENTRY_RESERVED,
-    BITMAP_FLAG_IN_USE, BITMAP_TYPE_DIRTY_TRACKING, L1E_OFFSET_MASK, L1E_RESERVED_MASK,
-    L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK, MAX_BITMAP_BYTES, MAX_L1_BYTES, MAX_REFTABLE_BYTES,
-    OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, REFT_OFFSET_MASK, REFT_RESERVED_MASK,
-    SNAPSHOT_REQUIRED_EXTRA, SUBCLUSTERS_ALLOCATED,
+    AUTOCLEAR_BITMAPS, BITMAP_FLAG_IN_USE, BITMAP_TYPE_DIRTY_TRACKING, MAX_BITMAP_BYTES,
+    MAX_L1_BYTES, MAX_REFTABLE_BYTES, SNAPSHOT_REQUIRED_EXTRA,
 };
 use repair::{MetadataIndex, Overlap, ZeroFix};
 
@@ -86,11 +84,7 @@ pub fn check(node: &Qcow2Node) -> Result<CheckReport> {
 
 /// [`check`] of an image given by its parts: the file, its validated header
 /// and its active L1 table.
-pub(crate) fn check_opened(
-    file: &FileNode,
-    header: &ImageHeader,
-    l1: Vec<u64>,
-) -> Result<CheckReport> {
+pub(crate) fn check_opened(file: &FileNode, header: &Header, l1: Vec<u64>) -> Result<CheckReport> {
     let mut checker = Checker::from_parts(file, header, l1, None)?;
     checker.run()?;
     Ok(checker.report)
@@ -139,16 +133,16 @@ enum ClusterType {
     Compressed,
 }
 
-fn cluster_type(entry: u64, extended_l2: bool) -> ClusterType {
-    if entry & OFLAG_COMPRESSED != 0 {
+fn cluster_type(entry: L2Entry, extended_l2: bool) -> ClusterType {
+    if entry.is_compressed() {
         ClusterType::Compressed
-    } else if entry & OFLAG_ZERO != 0 && !extended_l2 {
-        if entry & L2E_OFFSET_MASK != 0 {
+    } else if entry.zero_flag() && !extended_l2 {
+        if entry.host_offset() != 0 {
             ClusterType::ZeroAlloc
         } else {
             ClusterType::ZeroPlain
         }
-    } else if entry & L2E_OFFSET_MASK == 0 {
+    } else if entry.host_offset() == 0 {
         ClusterType::Unallocated
     } else {
         ClusterType::Normal
@@ -310,7 +304,7 @@ impl<'a> StoredRefcounts<'a> {
         let Some(&entry) = self.reftable.get(index as usize) else {
             return Ok(StoredBlock::Absent);
         };
-        let offset = entry & REFT_OFFSET_MASK;
+        let offset = RefTableEntry::from_raw(entry).block_offset();
         if offset == 0 {
             return Ok(StoredBlock::Absent);
         }
@@ -408,7 +402,7 @@ impl<'a> StoredRefcounts<'a> {
             Ok(StoredBlock::Present(_)) => self
                 .reftable
                 .get(index as usize)
-                .map(|e| e & REFT_OFFSET_MASK)
+                .map(|&e| RefTableEntry::from_raw(e).block_offset())
                 .ok_or_else(eio)?,
             Ok(StoredBlock::Absent) | Err(StoredError::Unaligned { .. }) => return Err(eio()),
             Err(StoredError::Read(text)) => return Err(text),
@@ -440,7 +434,7 @@ impl<'a> StoredRefcounts<'a> {
 /// refcount comparison and the COPIED flags, with the repairs of `fix`
 /// where a `writer` is given.
 pub(crate) struct Checker<'a> {
-    pub(crate) header: &'a ImageHeader,
+    pub(crate) header: &'a Header,
     /// The active L1 table as read when the image was opened.
     pub(crate) l1: Vec<u64>,
     file: &'a FileNode,
@@ -475,7 +469,7 @@ impl<'a> Checker<'a> {
     /// L1 table `l1`; with a writer it can repair (see [`Checker::fix`]).
     pub(crate) fn from_parts(
         file: &'a FileNode,
-        header: &'a ImageHeader,
+        header: &'a Header,
         l1: Vec<u64>,
         writer: Option<&'a FileNode>,
     ) -> Result<Checker<'a>> {
@@ -732,16 +726,17 @@ impl<'a> Checker<'a> {
             .read(l1_offset, entries * 8)
             .map_err(|e| check_failed("ERROR: I/O error in check_refcounts_l1", e.errno()))?;
         for chunk in table.chunks_exact(8) {
-            let entry = be64(chunk, 0);
-            if entry == 0 {
+            let entry = L1Entry::from_raw(be64(chunk, 0));
+            if entry == L1Entry::UNALLOCATED {
                 continue;
             }
-            if entry & L1E_RESERVED_MASK != 0 {
+            if entry.reserved_bits() != 0 {
                 self.corruption(format!(
-                    "ERROR found L1 entry with reserved bits set: {entry:x}"
+                    "ERROR found L1 entry with reserved bits set: {:x}",
+                    entry.raw()
                 ));
             }
-            let l2_offset = entry & L1E_OFFSET_MASK;
+            let l2_offset = entry.table_offset();
             self.reference(l2_offset, self.cluster_size)?;
             if l2_offset % self.cluster_size != 0 {
                 self.corruption(format!(
@@ -762,37 +757,35 @@ impl<'a> Checker<'a> {
             .map_err(|e| check_failed("ERROR: I/O error in check_refcounts_l2", e.errno()))?;
         let stride = if self.extended_l2 { 16 } else { 8 };
         let bits = self.cluster_bits;
-        let csize_shift = 62 - (bits - 8);
-        let coffset_mask = (1u64 << csize_shift) - 1;
-        let csize_mask = (1u64 << (bits - 8)) - 1;
         let mut next_contiguous = 0u64;
         for (index, raw) in table.chunks_exact(stride).enumerate() {
-            let entry = be64(raw, 0);
-            let bitmap = if self.extended_l2 { be64(raw, 8) } else { 0 };
+            let entry = L2Entry::from_raw(be64(raw, 0));
+            let bitmap =
+                SubclusterBitmap::from_raw(if self.extended_l2 { be64(raw, 8) } else { 0 });
             let kind = cluster_type(entry, self.extended_l2);
-            if kind != ClusterType::Compressed && entry & L2E_STD_RESERVED_MASK != 0 {
+            if kind != ClusterType::Compressed && entry.reserved_bits() != 0 {
                 self.corruption(format!(
-                    "ERROR found l2 entry with reserved bits set: {entry:x}"
+                    "ERROR found l2 entry with reserved bits set: {:x}",
+                    entry.raw()
                 ));
             }
             match kind {
                 ClusterType::Compressed => {
-                    if entry & OFLAG_COPIED != 0 {
+                    let data = entry.compressed_data(bits);
+                    if entry.copied() {
                         self.corruption(format!(
                             "ERROR: coffset={:#x}: copied flag must never be set for compressed clusters",
-                            entry & coffset_mask
+                            data.host
                         ));
                     }
-                    if bitmap != 0 {
+                    if bitmap != SubclusterBitmap::NONE {
                         self.corruption(format!(
-                            "ERROR compressed cluster {index} with non-zero subcluster allocation bitmap, entry={entry:#x}"
+                            "ERROR compressed cluster {index} with non-zero subcluster allocation bitmap, entry={:#x}",
+                            entry.raw()
                         ));
                         continue;
                     }
-                    let host = entry & coffset_mask;
-                    let sectors = ((entry >> csize_shift) & csize_mask) + 1;
-                    let len = sectors * 512 - (host & 511);
-                    self.reference(host, len)?;
+                    self.reference(data.host, data.read_len())?;
                     if active {
                         self.report.allocated_clusters += 1;
                         self.report.compressed_clusters += 1;
@@ -801,17 +794,17 @@ impl<'a> Checker<'a> {
                     }
                 }
                 ClusterType::ZeroAlloc | ClusterType::Normal => {
-                    let host = entry & L2E_OFFSET_MASK;
-                    if (bitmap >> 32) & bitmap != 0 {
+                    let host = entry.host_offset();
+                    if bitmap.conflicts() {
                         self.corruption(format!(
                             "ERROR offset={host:x}: Allocated cluster has corrupted subcluster allocation bitmap"
                         ));
                     }
                     if host % cs != 0 {
                         let has_data = if self.extended_l2 {
-                            bitmap & SUBCLUSTERS_ALLOCATED != 0
+                            bitmap.any_allocated()
                         } else {
-                            entry & OFLAG_ZERO == 0
+                            !entry.zero_flag()
                         };
                         if has_data {
                             self.corruption(format!(
@@ -847,7 +840,7 @@ impl<'a> Checker<'a> {
                 }
                 ClusterType::ZeroPlain => {}
                 ClusterType::Unallocated => {
-                    if bitmap & SUBCLUSTERS_ALLOCATED != 0 {
+                    if bitmap.any_allocated() {
                         self.corruption(
                             "ERROR: Unallocated cluster has non-zero subcluster allocation map"
                                 .to_string(),
@@ -882,18 +875,20 @@ impl<'a> Checker<'a> {
         for bitmap in loaded {
             self.reference(bitmap.table_offset, bitmap.table_entries * 8)?;
             let table = self.read(bitmap.table_offset, bitmap.table_entries * 8)?;
-            let entries: Vec<u64> = table.chunks_exact(8).map(|c| be64(c, 0)).collect();
-            let valid = |e: u64| {
-                let offset = e & BITMAP_ENTRY_OFFSET_MASK;
-                e & BITMAP_ENTRY_RESERVED == 0
-                    && (offset == 0 || (e & BITMAP_ENTRY_ALL_ONES == 0 && offset % cs == 0))
+            let entries: Vec<BitmapTableEntry> = table
+                .chunks_exact(8)
+                .map(|c| BitmapTableEntry::from_raw(be64(c, 0)))
+                .collect();
+            let valid = |e: BitmapTableEntry| {
+                let offset = e.data_offset();
+                e.reserved_bits() == 0 && (offset == 0 || (!e.all_ones() && offset % cs == 0))
             };
             if !entries.iter().all(|&e| valid(e)) {
                 self.report.corruptions += 1;
                 return Err(check_failed("", libc::EINVAL));
             }
             for entry in entries {
-                let offset = entry & BITMAP_ENTRY_OFFSET_MASK;
+                let offset = entry.data_offset();
                 if offset != 0 {
                     self.reference(offset, cs)?;
                 }
@@ -943,10 +938,10 @@ impl<'a> Checker<'a> {
     fn check_refblocks(&mut self) -> Result<()> {
         let cs = self.cluster_size;
         for i in 0..self.stored.reftable.len() {
-            let entry = self.stored.reftable[i];
-            let offset = entry & REFT_OFFSET_MASK;
+            let entry = RefTableEntry::from_raw(self.stored.reftable[i]);
+            let offset = entry.block_offset();
             let cluster = offset >> self.cluster_bits;
-            if entry & REFT_RESERVED_MASK != 0 {
+            if entry.reserved_bits() != 0 {
                 self.corruption(format!(
                     "ERROR refcount table entry {i} has reserved bits set"
                 ));
@@ -1084,8 +1079,9 @@ impl<'a> Checker<'a> {
         // A copy: repairs change self.l1 as they write.
         let l1 = self.l1.clone();
         let result = (|| {
-            for (index, &l1_entry) in l1.iter().enumerate() {
-                let l2_offset = l1_entry & L1E_OFFSET_MASK;
+            for (index, &raw) in l1.iter().enumerate() {
+                let l1_entry = L1Entry::from_raw(raw);
+                let l2_offset = l1_entry.table_offset();
                 if l2_offset == 0 {
                     continue;
                 }
@@ -1093,17 +1089,12 @@ impl<'a> Checker<'a> {
                     .stored
                     .get(l2_offset >> self.cluster_bits, &mut self.report.messages)
                 {
-                    if (count == 1) != (l1_entry & OFLAG_COPIED != 0) {
+                    if (count == 1) != l1_entry.copied() {
                         self.corruption(format!(
-                            "{word} OFLAG_COPIED L2 cluster: l1_index={index} l1_entry={l1_entry:x} refcount={count}"
+                            "{word} OFLAG_COPIED L2 cluster: l1_index={index} l1_entry={raw:x} refcount={count}"
                         ));
                         if repair {
-                            let fixed = if count == 1 {
-                                l1_entry | OFLAG_COPIED
-                            } else {
-                                l1_entry & !OFLAG_COPIED
-                            };
-                            self.write_l1_entry(index as u64, fixed)?;
+                            self.write_l1_entry(index as u64, l1_entry.with_copied(count == 1))?;
                             self.report.corruptions -= 1;
                             self.fixed.corruptions += 1;
                         }
@@ -1118,29 +1109,26 @@ impl<'a> Checker<'a> {
                 })?;
                 let mut changed = 0;
                 for raw in table.chunks_exact_mut(stride) {
-                    let entry = be64(raw, 0);
+                    let entry = L2Entry::from_raw(be64(raw, 0));
                     match cluster_type(entry, self.extended_l2) {
                         ClusterType::Normal | ClusterType::ZeroAlloc => {}
                         _ => continue,
                     }
-                    let host = entry & L2E_OFFSET_MASK;
+                    let host = entry.host_offset();
                     let Ok(count) = self
                         .stored
                         .get(host >> self.cluster_bits, &mut self.report.messages)
                     else {
                         continue;
                     };
-                    if (count == 1) != (entry & OFLAG_COPIED != 0) {
+                    if (count == 1) != entry.copied() {
                         self.corruption(format!(
-                            "{word} OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={count}"
+                            "{word} OFLAG_COPIED data cluster: l2_entry={:x} refcount={count}",
+                            entry.raw()
                         ));
                         if repair {
-                            let fixed = if count == 1 {
-                                entry | OFLAG_COPIED
-                            } else {
-                                entry & !OFLAG_COPIED
-                            };
-                            raw[..8].copy_from_slice(&fixed.to_be_bytes());
+                            let fixed = entry.with_copied(count == 1);
+                            raw[..8].copy_from_slice(&fixed.raw().to_be_bytes());
                             changed += 1;
                         }
                     }
@@ -1163,28 +1151,28 @@ mod tests {
 
     #[test]
     fn l2_entries_are_classified_like_qemu() {
-        assert_eq!(cluster_type(0, false), ClusterType::Unallocated);
-        assert_eq!(cluster_type(OFLAG_ZERO, false), ClusterType::ZeroPlain);
+        let zero_alloc = L2Entry::new(0x10000, false).with_zero_flag();
+        let compressed = L2Entry::from_raw(1 << 62);
+        assert!(compressed.is_compressed());
         assert_eq!(
-            cluster_type(OFLAG_ZERO | 0x10000, false),
-            ClusterType::ZeroAlloc
+            cluster_type(L2Entry::UNALLOCATED, false),
+            ClusterType::Unallocated
         );
+        assert_eq!(cluster_type(L2Entry::ZERO, false), ClusterType::ZeroPlain);
+        assert_eq!(cluster_type(zero_alloc, false), ClusterType::ZeroAlloc);
         assert_eq!(
-            cluster_type(OFLAG_COPIED | 0x10000, false),
+            cluster_type(L2Entry::new(0x10000, true), false),
             ClusterType::Normal
         );
-        assert_eq!(
-            cluster_type(OFLAG_COMPRESSED, false),
-            ClusterType::Compressed
-        );
+        assert_eq!(cluster_type(compressed, false), ClusterType::Compressed);
         // With extended L2 the zero flag is not a cluster type.
-        assert_eq!(cluster_type(OFLAG_ZERO, true), ClusterType::Unallocated);
-        assert_eq!(
-            cluster_type(OFLAG_ZERO | 0x10000, true),
-            ClusterType::Normal
-        );
+        assert_eq!(cluster_type(L2Entry::ZERO, true), ClusterType::Unallocated);
+        assert_eq!(cluster_type(zero_alloc, true), ClusterType::Normal);
         // COPIED alone maps nothing.
-        assert_eq!(cluster_type(OFLAG_COPIED, false), ClusterType::Unallocated);
+        assert_eq!(
+            cluster_type(L2Entry::new(0, true), false),
+            ClusterType::Unallocated
+        );
     }
 
     #[test]

@@ -53,15 +53,15 @@
 use super::{check_opened, CheckReport, Checker, Counters, Fix, Fixed};
 use crate::qcow2::format::{
     AUTOCLEAR_BITMAPS, HEADER_AUTOCLEAR, HEADER_INCOMPATIBLE, HEADER_REFTABLE_OFFSET,
-    INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK, MAX_REFTABLE_BYTES, OFLAG_ZERO,
-    REFT_OFFSET_MASK,
+    INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES,
 };
 
 use crate::block::lock::{self, Sharing};
 use crate::block::FileNode;
 use crate::error::{Error, Result};
 use crate::qcow2::bytes::be64;
-use crate::qcow2::image_header::{kept_autoclear, ImageHeader};
+use crate::qcow2::entries::{L1Entry, L2Entry, RefTableEntry, SubclusterBitmap};
+use crate::qcow2::header::{kept_autoclear, Header};
 use crate::qcow2::snapshot::Snapshot;
 use crate::qcow2::types::{ClusterSize, Compat};
 use std::io;
@@ -212,7 +212,7 @@ pub fn rebuild_if_dirty(path: &Path) -> Result<Option<RepairOutcome>> {
 /// or its length changes.
 struct Opened {
     file: FileNode,
-    header: ImageHeader,
+    header: Header,
     l1: Vec<u64>,
 }
 
@@ -224,7 +224,7 @@ impl Opened {
             0,
             len.min(ClusterSize::from_bits(ClusterSize::MAX_BITS)?.bytes()),
         )?;
-        let header = ImageHeader::parse(&head, len)
+        let header = Header::parse(&head, len)
             .map_err(|e| e.context(&format!("Could not open '{}'", path.display())))?;
         // The header parser bounded the L1 table by QEMU's limit and the file.
         let l1 = file
@@ -430,7 +430,7 @@ fn eio_failure(preface: &str) -> Error {
 /// cleared on a clean result, corrupt set where a corruption was signaled.
 fn update_incompatible(
     writer: &FileNode,
-    header: &ImageHeader,
+    header: &Header,
     clean: bool,
     mark_corrupt: bool,
 ) -> Result<()> {
@@ -560,11 +560,11 @@ impl MetadataIndex {
         let cs = c.cluster_size;
         let h = c.header;
         let one = |offset: u64, len: u64| Ranges::new(vec![(offset, len)]);
-        let tables = |entries: &[u64], mask: u64| {
+        let tables = |entries: &[u64], offset: fn(u64) -> u64| {
             Ranges::new(
                 entries
                     .iter()
-                    .map(|e| e & mask)
+                    .map(|&e| offset(e))
                     .filter(|&offset| offset != 0)
                     .map(|offset| (offset, cs))
                     .collect(),
@@ -596,10 +596,15 @@ impl MetadataIndex {
                             .collect(),
                     ),
                 ),
-                (Overlap::ACTIVE_L2, tables(&c.l1, L1E_OFFSET_MASK)),
+                (
+                    Overlap::ACTIVE_L2,
+                    tables(&c.l1, |e| L1Entry::from_raw(e).table_offset()),
+                ),
                 (
                     Overlap::REFCOUNT_BLOCK,
-                    tables(&c.stored.reftable, REFT_OFFSET_MASK),
+                    tables(&c.stored.reftable, |e| {
+                        RefTableEntry::from_raw(e).block_offset()
+                    }),
                 ),
                 (Overlap::BITMAP_DIRECTORY, bitmaps),
             ],
@@ -657,7 +662,7 @@ impl<'a> Checker<'a> {
         &mut self,
         l2_offset: u64,
         index: u64,
-        bitmap: u64,
+        bitmap: SubclusterBitmap,
         active: bool,
     ) -> Result<ZeroFix> {
         let extended = self.header.extended_l2();
@@ -665,11 +670,11 @@ impl<'a> Checker<'a> {
         let at = l2_offset + index * entry_size;
         let mut bytes = Vec::with_capacity(entry_size as usize);
         if extended {
-            let zeroes = (bitmap | (bitmap << 32)) & 0xffff_ffff_0000_0000;
-            bytes.extend_from_slice(&0u64.to_be_bytes());
-            bytes.extend_from_slice(&zeroes.to_be_bytes());
+            let zeroes = bitmap.allocated_as_zero();
+            bytes.extend_from_slice(&L2Entry::UNALLOCATED.raw().to_be_bytes());
+            bytes.extend_from_slice(&zeroes.raw().to_be_bytes());
         } else {
-            bytes.extend_from_slice(&OFLAG_ZERO.to_be_bytes());
+            bytes.extend_from_slice(&L2Entry::ZERO.raw().to_be_bytes());
         }
         let own = if active {
             Overlap::ACTIVE_L2
@@ -749,21 +754,22 @@ impl<'a> Checker<'a> {
     }
 
     /// Writes entry `index` of the active L1 table.
-    pub(crate) fn write_l1_entry(&mut self, index: u64, entry: u64) -> Result<()> {
+    pub(crate) fn write_l1_entry(&mut self, index: u64, entry: L1Entry) -> Result<()> {
         let at = self.header.l1_table_offset + index * 8;
         if self.refuse_overlap(at, 8, Overlap::ACTIVE_L1) {
             self.report.check_errors += 1;
             return Err(eio_failure(""));
         }
-        let written = self
-            .writer()
-            .and_then(|w| w.pwrite(&entry.to_be_bytes(), at).and_then(|()| w.sync()));
+        let written = self.writer().and_then(|w| {
+            w.pwrite(&entry.raw().to_be_bytes(), at)
+                .and_then(|()| w.sync())
+        });
         if let Err(e) = written {
             self.report.check_errors += 1;
             return Err(e);
         }
         if let Some(slot) = self.l1.get_mut(index as usize) {
-            *slot = entry;
+            *slot = entry.raw();
         }
         Ok(())
     }

@@ -1,62 +1,47 @@
-//! The qcow2 header cluster: fixed header fields, header extensions and the
-//! backing file name, encoded exactly as QEMU lays them out so that images
-//! are interchangeable byte for byte.
+//! Encoding a header cluster: fixed header fields, header extensions and
+//! the backing file name, laid out exactly as QEMU writes them so that
+//! images are interchangeable byte for byte.
 
-use super::format::{
+use super::{FeatureKind, Header};
+use crate::error::{Error, Result};
+use crate::qcow2::format::{
     AUTOCLEAR_BITMAPS, COMPAT_LAZY_REFCOUNTS, EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_END,
     EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2, MAGIC, MAX_BACKING_NAME,
     V2_HEADER_LEN, V3_HEADER_LEN,
 };
-use super::image_header::BitmapsExtension;
-use super::types::{ClusterSize, Compat, CompressionType, RefcountOrder};
-use crate::error::{Error, Result};
+use crate::qcow2::types::{Compat, CompressionType};
 
 /// Names of the feature bits, published in the header so that tools that do
-/// not know a bit can still name it. (kind, bit, name); kind 0 incompatible,
-/// 1 compatible, 2 autoclear.
-const FEATURE_NAMES: [(u8, u8, &str); 8] = [
-    (0, 0, "dirty bit"),
-    (0, 1, "corrupt bit"),
-    (0, 2, "external data file"),
-    (0, 3, "compression type"),
-    (0, 4, "extended L2 entries"),
-    (1, 0, "lazy refcounts"),
-    (2, 0, "bitmaps"),
-    (2, 1, "raw external data"),
+/// not know a bit can still name it.
+const FEATURE_NAMES: [(FeatureKind, u8, &str); 8] = [
+    (FeatureKind::Incompatible, 0, "dirty bit"),
+    (FeatureKind::Incompatible, 1, "corrupt bit"),
+    (FeatureKind::Incompatible, 2, "external data file"),
+    (FeatureKind::Incompatible, 3, "compression type"),
+    (FeatureKind::Incompatible, 4, "extended L2 entries"),
+    (FeatureKind::Compatible, 0, "lazy refcounts"),
+    (FeatureKind::Autoclear, 0, "bitmaps"),
+    (FeatureKind::Autoclear, 1, "raw external data"),
 ];
 const FEATURE_ENTRY_LEN: usize = 48;
 
-/// Everything that goes into the header cluster of a new image.
-#[derive(Debug, Clone)]
-pub struct Header<'a> {
-    pub compat: Compat,
-    pub cluster_size: ClusterSize,
-    pub virtual_size: u64,
-    pub l1_entries: u64,
-    pub l1_table_offset: u64,
-    pub reftable_offset: u64,
-    pub reftable_clusters: u64,
-    pub refcount_order: RefcountOrder,
-    pub lazy_refcounts: bool,
-    pub extended_l2: bool,
-    pub compression: CompressionType,
-    pub backing_file: Option<&'a str>,
-    pub backing_format: Option<&'a str>,
-    /// The internal snapshots: how many, and where their table is.
-    pub snapshots: SnapshotsField,
-    /// The persistent dirty bitmaps' directory, if any (v3 only): written as
-    /// the bitmaps extension, with the autoclear bit that vouches for it.
-    pub bitmaps: Option<BitmapsExtension>,
-}
+impl Header {
+    /// Sets the feature bits to those of a header qimg writes: the
+    /// compression type bit for a type other than zlib, extended L2
+    /// entries, lazy refcounts, and the autoclear bit that vouches for the
+    /// bitmaps extension. Every other bit (dirty, corrupt, unknown ones) is
+    /// cleared; a v2 header has no feature bits.
+    pub fn declare_features(&mut self, lazy_refcounts: bool, extended_l2: bool) {
+        let v3 = self.compat == Compat::V3;
+        let bit = |on: bool, bit: u64| if v3 && on { bit } else { 0 };
+        self.incompatible = bit(
+            self.compression != CompressionType::Zlib,
+            INCOMPAT_COMPRESSION,
+        ) | bit(extended_l2, INCOMPAT_EXTL2);
+        self.compatible = bit(lazy_refcounts, COMPAT_LAZY_REFCOUNTS);
+        self.autoclear = bit(self.bitmaps.is_some(), AUTOCLEAR_BITMAPS);
+    }
 
-/// The header's snapshot count and table offset (none for a new image).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SnapshotsField {
-    pub count: u32,
-    pub offset: u64,
-}
-
-impl Header<'_> {
     /// Encodes the whole first cluster (header, extensions, backing name, zero fill).
     pub fn encode(&self) -> Result<Vec<u8>> {
         let mut out = Vec::with_capacity(1024);
@@ -77,38 +62,21 @@ impl Header<'_> {
         out.extend_from_slice(&self.l1_table_offset.to_be_bytes());
         out.extend_from_slice(&self.reftable_offset.to_be_bytes());
         out.extend_from_slice(&reftable_clusters.to_be_bytes());
-        out.extend_from_slice(&self.snapshots.count.to_be_bytes());
-        out.extend_from_slice(&self.snapshots.offset.to_be_bytes());
+        out.extend_from_slice(&self.snapshot_count.to_be_bytes());
+        out.extend_from_slice(&self.snapshots_offset.to_be_bytes());
         debug_assert_eq!(out.len(), V2_HEADER_LEN);
 
         if v3 {
-            let mut incompatible = 0u64;
-            if self.compression != CompressionType::Zlib {
-                incompatible |= INCOMPAT_COMPRESSION;
-            }
-            if self.extended_l2 {
-                incompatible |= INCOMPAT_EXTL2;
-            }
-            let compatible = if self.lazy_refcounts {
-                COMPAT_LAZY_REFCOUNTS
-            } else {
-                0
-            };
-            out.extend_from_slice(&incompatible.to_be_bytes());
-            out.extend_from_slice(&compatible.to_be_bytes());
-            let autoclear = if self.bitmaps.is_some() {
-                AUTOCLEAR_BITMAPS
-            } else {
-                0
-            };
-            out.extend_from_slice(&autoclear.to_be_bytes());
+            out.extend_from_slice(&self.incompatible.to_be_bytes());
+            out.extend_from_slice(&self.compatible.to_be_bytes());
+            out.extend_from_slice(&self.autoclear.to_be_bytes());
             out.extend_from_slice(&self.refcount_order.order().to_be_bytes());
             out.extend_from_slice(&(V3_HEADER_LEN as u32).to_be_bytes());
             out.push(self.compression.code());
             out.resize(V3_HEADER_LEN, 0);
         }
 
-        if let Some(format) = self.backing_format {
+        if let Some(format) = &self.backing_format {
             push_extension(&mut out, EXT_BACKING_FORMAT, format.as_bytes());
         }
         // QEMU publishes the feature names only where a cluster leaves room
@@ -118,7 +86,7 @@ impl Header<'_> {
             let mut table = Vec::with_capacity(FEATURE_NAMES.len() * FEATURE_ENTRY_LEN);
             for (kind, bit, name) in FEATURE_NAMES {
                 let mut entry = [0u8; FEATURE_ENTRY_LEN];
-                entry[0] = kind;
+                entry[0] = kind.code();
                 entry[1] = bit;
                 entry[2..2 + name.len()].copy_from_slice(name.as_bytes());
                 table.extend_from_slice(&entry);
@@ -134,7 +102,7 @@ impl Header<'_> {
         }
         push_extension(&mut out, EXT_END, &[]);
 
-        if let Some(name) = self.backing_file {
+        if let Some(name) = &self.backing_file {
             if name.len() > MAX_BACKING_NAME {
                 return Err(Error::invalid(format!(
                     "Backing file name too long: {} bytes (qcow2 allows at most {MAX_BACKING_NAME})",
@@ -170,24 +138,16 @@ fn push_extension(out: &mut Vec<u8>, kind: u32, data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qcow2::types::ClusterSize;
 
-    fn base() -> Header<'static> {
+    fn base() -> Header {
         Header {
-            compat: Compat::V3,
-            cluster_size: ClusterSize::DEFAULT,
             virtual_size: 64 << 20,
             l1_entries: 1,
             l1_table_offset: 0x30000,
             reftable_offset: 0x10000,
             reftable_clusters: 1,
-            refcount_order: RefcountOrder::DEFAULT,
-            lazy_refcounts: false,
-            extended_l2: false,
-            compression: CompressionType::Zlib,
-            backing_file: None,
-            backing_format: None,
-            snapshots: SnapshotsField::default(),
-            bitmaps: None,
+            ..Header::default()
         }
     }
 
@@ -210,8 +170,8 @@ mod tests {
     #[test]
     fn backing_name_follows_the_end_marker() {
         let mut hdr = base();
-        hdr.backing_file = Some("t.qcow2");
-        hdr.backing_format = Some("qcow2");
+        hdr.backing_file = Some("t.qcow2".into());
+        hdr.backing_format = Some("qcow2".into());
         let h = hdr.encode().expect("encode");
         // Backing format extension (16 bytes), feature table (392), end (8) -> 0x210.
         assert_eq!(be32(&h, 112), EXT_BACKING_FORMAT);
@@ -233,11 +193,49 @@ mod tests {
     }
 
     #[test]
+    fn a_parsed_header_encodes_to_the_same_bytes() {
+        let mut hdr = base();
+        hdr.backing_file = Some("base.img".into());
+        hdr.backing_format = Some("raw".into());
+        hdr.compression = CompressionType::Zstd;
+        hdr.snapshot_count = 2;
+        hdr.snapshots_offset = 0x40000;
+        hdr.declare_features(true, true);
+        let bytes = hdr.encode().expect("encode");
+        let mut back = Header::parse(&bytes, 0x50000).expect("parse");
+        assert!(back.lazy_refcounts() && back.extended_l2());
+        assert_eq!(back.compression, CompressionType::Zstd);
+        assert_eq!(
+            back.feature_names
+                .iter()
+                .map(|f| (f.kind, f.bit, f.name.as_str()))
+                .collect::<Vec<_>>(),
+            FEATURE_NAMES.to_vec()
+        );
+        back.declare_features(back.lazy_refcounts(), back.extended_l2());
+        assert_eq!(back.encode().expect("encode again"), bytes);
+    }
+
+    #[test]
+    fn declared_features_drop_dirty_corrupt_and_unknown_bits() {
+        let mut hdr = base();
+        hdr.incompatible = u64::MAX;
+        hdr.compatible = u64::MAX;
+        hdr.autoclear = u64::MAX;
+        hdr.declare_features(false, false);
+        assert_eq!((hdr.incompatible, hdr.compatible, hdr.autoclear), (0, 0, 0));
+        hdr.compat = Compat::V2;
+        hdr.compression = CompressionType::Zstd;
+        hdr.declare_features(true, true);
+        assert_eq!((hdr.incompatible, hdr.compatible, hdr.autoclear), (0, 0, 0));
+    }
+
+    #[test]
     fn header_that_does_not_fit_the_cluster_is_refused() {
         let mut hdr = base();
         hdr.cluster_size = ClusterSize::new(512).expect("cs");
         let name = "x".repeat(500);
-        hdr.backing_file = Some(&name);
+        hdr.backing_file = Some(name);
         assert!(hdr.encode().is_err());
     }
 }

@@ -3,18 +3,18 @@
 //! The header comes from a file the user may have downloaded from anywhere,
 //! so every field is checked against the format's limits and against the
 //! file length before anything is sized or sought by it. The result is a
-//! plain value (`ImageHeader`) whose fields can be trusted by the reader.
+//! [`Header`] whose fields can be trusted by the reader.
 //! Every field is read through [`Fields`], which bounds each read.
 #![deny(clippy::indexing_slicing)]
 
-use super::bytes::Fields;
-use super::format::{
-    AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, EXT_BACKING_FORMAT,
-    EXT_BITMAPS, EXT_END, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT,
-    INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, MAGIC, MAX_BACKING_NAME, MAX_L1_BYTES,
-    MAX_REFTABLE_BYTES, MAX_SNAPSHOTS, V2_HEADER_LEN,
+use super::{BitmapsExtension, FeatureKind, FeatureName, Header};
+use crate::qcow2::bytes::Fields;
+use crate::qcow2::format::{
+    EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_END, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION,
+    INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, MAGIC, MAX_BACKING_NAME,
+    MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS, V2_HEADER_LEN,
 };
-use super::types::{ClusterSize, Compat, CompressionType, RefcountOrder};
+use crate::qcow2::types::{ClusterSize, Compat, CompressionType, RefcountOrder};
 
 use crate::block::FileNode;
 use crate::error::{Error, Result};
@@ -23,114 +23,13 @@ use crate::error::{Error, Result};
 const KNOWN_INCOMPAT: u64 =
     INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
 
-/// The autoclear bits a writer may leave set: the ones QEMU knows. The spec
-/// makes a writer clear every other one before it modifies the image (their
-/// meaning may depend on data it would not keep consistent), and QEMU does
-/// so whenever it opens an image for writing.
-pub fn kept_autoclear(bits: u64) -> u64 {
-    bits & (AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW)
-}
 /// Header extension payloads larger than this are not plausible.
 const MAX_EXTENSION_LEN: u64 = 1 << 20;
 
-/// How a feature name table entry classifies its bit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FeatureKind {
-    Incompatible,
-    Compatible,
-    Autoclear,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FeatureName {
-    pub kind: FeatureKind,
-    pub bit: u8,
-    pub name: String,
-}
-
-/// The bitmaps header extension (persistent dirty bitmaps directory).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BitmapsExtension {
-    pub count: u32,
-    pub directory_size: u64,
-    pub directory_offset: u64,
-}
-
-/// A validated qcow2 header.
-#[derive(Debug, Clone)]
-pub struct ImageHeader {
-    pub compat: Compat,
-    pub cluster_size: ClusterSize,
-    pub virtual_size: u64,
-    pub backing_file: Option<String>,
-    pub backing_format: Option<String>,
-    pub l1_entries: u64,
-    pub l1_table_offset: u64,
-    pub reftable_offset: u64,
-    pub reftable_clusters: u64,
-    pub snapshot_count: u32,
-    pub snapshots_offset: u64,
-    pub incompatible: u64,
-    pub compatible: u64,
-    pub autoclear: u64,
-    pub refcount_order: RefcountOrder,
-    pub header_length: u64,
-    pub compression: CompressionType,
-    pub feature_names: Vec<FeatureName>,
-    pub bitmaps: Option<BitmapsExtension>,
-    /// Types of header extensions qimg does not interpret (kept, never written).
-    pub unknown_extensions: Vec<u32>,
-}
-
-impl ImageHeader {
-    /// The bitmaps extension when the autoclear bit vouches for it (a
-    /// program that does not know bitmaps clears the bit, and then QEMU
-    /// treats the extension as absent).
-    pub fn live_bitmaps(&self) -> Option<&BitmapsExtension> {
-        self.bitmaps
-            .as_ref()
-            .filter(|_| self.autoclear & AUTOCLEAR_BITMAPS != 0)
-    }
-
-    pub fn extended_l2(&self) -> bool {
-        self.incompatible & INCOMPAT_EXTL2 != 0
-    }
-
-    pub fn dirty(&self) -> bool {
-        self.incompatible & INCOMPAT_DIRTY != 0
-    }
-
-    pub fn corrupt(&self) -> bool {
-        self.incompatible & INCOMPAT_CORRUPT != 0
-    }
-
-    pub fn lazy_refcounts(&self) -> bool {
-        self.compatible & COMPAT_LAZY_REFCOUNTS != 0
-    }
-
-    /// Size of one L2 entry in bytes: 16 with extended L2 (entry + subcluster bitmap).
-    pub fn l2_entry_bytes(&self) -> u64 {
-        if self.extended_l2() {
-            16
-        } else {
-            8
-        }
-    }
-
-    /// Guest clusters mapped by one L2 table.
-    pub fn l2_entries(&self) -> u64 {
-        self.cluster_size.bytes() / self.l2_entry_bytes()
-    }
-
-    /// L1 entries needed to map the whole virtual disk.
-    pub fn l1_entries_needed(&self) -> u64 {
-        let clusters = self.virtual_size.div_ceil(self.cluster_size.bytes());
-        clusters.div_ceil(self.l2_entries())
-    }
-
+impl Header {
     /// Parses and validates the header in `head` (at least the first cluster,
     /// or the whole file if shorter) of a file of `file_len` bytes.
-    pub fn parse(head: &[u8], file_len: u64) -> Result<ImageHeader> {
+    pub fn parse(head: &[u8], file_len: u64) -> Result<Header> {
         let bad = |msg: String| Err(Error::InvalidImage(msg));
         let f = Fields::new(head, "the qcow2 header");
         if head.len() < V2_HEADER_LEN || f.slice(0, 4)? != MAGIC {
@@ -326,7 +225,7 @@ impl ImageHeader {
             )?;
         }
 
-        let header = ImageHeader {
+        let header = Header {
             compat,
             cluster_size,
             virtual_size,
@@ -424,11 +323,8 @@ fn parse_extensions(f: Fields<'_>, start: u64, limit: u64, out: &mut Extensions)
             EXT_FEATURE_TABLE => {
                 for entry in data.chunks_exact(48) {
                     let entry = Fields::new(entry, "a feature name table entry");
-                    let kind = match entry.u8(0)? {
-                        0 => FeatureKind::Incompatible,
-                        1 => FeatureKind::Compatible,
-                        2 => FeatureKind::Autoclear,
-                        _ => continue,
+                    let Some(kind) = FeatureKind::from_code(entry.u8(0)?) else {
+                        continue;
                     };
                     // The name ends at its first NUL byte.
                     let name = entry.rest(2)?.split(|b| *b == 0).next().unwrap_or_default();
@@ -493,27 +389,20 @@ fn check_table(
 #[cfg(test)]
 #[allow(clippy::indexing_slicing)] // Tests build images by hand.
 mod tests {
-    use super::super::header::Header;
     use super::*;
 
     fn image() -> Vec<u8> {
-        let hdr = Header {
-            compat: Compat::V3,
-            cluster_size: ClusterSize::DEFAULT,
+        let mut hdr = Header {
             virtual_size: 64 << 20,
             l1_entries: 1,
             l1_table_offset: 0x30000,
             reftable_offset: 0x10000,
             reftable_clusters: 1,
-            refcount_order: RefcountOrder::DEFAULT,
-            lazy_refcounts: true,
-            extended_l2: false,
-            compression: CompressionType::Zlib,
-            backing_file: Some("base.img"),
-            backing_format: Some("raw"),
-            snapshots: Default::default(),
-            bitmaps: None,
+            backing_file: Some("base.img".into()),
+            backing_format: Some("raw".into()),
+            ..Header::default()
         };
+        hdr.declare_features(true, false);
         hdr.encode().expect("encode")
     }
 
@@ -521,7 +410,7 @@ mod tests {
 
     #[test]
     fn reads_back_what_the_encoder_wrote() {
-        let h = ImageHeader::parse(&image(), LEN).expect("parse");
+        let h = Header::parse(&image(), LEN).expect("parse");
         assert_eq!(h.compat, Compat::V3);
         assert_eq!(h.virtual_size, 64 << 20);
         assert_eq!(h.backing_file.as_deref(), Some("base.img"));
@@ -535,7 +424,7 @@ mod tests {
     fn unknown_incompatible_bits_are_refused_by_name() {
         let mut img = image();
         img[72..80].copy_from_slice(&((1u64 << 40) | (1 << 20)).to_be_bytes());
-        let err = ImageHeader::parse(&img, LEN).expect_err("refused");
+        let err = Header::parse(&img, LEN).expect_err("refused");
         assert!(err.to_string().contains("bit 20"), "{err}");
         assert!(err.to_string().contains("bit 40"), "{err}");
     }
@@ -543,10 +432,10 @@ mod tests {
     #[test]
     fn tables_beyond_the_file_are_refused() {
         let img = image();
-        assert!(ImageHeader::parse(&img, 0x30004).is_err());
+        assert!(Header::parse(&img, 0x30004).is_err());
         let mut huge = image();
         huge[36..40].copy_from_slice(&u32::MAX.to_be_bytes());
-        let err = ImageHeader::parse(&huge, LEN).expect_err("refused");
+        let err = Header::parse(&huge, LEN).expect_err("refused");
         assert!(err.to_string().contains("L1 table too large"), "{err}");
     }
 
@@ -554,14 +443,14 @@ mod tests {
     fn refcount_order_above_six_is_refused() {
         let mut img = image();
         img[96..100].copy_from_slice(&7u32.to_be_bytes());
-        assert!(ImageHeader::parse(&img, LEN).is_err());
+        assert!(Header::parse(&img, LEN).is_err());
     }
 
     #[test]
     fn every_truncation_of_a_header_is_an_error_not_a_panic() {
         let img = image();
         for cut in 0..1024 {
-            let _ = ImageHeader::parse(&img[..cut], LEN);
+            let _ = Header::parse(&img[..cut], LEN);
         }
     }
 }
