@@ -2,7 +2,7 @@
 
 from collections.abc import Callable
 from os import PathLike
-from typing import Literal, final
+from typing import Literal, TypeAlias, final
 
 from qimg.errors import QimgError
 from qimg.qjson import JsonValue
@@ -14,6 +14,7 @@ __all__ = [
     "CheckCounts",
     "CompareOutcome",
     "ConvertOptions",
+    "CreateRequest",
     "Event",
     "FileDetails",
     "FormatDriverInfo",
@@ -22,7 +23,6 @@ __all__ = [
     "ImageDetails",
     "MapExtent",
     "Measurement",
-    "Qcow2Spec",
     "QuorumFailure",
     "QuorumReportBad",
     "RangeError",
@@ -39,13 +39,11 @@ __all__ = [
     "commit_image",
     "compare_images",
     "convert",
-    "create_raw",
     "create_snapshot",
     "delete_snapshot",
     "format_drivers",
     "local_path",
-    "measure_qcow2",
-    "measure_raw",
+    "measure_image",
     "open_image",
     "open_snapshot",
     "open_spec",
@@ -59,28 +57,17 @@ __all__ = [
 
 __version__: str
 
+_OptionValue: TypeAlias = bool | int | str
+
 @final
-class Qcow2Spec:
-    def __new__(
-        cls,
-        *,
-        size: int,
-        cluster_size: int | None = None,
-        compat: str | None = None,
-        refcount_bits: int | None = None,
-        lazy_refcounts: bool = False,
-        extended_l2: bool = False,
-        compression_type: str | None = None,
-        preallocation: str = "off",
-        backing_file: str | None = None,
-        backing_fmt: str | None = None,
-    ) -> Qcow2Spec: ...
+class CreateRequest:
+    """A creation request checked by its format's driver at construction."""
+
+    def __new__(cls, format: str, options: list[tuple[str, _OptionValue]]) -> CreateRequest: ...
+    @property
+    def format(self) -> str: ...
     @property
     def virtual_size(self) -> int: ...
-    @property
-    def cluster_size(self) -> int: ...
-    @property
-    def version(self) -> int: ...
     @property
     def file_length(self) -> int: ...
     @property
@@ -93,14 +80,13 @@ class Qcow2Spec:
         extent_size_hint: int | None = None,
     ) -> None: ...
 
-def create_raw(
-    path: str | PathLike[str],
-    size: int,
-    preallocation: str,
+def measure_image(
+    format: str,
+    options: list[tuple[str, _OptionValue]],
+    virtual_size: int,
     *,
-    nocow: bool = False,
-    extent_size_hint: int | None = None,
-) -> None: ...
+    source: Image | None = None,
+) -> Measurement: ...
 def resolve_backing(overlay: str, backing: str) -> str: ...
 
 @final
@@ -113,17 +99,6 @@ class Measurement:
     def fully_allocated(self) -> int: ...
     @property
     def bitmaps(self) -> int | None: ...
-
-def measure_qcow2(
-    spec: Qcow2Spec,
-    *,
-    virtual_size: int,
-    data: int,
-    has_source: bool,
-    preallocation: str,
-    has_backing: bool,
-) -> Measurement: ...
-def measure_raw(virtual_size: int) -> Measurement: ...
 
 @final
 class FormatOption:

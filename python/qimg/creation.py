@@ -26,7 +26,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pathlib import Path
 
-__all__ = ["CreatePlan", "create", "option_items", "plan_create", "qcow2_spec"]
+__all__ = ["CreatePlan", "create", "format_values", "option_items", "plan_create"]
 
 OptionValue = str | int | bool
 
@@ -38,8 +38,8 @@ class CreatePlan:
     filename: str
     info: FormatInfo
     options: ParsedOptions
-    size: int
-    qcow2: _core.Qcow2Spec | None
+    request: _core.CreateRequest
+    """Checked by the format's driver in the core, before any file is touched."""
     prealloc: PreallocMode
     shown_format: str | None = None
     """The format as the user named it, when that is not the table's (host_device)."""
@@ -52,17 +52,9 @@ class CreatePlan:
         nocow = bool(option_value(self.options, "nocow", False))
         hint = self.options.get("extent_size_hint")
         hint_value = int(hint.value) if hint is not None else None
-        path = _core.local_path(self.filename)
-        if self.qcow2 is not None:
-            self.qcow2.create(path, nocow=nocow, extent_size_hint=hint_value)
-        else:
-            _core.create_raw(
-                path,
-                self.size,
-                self.prealloc.value,
-                nocow=nocow,
-                extent_size_hint=hint_value,
-            )
+        self.request.create(
+            _core.local_path(self.filename), nocow=nocow, extent_size_hint=hint_value
+        )
 
 
 def plan_create(
@@ -94,16 +86,10 @@ def plan_create(
         parsed["size"] = ParsedValue(str(size), size)
 
     prealloc = info.preallocation(parsed)
-    if info.name == "raw" and ("backing_file" in parsed or "backing_fmt" in parsed):
-        raise InvalidOptionError("Backing file not supported for file format 'raw'")
-    if info.name == "raw":
-        if "size" not in parsed:
-            raise InvalidOptionError("Image creation needs a size parameter")
-        size_value = int(parsed["size"].value)
-        return CreatePlan(filename, info, parsed, size_value, None, prealloc, shown)
-
     backing = option_text(parsed, "backing_file")
     bfmt = option_text(parsed, "backing_fmt")
+    if not info.has_backing and (backing is not None or bfmt is not None):
+        raise InvalidOptionError(f"Backing file not supported for file format '{info.name}'")
     if bfmt is not None and backing is None:
         raise InvalidOptionError("Backing format cannot be used without backing file")
     if backing is not None and not unsafe:
@@ -121,41 +107,14 @@ def plan_create(
         )
     if "size" not in parsed:
         raise InvalidOptionError("Image creation needs a size parameter")
-
-    image_size = int(parsed["size"].value)
-    spec = qcow2_spec(parsed, image_size, prealloc, backing_file=backing, backing_fmt=bfmt)
-    return CreatePlan(filename, info, parsed, image_size, spec, prealloc)
+    request = _core.CreateRequest(info.name, format_values(parsed))
+    return CreatePlan(filename, info, parsed, request, prealloc, shown)
 
 
-def qcow2_spec(
-    parsed: ParsedOptions,
-    size: int,
-    prealloc: PreallocMode,
-    *,
-    backing_file: str | None = None,
-    backing_fmt: str | None = None,
-) -> _core.Qcow2Spec:
-    """The core's validated qcow2 parameters from parsed ``-o`` options; the core
-    gives those not given qemu-img's defaults."""
-
-    def given(name: str) -> int | bool | str | None:
-        item = parsed.get(name)
-        return None if item is None else item.value
-
-    cluster_size, refcount_bits = given("cluster_size"), given("refcount_bits")
-    compat, compression_type = given("compat"), given("compression_type")
-    return _core.Qcow2Spec(
-        size=size,
-        cluster_size=None if cluster_size is None else int(cluster_size),
-        compat=None if compat is None else str(compat),
-        refcount_bits=None if refcount_bits is None else int(refcount_bits),
-        lazy_refcounts=bool(given("lazy_refcounts")),
-        extended_l2=bool(given("extended_l2")),
-        compression_type=None if compression_type is None else str(compression_type),
-        preallocation=prealloc.value,
-        backing_file=backing_file,
-        backing_fmt=backing_fmt,
-    )
+def format_values(parsed: ParsedOptions) -> list[tuple[str, int | bool | str]]:
+    """The typed ``-o`` values, for the core's driver (which reads the options it
+    knows; the file's own, such as ``nocow``, also go to ``create`` itself)."""
+    return [(name, item.value) for name, item in parsed.items()]
 
 
 def _open_backing(filename: str, backing: str, fmt: str | None) -> tuple[str, int]:

@@ -78,6 +78,11 @@ class FormatInfo:
     amend_not_yet: frozenset[str] = frozenset()
     """Amend options qemu-img has that qimg refuses for now."""
 
+    @property
+    def has_backing(self) -> bool:
+        """Whether images of this format can name a backing file."""
+        return any(o.name == "backing_file" for o in self.all_options())
+
     def all_options(self) -> tuple[OptionDesc, ...]:
         names = {o.name for o in self.format_options}
         return self.format_options + tuple(o for o in self.protocol_options if o.name not in names)

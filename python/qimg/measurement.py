@@ -3,28 +3,25 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import cast
 
 from qimg import _core
-from qimg.creation import OptionValue, option_items, qcow2_spec
+from qimg.creation import OptionValue, format_values, option_items
 from qimg.deprecated import renamed
 from qimg.errors import UsageError
 from qimg.events import EventCallback
 from qimg.formats import format_info
 from qimg.image import Image, drain_events, open_image
 from qimg.options import OptionItem
-from qimg.prealloc import PreallocMode
 
 # typing.TYPE_CHECKING without importing typing.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from qimg.info_report import BitmapInfo
     from qimg.snapshot_ref import SnapshotRef
     from qimg.spec import ImageSpec
 
-__all__ = ["Measurement", "bitmaps_size", "measure", "measure_items"]
+__all__ = ["Measurement", "measure", "measure_items"]
 
 
 @dataclass(frozen=True)
@@ -98,69 +95,21 @@ def measure_items(
         assert size is not None
         virtual_size = size
 
-    prealloc = info.preallocation(parsed)
-    if info.name == "raw":
+    # Refused here as create refuses it; the driver checks the rest, as create would
+    # (but, as qemu-img, not the combination of backing file and preallocation).
+    info.preallocation(parsed)
+    try:
+        found = _core.measure_image(
+            info.name,
+            format_values(parsed),
+            virtual_size,
+            source=None if source is None else source._img,
+        )
+    finally:
         if source is not None:
+            drain_events([source])
             source.close()
-        raw = _core.measure_raw(virtual_size)
-        return Measurement(raw.required, raw.fully_allocated, raw.bitmaps)
-
-    # Built with create's validation, so measure refuses what create would. Backing
-    # and preallocation are passed to the measurement itself: measure does not
-    # check their combination (qemu-img does not either).
-    spec = qcow2_spec(parsed, 0, PreallocMode.OFF)
-    data = 0
-    source_bitmaps: int | None = None
-    if source is not None:
-        with source:
-            try:
-                data = source._img.data_bytes(spec.cluster_size)
-            finally:
-                drain_events([source])
-            details = source._img.details()
-            specific = details.format_specific
-            if (
-                details.format == "qcow2"
-                and specific is not None
-                and specific.get("compat") == "1.1"
-                and spec.version >= 3
-            ):
-                # Only v3 qcow2 can carry persistent bitmaps, into a v3 target.
-                found_bitmaps = cast("list[BitmapInfo]", specific.get("bitmaps", []))
-                source_bitmaps = bitmaps_size(
-                    details.virtual_size, found_bitmaps, spec.cluster_size
-                )
-    found = _core.measure_qcow2(
-        spec,
-        virtual_size=virtual_size,
-        data=data,
-        has_source=filename is not None,
-        preallocation=prealloc.value,
-        has_backing="backing_file" in parsed,
-    )
-    bitmaps = source_bitmaps if found.bitmaps is None else found.bitmaps
-    return Measurement(found.required, found.fully_allocated, bitmaps)
-
-
-def bitmaps_size(virtual_size: int, bitmaps: Sequence[BitmapInfo], cluster_size: int) -> int:
-    """Bytes the persistent bitmaps of a ``virtual_size`` image take in a qcow2 image with
-    ``cluster_size`` clusters: each bitmap's data clusters and its table, and the
-    directory that lists them all (what ``qemu-img measure`` reports as bitmaps size)."""
-
-    def clusters(n: int) -> int:
-        return -(-n // cluster_size)
-
-    total = 0
-    directory = 0
-    for bitmap in bitmaps:
-        bits = -(-virtual_size // bitmap["granularity"])
-        data_clusters = clusters(-(-bits // 8))
-        total += (data_clusters + clusters(data_clusters * 8)) * cluster_size
-        # A directory entry: 24 bytes, then the name, padded to 8 bytes.
-        directory += -(-(24 + len(bitmap["name"].encode())) // 8) * 8
-    if bitmaps:
-        total += clusters(directory) * cluster_size
-    return total
+    return Measurement(found.required, found.fully_allocated, found.bitmaps)
 
 
 def measure(

@@ -30,17 +30,10 @@ def test_create_accepts_an_option_string_like_the_command_line(tmp_path: Path) -
 
 
 def test_spec_reports_layout_before_anything_is_written(tmp_path: Path) -> None:
-    spec = _core.Qcow2Spec(
-        size=64 << 20,
-        cluster_size=65536,
-        compat="v3",
-        refcount_bits=16,
-        lazy_refcounts=False,
-        extended_l2=False,
-        compression_type="zlib",
-        preallocation="metadata",
+    request = _core.CreateRequest(
+        "qcow2", [("size", 64 << 20), ("cluster_size", 65536), ("preallocation", "metadata")]
     )
-    assert spec.file_length == spec.metadata_length + (64 << 20)
+    assert request.file_length == request.metadata_length + (64 << 20)
     assert not any(tmp_path.iterdir())
 
 

@@ -28,6 +28,29 @@ pub struct Qcow2Target {
     pub has_backing: bool,
 }
 
+/// Bytes the persistent bitmaps `(granularity, name length)` of a
+/// `virtual_size` image take in a qcow2 image with `cs` clusters: each
+/// bitmap's data clusters and its table, and the directory that lists them
+/// (qemu-img measure's "bitmaps size").
+pub fn bitmaps_bytes(virtual_size: u64, bitmaps: &[(u64, usize)], cs: ClusterSize) -> u64 {
+    let cluster = cs.bytes();
+    let clusters = |n: u64| n.div_ceil(cluster);
+    let mut total = 0u64;
+    let mut directory = 0u64;
+    for &(granularity, name_len) in bitmaps {
+        let bits = virtual_size.div_ceil(granularity.max(1));
+        let data_clusters = clusters(bits.div_ceil(8));
+        // The data clusters, and the table of 8-byte entries that lists them.
+        total += (data_clusters + clusters(data_clusters * 8)) * cluster;
+        // A directory entry: 24 bytes, then the name, padded to 8 bytes.
+        directory += (24 + name_len as u64).div_ceil(8) * 8;
+    }
+    if !bitmaps.is_empty() {
+        total += clusters(directory) * cluster;
+    }
+    total
+}
+
 /// Bytes of an image's data as `measure` counts them: every range that
 /// holds data (not zeroes) anywhere in the chain, extended to the end of its
 /// target cluster, plus the part of the cluster in front of it.

@@ -10,15 +10,22 @@ use std::path::Path;
 /// probe the alignment); we do the same so the images map identically.
 const FIRST_BLOCK: u64 = 4096;
 
-/// Creates a raw image of `size` bytes, rounded up to whole 512-byte sectors.
-pub fn create(path: &Path, size: u64, prealloc: Prealloc, file_opts: FileOptions) -> Result<()> {
+/// The length of a new raw image of `size` bytes (whole 512-byte sectors),
+/// or the refusal of the request: everything `create` checks before it
+/// touches a file.
+pub fn plan(size: u64, prealloc: Prealloc) -> Result<u64> {
     if prealloc == Prealloc::Metadata {
         return Err(Error::invalid("Unsupported preallocation mode: metadata"));
     }
     if size > i64::MAX as u64 {
         return Err(Error::invalid("Image size must be less than 8 EiB!"));
     }
-    let size = size.div_ceil(512) * 512;
+    Ok(size.div_ceil(512) * 512)
+}
+
+/// Creates a raw image of `size` bytes, rounded up to whole 512-byte sectors.
+pub fn create(path: &Path, size: u64, prealloc: Prealloc, file_opts: FileOptions) -> Result<()> {
+    let size = plan(size, prealloc)?;
     let new = NewFile::create(path, file_opts)?;
     if new.is_device() {
         // A device is the image already: its size is checked, and only its

@@ -7,8 +7,8 @@
 use qimg_core::block::{BlockDev, FileNode, OpenOptions, Status};
 use qimg_core::error::{Error, Result};
 use qimg_core::formats::{
-    FormatDriver, MeasureRequest, OpenContext, OpenedLayer, OptionKind, OptionSpec, OptionTable,
-    OptionValue, Options, PendingLayer, Registry,
+    CreateFacts, FormatDriver, MeasureRequest, OpenContext, OpenedLayer, OptionKind, OptionSpec,
+    OptionTable, OptionValue, Options, PendingLayer, Registry,
 };
 use qimg_core::host_file::{FileOptions, NewFile};
 use qimg_core::measure::Measurement;
@@ -75,12 +75,21 @@ impl FormatDriver for Tiny {
         })
     }
 
-    fn create(&self, path: &Path, options: &Options, file_opts: FileOptions) -> Result<()> {
+    fn plan_create(&self, options: &Options) -> Result<CreateFacts> {
         let size = options.size()?;
-        let label = options.text("label")?.unwrap_or("");
-        if label.len() > LABEL_MAX {
+        if options.text("label")?.unwrap_or("").len() > LABEL_MAX {
             return Err(Error::invalid("label too long"));
         }
+        Ok(CreateFacts {
+            virtual_size: size,
+            file_length: HEADER + size,
+            metadata_length: HEADER,
+        })
+    }
+
+    fn create(&self, path: &Path, options: &Options, file_opts: FileOptions) -> Result<()> {
+        let size = self.plan_create(options)?.virtual_size;
+        let label = options.text("label")?.unwrap_or("");
         let mut header = vec![0u8; HEADER as usize];
         header[..8].copy_from_slice(MAGIC);
         header[8..16].copy_from_slice(&size.to_be_bytes());

@@ -4,15 +4,9 @@
 
 use convey::to_py;
 use pyo3::prelude::*;
-use qimg_core::host_file::FileOptions;
-use qimg_core::measure::{self, Qcow2Target};
-use qimg_core::qcow2::layout::CreateLayout;
-use qimg_core::qcow2::{self, BackingSpec, ClusterSize, Compat, CompressionType, RefcountOrder};
-use qimg_core::Error;
-use requests::prealloc;
-use std::path::PathBuf;
 
 mod convey;
+mod creating;
 mod image;
 mod lifecycle;
 mod registry;
@@ -20,137 +14,6 @@ mod repairing;
 mod requests;
 mod results;
 mod trees;
-
-fn file_options(nocow: bool, extent_size_hint: Option<u64>) -> FileOptions {
-    FileOptions {
-        nocow,
-        extent_size_hint,
-    }
-}
-
-/// A validated qcow2 creation request.
-#[pyclass(frozen, module = "qimg._core")]
-struct Qcow2Spec {
-    spec: qcow2::CreateSpec,
-    /// Planned once at construction, which is also what validates the spec.
-    layout: CreateLayout,
-}
-
-#[pymethods]
-impl Qcow2Spec {
-    /// Options left out (None) take QEMU's defaults, which live in the core
-    /// (`CreateSpec::new`).
-    #[new]
-    #[pyo3(signature = (*, size, cluster_size=None, compat=None, refcount_bits=None,
-                        lazy_refcounts=false, extended_l2=false, compression_type=None,
-                        preallocation="off", backing_file=None, backing_fmt=None))]
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        size: u64,
-        cluster_size: Option<u64>,
-        compat: Option<&str>,
-        refcount_bits: Option<u64>,
-        lazy_refcounts: bool,
-        extended_l2: bool,
-        compression_type: Option<&str>,
-        preallocation: &str,
-        backing_file: Option<String>,
-        backing_fmt: Option<String>,
-    ) -> PyResult<Self> {
-        let mut spec = qcow2::CreateSpec::new(size);
-        if let Some(bytes) = cluster_size {
-            spec.cluster_size = ClusterSize::new(bytes).map_err(to_py)?;
-        }
-        if let Some(name) = compat {
-            spec.compat = Compat::parse(name).ok_or_else(|| {
-                to_py(Error::invalid(format!(
-                    "Parameter 'version' does not accept value '{name}'"
-                )))
-            })?;
-        }
-        if let Some(bits) = refcount_bits {
-            spec.refcount_order = RefcountOrder::from_bits(bits).map_err(to_py)?;
-        }
-        if let Some(name) = compression_type {
-            spec.compression = CompressionType::parse(name).ok_or_else(|| {
-                to_py(Error::invalid(format!(
-                    "Parameter 'compression-type' does not accept value '{name}'"
-                )))
-            })?;
-        }
-        spec.lazy_refcounts = lazy_refcounts;
-        spec.extended_l2 = extended_l2;
-        spec.prealloc = prealloc(preallocation)?;
-        spec.backing = backing_file.map(|file| BackingSpec {
-            file,
-            format: backing_fmt,
-        });
-        let layout = spec.plan().map_err(to_py)?;
-        Ok(Qcow2Spec { spec, layout })
-    }
-
-    /// The image's virtual size (the requested size in whole sectors).
-    #[getter]
-    fn virtual_size(&self) -> u64 {
-        self.spec.virtual_size()
-    }
-
-    #[getter]
-    fn cluster_size(&self) -> u64 {
-        self.spec.cluster_size.bytes()
-    }
-
-    /// qcow2 version of the image: 2 or 3.
-    #[getter]
-    fn version(&self) -> u32 {
-        self.spec.compat.version()
-    }
-
-    /// Length of the file `create` will write, in bytes.
-    #[getter]
-    fn file_length(&self) -> u64 {
-        self.layout.file_len
-    }
-
-    /// Bytes of metadata in front of the data region.
-    #[getter]
-    fn metadata_length(&self) -> u64 {
-        self.layout.metadata_bytes()
-    }
-
-    #[pyo3(signature = (path, *, nocow=false, extent_size_hint=None))]
-    fn create(
-        &self,
-        py: Python<'_>,
-        path: PathBuf,
-        nocow: bool,
-        extent_size_hint: Option<u64>,
-    ) -> PyResult<()> {
-        let opts = file_options(nocow, extent_size_hint);
-        let spec = self.spec.clone();
-        convey::run_long(py, None, move |_| qcow2::create(&path, &spec, opts))?
-            .map(|_| ())
-            .map_err(to_py)
-    }
-}
-
-#[pyfunction]
-#[pyo3(signature = (path, size, preallocation, *, nocow=false, extent_size_hint=None))]
-fn create_raw(
-    py: Python<'_>,
-    path: PathBuf,
-    size: u64,
-    preallocation: &str,
-    nocow: bool,
-    extent_size_hint: Option<u64>,
-) -> PyResult<()> {
-    let mode = prealloc(preallocation)?;
-    let opts = file_options(nocow, extent_size_hint);
-    convey::run_long(py, None, move |_| {
-        qimg_core::raw_create::create(&path, size, mode, opts)
-    })?
-    .map_err(to_py)
-}
 
 /// The local path file name `name` opens (`file:` and `host_device:`
 /// prefixes read as qemu-img reads them; other protocols refused).
@@ -167,36 +30,10 @@ fn resolve_backing(overlay: &str, backing: &str) -> String {
     qimg_core::block::open::resolve_backing(overlay, backing)
 }
 
-#[pyfunction]
-#[pyo3(signature = (spec, *, virtual_size, data, has_source, preallocation, has_backing))]
-fn measure_qcow2(
-    spec: PyRef<'_, Qcow2Spec>,
-    virtual_size: u64,
-    data: u64,
-    has_source: bool,
-    preallocation: &str,
-    has_backing: bool,
-) -> PyResult<results::Measurement> {
-    let target = Qcow2Target {
-        cluster_size: spec.spec.cluster_size,
-        refcount_order: spec.spec.refcount_order,
-        extended_l2: spec.spec.extended_l2,
-        prealloc: prealloc(preallocation)?,
-        has_backing,
-    };
-    let m = measure::qcow2(virtual_size, data, has_source, target).map_err(to_py)?;
-    Ok(m.into())
-}
-
-/// The measurement of a raw target (no bitmaps).
-#[pyfunction]
-fn measure_raw(virtual_size: u64) -> results::Measurement {
-    measure::raw(virtual_size).into()
-}
-
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<Qcow2Spec>()?;
+    m.add_class::<creating::CreateRequest>()?;
+    m.add_function(wrap_pyfunction!(creating::measure_image, m)?)?;
     m.add_class::<image::Image>()?;
     m.add_class::<convey::CheckCounts>()?;
     m.add_class::<repairing::RepairOutcome>()?;
@@ -232,11 +69,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(lifecycle::change_bitmap, m)?)?;
     m.add_function(wrap_pyfunction!(lifecycle::open_snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(repairing::repair_image, m)?)?;
-    m.add_function(wrap_pyfunction!(create_raw, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_backing, m)?)?;
     m.add_function(wrap_pyfunction!(local_path, m)?)?;
-    m.add_function(wrap_pyfunction!(measure_qcow2, m)?)?;
-    m.add_function(wrap_pyfunction!(measure_raw, m)?)?;
     requests::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

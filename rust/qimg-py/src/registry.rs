@@ -24,7 +24,7 @@ impl FormatOption {
                 name: o.name.to_string(),
                 kind: o.kind.placeholder().to_string(),
                 help: o.help.clone(),
-                default: o.default.map(str::to_string),
+                default: o.default.clone(),
             },
         )
     }

@@ -40,6 +40,11 @@ pub trait FormatDriver: Send + Sync {
     /// backing file) is opened. May replace the file (a repair on open).
     fn open(&self, file: FileNode, ctx: &OpenContext<'_>) -> Result<OpenedLayer>;
 
+    /// Checks a creation request as a whole, touching no file: what
+    /// `create` would refuse is refused here, and the new file's layout is
+    /// reported.
+    fn plan_create(&self, options: &Options) -> Result<CreateFacts>;
+
     /// Creates an image at `path` from typed `-o` options (`size` included).
     fn create(&self, path: &Path, options: &Options, file_opts: FileOptions) -> Result<()>;
 
@@ -110,6 +115,17 @@ pub struct OpenedLayer {
     /// The file to build on (the one given, or a reopened one).
     pub file: FileNode,
     pub layer: Box<dyn PendingLayer>,
+}
+
+/// What a checked creation request will write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreateFacts {
+    /// The image's virtual size (the request's, rounded as the format does).
+    pub virtual_size: u64,
+    /// Length of the new file.
+    pub file_length: u64,
+    /// Bytes of metadata in front of the data.
+    pub metadata_length: u64,
 }
 
 /// A measurement request: a new image of `virtual_size` bytes, holding the

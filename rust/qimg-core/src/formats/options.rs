@@ -33,7 +33,7 @@ pub struct OptionSpec {
     pub kind: OptionKind,
     pub help: String,
     /// Shown in the `Formatting ...` line when the option is not given.
-    pub default: Option<&'static str>,
+    pub default: Option<String>,
 }
 
 impl OptionSpec {
@@ -47,8 +47,8 @@ impl OptionSpec {
     }
 
     /// The same option, echoed as `default` when it is not given.
-    pub fn echoed(mut self, default: &'static str) -> OptionSpec {
-        self.default = Some(default);
+    pub fn echoed(mut self, default: impl Into<String>) -> OptionSpec {
+        self.default = Some(default.into());
         self
     }
 

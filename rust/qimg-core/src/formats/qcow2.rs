@@ -1,8 +1,8 @@
 //! The qcow2 driver: the registry's face of the engine in `crate::qcow2`.
 
 use super::{
-    BackingRef, FormatDriver, InfoValue, MeasureRequest, OpenContext, OpenedLayer, OptionKind,
-    OptionSpec, OptionTable, Options, PendingLayer,
+    BackingRef, CreateFacts, FormatDriver, InfoValue, MeasureRequest, OpenContext, OpenedLayer,
+    OptionKind, OptionSpec, OptionTable, OptionValue, Options, PendingLayer,
 };
 use crate::block::{BlockDev, FileNode};
 use crate::error::{Error, Result};
@@ -41,6 +41,9 @@ impl FormatDriver for Qcow2Driver {
 
     fn options(&self) -> OptionTable {
         let modes = Prealloc::ALL.to_vec();
+        // The `Formatting ...` line echoes the defaults `create` uses.
+        let defaults = CreateSpec::new(0);
+        let on_off = |on: bool| if on { "on" } else { "off" };
         OptionTable {
             format_options: vec![
                 OptionSpec::new(
@@ -48,20 +51,20 @@ impl FormatDriver for Qcow2Driver {
                     OptionKind::Size,
                     "Cluster size in bytes (512 to 2M)",
                 )
-                .echoed("65536"),
+                .echoed(defaults.cluster_size.bytes().to_string()),
                 OptionSpec::new(
                     "extended_l2",
                     OptionKind::Bool,
                     "Split clusters into 32 subclusters (needs clusters of 16k or more)",
                 )
-                .echoed("off"),
+                .echoed(on_off(defaults.extended_l2)),
                 OptionSpec::preallocation(&modes),
                 OptionSpec::new(
                     "compression_type",
                     OptionKind::Str,
                     "Algorithm for compressed clusters: zlib or zstd (zstd needs v3)",
                 )
-                .echoed("zlib"),
+                .echoed(defaults.compression.name()),
                 OptionSpec::size(),
                 OptionSpec::new(
                     "compat",
@@ -83,13 +86,13 @@ impl FormatDriver for Qcow2Driver {
                     OptionKind::Bool,
                     "Defer refcount updates until the image is closed (needs v3)",
                 )
-                .echoed("off"),
+                .echoed(on_off(defaults.lazy_refcounts)),
                 OptionSpec::new(
                     "refcount_bits",
                     OptionKind::Number,
                     "Bits per refcount entry, a power of two up to 64 (only 16 on v2)",
                 )
-                .echoed("16"),
+                .echoed(defaults.refcount_order.width_bits().to_string()),
             ],
             protocol_options: vec![OptionSpec::nocow(), OptionSpec::extent_size_hint()],
             echo_order: vec![
@@ -172,13 +175,28 @@ impl FormatDriver for Qcow2Driver {
         })
     }
 
+    fn plan_create(&self, options: &Options) -> Result<CreateFacts> {
+        let spec = spec_of(options)?;
+        let layout = spec.plan()?;
+        Ok(CreateFacts {
+            virtual_size: spec.virtual_size(),
+            file_length: layout.file_len,
+            metadata_length: layout.metadata_bytes(),
+        })
+    }
+
     fn create(&self, path: &Path, options: &Options, file_opts: FileOptions) -> Result<()> {
         // `create` validates the whole spec before it touches the file.
         crate::qcow2::create(path, &spec_of(options)?, file_opts).map(|_| ())
     }
 
     fn measure(&self, request: &MeasureRequest<'_>) -> Result<Measurement> {
-        let spec = spec_of(request.options)?;
+        // The size measured is the request's, whatever `-o size=` says.
+        let sized = request
+            .options
+            .clone()
+            .set("size", OptionValue::Int(request.virtual_size));
+        let spec = spec_of(&sized)?;
         // Measure refuses what create would, but (as qemu-img) does not
         // check the combination of backing file and preallocation.
         CreateSpec {
@@ -199,7 +217,19 @@ impl FormatDriver for Qcow2Driver {
             prealloc: spec.prealloc,
             has_backing: spec.backing.is_some(),
         };
-        measure::qcow2(request.virtual_size, data, request.source.is_some(), target)
+        let mut found =
+            measure::qcow2(request.virtual_size, data, request.source.is_some(), target)?;
+        // Only a v3 image carries persistent bitmaps, into a v3 target.
+        if let Some(q) = request.source.and_then(|s| s.as_qcow2()) {
+            if q.header().compat == Compat::V3 && spec.compat == Compat::V3 {
+                let listed: Vec<(u64, usize)> = listed_bitmaps(q)?
+                    .iter()
+                    .map(|b| (b.granularity, b.name.len()))
+                    .collect();
+                found.bitmaps = Some(measure::bitmaps_bytes(q.size(), &listed, spec.cluster_size));
+            }
+        }
+        Ok(found)
     }
 
     fn check(&self, node: &dyn BlockDev) -> Option<Result<CheckReport>> {
@@ -227,10 +257,8 @@ impl FormatDriver for Qcow2Driver {
             "refcount-bits",
             InfoValue::Int(h.refcount_order.width_bits()),
         ));
-        // QEMU ignores a bitmap directory whose autoclear bit a writer that
-        // does not know bitmaps has cleared.
-        if let Some(ext) = h.bitmaps.filter(|_| h.autoclear & AUTOCLEAR_BITMAPS != 0) {
-            let list = bitmaps::read_bitmap_directory(q.file_node(), &ext)?
+        if h.bitmaps.is_some() && h.autoclear & AUTOCLEAR_BITMAPS != 0 {
+            let list = listed_bitmaps(q)?
                 .into_iter()
                 .map(|b| {
                     let mut flags = Vec::new();
@@ -289,6 +317,16 @@ impl PendingLayer for Pending {
 
 /// The creation spec `options` ask for, QEMU's defaults for the rest; not
 /// yet validated.
+/// The persistent bitmaps of `q` as QEMU lists them: none when a writer
+/// that does not know bitmaps cleared the directory's autoclear bit.
+fn listed_bitmaps(q: &Qcow2Node) -> Result<Vec<bitmaps::BitmapInfo>> {
+    let h = q.header();
+    match h.bitmaps.filter(|_| h.autoclear & AUTOCLEAR_BITMAPS != 0) {
+        Some(ext) => bitmaps::read_bitmap_directory(q.file_node(), &ext),
+        None => Ok(Vec::new()),
+    }
+}
+
 pub fn spec_of(options: &Options) -> Result<CreateSpec> {
     let defaults = CreateSpec::new(options.size()?);
     let compat = match options.text("compat")? {

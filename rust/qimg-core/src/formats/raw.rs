@@ -2,8 +2,8 @@
 //! are a raw image, so it is the fallback of probing.
 
 use super::{
-    FormatDriver, MeasureRequest, OpenContext, OpenedLayer, OptionSpec, OptionTable, Options,
-    PendingLayer, FALLBACK_SCORE,
+    CreateFacts, FormatDriver, MeasureRequest, OpenContext, OpenedLayer, OptionSpec, OptionTable,
+    Options, PendingLayer, FALLBACK_SCORE,
 };
 use crate::block::raw::RawNode;
 use crate::block::{BlockDev, FileNode};
@@ -50,6 +50,15 @@ impl FormatDriver for RawDriver {
         Ok(OpenedLayer {
             file,
             layer: Box::new(Pending { probed: ctx.probed }),
+        })
+    }
+
+    fn plan_create(&self, options: &Options) -> Result<CreateFacts> {
+        let size = crate::raw_create::plan(options.size()?, options.prealloc(&Prealloc::ALL)?)?;
+        Ok(CreateFacts {
+            virtual_size: size,
+            file_length: size,
+            metadata_length: 0,
         })
     }
 
