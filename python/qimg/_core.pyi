@@ -13,6 +13,7 @@ __all__ = [
     "RepairOutcome",
     "__version__",
     "apply_snapshot",
+    "canonical_spec",
     "change_bitmap",
     "check_image",
     "commit_image",
@@ -188,6 +189,7 @@ def open_spec(
     force_share: bool = False,
     purpose: str = "read",
 ) -> Image: ...
+def canonical_spec(json: str) -> str: ...
 def scrub(
     image: Image,
     *,
