@@ -39,6 +39,10 @@ from qimg.spec import (
     UnixAddress,
 )
 
+# The pass hook (enable_assertion_pass_hook) explains hypothesis's own passing asserts, so it
+# prints the strategies of nested trees once each, and hypothesis warns that they are long.
+pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
+
 #: qimg.spec's node-name rule.
 NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*")
 
@@ -96,12 +100,9 @@ def blkdebugs(images: st.SearchStrategy[Node]) -> st.SearchStrategy[BlkdebugNode
     return st.builds(BlkdebugNode, names, images, st.lists(any_rule, max_size=2).map(tuple))
 
 
-# (Recursive strategies behind st.deferred: the repr of nested recursive strategies grows to
-# megabytes, and hypothesis builds it.)
-
 #: What a format node's ``file`` may be: a file or an export under any number of blkdebugs.
-protocols: st.SearchStrategy[FileNode | NbdNode | BlkdebugNode] = st.deferred(
-    lambda: st.recursive(files | exports, blkdebugs, max_leaves=2)
+protocols: st.SearchStrategy[FileNode | NbdNode | BlkdebugNode] = st.recursive(
+    files | exports, blkdebugs, max_leaves=2
 )
 formats = st.one_of(
     st.builds(RawNode, names, files | exports),
@@ -133,9 +134,7 @@ def _above(children: st.SearchStrategy[Node]) -> st.SearchStrategy[Node]:
 
 #: Random trees: the leaves are files, exports and format nodes over them; above them quorums
 #: of mixed children, blkdebugs and qcow2 nodes with a backing node.
-trees: st.SearchStrategy[Node] = st.deferred(
-    lambda: st.recursive(files | exports | formats, _above, max_leaves=4)
-)
+trees: st.SearchStrategy[Node] = st.recursive(files | exports | formats, _above, max_leaves=4)
 
 
 #: One rule for each iotype (and for None), the events taken in turn: every event comes up.
