@@ -51,7 +51,7 @@ pub fn canonical_spec(json: &str) -> Result<String> {
 }
 
 /// Reads a canonical document.
-pub fn parse(json: &str) -> Result<Node> {
+fn parse(json: &str) -> Result<Node> {
     // Through a `Value` first: a key given twice keeps its last value, as
     // the core always read documents, where the derived reader would
     // refuse the duplicate.
