@@ -34,6 +34,7 @@ __all__ = [
     "__version__",
     "apply_snapshot",
     "cache_mode",
+    "canonical_spec",
     "change_bitmap",
     "check_image",
     "commit_image",
@@ -421,6 +422,7 @@ def open_spec(
     force_share: bool = False,
     purpose: str = "read",
 ) -> Image: ...
+def canonical_spec(json: str) -> str: ...
 def scrub(
     image: Image,
     *,

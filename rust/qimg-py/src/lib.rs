@@ -57,6 +57,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(registry::qemu_only_formats, m)?)?;
     m.add_function(wrap_pyfunction!(image::open_image, m)?)?;
     m.add_function(wrap_pyfunction!(trees::open_spec, m)?)?;
+    m.add_function(wrap_pyfunction!(trees::canonical_spec, m)?)?;
     m.add_function(wrap_pyfunction!(trees::scrub, m)?)?;
     m.add_function(wrap_pyfunction!(image::compare_images, m)?)?;
     m.add_function(wrap_pyfunction!(image::convert, m)?)?;

@@ -40,6 +40,14 @@ pub fn open_spec(
     })
 }
 
+/// The canonical document `json` as the core reads it, written back with
+/// its keys sorted; opens nothing. Raises the core's error (naming what is
+/// wrong) when `json` is not a canonical document.
+#[pyfunction]
+pub fn canonical_spec(json: &str) -> PyResult<String> {
+    block::canonical_spec(json).map_err(to_py)
+}
+
 /// Reads the whole quorum `image`, votes on every block, and returns what
 /// each child got wrong; with `repair` (image open for writing) the losers
 /// and failed reads are rewritten with the winning bytes.

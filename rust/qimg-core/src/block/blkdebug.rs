@@ -11,16 +11,19 @@
 use super::{block_status, BlockDev, FileNode, Status};
 use crate::error::{Error, Result};
 use crate::prealloc::Prealloc;
+use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex, PoisonError};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum DebugEvent {
     ReadAio,
     WriteAio,
     FlushToDisk,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum IoType {
     Read,
     Write,

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 pub use file::FileNode;
 pub use open::{open_image, OpenOptions};
-pub use spec::{open_spec, SpecOptions};
+pub use spec::{canonical_spec, open_spec, SpecOptions};
 pub use status::{block_status, map_extents, status_above, MapExtent};
 
 /// What a driver says about a range starting at the queried offset, before

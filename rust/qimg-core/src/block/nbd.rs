@@ -16,6 +16,7 @@
 
 use super::{check_request, BlockDev, FileNode, Status};
 use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
@@ -101,8 +102,9 @@ fn connections_wanted() -> usize {
     (cores / 2).clamp(1, MULTI_CONN)
 }
 
-/// Where the server listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where the server listens (in a node document: `{"type": "inet", ...}`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub enum NbdServer {
     Inet { host: String, port: String },
     Unix { path: String },

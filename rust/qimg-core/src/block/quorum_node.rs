@@ -6,13 +6,15 @@ use super::{check_request, status_above, BlockDev, FileNode, Status};
 use crate::error::{Error, Result};
 use crate::quorum::events::{EventData, EventLog, OpType};
 use crate::quorum::vote::{vote, Ballot, Verdict};
+use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex, PoisonError};
 
 /// The largest piece one vote looks at: bigger requests are split, so that
 /// the spare buffers stay small.
 pub const MAX_PIECE: u64 = 4 << 20;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ReadPattern {
     /// Read every child and vote.
     Quorum,
