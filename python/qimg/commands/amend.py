@@ -7,7 +7,7 @@ import argparse
 from qimg.commands._common import Progress, add_cache_arg, add_format_arg, add_image_opts_arg
 from qimg.commands._parser import examples, refused_by_name
 from qimg.errors import InvalidOptionError, UsageError
-from qimg.formats import amend_info, option_text, option_value
+from qimg.formats import amend_info, option_text
 from qimg.image import check_cache_mode, open_image, parse_image_spec
 from qimg.names import is_plain_filename
 from qimg.options import parse_option_lists
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         image.amend(
             compat=compat,
             lazy_refcounts=None if lazy is None else bool(lazy.value),
-            refcount_bits=None if bits is None else int(option_value(parsed, "refcount_bits", 16)),
+            refcount_bits=None if bits is None else int(bits.value),
             size=None if size is None else int(size.value),
         )
     progress.end()

@@ -35,6 +35,20 @@ impl Prealloc {
     pub fn from_name(name: &str) -> Option<Prealloc> {
         Prealloc::ALL.into_iter().find(|p| p.name() == name)
     }
+
+    /// The mode named `name`, or the refusal of the name.
+    pub fn parse(name: &str) -> crate::Result<Prealloc> {
+        Prealloc::from_name(name).ok_or_else(|| {
+            crate::Error::invalid(format!(
+                "Parameter 'preallocation' does not accept value '{name}'"
+            ))
+        })
+    }
+
+    /// The refusal of this mode by a format or node that cannot do it.
+    pub fn unsupported(self) -> crate::Error {
+        crate::Error::invalid(format!("Unsupported preallocation mode: {self}"))
+    }
 }
 
 impl fmt::Display for Prealloc {

@@ -15,7 +15,7 @@ const FIRST_BLOCK: u64 = 4096;
 /// touches a file.
 pub fn plan(size: u64, prealloc: Prealloc) -> Result<u64> {
     if prealloc == Prealloc::Metadata {
-        return Err(Error::invalid("Unsupported preallocation mode: metadata"));
+        return Err(Prealloc::Metadata.unsupported());
     }
     if size > i64::MAX as u64 {
         return Err(Error::invalid("Image size must be less than 8 EiB!"));

@@ -8,15 +8,11 @@ use pyo3::types::PyTuple;
 use qimg_core::block::cache::{CacheMode, CacheRole};
 use qimg_core::convert::{CopyChoices, Workers};
 use qimg_core::qcow2::check::repair::RepairMode;
-use qimg_core::{Error, Prealloc};
+use qimg_core::Prealloc;
 
 /// The preallocation mode named `name` (Python's `PreallocMode` values).
 pub(crate) fn prealloc(name: &str) -> PyResult<Prealloc> {
-    Prealloc::from_name(name).ok_or_else(|| {
-        to_py(Error::invalid(format!(
-            "Parameter 'preallocation' does not accept value '{name}'"
-        )))
-    })
+    Prealloc::parse(name).map_err(to_py)
 }
 
 /// The target cache mode named `name` (`-t`).

@@ -2,21 +2,24 @@
 
 use super::{check_request, BlockDev, FileNode, Status};
 use crate::error::{Error, Result};
-use crate::formats::Registry;
 use crate::prealloc::Prealloc;
 use std::sync::Arc;
 
+/// Whether a first sector would still be probed as raw.
+pub type StillRaw = fn(&[u8]) -> bool;
+
 pub struct RawNode {
     file: Arc<FileNode>,
-    /// The format was probed, not given: writes must not make the image
-    /// look like another format (which a later probe would then trust).
-    probed: bool,
+    /// Set when the format was probed, not given: writes must not make the
+    /// image look like another format (which a later probe would then
+    /// trust). The prober is handed in so that this node names no format.
+    probed: Option<StillRaw>,
     /// Opened as the bare protocol node (`"driver": "file"` or `"nbd"`).
     protocol: bool,
 }
 
 impl RawNode {
-    pub fn new(file: Arc<FileNode>, probed: bool) -> RawNode {
+    pub fn new(file: Arc<FileNode>, probed: Option<StillRaw>) -> RawNode {
         RawNode {
             file,
             probed,
@@ -28,7 +31,7 @@ impl RawNode {
     pub fn protocol(file: Arc<FileNode>) -> RawNode {
         RawNode {
             file,
-            probed: false,
+            probed: None,
             protocol: true,
         }
     }
@@ -36,18 +39,15 @@ impl RawNode {
     /// Refuses a write that would turn the first sector of a probed raw
     /// image into another format's header, as QEMU does.
     fn guard_probe(&self, buf: &[u8], offset: u64) -> Result<()> {
-        if !self.probed || offset >= PROBE_BYTES {
+        let Some(still_raw) = self.probed.filter(|_| offset < PROBE_BYTES) else {
             return Ok(());
-        }
+        };
         let mut head = vec![0u8; PROBE_BYTES as usize];
         self.file.pread(&mut head, 0)?;
         let from = offset as usize;
         let n = buf.len().min(head.len() - from);
         head[from..from + n].copy_from_slice(&buf[..n]);
-        let still_raw = Registry::standard()
-            .probe(&head)
-            .is_ok_and(|d| d.name() == self.format_name());
-        if still_raw {
+        if still_raw(&head) {
             return Ok(());
         }
         Err(Error::io(
@@ -100,7 +100,7 @@ impl BlockDev for RawNode {
     fn copy_target(&self) -> Option<&Arc<FileNode>> {
         // A probed image keeps its first sector from turning into another
         // format's header: its writes go through `write_at` and its check.
-        (!self.probed && self.file.is_writable() && self.file.path().is_some())
+        (self.probed.is_none() && self.file.is_writable() && self.file.path().is_some())
             .then_some(&self.file)
     }
 
@@ -133,7 +133,7 @@ impl BlockDev for RawNode {
         }
         let old = self.file.file_len();
         if prealloc == Prealloc::Metadata {
-            return Err(Error::invalid("Unsupported preallocation mode: metadata"));
+            return Err(Prealloc::Metadata.unsupported());
         }
         if new_size < old && prealloc != Prealloc::Off {
             return Err(Error::invalid(

@@ -245,14 +245,11 @@ impl Options {
         let Some(name) = self.text("preallocation")? else {
             return Ok(Prealloc::Off);
         };
-        match Prealloc::from_name(name) {
-            Some(mode) if modes.contains(&mode) => Ok(mode),
-            Some(mode) => Err(Error::invalid(format!(
-                "Unsupported preallocation mode: {mode}"
-            ))),
-            None => Err(Error::invalid(format!(
-                "Parameter 'preallocation' does not accept value '{name}'"
-            ))),
+        let mode = Prealloc::parse(name)?;
+        if modes.contains(&mode) {
+            Ok(mode)
+        } else {
+            Err(mode.unsupported())
         }
     }
 }

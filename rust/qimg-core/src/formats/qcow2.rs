@@ -315,8 +315,6 @@ impl PendingLayer for Pending {
     }
 }
 
-/// The creation spec `options` ask for, QEMU's defaults for the rest; not
-/// yet validated.
 /// The persistent bitmaps of `q` as QEMU lists them: none when a writer
 /// that does not know bitmaps cleared the directory's autoclear bit.
 fn listed_bitmaps(q: &Qcow2Node) -> Result<Vec<bitmaps::BitmapInfo>> {
@@ -327,6 +325,8 @@ fn listed_bitmaps(q: &Qcow2Node) -> Result<Vec<bitmaps::BitmapInfo>> {
     }
 }
 
+/// The creation spec `options` ask for, QEMU's defaults for the rest; not
+/// yet validated.
 pub fn spec_of(options: &Options) -> Result<CreateSpec> {
     let defaults = CreateSpec::new(options.size()?);
     let compat = match options.text("compat")? {

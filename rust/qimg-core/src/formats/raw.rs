@@ -3,7 +3,7 @@
 
 use super::{
     CreateFacts, FormatDriver, MeasureRequest, OpenContext, OpenedLayer, OptionSpec, OptionTable,
-    Options, PendingLayer, FALLBACK_SCORE,
+    Options, PendingLayer, Registry, FALLBACK_SCORE,
 };
 use crate::block::raw::RawNode;
 use crate::block::{BlockDev, FileNode};
@@ -88,6 +88,16 @@ impl PendingLayer for Pending {
         _backing: Option<Arc<dyn BlockDev>>,
         _backing_path: Option<String>,
     ) -> Result<Arc<dyn BlockDev>> {
-        Ok(Arc::new(RawNode::new(file, self.probed)))
+        Ok(Arc::new(RawNode::new(
+            file,
+            self.probed.then_some(still_raw),
+        )))
     }
+}
+
+/// Whether `head`, a first sector, still probes as raw among qimg's formats.
+fn still_raw(head: &[u8]) -> bool {
+    Registry::standard()
+        .probe(head)
+        .is_ok_and(|d| d.name() == RAW.name())
 }

@@ -34,7 +34,7 @@ pub(super) fn open_node(
         Node::Raw(raw) => {
             let file = open_protocol(&raw.file, opts)?;
             lock_raw(&file, opts)?;
-            Ok(Arc::new(RawNode::new(Arc::new(file), false)))
+            Ok(Arc::new(RawNode::new(Arc::new(file), None)))
         }
         Node::Qcow2(qcow2) => {
             let below = match &qcow2.backing {

@@ -55,6 +55,9 @@ use crate::qcow2::format::{
     AUTOCLEAR_BITMAPS, HEADER_AUTOCLEAR, HEADER_INCOMPATIBLE, HEADER_REFTABLE_OFFSET,
     INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES,
 };
+use crate::qcow2::header::read_head;
+use crate::qcow2::reader::Qcow2Node;
+use std::sync::Arc;
 
 use crate::block::lock::{self, Sharing};
 use crate::block::FileNode;
@@ -161,21 +164,15 @@ pub fn repair(path: &Path, mode: RepairMode) -> Result<RepairOutcome> {
 /// Writes `list` as the snapshot table, every entry's extra data complete
 /// (through the image's own writer, now that its refcounts are right).
 fn rewrite_snapshot_table(path: &Path, list: Vec<Snapshot>) -> Result<()> {
-    let name = path
-        .to_str()
-        .ok_or_else(|| Error::invalid(format!("'{}' is not a UTF-8 path", path.display())))?;
-    let opts = crate::block::OpenOptions {
-        format: Some(&crate::formats::qcow2::QCOW2),
-        no_backing: true,
-        writable: true,
-        ..Default::default()
-    };
-    let node = crate::block::open_image(name, &opts)?;
-    let q = node
-        .as_qcow2()
-        .ok_or_else(|| Error::invalid(format!("'{name}' is not a qcow2 image")))?;
-    q.rewrite_snapshot_table(list)?;
-    node.close()
+    // Opened by the engine itself, with a writer's locks, not through the
+    // generic opener: the backing chain plays no part, and the qcow2 driver
+    // stays above this module.
+    let file = open_writer(path)?;
+    let header = Header::parse(&read_head(&file)?, file.file_len())
+        .map_err(|e| e.context(&format!("Could not open '{}'", path.display())))?;
+    let node = Qcow2Node::open(Arc::new(file), header, None, None)?;
+    node.rewrite_snapshot_table(list)?;
+    crate::block::BlockDev::close(&node)
 }
 
 /// For a writer opening the image at `path`: when its dirty bit is set (it
