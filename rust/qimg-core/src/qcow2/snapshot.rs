@@ -163,9 +163,15 @@ pub fn read_table(file: &FileNode, header: &Header) -> Result<SnapshotTable> {
 
 /// The snapshot entries, for `info`; a table QEMU would refuse is an error.
 pub fn read_snapshots(file: &FileNode, header: &Header) -> Result<Vec<Snapshot>> {
+    read_valid_table(file, header).map(|table| table.snapshots)
+}
+
+/// The snapshot table, with its length on disk; a table QEMU would refuse
+/// is an error.
+pub fn read_valid_table(file: &FileNode, header: &Header) -> Result<SnapshotTable> {
     let table = read_table(file, header)?;
     match table.problems.first() {
-        None => Ok(table.snapshots),
+        None => Ok(table),
         Some(problem) => Err(Error::InvalidImage(format!(
             "Could not open '{}': {}; 'qimg check -r all' removes what QEMU refuses",
             file.filename(),

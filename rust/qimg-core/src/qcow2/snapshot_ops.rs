@@ -21,7 +21,7 @@ use super::entries::{L1Entry, L2Entry};
 use super::format::{HEADER_SIZE, MAX_L1_BYTES, MAX_SNAPSHOTS};
 use super::header::Header;
 use super::reader::Qcow2Node;
-use super::snapshot::{encode_table, read_snapshots, Snapshot};
+use super::snapshot::{encode_table, read_valid_table, Snapshot};
 use super::writer::WriteState;
 
 use crate::block::BlockDev;
@@ -52,19 +52,32 @@ enum Ref {
 impl Qcow2Node {
     /// The snapshots as the header and table on disk list them now.
     pub fn snapshot_list(&self) -> Result<Vec<Snapshot>> {
+        self.snapshot_table().map(|table| table.list)
+    }
+
+    /// The snapshots, and the bytes their table takes on disk now (which a
+    /// command that writes a new table releases): one read of the table.
+    fn snapshot_table(&self) -> Result<Listed> {
         let header = self.disk_header()?;
         if header.snapshot_count == 0 {
-            return Ok(Vec::new());
+            return Ok(Listed {
+                list: Vec::new(),
+                on_disk: 0,
+            });
         }
         check_table_offset(&header, self.file.filename())?;
-        read_snapshots(&self.file, &header)
+        let table = read_valid_table(&self.file, &header)?;
+        Ok(Listed {
+            list: table.snapshots,
+            on_disk: table.byte_len,
+        })
     }
 
     /// Saves the current guest content as snapshot `name` (dated
     /// `date_sec`.`date_nsec`), as `qemu-img snapshot -c` does; names need
     /// not be unique, the new snapshot gets the next free numeric ID.
     pub fn create_snapshot(&self, name: &str, date_sec: u32, date_nsec: u32) -> Result<()> {
-        let mut list = self.snapshot_list()?;
+        let Listed { mut list, on_disk } = self.snapshot_table()?;
         if list.len() >= MAX_SNAPSHOTS as usize {
             return Err(Error::invalid(format!(
                 "Too many snapshots (QEMU's limit is {MAX_SNAPSHOTS})"
@@ -131,7 +144,15 @@ impl Qcow2Node {
                 extra_data_size: super::snapshot::NEW_EXTRA as u64,
                 extra: Snapshot::new_extra(size),
             });
-            self.switch(st, size, active, Some(&list))
+            self.switch(
+                st,
+                size,
+                active,
+                Some(NewTable {
+                    list: &list,
+                    on_disk,
+                }),
+            )
         })?;
         Ok(())
     }
@@ -139,7 +160,7 @@ impl Qcow2Node {
     /// Deletes the first snapshot called `name`, as `qemu-img snapshot -d`
     /// does, and releases what only it held.
     pub fn delete_snapshot(&self, name: &str) -> Result<()> {
-        let mut list = self.snapshot_list()?;
+        let Listed { mut list, on_disk } = self.snapshot_table()?;
         let index = list
             .iter()
             .position(|s| s.name == name)
@@ -157,7 +178,15 @@ impl Qcow2Node {
                 .free_range(gone.l1_table_offset, l1_clusters(sn_l1.len(), cs) * cs)?;
             let l1 = self.l1_read().clone();
             let active = self.settle(st, &l1)?;
-            let freed = self.switch(st, size, active, Some(&list))?;
+            let freed = self.switch(
+                st,
+                size,
+                active,
+                Some(NewTable {
+                    list: &list,
+                    on_disk,
+                }),
+            )?;
             Ok((tree, freed))
         })?;
         // What only the snapshot held goes back to the file system, as
@@ -247,7 +276,7 @@ impl Qcow2Node {
         st: &mut WriteState,
         size: u64,
         active: Vec<u64>,
-        list: Option<&[Snapshot]>,
+        table: Option<NewTable<'_>>,
     ) -> Result<Vec<u64>> {
         let cs = self.cs();
         let current = self.l1_read().clone();
@@ -260,10 +289,10 @@ impl Qcow2Node {
             at
         };
         let header = self.disk_header()?;
-        let snapshots = match list {
+        let snapshots = match table {
             None => (header.snapshot_count, header.snapshots_offset),
-            Some(list) => {
-                self.release_table(st, &header)?;
+            Some(NewTable { list, on_disk }) => {
+                self.release_table(st, &header, on_disk)?;
                 if list.is_empty() {
                     (0, 0)
                 } else {
@@ -296,13 +325,13 @@ impl Qcow2Node {
         Ok(freed)
     }
 
-    /// Frees the clusters of the snapshot table `header` points at.
-    fn release_table(&self, st: &mut WriteState, header: &Header) -> Result<()> {
+    /// Frees the clusters of the snapshot table `header` points at, `len`
+    /// bytes long.
+    fn release_table(&self, st: &mut WriteState, header: &Header, len: u64) -> Result<()> {
         if header.snapshot_count == 0 {
             return Ok(());
         }
         let cs = self.cs();
-        let len = super::snapshot::read_table(&self.file, header)?.byte_len;
         let offset = header.snapshots_offset;
         // Only clusters counted as the table's: a damaged table may lie
         // where no refcount reaches (check counted it as past the end).
@@ -381,9 +410,19 @@ impl Qcow2Node {
                 sn.disk_size = Some(size);
             }
         }
+        // The table on disk may be one QEMU refuses: read as check reads it.
+        let on_disk = super::snapshot::read_table(&self.file, &self.disk_header()?)?.byte_len;
         self.in_one_switch(|st| {
             let l1 = self.l1_read().clone();
-            self.switch(st, size, l1, Some(&list))
+            self.switch(
+                st,
+                size,
+                l1,
+                Some(NewTable {
+                    list: &list,
+                    on_disk,
+                }),
+            )
         })?;
         Ok(())
     }
@@ -536,6 +575,19 @@ fn l1_clusters(entries: usize, cs: u64) -> u64 {
 }
 
 /// The snapshot table must start on a cluster, as QEMU requires on open.
+/// The snapshots and the length of their table on disk.
+struct Listed {
+    list: Vec<Snapshot>,
+    on_disk: u64,
+}
+
+/// A snapshot table to write in place of the one on disk, `on_disk` bytes
+/// long.
+struct NewTable<'a> {
+    list: &'a [Snapshot],
+    on_disk: u64,
+}
+
 fn check_table_offset(header: &Header, name: &str) -> Result<()> {
     let cs = header.cluster_size.bytes();
     if header.snapshots_offset % cs != 0 {
