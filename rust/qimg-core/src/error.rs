@@ -96,7 +96,8 @@ impl Error {
     }
 
     pub fn open(path: &Path, source: io::Error) -> Self {
-        Error::io(format!("Could not open '{}'", path.display()), source)
+        let shown = path.display().to_string();
+        Error::io(format!("Could not open '{}'", printable(&shown)), source)
     }
 
     /// The work was stopped by its caller.
@@ -165,6 +166,24 @@ impl Error {
     }
 }
 
+/// `text` with its control characters escaped (`\n` for a newline), for
+/// names that come from an image header or a user and are quoted in a
+/// message: an error stays one line whatever bytes a name holds.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Shows an `io::Error` the way strerror does: "No such file or directory",
 /// without Rust's " (os error 2)" suffix, so messages match qemu-img's.
 pub fn strerror(err: &io::Error) -> String {
@@ -172,5 +191,22 @@ pub fn strerror(err: &io::Error) -> String {
     match text.rfind(" (os error ") {
         Some(cut) => text[..cut].to_string(),
         None => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_with_control_characters_stay_on_one_line() {
+        assert_eq!(printable("disk.qcow2"), "disk.qcow2");
+        assert_eq!(printable("a\nb\tc"), "a\\nb\\tc");
+        assert_eq!(printable("dïsk"), "dïsk");
+        let err = Error::open(Path::new("/tmp/x\ny"), io::Error::from_raw_os_error(2));
+        assert_eq!(
+            err.to_string(),
+            "Could not open '/tmp/x\\ny': No such file or directory"
+        );
     }
 }

@@ -138,7 +138,8 @@ fn open_chain(
             None => None,
             Some(f) => Some(registry.get(f).ok_or_else(|| {
                 Error::InvalidImage(format!(
-                    "Could not open backing file of '{name}': backing format '{f}' is not supported by qimg ({} are)",
+                    "Could not open backing file of '{name}': backing format '{}' is not supported by qimg ({} are)",
+                    crate::error::printable(f),
                     registry.names_joined()
                 ))
             })?),
