@@ -235,6 +235,17 @@ impl FileNode {
         Ok(buf)
     }
 
+    /// How much of a file's start a format probe sees.
+    pub const PROBE_LEN: u64 = 4096;
+
+    /// The first [`Self::PROBE_LEN`] bytes (fewer in a shorter file): what
+    /// probing reads, and where a header parser starts.
+    pub fn probe_head(&self) -> Result<Vec<u8>> {
+        let mut head = vec![0u8; self.file_len().min(Self::PROBE_LEN) as usize];
+        self.pread(&mut head, 0)?;
+        Ok(head)
+    }
+
     /// Writes all of `buf` at `offset`, extending the file as needed.
     pub fn pwrite(&self, buf: &[u8], offset: u64) -> Result<()> {
         let end = offset

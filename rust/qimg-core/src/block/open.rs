@@ -273,7 +273,7 @@ fn layer_of(
     let probed = format.is_none();
     let driver = match format {
         Some(f) => f,
-        None => registry.probe(&read_probe_head(&file)?).map_err(|fmt| {
+        None => registry.probe(&file.probe_head()?).map_err(|fmt| {
             Error::InvalidImage(format!(
                 "Could not open '{name}': the image is in {fmt} format, which qimg does not read"
             ))
@@ -289,16 +289,6 @@ fn layer_of(
         pending,
         backing_path: None,
     })
-}
-
-/// How much of an image's start a probe sees.
-const PROBE_LEN: u64 = 4096;
-
-/// The first bytes of `file`, for probing (fewer in a shorter file).
-fn read_probe_head(file: &FileNode) -> Result<Vec<u8>> {
-    let mut head = vec![0u8; file.file_len().min(PROBE_LEN) as usize];
-    file.pread(&mut head, 0)?;
-    Ok(head)
 }
 
 /// Resolves a backing file name stored in `overlay` the way QEMU does:

@@ -271,9 +271,7 @@ struct Extensions {
 /// enough to probe any format. Reading no more keeps a blkdebug rule on a
 /// data sector away from the header's read, as in QEMU.
 pub fn read_head(file: &FileNode) -> Result<Vec<u8>> {
-    const PROBE_LEN: u64 = 4096;
-    let mut head = vec![0u8; file.file_len().min(PROBE_LEN) as usize];
-    file.pread(&mut head, 0)?;
+    let mut head = file.probe_head()?;
     let fields = Fields::new(&head, "the image's first bytes");
     let bits = match (fields.slice(0, 4), fields.u32(20)) {
         (Ok(magic), Ok(bits)) if magic == MAGIC => bits,
@@ -281,7 +279,7 @@ pub fn read_head(file: &FileNode) -> Result<Vec<u8>> {
     };
     // An invalid size is the header parser's to report; read what is there.
     let cluster = 1u64 << bits.clamp(ClusterSize::MIN_BITS, ClusterSize::MAX_BITS);
-    let want = file.file_len().min(cluster.max(PROBE_LEN));
+    let want = file.file_len().min(cluster.max(FileNode::PROBE_LEN));
     let have = head.len() as u64;
     if want > have {
         let mut more = vec![0u8; (want - have) as usize];
