@@ -680,15 +680,11 @@ def probed_formats(spec: NodeSpec) -> dict[str, str]:
     return found
 
 
-#: QEMU's cache modes: ``writeback`` (the page cache, flushed when asked), ``unsafe``
-#: (never flushed), ``none`` (O_DIRECT), ``directsync`` (O_DIRECT and O_DSYNC) and
-#: ``writethrough`` (O_DSYNC).
-CACHE_MODES: tuple[str, ...] = _core.CACHE_MODES
-
-
 def check_cache_mode(mode: str, *, source: bool = False) -> str:
-    """``mode`` if it is one of QEMU's cache modes, else qemu-img's refusal (``source``:
-    of a ``-T`` value)."""
+    """QEMU's name of cache mode ``mode`` (``writeback``: the page cache, flushed when
+    asked; ``unsafe``: never flushed; ``none``/``off``: O_DIRECT; ``directsync``: O_DIRECT
+    and O_DSYNC; ``writethrough``: O_DSYNC), else qemu-img's refusal (``source``: of a
+    ``-T`` value). The core holds the names (``_core.CACHE_MODES``)."""
     return _core.cache_mode(mode, source=source)
 
 
